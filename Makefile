@@ -1,0 +1,58 @@
+# Every target that needs the environment depends on .venv/.installed, which is rebuilt only when
+# pyproject.toml changes, so a second `make setup` takes seconds.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch/torchvision builds that this platform ships on disk; override on other machines.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export PYTHONDONTWRITEBYTECODE :=
+unexport PYTHONDONTWRITEBYTECODE
+
+DATA ?= data/digits
+SRC ?= digits
+SPLIT ?= train
+TEACHER ?= test_resnet
+CHECKPOINT ?=
+RECIPE ?= digits
+SEED ?= 0
+EPOCHS ?= 2
+TOPK ?= 10
+STORE ?= runs/cache/teacher.zarr
+STUDENT ?= test_vit
+METHOD ?= ofa
+BATCH ?= 64
+RUN ?= runs/student
+ARGS ?=
+
+.PHONY: setup test test-all lint shards cache-teacher inspect-cache train-student clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m compileall -q $(VENV) > /dev/null || true
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+shards: $(STAMP)
+	$(PY) cli.py shards $(SRC) $(DATA) --split $(SPLIT) $(ARGS)
+
+cache-teacher: $(STAMP)
+	$(PY) cli.py cache-teacher --data $(DATA) --teacher $(TEACHER) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+		--recipe $(RECIPE) --seed $(SEED) --epochs $(EPOCHS) --topk $(TOPK) --out $(STORE) $(ARGS)
+
+inspect-cache: $(STAMP)
+	$(PY) cli.py inspect-cache $(STORE)
+
+clean:
+	rm -rf runs data/digits
