@@ -1,0 +1,141 @@
+"""`inspect-cache` and `verify-cache`: what a store holds, and whether it is right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache.store import CacheStore
+from cache.teacher_pass import summarize, teacher_logits
+from pipeline.augment import Recipe
+from pipeline.errors import UserError
+from pipeline.reader import ShardReader
+from pipeline.views import shard_views
+from students.models import create_model, file_sha256, model_input
+
+
+def topk_mass(store: CacheStore, units: list[int]) -> np.ndarray:
+    """Teacher probability held by the cached top-k, per (epoch, sample) of the given units."""
+    out = []
+    for u in units:
+        for e in range(store.epochs):
+            d = store.read_epoch(e, u, names=("topk_values", "lse"))
+            out.append(np.exp(d["topk_values"].astype(np.float64) - d["lse"][:, None]).sum(1))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def inspect_cache(path: Path) -> dict:
+    store = CacheStore(path)
+    a = store.attrs
+    done = sorted(store.done_units())
+    n_done = sum(store.unit_info(u)["count"] for u in done)
+    disk = store.disk_bytes()
+    mass = topk_mass(store, done)
+    return {
+        "store": str(path), "teacher": a["teacher"]["name"], "checkpoint_sha256": a["teacher"]["checkpoint_sha256"],
+        "teacher_input": f"{a['teacher']['input_size']}px mean={a['teacher']['mean']} std={a['teacher']['std']}",
+        "dataset": f"{a['dataset']['name']}/{a['dataset']['split']} ({a['dataset']['num_samples']} samples, "
+                   f"{a['num_classes']} classes, manifest {a['dataset']['manifest_hash'][:12]})",
+        "recipe": f"{a['recipe_name']}: {a['recipe']}", "seed": a["seed"], "epochs": a["epochs"], "topk": a["topk"],
+        "format_version": a["format_version"], "versions": a["versions"],
+        "units_done": f"{len(done)}/{store.num_units}", "complete": len(done) == store.num_units,
+        "skipped_samples": len(store.skipped()),
+        "disk_bytes": disk, "raw_bytes_per_view": a["raw_bytes_per_view"],
+        "disk_bytes_per_view": disk / max(1, n_done * store.epochs),
+        "topk_mass_mean": float(mass.mean()) if mass.size else float("nan"),
+        "topk_mass_p5": float(np.percentile(mass, 5)) if mass.size else float("nan"),
+    }
+
+
+def check_ranges(store: CacheStore) -> list[str]:
+    """Structural checks over every complete unit; returns problems found."""
+    problems = []
+    C, S = store.num_classes, store.samples_per_shard
+    skipped = store.skipped()
+    for u in sorted(store.done_units()):
+        first = u * S
+        for e in range(store.epochs):
+            d = store.read_epoch(e, u)
+            n = len(d["lse"])
+            ok = np.array([first + i not in skipped for i in range(n)], dtype=bool)
+            idx, val = d["topk_indices"][ok], d["topk_values"][ok].astype(np.float32)
+            if idx.size and (idx.min() < 0 or idx.max() >= C):
+                problems.append(f"unit {u} epoch {e}: class index outside [0, {C})")
+            if idx.size and store.topk > 1 and (np.diff(val, axis=1) > 0).any():
+                problems.append(f"unit {u} epoch {e}: top-k values are not in descending order")
+            p = d["partner"][ok]
+            if ((p != -1) & ((p < first) | (p >= first + n))).any():
+                problems.append(f"unit {u} epoch {e}: mixing partner outside the unit's data shard")
+            if not np.isfinite(d["lse"][ok]).all():
+                problems.append(f"unit {u} epoch {e}: non-finite log-sum-exp")
+    return problems
+
+
+def verify_cache(path: Path, samples: int = 32, data: Path | None = None, checkpoint: Path | None = None,
+                 seed: int = 0, atol: float = 0.02, rtol: float = 0.01) -> dict:
+    """Rebuild `samples` random views, rerun the teacher, compare with the cache."""
+    store = CacheStore(path)
+    a = store.attrs
+    problems = []
+    missing = store.num_units - len(store.done_units())
+    if missing:
+        problems.append(f"{missing} of {store.num_units} units are not complete")
+    problems += check_ranges(store)
+    data = Path(data or a["dataset"]["path"])
+    reader = ShardReader(data, a["dataset"]["split"], on_error=a.get("on_error", "raise"))
+    if reader.manifest.split_hash(a["dataset"]["split"]) != a["dataset"]["manifest_hash"]:
+        raise UserError(f"dataset {data} is not the one cache {path} was made from (manifest hash differs); "
+                        f"pass the right --data")
+    ckpt = checkpoint or a["teacher"].get("checkpoint")
+    if file_sha256(ckpt) != a["teacher"]["checkpoint_sha256"]:
+        raise UserError(f"teacher checkpoint {ckpt} is not the one cache {path} was made with; pass the right "
+                        f"--checkpoint")
+    model = create_model(a["teacher"]["name"], store.num_classes, checkpoint=ckpt,
+                         model_kwargs=a["teacher"]["model_kwargs"], role="teacher").eval()
+    minput = model_input(model, a["recipe"]["input_size"], a["teacher"]["input_size"])
+    recipe = Recipe.from_dict(a["recipe"])
+    rng = np.random.default_rng(seed)
+    done = sorted(store.done_units())
+    picks: dict[tuple[int, int], list[int]] = {}
+    for _ in range(samples if done else 0):
+        u = int(rng.choice(done))
+        e = int(rng.integers(store.epochs))
+        picks.setdefault((u, e), []).append(int(rng.integers(store.unit_info(u)["count"])))
+    checked, worst = 0, 0.0
+    skipped = store.skipped()
+    for (u, e), positions in sorted(picks.items()):
+        info = reader.split.shards[u]
+        samples_u = list(reader.read_shard(u))
+        views = {v["index"]: v for v in shard_views(samples_u, recipe, int(a["seed"]), e, info.first, info.count)}
+        idx = [info.first + p for p in sorted(set(positions)) if info.first + p not in skipped]
+        if not idx:
+            continue
+        batch = [views[i] for i in idx]
+        logits = teacher_logits(model, minput, torch.stack([v["view"] for v in batch]))
+        fresh = summarize(logits, torch.tensor([v["label"] for v in batch]),
+                          torch.tensor([v["partner_label"] for v in batch]), store.topk)
+        cached = store.read_epoch(e, u)
+        pos = np.array(idx) - info.first
+        for name in ("topk_values", "lse", "label_logits"):
+            want, got = fresh[name].astype(np.float32), cached[name][pos].astype(np.float32)
+            err = np.abs(want - got) - rtol * np.abs(want)
+            worst = max(worst, float(np.abs(want - got).max()))
+            if (err > atol).any():
+                problems.append(f"unit {u} epoch {e}: cached {name} differ from a fresh teacher pass "
+                                f"(max abs difference {np.abs(want - got).max():.4g})")
+        # indices may legitimately swap where two logits tie within fp16; compare as sets of near-ties
+        for j in range(len(pos)):
+            fi, ci = fresh["topk_indices"][j], cached["topk_indices"][pos[j]]
+            if not np.array_equal(fi, ci):
+                fv = logits[j].float().cpu().numpy()
+                if np.abs(np.sort(fv[fi]) - np.sort(fv[ci.astype(np.int64)])).max() > atol + rtol * np.abs(fv).max():
+                    problems.append(f"unit {u} epoch {e} sample {idx[j]}: cached top-k classes differ")
+        for name in ("view_seed", "partner"):
+            want = np.array([v[name] for v in batch])
+            if not np.array_equal(want, cached[name][pos]):
+                problems.append(f"unit {u} epoch {e}: cached replay record '{name}' differs from the rebuilt view")
+        checked += len(idx)
+    return {"store": str(path), "views_checked": checked, "max_abs_difference": worst,
+            "problems": problems, "ok": not problems}

@@ -1,0 +1,222 @@
+"""Stage one: run the teacher once over every replayable view and store its top-k in zarr.
+
+    units = data shards not yet marked complete, split across processes (rank::world)
+    for each unit: decode the shard once; for each cached epoch, build its views (pipeline.views),
+        run the teacher (eval, no_grad, bf16 autocast on CUDA), keep top-k logits + indices,
+        log-sum-exp, the logits of both label classes, and the replay record
+    when a unit is whole: write its zarr shards, fsync, then write its completion marker
+
+Killed at any moment, a rerun skips the marked units and redoes the rest; unmarked data is never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cache.store import (
+    ARRAYS,
+    FILL,
+    FORMAT,
+    FORMAT_VERSION,
+    CacheStore,
+    Unit,
+    index_dtype,
+    raw_bytes_per_view,
+)
+from pipeline.augment import Recipe
+from pipeline.errors import UserError
+from pipeline.progress import Bar
+from pipeline.reader import ShardReader
+from pipeline.views import UnitViews
+from students.models import create_model, file_sha256, model_input
+
+
+@dataclass
+class CacheConfig:
+    data: Path
+    """Dataset directory made by `cli.py shards`."""
+    teacher: str
+    """timm model name of the teacher."""
+    out: Path
+    """Output store (a directory ending in .zarr by convention)."""
+    recipe: Recipe
+    recipe_name: str = "custom"
+    checkpoint: Path | None = None
+    """Local teacher weights (.safetensors or a torch state dict); none = timm's random init."""
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    input_size: int | None = None
+    """Teacher input size; default: the size a fixed-grid teacher was built for, else the view size."""
+    split: str = "train"
+    seed: int = 0
+    epochs: int = 1
+    topk: int = 10
+    batch_size: int = 256
+    workers: int = 2
+    overwrite: bool = False
+    on_error: str = "raise"
+    progress: bool = True
+
+    def __post_init__(self):
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"--epochs must be at least 1, got {self.epochs}")
+        if self.topk < 1:
+            problems.append(f"--topk must be at least 1, got {self.topk}")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            problems.append(f"--workers must be >= 0, got {self.workers}")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+def library_versions() -> dict:
+    import numcodecs
+    import timm
+    import zarr
+    return {"torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__, "numpy": np.__version__}
+
+
+def describe(cfg: CacheConfig, reader: ShardReader, model: torch.nn.Module, minput) -> dict:
+    m, split = reader.manifest, reader.split
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "teacher": {"name": cfg.teacher, "checkpoint_sha256": file_sha256(cfg.checkpoint),
+                    "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
+                    "model_kwargs": cfg.model_kwargs, "input_size": minput.size, "mean": list(minput.mean),
+                    "std": list(minput.std), "num_features": int(getattr(model, "num_features", 0))},
+        "dataset": {"name": m.name, "split": cfg.split, "path": str(Path(cfg.data).resolve()), "manifest_hash": m.split_hash(cfg.split),
+                    "num_samples": split.count, "num_shards": len(split.shards),
+                    "samples_per_shard": split.samples_per_shard, "classes": m.classes},
+        "num_classes": m.num_classes, "topk": cfg.topk, "epochs": cfg.epochs, "seed": cfg.seed,
+        "recipe": cfg.recipe.to_dict(), "recipe_name": cfg.recipe_name, "on_error": cfg.on_error,
+        "index_dtype": index_dtype(m.num_classes),
+        "raw_bytes_per_view": raw_bytes_per_view(cfg.topk, m.num_classes),
+        "versions": library_versions(),
+    }
+
+
+@torch.no_grad()
+def teacher_logits(model, minput, views: torch.Tensor) -> torch.Tensor:
+    """views [B, 3, S, S] in [0, 1] on the model's device -> logits [B, C] float32."""
+    x = minput(views)
+    if x.device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x).float()
+    return model(x).float()
+
+
+def summarize(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, k: int) -> dict:
+    """logits [B, C] -> what the cache keeps of them (numpy, cache dtypes)."""
+    values, indices = logits.topk(k, dim=1)  # sorted, descending
+    label_logits = torch.stack([logits.gather(1, labels[:, None])[:, 0],
+                                logits.gather(1, partner_labels[:, None])[:, 0]], dim=1)
+    return {"topk_values": values.half().cpu().numpy(), "topk_indices": indices.cpu().numpy(),
+            "lse": torch.logsumexp(logits, dim=1).cpu().numpy(), "label_logits": label_logits.cpu().numpy()}
+
+
+class _UnitBuffer:
+    """Teacher outputs of one unit, filled in any order, handed to the store when whole."""
+
+    def __init__(self, shard: int, first: int, count: int, epochs: int, k: int, num_classes: int):
+        self.shard, self.first, self.count, self.epochs = shard, first, count, epochs
+        self.data = {}
+        for name, (dtype, trail) in ARRAYS.items():
+            dt = dtype or index_dtype(num_classes)
+            self.data[name] = np.full((epochs, count, *trail(k)), FILL.get(name, 0), dtype=dt)
+        self.seen = np.zeros((epochs, count), dtype=bool)
+        self.expected = None
+
+    def add(self, epoch: np.ndarray, pos: np.ndarray, values: dict) -> None:
+        for name, v in values.items():
+            self.data[name][epoch, pos] = v
+        self.seen[epoch, pos] = True
+
+    def whole(self) -> bool:
+        return self.expected is not None and int(self.seen.sum()) == self.expected
+
+    def unit(self) -> Unit:
+        skipped = (np.flatnonzero(~self.seen[0]) + self.first).tolist()
+        return Unit(self.shard, self.first, self.count, self.data, skipped)
+
+
+def cache_teacher(cfg: CacheConfig) -> dict:
+    """Run (or resume) the teacher pass; returns a summary dict."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    device = accelerator.device
+    reader = ShardReader(cfg.data, cfg.split, on_error=cfg.on_error)
+    reader.check_files(verify=accelerator.is_main_process)
+    C = reader.manifest.num_classes
+    if cfg.topk > C:
+        raise UserError(f"--topk {cfg.topk} is larger than the {C} classes of {cfg.data}; use at most {C}")
+    if cfg.recipe.mixes and reader.split.samples_per_shard < 2:
+        raise UserError("mixing recipes need at least 2 samples per shard; recreate the shards with a "
+                        "larger --shard-size")
+    model = create_model(cfg.teacher, C, checkpoint=cfg.checkpoint, model_kwargs=cfg.model_kwargs,
+                         role="teacher").eval().to(device)
+    minput = model_input(model, cfg.recipe.input_size, cfg.input_size)
+    desc = describe(cfg, reader, model, minput)
+
+    if accelerator.is_main_process:
+        CacheStore.create(cfg.out, desc, overwrite=cfg.overwrite)
+    accelerator.wait_for_everyone()
+    store = CacheStore(cfg.out, mode="r+")
+    done = store.done_units()
+    todo = [u for u in range(store.num_units) if u not in done]
+    accelerator.wait_for_everyone()  # everyone has read the same `done` before anyone marks more
+    mine = todo[accelerator.process_index::accelerator.num_processes]
+
+    stream = UnitViews(reader, cfg.recipe, cfg.seed, cfg.epochs, mine)
+    loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=min(cfg.workers, len(mine)),
+                        pin_memory=device.type == "cuda")
+    total_views = sum(reader.split.shards[u].count for u in mine) * cfg.epochs
+    buffers: dict[int, _UnitBuffer] = {}
+    written, t0 = 0, time.perf_counter()
+    bar = Bar(cfg.progress and accelerator.is_local_main_process and total_views > 0, total_views,
+               f"teacher {cfg.teacher} [{len(done)}/{store.num_units} units done before]", unit="views")
+    with bar:
+        for batch in loader:
+            views = batch["view"].to(device, non_blocking=True)
+            logits = teacher_logits(model, minput, views)
+            out = summarize(logits, batch["label"].to(device), batch["partner_label"].to(device), cfg.topk)
+            out |= {"view_seed": batch["view_seed"].numpy().astype(np.uint32),
+                    "partner": batch["partner"].numpy().astype(np.int32),
+                    "lam": batch["lam"].numpy().astype(np.float16),
+                    "mix_mode": batch["mix_mode"].numpy().astype(np.uint8)}
+            shards = batch["shard"].numpy()
+            for shard in np.unique(shards):
+                sel = shards == shard
+                if shard not in buffers:
+                    info = reader.split.shards[shard]
+                    buffers[shard] = _UnitBuffer(int(shard), info.first, info.count, cfg.epochs, cfg.topk, C)
+                buf = buffers[shard]
+                buf.expected = int(batch["n_valid"][sel][0]) * cfg.epochs
+                buf.add(batch["epoch"].numpy()[sel], batch["index"].numpy()[sel] - buf.first,
+                        {k: v[sel] for k, v in out.items()})
+                if buf.whole():
+                    store.write_unit(buf.unit())
+                    del buffers[shard]
+            written += len(shards)
+            bar.advance(len(shards))
+    if buffers:  # the stream ended with a unit short of views: a bug, never a silent partial unit
+        raise RuntimeError(f"units {sorted(buffers)} ended incomplete; they were not marked done")
+    elapsed = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    counts = accelerator.reduce(torch.tensor([written], device=device), reduction="sum")
+    total = int(counts.item())
+    return {"store": str(cfg.out), "views_written": total, "units_skipped_as_done": len(done),
+            "units_total": store.num_units, "seconds": elapsed,
+            "views_per_second": total / elapsed if elapsed > 0 else 0.0,
+            "disk_bytes_per_view": store.disk_bytes() / max(1, store.epochs * int(desc["dataset"]["num_samples"])),
+            "raw_bytes_per_view": desc["raw_bytes_per_view"], "is_main": accelerator.is_main_process}
+

@@ -1,0 +1,1 @@
+"""Data side: webdataset shards, their manifest, the shard reader and replayable augmented views."""

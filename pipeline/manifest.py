@@ -1,0 +1,130 @@
+"""`dataset.json`: what a dataset directory of webdataset shards holds.
+
+Layout of a dataset directory::
+
+    OUT/dataset.json            # this manifest
+    OUT/<split>-000000.tar      # webdataset shards, `samples_per_shard` samples each (last may be short)
+
+Each sample in a shard has `__key__` = its global index within the split (9 digits), the image
+file with its original bytes (`.jpg`/`.png`), `.cls` (class index as text) and `.json`
+(`{"src": original relative path}`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "dataset.json"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str  # file name inside the dataset directory
+    first: int  # global index of the first sample
+    count: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class SplitInfo:
+    count: int
+    samples_per_shard: int
+    class_counts: list[int]
+    shards: list[ShardInfo]
+    order_seed: int | None  # seed of the fixed sample permutation, None = sorted traversal order
+
+    def shard_of(self, index: int) -> int:
+        return index // self.samples_per_shard
+
+
+@dataclass
+class Manifest:
+    name: str
+    classes: list[str]
+    splits: dict[str, SplitInfo] = field(default_factory=dict)
+    class_ids: list[str] | None = None  # e.g. Tiny-ImageNet wnids when `classes` holds readable names
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            have = ", ".join(sorted(self.splits)) or "none"
+            raise UserError(f"dataset '{self.name}' has no split '{name}' (it has: {have}); "
+                            f"create it with `cli.py shards SRC OUT --split {name}`")
+        return self.splits[name]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    def split_hash(self, split: str) -> str:
+        """Identity of one split's content: classes plus every shard checksum, order and count."""
+        info = self.split(split)
+        payload = json.dumps({"classes": self.classes, "split": split, "count": info.count,
+                              "shards": [(s.name, s.first, s.count, s.sha256) for s in info.shards]},
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    @staticmethod
+    def from_dict(d: dict) -> Manifest:
+        splits = {k: SplitInfo(**{**v, "shards": [ShardInfo(**s) for s in v["shards"]]})
+                  for k, v in d["splits"].items()}
+        return Manifest(name=d["name"], classes=list(d["classes"]), splits=splits,
+                        class_ids=d.get("class_ids"), format_version=d.get("format_version", 1))
+
+
+def load_manifest(root: str | os.PathLike) -> Manifest:
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise UserError(f"dataset directory {root} does not exist; create it with `cli.py shards SRC {root}`")
+    if not path.is_file():
+        raise UserError(f"{path} is missing, so {root} is not a dataset directory; "
+                        f"create one with `cli.py shards SRC {root}`")
+    try:
+        d = json.loads(path.read_text())
+        manifest = Manifest.from_dict(d)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a valid dataset manifest ({e}); recreate it with "
+                        f"`cli.py shards SRC {root} --overwrite`") from e
+    if manifest.format_version > FORMAT_VERSION:
+        raise UserError(f"{path} has format version {manifest.format_version}, newer than this tool "
+                        f"understands ({FORMAT_VERSION}); upgrade the tool")
+    return manifest
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` durably: temp file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()

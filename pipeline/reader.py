@@ -1,0 +1,151 @@
+"""The shard reader: (decoded image, label, global index) from webdataset tar shards.
+
+The data path is a list of small stages (webdataset style):
+
+    shard_order(seed, epoch) -> assign_shards(rank, world, worker, workers) -> read_shard -> decode
+
+Shard order is a pure function of (seed, epoch); which process and worker reads which shard is
+explicit arithmetic on that order, never an implicit environment lookup. Errors follow an
+explicit policy: "raise" (default) stops with a message naming the shard and key, "skip" drops
+the sample and reports its key to `on_skip`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.errors import UserError
+from pipeline.manifest import Manifest, load_manifest, sha256_file
+
+ErrorPolicy = Literal["raise", "skip"]
+IMAGE_KEYS = ("jpg", "png", "jpeg")
+
+
+@dataclass
+class Sample:
+    image: torch.Tensor  # [3, H, W] uint8 RGB
+    label: int
+    index: int  # global index within the split (== int(__key__))
+    shard: int
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of shard ids that depends on nothing but (seed, epoch)."""
+    return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(num_shards).tolist()
+
+
+def assign_shards(order: list[int], rank: int = 0, world: int = 1, worker: int = 0, workers: int = 1) -> list[int]:
+    """Node split, then worker split: every shard goes to exactly one (rank, worker)."""
+    if not (0 <= rank < world and 0 <= worker < workers):
+        raise ValueError(f"bad split rank={rank}/{world} worker={worker}/{workers}")
+    return order[rank::world][worker::workers]
+
+
+def current_worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Image bytes -> [3, H, W] uint8 RGB (grayscale and palette images are converted)."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class ShardReader:
+    """Reads one split of a dataset directory written by `cli.py shards`."""
+
+    def __init__(self, root: str | Path, split: str = "train", *, on_error: ErrorPolicy = "raise",
+                 on_skip: Callable[[str, str], None] | None = None, verify: bool = False,
+                 manifest: Manifest | None = None):
+        if on_error not in ("raise", "skip"):
+            raise UserError(f"error policy '{on_error}' is not one of: raise, skip")
+        self.root = Path(root)
+        self.manifest = manifest or load_manifest(self.root)
+        self.split_name = split
+        self.split = self.manifest.split(split)
+        self.on_error, self.on_skip, self.verify = on_error, on_skip, verify
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.split.shards)
+
+    def check_files(self, verify: bool | None = None) -> None:
+        """Every listed shard exists (and matches its checksum when `verify`)."""
+        for info in self.split.shards:
+            self._check_shard_file(info, self.verify if verify is None else verify)
+
+    def _check_shard_file(self, info, verify: bool) -> Path:
+        path = self.root / info.name
+        if not path.is_file():
+            raise UserError(f"shard {path} listed in {self.root / 'dataset.json'} is missing; restore it "
+                            f"or recreate the split with `cli.py shards ... --overwrite`")
+        if verify and sha256_file(path) != info.sha256:
+            raise UserError(f"shard {path} does not match its checksum in dataset.json (corrupted or "
+                            f"replaced); restore it or recreate the split with `cli.py shards ... --overwrite`")
+        return path
+
+    def _fail(self, shard: Path, key: str, why: str) -> None:
+        if self.on_error == "raise":
+            raise UserError(f"sample {key} in shard {shard} is unreadable ({why}); restore the shard, "
+                            f"or pass --on-error skip to skip bad samples")
+        if self.on_skip is not None:
+            self.on_skip(key, why)
+
+    def read_shard(self, shard_id: int) -> Iterator[Sample]:
+        """All samples of one shard in stored order; the count and keys are checked against the manifest."""
+        info = self.split.shards[shard_id]
+        path = self._check_shard_file(info, self.verify)
+        expected = range(info.first, info.first + info.count)
+        seen = 0
+        try:
+            stream = wds.tarfile_to_samples(handler=wds.reraise_exception)([{"url": str(path)}])
+            for raw in stream:
+                key = raw["__key__"]
+                seen += 1
+                try:
+                    index = int(key)
+                    if index not in expected:
+                        raise ValueError(f"key outside [{expected.start}, {expected.stop})")
+                    img_key = next((k for k in IMAGE_KEYS if k in raw), None)
+                    if img_key is None or "cls" not in raw:
+                        raise ValueError("missing image or .cls member")
+                    label = int(raw["cls"])
+                    image = decode_image(raw[img_key])
+                except Exception as e:  # decoding errors come in many types; policy decides
+                    self._fail(path, key, str(e))
+                    continue
+                yield Sample(image, label, index, shard_id)
+        except UserError:
+            raise
+        except Exception as e:  # tarfile / webdataset errors on a damaged archive
+            raise UserError(f"shard {path} is damaged ({type(e).__name__}: {e}); restore it or recreate "
+                            f"the split with `cli.py shards ... --overwrite`") from e
+        if seen != info.count:
+            raise UserError(f"shard {path} holds {seen} samples but dataset.json lists {info.count} "
+                            f"(truncated copy?); restore it or recreate the split")
+
+    def iter_epoch(self, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                   worker: int | None = None, workers: int | None = None) -> Iterator[Sample]:
+        """This (rank, worker)'s share of one epoch, shards in the (seed, epoch) order."""
+        if worker is None:
+            worker, workers = current_worker()
+        for shard_id in assign_shards(shard_order(self.num_shards, seed, epoch), rank, world, worker, workers):
+            yield from self.read_shard(shard_id)
+
+    def source_of(self, shard_id: int) -> dict[str, str]:
+        """index -> original relative path, for error messages and audits."""
+        path = self._check_shard_file(self.split.shards[shard_id], False)
+        stream = wds.tarfile_to_samples(handler=wds.reraise_exception)([{"url": str(path)}])
+        return {raw["__key__"]: json.loads(raw["json"])["src"] for raw in stream if "json" in raw}

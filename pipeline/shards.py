@@ -1,0 +1,253 @@
+"""Convert an ImageFolder tree (or the embedded digits) into webdataset tar shards + `dataset.json`.
+
+Determinism: files are traversed in sorted order, then put in a fixed pseudo-random order
+(seeded, recorded in the manifest) so that every shard holds a mix of classes, which mixup and
+cutmix partners (drawn from the same shard) need. Tar members carry fixed metadata, so the same
+input gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import UserError
+from pipeline.manifest import (
+    MANIFEST,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    load_manifest,
+    sha256_file,
+    write_atomic,
+)
+from pipeline.progress import Bar
+
+IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+DEFAULT_SHARD_SIZE = 1000
+DIGITS_SHARD_SIZE = 200
+SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<num>\d{6})\.tar$")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    src: str  # path relative to the source root (or a synthetic name for embedded data)
+    label: int
+    ext: str  # "jpg" or "png"
+    path: Path | None = None  # read from disk when set
+    data: bytes | None = None  # or held in memory
+
+    def read(self) -> bytes:
+        return self.data if self.data is not None else self.path.read_bytes()
+
+
+def shard_name(split: str, num: int) -> str:
+    return f"{split}-{num:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    return f"{index:09d}"
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+def scan_image_folder(src: Path) -> tuple[list[str], list[SourceImage]]:
+    """`src/<class>/<image>` -> (sorted class names, samples in sorted traversal order)."""
+    if not src.exists():
+        raise UserError(f"source folder {src} does not exist; pass an ImageFolder tree "
+                        f"(SRC/<class>/<image>) or the word 'digits'")
+    if not src.is_dir():
+        raise UserError(f"source {src} is not a folder; pass an ImageFolder tree (SRC/<class>/<image>)")
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"source folder {src} has no class folders; expected SRC/<class>/<image> "
+                        f"with JPEG or PNG images")
+    samples = []
+    for label, cls in enumerate(classes):
+        files = sorted(p for p in (src / cls).rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+        if not files:
+            raise UserError(f"class folder {src / cls} holds no JPEG or PNG images; add images or "
+                            f"remove the folder")
+        samples += [SourceImage(str(p.relative_to(src)), label, IMAGE_EXTS[p.suffix.lower()], path=p)
+                    for p in files]
+    return classes, samples
+
+
+def digits_source(val_fraction: float = 0.2) -> tuple[list[str], dict[str, list[SourceImage]]]:
+    """scikit-learn's real 8x8 handwritten digits (1,797 images), as lossless grayscale PNGs,
+    split into a fixed stratified train/val."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255, exact
+    idx = np.arange(len(images))
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=d.target, random_state=0)
+    out = {}
+    for split, ids in (("train", sorted(train_idx)), ("val", sorted(val_idx))):
+        samples = []
+        for i in ids:
+            buf = io.BytesIO()
+            Image.fromarray(images[i], mode="L").save(buf, format="PNG", optimize=False)
+            samples.append(SourceImage(f"digits/{i:04d}.png", int(d.target[i]), "png", data=buf.getvalue()))
+        out[split] = samples
+    return [str(c) for c in range(10)], out
+
+
+def read_class_names(path: Path, class_ids: Sequence[str]) -> list[str]:
+    """Either `id<TAB>name` lines (Tiny-ImageNet's words.txt) or one name per line in class order."""
+    if not path.is_file():
+        raise UserError(f"class-names file {path} does not exist; pass a file with 'id<TAB>name' lines "
+                        f"or one name per line")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if lines and all("\t" in ln for ln in lines):
+        table = dict(ln.split("\t", 1) for ln in lines)
+        missing = [c for c in class_ids if c not in table]
+        if missing:
+            raise UserError(f"class-names file {path} has no entry for {len(missing)} class folder(s), "
+                            f"e.g. '{missing[0]}'; add them or omit --class-names")
+        return [table[c].strip() for c in class_ids]
+    if len(lines) != len(class_ids):
+        raise UserError(f"class-names file {path} has {len(lines)} names but the source has "
+                        f"{len(class_ids)} classes; give one name per class in sorted folder order")
+    return [ln.strip() for ln in lines]
+
+
+# ------------------------------------------------------------------------------------------ writer
+
+def check_image(data: bytes, where: str) -> None:
+    """Decode fully (not just the header) so that truncated or corrupt files are caught here."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as e:  # PIL raises several types for bad data
+        raise UserError(f"image {where} is corrupt or truncated ({e}); remove or replace it and rerun") from e
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _prepare_out(out: Path, split: str, classes: list[str], overwrite: bool) -> Manifest | None:
+    """Refuse to clobber anything we did not write; return the existing manifest to extend, if any."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder; choose another OUT")
+    if not out.exists():
+        return None
+    existing = None
+    if (out / MANIFEST).exists():
+        existing = load_manifest(out)
+    if existing is None:
+        foreign = [p.name for p in out.iterdir() if not SHARD_RE.match(p.name) and not p.name.startswith(".")]
+        if foreign and not overwrite:
+            raise UserError(f"output folder {out} already holds other data ({foreign[0]}, ...); choose an "
+                            f"empty or new folder, or pass --overwrite")
+        return None
+    if split in existing.splits and not overwrite:
+        raise UserError(f"output folder {out} already holds split '{split}'; pass --overwrite to "
+                        f"replace it or choose another --split")
+    if existing.classes != classes:
+        if not overwrite:
+            raise UserError(f"output folder {out} holds a dataset with other classes "
+                            f"({existing.num_classes} vs {len(classes)}); choose another OUT or pass "
+                            f"--overwrite to replace it")
+        return None
+    return existing
+
+
+def write_split(out: Path, split: str, classes: list[str], samples: list[SourceImage], *,
+                name: str, shard_size: int = DEFAULT_SHARD_SIZE, order_seed: int | None = 0,
+                class_ids: list[str] | None = None, overwrite: bool = False,
+                progress: bool = True) -> Manifest:
+    """Write one split as shards and record it in `out/dataset.json` (written last, atomically)."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+        raise UserError(f"split name '{split}' must be letters, digits or '_'")
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    if not samples:
+        raise UserError(f"no images found for split '{split}'")
+    manifest = _prepare_out(out, split, classes, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        # a fresh dataset: forget shards of any earlier dataset here (their manifest is gone/replaced)
+        for p in out.iterdir():
+            if SHARD_RE.match(p.name):
+                p.unlink()
+        manifest = Manifest(name=name, classes=classes, class_ids=class_ids)
+    else:
+        for p in out.glob(f"{split}-*.tar"):
+            if SHARD_RE.match(p.name):
+                p.unlink()
+        manifest.splits.pop(split, None)
+        write_atomic(out / MANIFEST, manifest.to_json().encode())
+
+    order = np.arange(len(samples))
+    if order_seed is not None:
+        order = np.random.default_rng(order_seed).permutation(len(samples))
+    ordered = [samples[i] for i in order]
+
+    shards, class_counts = [], [0] * len(classes)
+    with Bar(progress, len(ordered), f"shards {split}") as bar:
+        for num, first in enumerate(range(0, len(ordered), shard_size)):
+            chunk = ordered[first:first + shard_size]
+            final = out / shard_name(split, num)
+            tmp = out / f".{final.name}.partial"
+            with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for j, s in enumerate(chunk):
+                    data = s.read()
+                    check_image(data, s.src if s.path is None else str(s.path))
+                    key = sample_key(first + j)
+                    _tar_member(tar, f"{key}.{s.ext}", data)
+                    _tar_member(tar, f"{key}.cls", str(s.label).encode())
+                    _tar_member(tar, f"{key}.json", ('{"src": %s}' % _json_str(s.src)).encode())
+                    class_counts[s.label] += 1
+                    bar.advance(1)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            shards.append(ShardInfo(final.name, first, len(chunk), sha256_file(final), final.stat().st_size))
+    manifest.splits[split] = SplitInfo(count=len(ordered), samples_per_shard=shard_size,
+                                       class_counts=class_counts, shards=shards, order_seed=order_seed)
+    write_atomic(out / MANIFEST, manifest.to_json().encode())
+    return manifest
+
+
+def _json_str(s: str) -> str:
+    return json.dumps(s)
+
+
+# ------------------------------------------------------------------------------------- entry point
+
+def make_shards(src: str, out: Path, *, split: str = "train", shard_size: int | None = None,
+                class_names: Path | None = None, name: str | None = None, order_seed: int | None = 0,
+                overwrite: bool = False, progress: bool = True) -> Manifest:
+    """`src` is an ImageFolder path or the word 'digits' (writes train and val)."""
+    if src == "digits":
+        classes, splits = digits_source()
+        manifest = None
+        for i, (sp, samples) in enumerate(splits.items()):
+            manifest = write_split(out, sp, classes, samples, name=name or "digits",
+                                   shard_size=shard_size or DIGITS_SHARD_SIZE, order_seed=order_seed,
+                                   overwrite=overwrite or i > 0, progress=progress)
+        return manifest
+    src_path = Path(src)
+    class_ids, samples = scan_image_folder(src_path)
+    classes = read_class_names(class_names, class_ids) if class_names else class_ids
+    return write_split(out, split, classes, samples, name=name or src_path.resolve().parent.name or src_path.name,
+                       shard_size=shard_size or DEFAULT_SHARD_SIZE, order_seed=order_seed,
+                       class_ids=class_ids if class_names else None, overwrite=overwrite, progress=progress)
+

@@ -1,0 +1,1 @@
+"""Students: timm models, OFA stage heads, distillation losses and the training loop."""

@@ -1,0 +1,117 @@
+"""Building timm models (teachers and students) from a name, keyword arguments and local weights."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import timm
+import torch
+
+from pipeline.augment import ModelInput
+from pipeline.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_kwargs(items: list[str] | None) -> dict:
+    """['img_size=32', 'patch_size=4', 'drop_rate=0.1'] -> typed dict (int, float, bool, str)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"model keyword argument '{item}' must look like name=value, e.g. img_size=32")
+        k, v = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                out[k] = cast(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return out
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    if not path:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def create_model(name: str, num_classes: int, *, checkpoint: str | Path | None = None,
+                 model_kwargs: dict | None = None, role: str = "model", init_seed: int = 0) -> torch.nn.Module:
+    """timm model with `num_classes` outputs and, if given, local weights that must match exactly."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UserError(f"{role} '{name}' is not a timm model name{hint}; see timm.list_models()")
+    try:
+        # without a checkpoint the weights are timm's random init, made reproducible by a fixed seed
+        # (so that a cache from an untrained teacher can still be verified), without touching global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
+    except TypeError as e:
+        raise UserError(f"{role} '{name}' does not accept the keyword arguments {model_kwargs} ({e}); "
+                        f"fix --model-kwargs") from e
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise UserError(f"{role} checkpoint {path} does not exist; pass a .safetensors or torch file")
+        try:
+            state = load_weights(path)
+        except Exception as e:
+            raise UserError(f"{role} checkpoint {path} cannot be read ({e}); pass a .safetensors or "
+                            f"torch state dict") from e
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        bad_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or bad_shape:
+            parts = []
+            if bad_shape:
+                k = bad_shape[0]
+                parts.append(f"shape of {k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} "
+                             f"in {name} with {num_classes} classes")
+            if missing:
+                parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+            raise UserError(f"{role} checkpoint {path} does not match {name} ({'; '.join(parts)}); pass the "
+                            f"checkpoint of this architecture, class count and --model-kwargs")
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def fixed_input_size(model: torch.nn.Module) -> int | None:
+    """The input size a model was built for when it cannot take another (ViT-style patch grids)."""
+    pe = getattr(model, "patch_embed", None) or getattr(model, "stem", None)
+    size = getattr(pe, "img_size", None)
+    if size is None or getattr(model, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True):
+        return None
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def model_input(model: torch.nn.Module, view_size: int, size: int | None = None) -> ModelInput:
+    """The model's own resize and normalisation of a view: an explicit size, else the size a
+    fixed-grid model was built for, else the view size; mean/std from the model's config."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return ModelInput(size=int(size or fixed_input_size(model) or view_size),
+                      mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
