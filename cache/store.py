@@ -71,7 +71,7 @@ def index_dtype(num_classes: int) -> str:
 
 def raw_bytes_per_view(k: int, num_classes: int) -> int:
     total = 0
-    for name, (dtype, trail) in ARRAYS.items():
+    for dtype, trail in ARRAYS.values():
         dt = np.dtype(dtype or index_dtype(num_classes))
         total += dt.itemsize * int(np.prod(trail(k), dtype=np.int64))
     return total

@@ -213,7 +213,7 @@ def write_split(out: Path, split: str, classes: list[str], samples: list[SourceI
                     key = sample_key(first + j)
                     _tar_member(tar, f"{key}.{s.ext}", data)
                     _tar_member(tar, f"{key}.cls", str(s.label).encode())
-                    _tar_member(tar, f"{key}.json", ('{"src": %s}' % _json_str(s.src)).encode())
+                    _tar_member(tar, f"{key}.json", json.dumps({"src": s.src}).encode())
                     class_counts[s.label] += 1
                     bar.advance(1)
             with open(tmp, "rb+") as f:
@@ -224,10 +224,6 @@ def write_split(out: Path, split: str, classes: list[str], samples: list[SourceI
                                        class_counts=class_counts, shards=shards, order_seed=order_seed)
     write_atomic(out / MANIFEST, manifest.to_json().encode())
     return manifest
-
-
-def _json_str(s: str) -> str:
-    return json.dumps(s)
 
 
 # ------------------------------------------------------------------------------------- entry point
