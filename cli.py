@@ -136,6 +136,102 @@ def verify_cache_cmd(
         raise typer.Exit(1)
 
 
+class Method(str, Enum):
+    ce = "ce"
+    kd = "kd"
+    dkd = "dkd"
+    ofa = "ofa"
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"'{text}' is not a comma-separated list of integers, e.g. 1,2,3,4") from None
+
+
+def _floats(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"'{text}' is not a comma-separated list of numbers, e.g. 1.0,1.5") from None
+
+
+@app.command("train-student")
+def train_student_cmd(
+    data: Annotated[Path, typer.Option(help="dataset directory made by `shards` (train and val splits)")],
+    student: Annotated[str, typer.Option(help="timm model name of the student")],
+    out: Annotated[Path, typer.Option(help="run directory")],
+    method: Annotated[Method, typer.Option(help="ce (no teacher), kd, dkd or ofa")] = Method.ofa,
+    cache: Annotated[Path | None, typer.Option(help="teacher cache made by `cache-teacher`")] = None,
+    teacher: Annotated[str | None, typer.Option(help="with --cache: the teacher the cache must come from (checked)")] = None,
+    teacher_online: Annotated[str | None, typer.Option(help="run this timm teacher in the loop on the same views instead of a cache")] = None,
+    teacher_checkpoint: Annotated[Path | None, typer.Option(help="weights of the online teacher")] = None,
+    teacher_model_kwargs: Annotated[list[str] | None, typer.Option("--teacher-model-kwargs", help="online teacher timm kwargs, name=value")] = None,
+    teacher_input_size: Annotated[int | None, typer.Option(help="online teacher input size")] = None,
+    model_kwargs: Annotated[list[str] | None, typer.Option("--model-kwargs", help="student timm kwargs, name=value (repeatable), e.g. img_size=32")] = None,
+    input_size: Annotated[int | None, typer.Option(help="student input size [default: its fixed size, else the view size]")] = None,
+    recipe: Annotated[RecipeName | None, typer.Option(help="augmentation preset [default: the cache's, else imagenet-cnn]")] = None,
+    view_size: Annotated[int | None, typer.Option(help="override the recipe's view size")] = None,
+    view_seed: Annotated[int | None, typer.Option(help="seed of the views [default: the cache's, else 0]")] = None,
+    view_epochs: Annotated[int | None, typer.Option(help="online/ce: cycle views every N epochs (match a cache)")] = None,
+    epochs: Annotated[int, typer.Option(help="training epochs")] = 10,
+    batch_size: Annotated[int, typer.Option(help="batch size per process")] = 128,
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw")] = "sgd",
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="weight decay (not on norms and biases)")] = 5e-4,
+    warmup_epochs: Annotated[float, typer.Option(help="linear warmup, then cosine decay")] = 0.0,
+    min_lr: Annotated[float, typer.Option(help="learning rate at the end of the cosine")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="label smoothing of the CE term")] = 0.0,
+    clip_grad: Annotated[float | None, typer.Option(help="clip the gradient norm")] = None,
+    grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
+    mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), no, bf16, fp16")] = "auto",
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the student weights, 0 = off")] = 0.0,
+    stages: Annotated[str | None, typer.Option(help="OFA stages among 1-4, e.g. 1,2,3,4 [default: all]")] = None,
+    block_indices: Annotated[str | None, typer.Option(help="explicit forward_intermediates indices, e.g. 1,3,9,11")] = None,
+    head_kind: Annotated[str, typer.Option(help="auto (token for isotropic models, conv otherwise), conv, token")] = "auto",
+    ofa_form: Annotated[str, typer.Option(help="paper (default) or released (the authors' code)")] = "paper",
+    gamma: Annotated[str, typer.Option(help="OFA exponent, one value or one per head (+ final)")] = "1.0",
+    temperature: Annotated[float | None, typer.Option(help="softmax temperature [default: 1 for ofa, 4 for kd/dkd]")] = None,
+    w_ce: Annotated[float | None, typer.Option(help="CE weight [default: 1; 0 for paper-form OFA]")] = None,
+    w_kd: Annotated[float, typer.Option(help="weight of the distillation term on the final logits")] = 1.0,
+    w_ofa: Annotated[float | None, typer.Option(help="weight of the heads' OFA terms")] = None,
+    stage_weights: Annotated[str | None, typer.Option(help="per-head weights, e.g. 1,1,1,1")] = None,
+    seed: Annotated[int, typer.Option(help="student seed (initialisation, data order)")] = 0,
+    workers: Annotated[int, typer.Option(help="data-loader workers per process")] = 2,
+    max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke runs)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the run directory's last saved epoch")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+):
+    """Stage two: train a student (with OFA stage heads) from the cache, online, or with plain CE."""
+    from students.models import parse_kwargs
+    from students.task import LossConfig
+    from students.train import TrainConfig, train
+    loss = LossConfig(method=method.value, ofa_form=ofa_form, gamma=_floats(gamma) or [1.0], temperature=temperature,
+                      w_ce=w_ce, w_kd=w_kd, w_ofa=w_ofa, stage_weights=_floats(stage_weights),
+                      label_smoothing=label_smoothing)
+    if ofa_form not in ("paper", "released"):
+        raise UserError(f"--ofa-form must be paper or released, got {ofa_form}")
+    cfg = TrainConfig(data=data, student=student, out=out, loss=loss, cache=cache, teacher=teacher,
+                      teacher_online=teacher_online, teacher_checkpoint=teacher_checkpoint,
+                      teacher_model_kwargs=parse_kwargs(teacher_model_kwargs), teacher_input_size=teacher_input_size,
+                      model_kwargs=parse_kwargs(model_kwargs), input_size=input_size,
+                      recipe=recipe.value if recipe else None, view_size=view_size, view_seed=view_seed,
+                      view_epochs=view_epochs, seed=seed, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                      lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
+                      clip_grad=clip_grad, grad_accum=grad_accum, mixed_precision=mixed_precision,
+                      ema_decay=ema_decay, stages=_ints(stages), block_indices=_ints(block_indices),
+                      head_kind=head_kind, workers=workers, resume=resume, progress=not quiet,
+                      max_steps_per_epoch=max_steps_per_epoch)
+    summary = train(cfg)
+    print(f"{out}: top1 {summary['top1']:.2f} top5 {summary['top5']:.2f} after {summary['epochs']} epochs "
+          f"({summary['train_seconds']:.1f} s of training); student exported to {out / 'model.safetensors'}")
+
+
 def main() -> None:
     try:
         app()
