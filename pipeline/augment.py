@@ -93,7 +93,8 @@ class Recipe:
         return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-normal form (lists, not tuples), so it compares equal to what a store's attributes hold."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @staticmethod
     def from_dict(d: dict) -> Recipe:

@@ -1,0 +1,74 @@
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def run_cli(*args, check=False, timeout=600, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess."""
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=e, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def accelerate_cli(n: int, *args, timeout=600) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--cpu", "--num_processes", str(n), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+           str(ROOT / "cli.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class=7, size=(20, 16), seed=0) -> Path:
+    """A small ImageFolder tree with real JPEG and PNG files of random content."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            fmt = "PNG" if i % 3 == 0 else "JPEG"
+            Image.fromarray(arr).save(root / c / f"img{i:03d}.{'png' if fmt == 'PNG' else 'jpg'}", format=fmt)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "src")
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """The embedded digits as shards (train 1437, val 360; 200 per shard)."""
+    from pipeline.shards import make_shards
+    out = tmp_path_factory.mktemp("digits") / "data"
+    make_shards("digits", out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_digits(tmp_path_factory) -> Path:
+    """A 6-shard slice of digits (48 per shard) for fast cache tests."""
+    from pipeline.shards import digits_source, write_split
+    classes, splits = digits_source()
+    out = tmp_path_factory.mktemp("small") / "data"
+    write_split(out, "train", classes, splits["train"][:270], name="digits-small", shard_size=48, progress=False)
+    write_split(out, "val", classes, splits["val"][:96], name="digits-small", shard_size=48, progress=False)
+    return out
+
+
+def jpeg_bytes(seed=0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()

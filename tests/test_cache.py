@@ -1,0 +1,174 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import accelerate_cli, run_cli
+from torch.utils.data import DataLoader
+
+from cache.inspect import inspect_cache, verify_cache
+from cache.store import ARRAYS, CacheStore, raw_bytes_per_view
+from cache.teacher_pass import CacheConfig, cache_teacher, teacher_logits
+from pipeline.augment import get_recipe
+from pipeline.errors import UserError
+from pipeline.reader import ShardReader
+from pipeline.views import UnitViews
+from students.models import create_model, model_input
+
+RECIPE = "digits-mix"
+
+
+def _cfg(data, out, **kw) -> CacheConfig:
+    base = dict(data=data, teacher="test_resnet", out=out, recipe=get_recipe(RECIPE), recipe_name=RECIPE,
+                epochs=2, topk=4, batch_size=40, workers=0, progress=False)
+    return CacheConfig(**{**base, **kw})
+
+
+def _arrays(path) -> dict[str, np.ndarray]:
+    store = CacheStore(path)
+    return {name: store.read_all(name) for name in ARRAYS}
+
+
+@pytest.fixture(scope="module")
+def reference(small_digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "teacher.zarr"
+    cache_teacher(_cfg(small_digits, out))
+    return out
+
+
+def test_cache_holds_the_teacher_outputs_of_the_replayed_views(small_digits, reference):
+    store = CacheStore(reference)
+    store.check_complete()
+    recipe = get_recipe(RECIPE)
+    teacher = create_model("test_resnet", 10, role="teacher").eval()
+    minput = model_input(teacher, recipe.input_size)
+    reader = ShardReader(small_digits)
+    loader = DataLoader(UnitViews(reader, recipe, 0, 2, list(range(reader.num_shards))), batch_size=64)
+    n = 0
+    for b in loader:
+        logits = teacher_logits(teacher, minput, b["view"])
+        e, i = b["epoch"].numpy(), b["index"].numpy()
+        vals, idx = logits.topk(4, dim=1)
+        cached_vals = torch.from_numpy(store.read_all("topk_values")[e, i].astype(np.float32))
+        cached_idx = torch.from_numpy(store.read_all("topk_indices")[e, i].astype(np.int64))
+        assert torch.allclose(cached_vals, vals.half().float(), atol=1e-2, rtol=1e-3)
+        assert (cached_idx == idx).float().mean() > 0.99  # fp16 ties may swap neighbours
+        lab = torch.stack([logits.gather(1, b["label"][:, None])[:, 0],
+                           logits.gather(1, b["partner_label"][:, None])[:, 0]], 1)
+        assert torch.allclose(torch.from_numpy(store.read_all("label_logits")[e, i]), lab, atol=1e-5)
+        assert torch.allclose(torch.from_numpy(store.read_all("lse")[e, i]), torch.logsumexp(logits, 1), atol=1e-5)
+        assert np.array_equal(store.read_all("view_seed")[e, i], b["view_seed"].numpy().astype(np.uint32))
+        assert np.array_equal(store.read_all("partner")[e, i], b["partner"].numpy())
+        n += len(e)
+    assert n == 2 * 270
+    assert store.read_all("topk_indices").dtype == np.int16  # integers, never float
+
+
+def test_store_describes_itself_and_fits_the_byte_budget(reference):
+    attrs = CacheStore(reference).attrs
+    assert attrs["teacher"]["name"] == "test_resnet" and attrs["topk"] == 4 and attrs["epochs"] == 2
+    assert attrs["recipe"] == get_recipe(RECIPE).to_dict() and attrs["dataset"]["num_samples"] == 270
+    assert set(attrs["versions"]) >= {"torch", "timm", "zarr"}
+    for k in (1, 10, 20):
+        assert raw_bytes_per_view(k, 1000) <= 4 * k + 24
+    info = inspect_cache(reference)
+    assert info["complete"] and info["raw_bytes_per_view"] == 4 * 4 + 23
+    assert 0 < info["topk_mass_p5"] <= info["topk_mass_mean"] <= 1
+
+
+def test_interrupted_pass_resumes_to_identical_arrays(small_digits, reference, tmp_path, monkeypatch):
+    out = tmp_path / "t.zarr"
+    calls = {"n": 0}
+    real = CacheStore.write_unit
+
+    def dying_write(self, unit):
+        if calls["n"] == 3:
+            # die half-way through a unit: some arrays of this unit written, no completion marker
+            group = self._open()
+            group["topk_values"][:, unit.first:unit.first + unit.count] = unit.data["topk_values"] + 1
+            raise KeyboardInterrupt("simulated kill")
+        calls["n"] += 1
+        real(self, unit)
+
+    monkeypatch.setattr(CacheStore, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher(_cfg(small_digits, out))
+    assert len(CacheStore(out).done_units()) == 3
+    with pytest.raises(UserError, match="incomplete"):
+        CacheStore(out).check_complete()
+    monkeypatch.setattr(CacheStore, "write_unit", real)
+    cache_teacher(_cfg(small_digits, out))
+    a, b = _arrays(reference), _arrays(out)
+    for name in ARRAYS:
+        assert np.array_equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_store(small_digits, reference, tmp_path):
+    out = tmp_path / "two.zarr"
+    proc = accelerate_cli(2, "cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--out", out,
+                          "--recipe", RECIPE, "--epochs", 2, "--topk", 4, "--batch-size", 40, "--workers", 0,
+                          "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _arrays(reference), _arrays(out)
+    for name in ARRAYS:
+        assert np.array_equal(a[name], b[name]), name
+    assert CacheStore(out).done_units() == set(range(6))
+
+
+def test_rerun_skips_done_units_and_refuses_another_request(small_digits, reference, tmp_path):
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(reference, out)
+    summary = cache_teacher(_cfg(small_digits, out))
+    assert summary["views_written"] == 0 and summary["units_skipped_as_done"] == 6
+    with pytest.raises(UserError) as e:
+        cache_teacher(_cfg(small_digits, out, topk=5, teacher="test_convnext"))
+    assert "top-k" in str(e.value) and "test_convnext" in str(e.value) and "--overwrite" in str(e.value)
+
+
+def test_opening_for_another_request_names_every_mismatch(reference):
+    store = CacheStore(reference)
+    want = json.loads(json.dumps(store.attrs))
+    want["teacher"]["name"] = "vit_base_patch16_224"
+    want["dataset"]["manifest_hash"] = "0" * 64
+    want["recipe"]["mixup_alpha"] = 0.2
+    want["topk"] = 20
+    with pytest.raises(UserError) as e:
+        store.check_request(want)
+    msg = str(e.value)
+    for needle in ("teacher is test_resnet, requested vit_base_patch16_224", "dataset is", "mixup_alpha",
+                   "top-k is 4, requested 20"):
+        assert needle in msg, msg
+
+
+def test_verify_cache_passes_and_catches_tampering(small_digits, reference, tmp_path):
+    proc = run_cli("verify-cache", reference, "--samples", 12, check=True)
+    assert "OK" in proc.stdout
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(reference, bad)
+    store = CacheStore(bad, mode="r+")
+    group = store._open()
+    vals = group["topk_values"][...]
+    vals[:, :, 0] += 0.5
+    group["topk_values"][...] = vals
+    r = verify_cache(bad, samples=12)
+    assert not r["ok"] and any("topk_values" in p for p in r["problems"])
+    proc = run_cli("verify-cache", bad, "--samples", 12)
+    assert proc.returncode == 1 and "FAILED" in proc.stdout
+
+
+def test_inspect_cache_cli(reference):
+    proc = run_cli("inspect-cache", reference, "--json", check=True)
+    info = json.loads(proc.stdout)
+    assert info["units_done"] == "6/6" and info["teacher"] == "test_resnet"
+
+
+def test_bad_requests_fail_cleanly(small_digits, tmp_path):
+    with pytest.raises(UserError, match="larger than the 10 classes"):
+        cache_teacher(_cfg(small_digits, tmp_path / "x.zarr", topk=11))
+    with pytest.raises(UserError, match="not a timm model"):
+        cache_teacher(_cfg(small_digits, tmp_path / "y.zarr", teacher="resnet_9000"))
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
+    proc = run_cli("cache-teacher", "--data", tmp_path / "nodata", "--teacher", "test_resnet", "--out", tmp_path / "z")
+    assert proc.returncode == 2 and "nodata" in proc.stderr
