@@ -19,13 +19,13 @@ SEED ?= 0
 EPOCHS ?= 2
 TOPK ?= 10
 STORE ?= runs/cache/teacher.zarr
-STUDENT ?= test_vit
+STUDENT ?= test_convnext
 METHOD ?= ofa
 BATCH ?= 64
 RUN ?= runs/student
 ARGS ?=
 
-.PHONY: setup test test-all lint shards cache-teacher inspect-cache train-student clean
+.PHONY: setup test lint shards cache-teacher inspect-cache train-student clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,11 @@ cache-teacher: $(STAMP)
 
 inspect-cache: $(STAMP)
 	$(PY) cli.py inspect-cache $(STORE)
+
+train-student: $(STAMP)
+	$(PY) cli.py train-student --data $(DATA) --student $(STUDENT) --method $(METHOD) \
+		$(if $(filter ce,$(METHOD)),--recipe $(RECIPE),--cache $(STORE)) --epochs $(EPOCHS) --batch-size $(BATCH) \
+		--out $(RUN) $(ARGS)
 
 clean:
 	rm -rf runs data/digits

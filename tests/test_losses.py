@@ -1,0 +1,138 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from students.losses import (dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class,
+                             teacher_logits_from_topk)
+
+torch.manual_seed(0)
+B, C = 6, 12
+
+
+def _naive_probs(logits, T=1.0):
+    rows = []
+    for r in logits.tolist():
+        e = [math.exp(v / T) for v in r]
+        s = sum(e)
+        rows.append([v / s for v in e])
+    return rows
+
+
+def _naive_ofa(s, t, target, gamma, T, form):
+    q, p = _naive_probs(s, T), _naive_probs(t, T)
+    total = 0.0
+    for b in range(len(q)):
+        c = int(target[b])
+        for j in range(len(q[b])):
+            if form == "paper":
+                w = (1 + p[b][c]) ** gamma if j == c else p[b][j]
+            else:
+                w = (1 + p[b][c]) ** gamma - 1 if j == c else p[b][j] ** gamma
+            total += -w * math.log(q[b][j])
+    return total / len(q)
+
+
+def _naive_kd(s, t, T):
+    q, p = _naive_probs(s, T), _naive_probs(t, T)
+    return sum(p[b][j] * math.log(p[b][j] / q[b][j]) for b in range(len(q)) for j in range(len(q[b]))) / len(q) * T * T
+
+
+def _naive_dkd(s, t, target, alpha, beta, T):
+    q, p = _naive_probs(s, T), _naive_probs(t, T)
+    total = 0.0
+    for b in range(len(q)):
+        c = int(target[b])
+        bs, bt = [q[b][c], 1 - q[b][c]], [p[b][c], 1 - p[b][c]]
+        tckd = sum(bt[i] * math.log(bt[i] / bs[i]) for i in range(2))
+        qs = [q[b][j] / (1 - q[b][c]) for j in range(len(q[b])) if j != c]
+        pt = [p[b][j] / (1 - p[b][c]) for j in range(len(p[b])) if j != c]
+        nckd = sum(pt[i] * math.log(pt[i] / qs[i]) for i in range(len(qs)))
+        total += alpha * tckd + beta * nckd
+    return total / len(q) * T * T
+
+
+@pytest.fixture
+def logits():
+    s, t = torch.randn(B, C, dtype=torch.float64) * 2, torch.randn(B, C, dtype=torch.float64) * 3
+    return s, t, torch.randint(0, C, (B,))
+
+
+@pytest.mark.parametrize("form", ["paper", "released"])
+@pytest.mark.parametrize("gamma,T", [(1.0, 1.0), (1.5, 1.0), (2.0, 2.0)])
+def test_ofa_matches_naive(logits, form, gamma, T):
+    s, t, y = logits
+    assert ofa_loss(s, t, y, gamma, T, form).item() == pytest.approx(_naive_ofa(s, t, y, gamma, T, form), rel=1e-5)
+
+
+def test_kd_and_dkd_match_naive(logits):
+    s, t, y = logits
+    assert kd_loss(s, t, 4.0).item() == pytest.approx(_naive_kd(s, t, 4.0), rel=1e-5)
+    assert dkd_loss(s, t, y, 1.0, 8.0, 4.0).item() == pytest.approx(_naive_dkd(s, t, y, 1.0, 8.0, 4.0), rel=1e-4)
+
+
+def test_gamma_one_is_ce_plus_soft_ce(logits):
+    """The brief's identity: L_OFA(gamma=1) = -(1 + p_c) log q_c - sum_{j != c} p_j log q_j
+    = CE(label) + soft CE(teacher)."""
+    s, t, y = logits
+    soft = -(F.softmax(t, 1) * F.log_softmax(s, 1)).sum(1).mean()
+    assert ofa_loss(s, t, y, 1.0).item() == pytest.approx((F.cross_entropy(s, y) + soft).item(), rel=1e-6)
+    # and gamma = 2 adds -(p_c + p_c^2) log q_c
+    p_c = F.softmax(t, 1).gather(1, y[:, None])[:, 0]
+    log_q_c = F.log_softmax(s, 1).gather(1, y[:, None])[:, 0]
+    extra = (-(p_c + p_c**2) * log_q_c).mean()
+    assert ofa_loss(s, t, y, 2.0).item() == pytest.approx((ofa_loss(s, t, y, 1.0) + extra).item(), rel=1e-6)
+
+
+def _cache_of(t, labels, k):
+    vals, idx = t.topk(k, 1)
+    lse = torch.logsumexp(t, 1)
+    return vals.half(), idx, lse.float(), t.gather(1, labels).float()
+
+
+def test_reconstruction_with_k_equal_classes_is_the_online_teacher(logits):
+    s, t, y = logits
+    t = t.float()
+    labels = torch.stack([y, y.roll(1)], 1)
+    z = teacher_logits_from_topk(*_cache_of(t, labels, C)[:3], labels, t.gather(1, labels), C)
+    for loss in (lambda u: ofa_loss(s.float(), u, y, 1.5), lambda u: kd_loss(s.float(), u, 4.0),
+                 lambda u: dkd_loss(s.float(), u, y)):
+        assert loss(z).item() == pytest.approx(loss(t).item(), rel=2e-3)
+
+
+def test_reconstruction_keeps_known_probabilities_and_tail_mass(logits):
+    _, t, y = logits
+    t = t.float()
+    labels = torch.stack([y, y.roll(1)], 1)
+    vals, idx, lse, lab = _cache_of(t, labels, 3)
+    z = teacher_logits_from_topk(vals, idx, lse, labels, lab, C)
+    p_true, p_rec = F.softmax(t, 1), F.softmax(z, 1)
+    assert torch.allclose(p_rec.gather(1, labels), p_true.gather(1, labels), atol=1e-5)  # labels exact
+    assert torch.allclose(p_rec.gather(1, idx), p_true.gather(1, idx), atol=5e-3)  # top-k to fp16
+    assert torch.allclose(p_rec.sum(1), torch.ones(B), atol=1e-5)
+    known = torch.zeros(B, C, dtype=torch.bool).scatter_(1, idx, True).scatter_(1, labels, True)
+    assert torch.allclose((p_rec * ~known).sum(1), (p_true * ~known).sum(1), atol=5e-3)  # tail mass
+
+
+def test_gradients_finite_with_extreme_logits():
+    s = torch.tensor([[1e4, -1e4, 0.0, 50.0], [-3e4, 3e4, 1.0, -1.0]], requires_grad=True)
+    t = torch.tensor([[-1e4, 1e4, 0.0, 0.0], [3e4, -3e4, 0.0, 0.0]])
+    y = torch.tensor([2, 0])
+    for fn in (lambda: ofa_loss(s, t, y, 1.5), lambda: ofa_loss(s, t, y, 1.5, form="released"),
+               lambda: kd_loss(s, t), lambda: dkd_loss(s, t, y), lambda: soft_ce(s, F.one_hot(y, 4).float())):
+        s.grad = None
+        loss = fn()
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    vals, idx = t.topk(2, 1)
+    z = teacher_logits_from_topk(vals.half(), idx, torch.logsumexp(t, 1), y[:, None], t.gather(1, y[:, None]), 4)
+    assert torch.isfinite(z).all()
+
+
+def test_mixed_labels():
+    y, yp, lam = torch.tensor([1, 2]), torch.tensor([3, 2]), torch.tensor([0.3, 0.8])
+    tgt = soft_target(y, yp, lam, 4, smoothing=0.1)
+    assert torch.allclose(tgt.sum(1), torch.ones(2))
+    assert tgt[0, 3] > tgt[0, 1] > tgt[0, 0]
+    assert target_class(y, yp, lam).tolist() == [3, 2]

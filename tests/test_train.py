@@ -1,0 +1,151 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from conftest import ROOT, accelerate_cli, run_cli
+from pipeline.augment import get_recipe
+from pipeline.reader import ShardReader
+from pipeline.views import EvalViews
+from students.models import model_input
+
+VIT = ["--model-kwargs", "img_size=32", "--model-kwargs", "patch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(digits, tmp_path_factory):
+    """A CE-trained CNN teacher and its cache, through the real CLI."""
+    root = tmp_path_factory.mktemp("e2e")
+    run_cli("train-student", "--data", digits, "--student", "test_resnet", "--method", "ce", "--recipe", "digits",
+            "--epochs", 2, "--batch-size", 64, "--lr", 0.1, "--out", root / "teacher", "--quiet", check=True)
+    run_cli("cache-teacher", "--data", digits, "--teacher", "test_resnet", "--checkpoint",
+            root / "teacher" / "model.safetensors", "--recipe", "digits", "--epochs", 1, "--topk", 5,
+            "--out", root / "teacher.zarr", "--quiet", check=True)
+    return root
+
+
+@pytest.mark.slow
+def test_end_to_end_ofa_student_exports_a_timm_loadable_model(digits, teacher_run):
+    t_metrics = json.loads((teacher_run / "teacher" / "metrics.json").read_text())
+    assert t_metrics["top1"] > 60  # the CE teacher learned the digits
+    out = teacher_run / "ofa"
+    proc = run_cli("train-student", "--data", digits, "--student", "test_vit", *VIT, "--method", "ofa",
+                   "--cache", teacher_run / "teacher.zarr", "--teacher", "test_resnet", "--epochs", 1,
+                   "--batch-size", 64, "--optimizer", "adamw", "--lr", 1e-3, "--out", out, "--quiet", check=True)
+    assert "top1" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    hist = metrics["history"][0]
+    assert {"train/ofa/final", "train/ofa/stage1", "train/ofa/stage4", "train/loss"} <= set(hist)
+    assert (out / "metrics.csv").read_text().startswith("epoch,")
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved"]["heads"] == ["stage1", "stage2", "stage3", "stage4"]
+    assert config["resolved"]["cache_teacher"]["name"] == "test_resnet"
+    # the exported bare student loads in timm and reproduces the run's own evaluation
+    model = timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=4,
+                              checkpoint_path=str(out / "model.safetensors")).eval()
+    assert not any(k.startswith("heads") for k in load_file(out / "model.safetensors"))
+    recipe = get_recipe("digits")
+    minput = model_input(model, recipe.input_size)
+    correct = n = 0
+    with torch.no_grad():
+        for b in DataLoader(EvalViews(ShardReader(digits, "val"), recipe), batch_size=128):
+            correct += (model(minput(b["view"])).argmax(1) == b["label"]).sum().item()
+            n += len(b["label"])
+    assert n == 360 and 100.0 * correct / n == pytest.approx(metrics["top1"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kd", "dkd"])
+def test_kd_and_dkd_from_the_cache(digits, teacher_run, method):
+    out = teacher_run / method
+    run_cli("train-student", "--data", digits, "--student", "test_convnext", "--method", method, "--cache",
+            teacher_run / "teacher.zarr", "--epochs", 1, "--batch-size", 64, "--max-steps-per-epoch", 5,
+            "--out", out, "--quiet", check=True)
+    hist = json.loads((out / "metrics.json").read_text())["history"][0]
+    assert f"train/{method}/final" in hist and "train/ce" in hist
+
+
+RESUME_SCRIPT = r"""
+import sys, json
+from pathlib import Path
+import students.train as T
+from students.task import LossConfig
+cfg = T.TrainConfig(data=Path(sys.argv[1]), student="test_convnext", out=Path(sys.argv[2]), loss=LossConfig("ofa"),
+                    cache=Path(sys.argv[3]), epochs=2, batch_size=64, lr=0.05, workers=1, progress=False,
+                    max_steps_per_epoch=6, resume=sys.argv[4] == "resume")
+if sys.argv[4] == "die":
+    real, calls = T.evaluate, []
+    def evaluate(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SystemExit(17)  # killed during epoch 2, after epoch 1 was saved
+        return real(*a, **k)
+    T.evaluate = evaluate
+T.train(cfg)
+"""
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_with_the_same_weights(digits, teacher_run, tmp_path):
+    def run(out, mode):
+        return subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(digits), str(out),
+                               str(teacher_run / "teacher.zarr"), mode], capture_output=True, text=True,
+                              cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    full = run(tmp_path / "full", "plain")
+    assert full.returncode == 0, full.stderr[-2000:]
+    died = run(tmp_path / "cut", "die")
+    assert died.returncode == 17 and not (tmp_path / "cut" / "model.safetensors").exists()
+    resumed = run(tmp_path / "cut", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert ma["top1"] == mb["top1"] and ma["history"][1]["train/loss"] == mb["history"][1]["train/loss"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_agree(digits, teacher_run, tmp_path):
+    out = tmp_path / "ddp"
+    proc = accelerate_cli(2, "train-student", "--data", digits, "--student", "test_resnet", "--method", "ofa",
+                          "--cache", teacher_run / "teacher.zarr", "--epochs", 1, "--batch-size", 32,
+                          "--max-steps-per-epoch", 4, "--workers", 1, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["history"][0]["val_samples"] == 360  # both ranks' halves of the val split, counted once
+    assert m["history"][0]["images_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_mismatched_cache_and_checkpoint_are_refused(digits, small_digits, teacher_run, tmp_path):
+    # a cache made from another dataset
+    p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd", "--cache",
+                teacher_run / "teacher.zarr", "--teacher", "test_vit", "--recipe", "cifar", "--out", tmp_path / "a")
+    assert p.returncode == 2
+    for needle in ("dataset is", "teacher is test_resnet, requested test_vit", "augmentation recipe differs"):
+        assert needle in p.stderr, p.stderr
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    # a checkpoint of another architecture
+    p = run_cli("cache-teacher", "--data", digits, "--teacher", "test_convnext", "--checkpoint",
+                teacher_run / "teacher" / "model.safetensors", "--recipe", "digits", "--out", tmp_path / "c.zarr")
+    assert p.returncode == 2 and "does not match test_convnext" in p.stderr
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_training_refuses_bad_requests(digits, tmp_path):
+    p = run_cli("train-student", "--data", digits, "--student", "resnet_9000", "--method", "ce", "--out", tmp_path / "a")
+    assert p.returncode == 2 and "resnet_9000" in p.stderr
+    p = run_cli("train-student", "--data", digits, "--student", "test_resnet", "--method", "ofa", "--out", tmp_path / "b")
+    assert p.returncode == 2 and "--cache" in p.stderr
+    p = run_cli("train-student", "--data", digits, "--student", "test_resnet", "--method", "ofa",
+                "--teacher-online", "test_resnet", "--stages", "1,7", "--recipe", "digits", "--out", tmp_path / "d")
+    assert p.returncode == 2 and "stages [7]" in p.stderr
+    p = run_cli("train-student", "--data", digits, "--student", "test_resnet", "--method", "ofa",
+                "--teacher-online", "test_resnet", "--teacher-checkpoint", tmp_path / "nope.safetensors",
+                "--recipe", "digits", "--out", tmp_path / "e")
+    assert p.returncode == 2 and "nope.safetensors" in p.stderr
