@@ -25,7 +25,7 @@ BATCH ?= 64
 RUN ?= runs/student
 ARGS ?=
 
-.PHONY: setup test lint shards cache-teacher inspect-cache train-student clean
+.PHONY: setup test lint shards cache-teacher inspect-cache train-student demo clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,9 @@ train-student: $(STAMP)
 	$(PY) cli.py train-student --data $(DATA) --student $(STUDENT) --method $(METHOD) \
 		$(if $(filter ce,$(METHOD)),--recipe $(RECIPE),--cache $(STORE)) --epochs $(EPOCHS) --batch-size $(BATCH) \
 		--out $(RUN) $(ARGS)
+
+demo: $(STAMP)
+	$(PY) cli.py demo --out runs/demo $(ARGS)
 
 clean:
 	rm -rf runs data/digits

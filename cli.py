@@ -232,6 +232,20 @@ def train_student_cmd(
           f"({summary['train_seconds']:.1f} s of training); student exported to {out / 'model.safetensors'}")
 
 
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/demo"),
+         epochs: Annotated[int, typer.Option(help="student epochs (= cached epochs)")] = 4,
+         quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False):
+    """The whole product on the embedded digits: teacher, cache, ViT/MLP students with CE, KD, OFA."""
+    import time
+
+    from students.demo import run_demo
+    t0 = time.perf_counter()
+    run_demo(out, epochs=epochs, progress=not quiet)
+    print((out / "results.md").read_text())
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, plot {out / 'accuracy.png'}")
+
+
 def main() -> None:
     try:
         app()

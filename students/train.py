@@ -321,7 +321,7 @@ def train(cfg: TrainConfig) -> dict:
                 for k, v in result.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 seen += len(batch["label"])
-                bar.advance(len(batch["label"]) * world, info=f"loss {float(result['loss']):.3f}")
+                bar.advance(len(batch["label"]) * world, info=f"loss {float(result['loss'].detach()):.3f}")
         elapsed = time.perf_counter() - t0
         terms = torch.tensor([sums[k] / max(1, steps) for k in sorted(sums)], device=device, dtype=torch.float64)
         terms = accelerator.reduce(terms, reduction="mean")

@@ -4,12 +4,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_cli, run_cli
 from torch.utils.data import DataLoader
 
 from cache.inspect import inspect_cache, verify_cache
 from cache.store import ARRAYS, CacheStore, raw_bytes_per_view
 from cache.teacher_pass import CacheConfig, cache_teacher, teacher_logits
+from conftest import accelerate_cli, run_cli
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.reader import ShardReader

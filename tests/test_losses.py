@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from students.losses import (dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class,
-                             teacher_logits_from_topk)
+from students.losses import dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class, teacher_logits_from_topk
 
 torch.manual_seed(0)
 B, C = 6, 12

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA, make_image_folder, run_cli
 from PIL import Image
 
+from conftest import ROOT, SHARED_DATA, make_image_folder, run_cli
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
 from pipeline.reader import ShardReader, assign_shards, shard_order

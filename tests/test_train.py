@@ -138,9 +138,11 @@ def test_mismatched_cache_and_checkpoint_are_refused(digits, small_digits, teach
 
 
 def test_training_refuses_bad_requests(digits, tmp_path):
-    p = run_cli("train-student", "--data", digits, "--student", "resnet_9000", "--method", "ce", "--out", tmp_path / "a")
+    p = run_cli("train-student", "--data", digits, "--student", "resnet_9000", "--method", "ce",
+                "--out", tmp_path / "a")
     assert p.returncode == 2 and "resnet_9000" in p.stderr
-    p = run_cli("train-student", "--data", digits, "--student", "test_resnet", "--method", "ofa", "--out", tmp_path / "b")
+    p = run_cli("train-student", "--data", digits, "--student", "test_resnet", "--method", "ofa",
+                "--out", tmp_path / "b")
     assert p.returncode == 2 and "--cache" in p.stderr
     p = run_cli("train-student", "--data", digits, "--student", "test_resnet", "--method", "ofa",
                 "--teacher-online", "test_resnet", "--stages", "1,7", "--recipe", "digits", "--out", tmp_path / "d")
