@@ -25,7 +25,7 @@ BATCH ?= 64
 RUN ?= runs/student
 ARGS ?=
 
-.PHONY: setup test lint shards cache-teacher inspect-cache train-student demo clean
+.PHONY: setup test lint shards cache-teacher inspect-cache train-student demo cka bench clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,16 @@ train-student: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) cli.py demo --out runs/demo $(ARGS)
+
+# stage-by-stage CKA between the demo's CNN teacher and its OFA ViT student (run `make demo` first)
+cka: $(STAMP)
+	$(PY) cli.py cka --model-a test_resnet --checkpoint-a runs/demo/teacher/model.safetensors \
+		--model-b test_vit --model-kwargs-b img_size=32 --model-kwargs-b patch_size=4 \
+		--checkpoint-b runs/demo/students/test_vit-ofa/model.safetensors \
+		--data runs/demo/data --recipe digits --samples 360 --out runs/cka $(ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py $(ARGS)
 
 clean:
 	rm -rf runs data/digits

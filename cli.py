@@ -246,6 +246,65 @@ def demo(out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/d
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, plot {out / 'accuracy.png'}")
 
 
+class CkaMode(str, Enum):
+    minibatch = "minibatch"
+    full = "full"
+
+
+@app.command()
+def cka(
+    model_a: Annotated[str, typer.Option(help="timm name of model A")],
+    model_b: Annotated[str, typer.Option(help="timm name of model B")],
+    data: Annotated[Path, typer.Option(help="dataset directory made by `shards`")],
+    out: Annotated[Path, typer.Option(help="output directory for cka.png, cka.csv, cka.json")] = Path("runs/cka"),
+    checkpoint_a: Annotated[Path | None, typer.Option(help="weights of A")] = None,
+    checkpoint_b: Annotated[Path | None, typer.Option(help="weights of B")] = None,
+    model_kwargs_a: Annotated[list[str] | None, typer.Option("--model-kwargs-a", help="timm kwargs of A, name=value")] = None,
+    model_kwargs_b: Annotated[list[str] | None, typer.Option("--model-kwargs-b", help="timm kwargs of B, name=value")] = None,
+    split: Annotated[str, typer.Option(help="split to read")] = "val",
+    samples: Annotated[int, typer.Option(help="number of images")] = 512,
+    batch_size: Annotated[int, typer.Option(help="minibatch size (minibatch CKA averages over these)")] = 64,
+    mode: Annotated[CkaMode, typer.Option(help="minibatch (memory O(batch^2)) or full (exact, memory O(n^2))")] = CkaMode.minibatch,
+    every_block: Annotated[bool, typer.Option("--every-block", help="isotropic models: every block, not 4 depth fractions")] = False,
+    recipe: Annotated[RecipeName, typer.Option(help="evaluation view size/crop from this preset")] = RecipeName.imagenet_cnn,
+    view_size: Annotated[int | None, typer.Option(help="override the view size")] = None,
+):
+    """Stage-by-stage linear CKA between two models on the same images (heatmap, CSV/JSON, table)."""
+    from itertools import islice
+
+    from torch.utils.data import DataLoader
+
+    from pipeline.augment import get_recipe
+    from pipeline.reader import ShardReader
+    from pipeline.views import EvalViews
+    from students.cka import compute_cka, save_outputs, stage_model
+    from students.models import parse_kwargs
+    r = get_recipe(recipe.value, view_size)
+    reader = ShardReader(data, split)
+    if samples < 4:
+        raise UserError(f"--samples must be at least 4, got {samples}")
+    C = reader.manifest.num_classes
+    a = stage_model(model_a, C, r.input_size, checkpoint_a, parse_kwargs(model_kwargs_a), every_block)
+    b = stage_model(model_b, C, r.input_size, checkpoint_b, parse_kwargs(model_kwargs_b), every_block)
+    n_batches = -(-samples // batch_size)
+    loader = DataLoader(EvalViews(reader, r), batch_size=batch_size)
+    views = (batch["view"][: samples - i * batch_size] for i, batch in enumerate(islice(loader, n_batches)))
+    matrix = compute_cka(a, b, views, mode.value)
+    n = min(samples, reader.split.count)
+    files = save_outputs(matrix, a, b, out, {"model_a": model_a, "model_b": model_b, "mode": mode.value,
+                                             "samples": n, "batch_size": batch_size, "split": split})
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"linear CKA ({mode.value}, n={n}): rows {model_a}, columns {model_b}")
+    t.add_column("")
+    for c in b.labels:
+        t.add_column(c, justify="right")
+    for label, row in zip(a.labels, matrix, strict=True):
+        t.add_row(label, *[f"{v:.3f}" for v in row])
+    Console().print(t)
+    print(f"wrote {files['png']}, {files['csv']}, {files['json']}")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,149 @@
+"""Stage two: the cost of distilling from the cache against plain CE and against the online teacher,
+and the data loader with and without the cache.
+
+    python bench/stage_two.py [--data DIR] [--student NAME] [--teacher NAME] [--steps N] [--batch-size B]
+
+Targets (BRIEF §4): cached OFA step / CE step (same student + heads) <= 1.05; measured saving of the
+cache over the online teacher within 10% of the saving predicted by the teacher's forward time;
+loader with cache / without >= 0.95 (views/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import ROOT, save
+from stage_one import ensure_digits
+from torch.utils.data import DataLoader
+
+from cache.store import CacheStore
+from cache.teacher_pass import CacheConfig, cache_teacher
+from pipeline.augment import get_recipe
+from pipeline.reader import ShardReader
+from pipeline.views import TrainViews
+from students.heads import StudentWithHeads
+from students.models import create_model, model_input
+from students.task import LossConfig, distill_losses, teacher_from_batch
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "bench" / "digits")
+    ap.add_argument("--student", default="resnet18")
+    ap.add_argument("--teacher", default="resnet50")
+    ap.add_argument("--recipe", default="digits-mix")
+    ap.add_argument("--topk", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--name", default="stage_two")
+    args = ap.parse_args(argv)
+    data = ensure_digits(args.data) if args.data.name == "digits" else args.data
+    recipe = get_recipe(args.recipe)
+    reader = ShardReader(data)
+    C = reader.manifest.num_classes
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-s2-"))
+    try:
+        store_path = tmp / "t.zarr"
+        cache_teacher(CacheConfig(data=data, teacher=args.teacher, out=store_path, recipe=recipe,
+                                  recipe_name=args.recipe, epochs=1, topk=args.topk, batch_size=128, workers=1,
+                                  progress=False))
+        store = CacheStore(store_path)
+
+        # ---- data loader with and without the cache (in-process, so its own cost is what is measured)
+        def loader_rate(cache) -> float:
+            stream = TrainViews(reader, recipe, 0, cache=cache, view_epochs=1)
+            t0, n = time.perf_counter(), 0
+            for b in DataLoader(stream, batch_size=args.batch_size, num_workers=0):
+                n += len(b["label"])
+            return n / (time.perf_counter() - t0)
+
+        with_c, without_c = 0.0, 0.0
+        for _ in range(args.rounds):
+            without_c = max(without_c, loader_rate(None))
+            with_c = max(with_c, loader_rate(store))
+
+        # ---- steps: the same batches, the same student + heads, three losses
+        stream = TrainViews(reader, recipe, 0, cache=store, view_epochs=1)
+        batches = []
+        for b in DataLoader(stream, batch_size=args.batch_size, drop_last=True):
+            batches.append({k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()})
+            if len(batches) == args.steps:
+                break
+        teacher = create_model(args.teacher, C, role="teacher").eval().to(dev)
+        t_in = model_input(teacher, recipe.input_size)
+        bare = create_model(args.student, C, role="student")
+        s_in = model_input(bare, recipe.input_size)
+        model = StudentWithHeads(bare, C, s_in.size, teacher_width=teacher.num_features).to(dev).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        ofa = LossConfig("ofa")
+
+        def step(loss_fn):
+            for b in batches:
+                out = model(s_in(b["view"]))
+                loss = loss_fn(out, b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        def ce(out, b):  # plain CE on the final logits and on every head
+            return F.cross_entropy(out["logits"], b["label"]) + sum(F.cross_entropy(h, b["label"])
+                                                                    for h in out["heads"].values())
+
+        def cached(out, b):
+            return distill_losses(out, teacher_from_batch(b, C), b, ofa, C)["loss"]
+
+        def online(out, b):
+            with torch.no_grad():
+                t = teacher(t_in(b["view"])).float()
+            return distill_losses(out, t, b, ofa, C)["loss"]
+
+        def teacher_only():
+            with torch.no_grad():
+                for b in batches:
+                    teacher(t_in(b["view"]))
+
+        def clock(fn) -> float:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        step(ce)  # warm-up
+        times = {"ce": [], "cached": [], "online": [], "teacher": []}
+        for _ in range(args.rounds):  # interleaved rounds: drift on a shared machine hits all variants alike
+            times["ce"].append(clock(lambda: step(ce)))
+            times["cached"].append(clock(lambda: step(cached)))
+            times["online"].append(clock(lambda: step(online)))
+            times["teacher"].append(clock(teacher_only))
+        t = {k: min(v) for k, v in times.items()}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    n = args.steps
+    predicted = t["teacher"] / t["online"]
+    measured = (t["online"] - t["cached"]) / t["online"]
+    res = {"student": args.student, "teacher": args.teacher, "batch_size": args.batch_size, "steps": n,
+           "device": str(dev), "heads": model.names,
+           "ce_step_s": t["ce"] / n, "cached_ofa_step_s": t["cached"] / n, "online_ofa_step_s": t["online"] / n,
+           "teacher_forward_s": t["teacher"] / n,
+           "cached_over_ce": t["cached"] / t["ce"], "target_cached_over_ce": 1.05,
+           "saving_measured": measured, "saving_predicted": predicted,
+           "saving_relative_error": abs(measured - predicted) / predicted, "target_saving_relative_error": 0.10,
+           "loader_with_cache_views_per_s": with_c, "loader_without_cache_views_per_s": without_c,
+           "loader_with_over_without": with_c / without_c, "target_loader_ratio": 0.95}
+    save(args.name, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()
