@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,19 +191,24 @@ class CacheStore:
         d = description
         E, N, k, S = d["epochs"], d["dataset"]["num_samples"], d["topk"], d["dataset"]["samples_per_shard"]
         tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        group = zarr.open_group(str(tmp), mode="w")
-        compressor = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
-        for name, (dtype, trail) in ARRAYS.items():
-            t = trail(k)
-            group.create_array(name, shape=(E, N, *t), chunks=(1, S, *t), shards=(E, S, *t),
-                               dtype=dtype or index_dtype(d["num_classes"]), compressors=compressor,
-                               fill_value=FILL.get(name, 0))
-        group.attrs.update(d)
-        (tmp / UNITS_DIR).mkdir()
-        os.replace(tmp, path)  # the store appears whole or not at all
-        fsync_dir(path.parent)
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            group = zarr.open_group(str(tmp), mode="w")
+            compressor = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+            for name, (dtype, trail) in ARRAYS.items():
+                t = trail(k)
+                group.create_array(name, shape=(E, N, *t), chunks=(1, S, *t), shards=(E, S, *t),
+                                   dtype=dtype or index_dtype(d["num_classes"]), compressors=compressor,
+                                   fill_value=FILL.get(name, 0))
+            group.attrs.update(d)
+            (tmp / UNITS_DIR).mkdir()
+            os.replace(tmp, path)  # the store appears whole or not at all
+            fsync_dir(path.parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"cannot create the cache at {path} ({e.strerror or e}); choose a writable --out") from e
         return CacheStore(path, mode="r+")
 
     # ------------------------------------------------------------------ units
@@ -222,9 +228,12 @@ class CacheStore:
         """Write every array's zarr shard for this unit, make it durable, then mark the unit done."""
         group = self._open()
         sl = slice(unit.first, unit.first + unit.count)
+        slow = float(os.environ.get("OFAKD_CHAOS_SLOW_WRITES", "0"))  # fault injection for bench/chaos.py only
         for name in ARRAYS:
             arr = group[name]
             arr[:, sl] = unit.data[name]
+            if slow:
+                time.sleep(slow)  # widen the window in which a kill lands mid-unit
             key = arr.metadata.encode_chunk_key((0, unit.shard) + (0,) * (arr.ndim - 2))
             f = self.path / name / key
             if f.exists():  # an all-fill shard may be elided by zarr

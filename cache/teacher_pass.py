@@ -205,7 +205,12 @@ def cache_teacher(cfg: CacheConfig) -> dict:
                 buf.add(batch["epoch"].numpy()[sel], batch["index"].numpy()[sel] - buf.first,
                         {k: v[sel] for k, v in out.items()})
                 if buf.whole():
-                    store.write_unit(buf.unit())
+                    try:
+                        store.write_unit(buf.unit())
+                    except OSError as e:  # disk full, quota, permissions: the unit stays unmarked
+                        raise UserError(f"writing data shard {shard} to cache {cfg.out} failed ({e.strerror or e}); "
+                                        f"free space or fix the location, then rerun the same command: it resumes "
+                                        f"after the {len(store.done_units())} complete units") from e
                     del buffers[shard]
             written += len(shards)
             bar.advance(len(shards))

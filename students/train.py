@@ -83,6 +83,8 @@ class TrainConfig:
     workers: int = 2
     train_split: str = "train"
     val_split: str = "val"
+    on_error: str | None = None
+    """Corrupt samples: raise (default) or skip; with a cache, default: the policy the cache was made with."""
     resume: bool = False
     progress: bool = True
     max_steps_per_epoch: int | None = None
@@ -175,7 +177,11 @@ def train(cfg: TrainConfig) -> dict:
     say = accelerator.print
 
     # ---------------------------------------------------------------- data, views, cache
-    train_reader = ShardReader(cfg.data, cfg.train_split)
+    on_error = cfg.on_error
+    if cfg.cache and on_error is None:
+        from cache.store import CacheStore as _CS
+        on_error = _CS(cfg.cache).attrs.get("on_error", "raise")  # skip what the teacher pass skipped
+    train_reader = ShardReader(cfg.data, cfg.train_split, on_error=on_error or "raise")
     val_reader = ShardReader(cfg.data, cfg.val_split, manifest=train_reader.manifest)
     train_reader.check_files()
     val_reader.check_files()
@@ -272,7 +278,10 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"run directory {out} already holds a run; pass --resume to continue it or "
                         f"choose another --out")
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the run directory {out} ({e.strerror or e}); choose a writable --out") from e
         resolved = {**cfg.to_dict(), "resolved": {
             "recipe": recipe.to_dict(), "view_seed": view_seed, "view_epochs": view_epochs, "num_classes": C,
             "student_input": dataclasses.asdict(s_input), "heads": list(model_unwrap(accelerator, model).names),

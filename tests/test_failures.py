@@ -1,0 +1,147 @@
+"""The bad-input catalogue and crash behaviour (issue: prove it survives)."""
+
+import errno
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+from cache.store import ARRAYS, CacheStore
+from cache.teacher_pass import CacheConfig, cache_teacher
+from conftest import ROOT, make_image_folder, run_cli
+from pipeline.augment import get_recipe
+from pipeline.errors import UserError
+from pipeline.manifest import sha256_file
+from pipeline.shards import make_shards
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=data, teacher="test_resnet", out=out, recipe=get_recipe("digits-mix"), recipe_name="digits-mix",
+                epochs=1, topk=3, batch_size=64, workers=0, progress=False)
+    return CacheConfig(**{**base, **kw})
+
+
+def test_disk_full_during_the_pass_is_a_clear_error_and_resumable(small_digits, tmp_path, monkeypatch):
+    out = tmp_path / "full.zarr"
+    real, calls = CacheStore.write_unit, {"n": 0}
+
+    def enospc(self, unit):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, unit)
+
+    monkeypatch.setattr(CacheStore, "write_unit", enospc)
+    with pytest.raises(UserError) as e:
+        cache_teacher(_cfg(small_digits, out))
+    assert "No space left on device" in str(e.value) and "rerun the same command" in str(e.value)
+    assert len(CacheStore(out).done_units()) == 2
+    monkeypatch.setattr(CacheStore, "write_unit", real)
+    cache_teacher(_cfg(small_digits, out))
+    ref = tmp_path / "ref.zarr"
+    cache_teacher(_cfg(small_digits, ref))
+    for name in ARRAYS:
+        assert np.array_equal(CacheStore(out).read_all(name), CacheStore(ref).read_all(name)), name
+
+
+def test_output_that_cannot_be_written(small_digits, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="choose a writable --out"):
+        cache_teacher(_cfg(small_digits, blocker / "store.zarr"))
+    p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "ce", "--recipe",
+                "digits", "--epochs", 1, "--out", blocker / "run")
+    assert p.returncode == 2 and "a-file" in p.stderr
+
+
+def test_incomplete_cache_is_refused_for_training_and_reads(small_digits, tmp_path, monkeypatch):
+    out = tmp_path / "half.zarr"
+    real, calls = CacheStore.write_unit, {"n": 0}
+
+    def die(self, unit):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(self, unit)
+
+    monkeypatch.setattr(CacheStore, "write_unit", die)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher(_cfg(small_digits, out))
+    store = CacheStore(out)  # a reader of a store still being written sees only complete units
+    assert store.done_units() == {0, 1} or len(store.done_units()) == 2
+    missing = (set(range(store.num_units)) - store.done_units()).pop()
+    with pytest.raises(UserError, match=f"data shard {missing}"):
+        store.read_epoch(0, missing)
+    p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd", "--cache", out,
+                "--epochs", 1, "--out", tmp_path / "run")
+    assert p.returncode == 2 and "incomplete" in p.stderr and "resume" in p.stderr
+
+
+@pytest.mark.slow
+def test_fewer_cached_epochs_are_reused_in_order_and_said_once(small_digits, tmp_path):
+    store = tmp_path / "one.zarr"
+    cache_teacher(_cfg(small_digits, store, recipe=get_recipe("digits"), recipe_name="digits"))
+    p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd", "--cache",
+                store, "--epochs", 2, "--batch-size", 32, "--max-steps-per-epoch", 2, "--out", tmp_path / "run",
+                "--quiet", check=True)
+    assert p.stdout.count("replays cached epoch e mod 1") == 1
+
+
+def test_checkpoint_with_another_class_count(tmp_path, small_digits):
+    import timm
+    from safetensors.torch import save_file
+    ckpt = tmp_path / "hundred.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=100).state_dict(), str(ckpt))
+    with pytest.raises(UserError, match="100.*10 classes|10 classes"):
+        cache_teacher(_cfg(small_digits, tmp_path / "c.zarr", checkpoint=ckpt))
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_skip_policy_records_skipped_samples_and_training_excludes_them(tmp_path):
+    src = make_image_folder(tmp_path / "src", per_class=12, size=(32, 32))
+    data = tmp_path / "data"
+    make_shards(str(src), data, shard_size=12, progress=False)
+    make_shards(str(src), data, split="val", shard_size=12, progress=False)
+    shard = data / "train-000001.tar"
+    with tarfile.open(shard) as t:
+        members = {m.name: t.extractfile(m).read() for m in t.getmembers()}
+    victim = sorted(n for n in members if n.endswith((".jpg", ".png")))[4]
+    with tarfile.open(shard, "w") as t:
+        for name, blob in members.items():
+            blob = b"garbage" if name == victim else blob
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            t.addfile(info, io.BytesIO(blob))
+    key = int(victim.split(".")[0])
+    with pytest.raises(UserError, match="train-000001.tar does not match its checksum"):
+        cache_teacher(_cfg(data, tmp_path / "sum.zarr", recipe=get_recipe("cifar"), recipe_name="cifar"))
+    # a shard whose bad sample predates its checksum (made by another tool): the error policy decides
+    manifest = json.loads((data / "dataset.json").read_text())
+    manifest["splits"]["train"]["shards"][1]["sha256"] = sha256_file(shard)
+    (data / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=f"{key:09d}"):  # default policy: stop, naming the sample
+        cache_teacher(_cfg(data, tmp_path / "stop.zarr", recipe=get_recipe("cifar"), recipe_name="cifar"))
+    out = tmp_path / "skip.zarr"
+    cache_teacher(_cfg(data, out, recipe=get_recipe("cifar"), recipe_name="cifar", on_error="skip"))
+    store = CacheStore(out)
+    store.check_complete()
+    assert store.skipped() == {key}
+    p = run_cli("train-student", "--data", data, "--student", "test_resnet", "--method", "kd", "--cache", out,
+                "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path / "run", "--quiet", check=True)
+    assert "top1" in p.stdout
+
+
+@pytest.mark.slow
+def test_chaos_short(tmp_path):
+    """A short run of bench/chaos.py: SIGKILLs at random moments (inside unit writes), resumes, bit-identical."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--rounds", "1", "--kills", "5",
+                           "--processes", "1", "--stages", "one", "two"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+    assert proc.returncode == 0 and "CHAOS PASSED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(line.split(": ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("round")]
+    one = lines[0]
+    assert len(one["kill_points"]) >= 5 and one["kills_mid_write"] >= 1
