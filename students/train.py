@@ -281,7 +281,8 @@ def train(cfg: TrainConfig) -> dict:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create the run directory {out} ({e.strerror or e}); choose a writable --out") from e
+            raise UserError(f"cannot create the run directory {out} ({e.strerror or e}); "
+                            f"choose a writable --out") from e
         resolved = {**cfg.to_dict(), "resolved": {
             "recipe": recipe.to_dict(), "view_seed": view_seed, "view_epochs": view_epochs, "num_classes": C,
             "student_input": dataclasses.asdict(s_input), "heads": list(model_unwrap(accelerator, model).names),
