@@ -25,7 +25,7 @@ BATCH ?= 64
 RUN ?= runs/student
 ARGS ?=
 
-.PHONY: setup test lint shards cache-teacher inspect-cache train-student demo cka bench clean
+.PHONY: setup test lint shards cache-teacher inspect-cache train-student demo cka bench gpu-smoke chaos clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,13 @@ cka: $(STAMP)
 		--model-b test_vit --model-kwargs-b img_size=32 --model-kwargs-b patch_size=4 \
 		--checkpoint-b runs/demo/students/test_vit-ofa/model.safetensors \
 		--data runs/demo/data --recipe digits --samples 360 --out runs/cka $(ARGS)
+
+# one-GPU smoke run of both stages with real-size models (ResNet-50 -> DeiT-Tiny at 224 px) on CIFAR-10
+gpu-smoke: $(STAMP)
+	$(PY) bench/gpu_smoke.py $(ARGS)
+
+chaos: $(STAMP)
+	$(PY) bench/chaos.py --save $(ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(ARGS)

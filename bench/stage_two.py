@@ -42,6 +42,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--loader-only", action="store_true", help="only the loader comparison")
     ap.add_argument("--name", default="stage_two")
     args = ap.parse_args(argv)
     data = ensure_digits(args.data) if args.data.name == "digits" else args.data
@@ -70,6 +71,14 @@ def main(argv=None) -> dict:
             without_c = max(without_c, loader_rate(None))
             with_c = max(with_c, loader_rate(store))
 
+        if args.loader_only:
+            res = {"recipe": args.recipe, "view_size": recipe.input_size, "samples": reader.split.count,
+                   "samples_per_shard": reader.split.samples_per_shard,
+                   "loader_with_cache_views_per_s": with_c, "loader_without_cache_views_per_s": without_c,
+                   "loader_with_over_without": with_c / without_c, "target_loader_ratio": 0.95}
+            save(args.name, res)
+            return res
+
         # ---- steps: the same batches, the same student + heads, three losses
         stream = TrainViews(reader, recipe, 0, cache=store, view_epochs=1)
         batches = []
@@ -85,25 +94,32 @@ def main(argv=None) -> dict:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         ofa = LossConfig("ofa")
 
-        def step(loss_fn):
+        def step(target_fn, loss_fn):
+            """One training step as the loop does it: teacher targets, student forward, loss, backward, step."""
             for b in batches:
+                t = target_fn(b)
                 out = model(s_in(b["view"]))
-                loss = loss_fn(out, b)
+                loss = loss_fn(out, t, b)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
 
-        def ce(out, b):  # plain CE on the final logits and on every head
+        def ce(out, t, b):  # plain CE on the final logits and on every head
             return F.cross_entropy(out["logits"], b["label"]) + sum(F.cross_entropy(h, b["label"])
                                                                     for h in out["heads"].values())
 
-        def cached(out, b):
-            return distill_losses(out, teacher_from_batch(b, C), b, ofa, C)["loss"]
-
-        def online(out, b):
-            with torch.no_grad():
-                t = teacher(t_in(b["view"])).float()
+        def ofa_loss(out, t, b):
             return distill_losses(out, t, b, ofa, C)["loss"]
+
+        def no_teacher(b):
+            return None
+
+        def from_cache(b):
+            return teacher_from_batch(b, C)
+
+        @torch.no_grad()
+        def online_teacher(b):
+            return teacher(t_in(b["view"])).float()
 
         def teacher_only():
             with torch.no_grad():
@@ -119,12 +135,12 @@ def main(argv=None) -> dict:
                 torch.cuda.synchronize()
             return time.perf_counter() - t0
 
-        step(ce)  # warm-up
+        step(online_teacher, ofa_loss)  # warm-up
         times = {"ce": [], "cached": [], "online": [], "teacher": []}
         for _ in range(args.rounds):  # interleaved rounds: drift on a shared machine hits all variants alike
-            times["ce"].append(clock(lambda: step(ce)))
-            times["cached"].append(clock(lambda: step(cached)))
-            times["online"].append(clock(lambda: step(online)))
+            times["ce"].append(clock(lambda: step(no_teacher, ce)))
+            times["cached"].append(clock(lambda: step(from_cache, ofa_loss)))
+            times["online"].append(clock(lambda: step(online_teacher, ofa_loss)))
             times["teacher"].append(clock(teacher_only))
         t = {k: min(v) for k, v in times.items()}
     finally:

@@ -124,6 +124,7 @@ class CacheStore:
         self.path = Path(path)
         self._group = None
         self._pid = None
+        self._arrays = {}
         self.mode = mode
         if not (self.path / "zarr.json").is_file():
             raise UserError(f"cache {self.path} does not exist or is not a zarr store; create it with "
@@ -141,10 +142,18 @@ class CacheStore:
         if self._group is None or self._pid != os.getpid():
             self._group = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+")
             self._pid = os.getpid()
+            self._arrays = {}
         return self._group
 
+    def array(self, name: str):
+        """Array handle, opened once per process (opening costs a metadata read)."""
+        group = self._open()
+        if name not in self._arrays:
+            self._arrays[name] = group[name]
+        return self._arrays[name]
+
     def __getstate__(self):
-        return {**self.__dict__, "_group": None, "_pid": None}
+        return {**self.__dict__, "_group": None, "_pid": None, "_arrays": {}}
 
     # ------------------------------------------------------------------ description
     @property
@@ -254,11 +263,10 @@ class CacheStore:
         S = self.samples_per_shard
         n = int(self.attrs["dataset"]["num_samples"])
         sl = slice(shard * S, min((shard + 1) * S, n))
-        group = self._open()
-        return {name: group[name][epoch, sl] for name in names}
+        return {name: self.array(name)[epoch, sl] for name in names}
 
     def read_all(self, name: str) -> np.ndarray:
-        return self._open()[name][...]
+        return self.array(name)[...]
 
     def check_complete(self) -> None:
         missing = sorted(set(range(self.num_units)) - self.done_units())

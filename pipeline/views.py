@@ -90,22 +90,34 @@ class TrainViews(IterableDataset):
             info = self.reader.split.shards[shard]
             samples = list(self.reader.read_shard(shard))
             views = list(shard_views(samples, self.recipe, self.seed, ve, info.first, info.count))
-            targets = self.cache.read_epoch(ve, shard) if self.cache is not None else None
+            targets = self._targets(views, ve, shard, info.first) if self.cache is not None else None
             perm = np.random.default_rng([self.seed, self.epoch, shard, 0x7E]).permutation(len(views))
             for i in perm:
                 v = views[i]
                 if targets is not None:
                     pos = v["index"] - info.first
-                    if targets["view_seed"][pos] != v["view_seed"] or targets["partner"][pos] != v["partner"]:
-                        raise UserError(
-                            f"cache {self.cache.path} holds a different view for sample {v['index']} of epoch "
-                            f"{ve} than this run rebuilds (replay record mismatch: another seed, recipe or "
-                            f"tool version made it); rebuild the cache with this version")
-                    v = {**v, "t_values": torch.from_numpy(targets["topk_values"][pos].astype(np.float32)),
-                         "t_indices": torch.from_numpy(targets["topk_indices"][pos].astype(np.int64)),
-                         "t_lse": float(targets["lse"][pos]),
-                         "t_label_logits": torch.from_numpy(targets["label_logits"][pos].astype(np.float32))}
+                    v = {**v, "t_values": targets[0][pos], "t_indices": targets[1][pos], "t_lse": targets[2][pos],
+                         "t_label_logits": targets[3][pos]}
                 yield v
+
+    def _targets(self, views: list[dict], epoch: int, shard: int, first: int) -> tuple:
+        """One cached epoch of one unit as per-sample tensors, after checking its replay records
+        against the views rebuilt here (vectorised: this runs once per shard, not per sample)."""
+        t = self.cache.read_epoch(epoch, shard, names=("topk_values", "topk_indices", "lse", "label_logits",
+                                                       "view_seed", "partner"))
+        pos = np.array([v["index"] for v in views]) - first
+        seeds = np.array([v["view_seed"] for v in views], dtype=np.uint32)
+        partners = np.array([v["partner"] for v in views], dtype=np.int32)
+        bad = np.flatnonzero((t["view_seed"][pos] != seeds) | (t["partner"][pos] != partners))
+        if bad.size:
+            raise UserError(
+                f"cache {self.cache.path} holds a different view for sample {views[bad[0]]['index']} of epoch "
+                f"{epoch} than this run rebuilds (replay record mismatch: another seed, recipe or tool version "
+                f"made it); rebuild the cache with this version")
+        return (torch.from_numpy(t["topk_values"].astype(np.float32)).unbind(0),
+                torch.from_numpy(t["topk_indices"].astype(np.int64)).unbind(0),
+                torch.from_numpy(t["lse"].astype(np.float32)).unbind(0),
+                torch.from_numpy(t["label_logits"].astype(np.float32)).unbind(0))
 
 
 class EvalViews(IterableDataset):

@@ -1,0 +1,133 @@
+"""Fidelity of the cache on real teacher outputs: losses and distributions from top-k against full logits.
+
+    python bench/fidelity.py --data DIR --teacher NAME --checkpoint PATH --student NAME --student-checkpoint PATH
+        [--recipe tiny-vit] [--view-size 32] [--shards 4] [--topk 1 5 10 20 200]
+
+For each k, a real teacher pass writes a real store over the same views; the teacher's full logits
+come from a direct forward on the rebuilt views. For a trained student's logits on those views we
+report the relative error of the OFA loss (gamma 1 and 1.5, T = 1) and of KD (T = 4) computed from the
+cache against the same losses from full logits, the total-variation distance of the rebuilt teacher
+distribution (T = 1 and T = 4), and bytes per view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import save
+from scaling import subset
+from torch.utils.data import DataLoader
+
+from cache.store import CacheStore
+from cache.teacher_pass import CacheConfig, cache_teacher, teacher_logits
+from pipeline.augment import get_recipe
+from pipeline.reader import ShardReader
+from pipeline.views import TrainViews
+from students.losses import kd_loss, ofa_loss, target_class
+from students.models import create_model, model_input
+from students.task import teacher_from_batch
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--student", required=True)
+    ap.add_argument("--student-checkpoint", type=Path, required=True)
+    ap.add_argument("--recipe", default="tiny-vit")
+    ap.add_argument("--view-size", type=int, default=32)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--topk", type=int, nargs="+", default=[1, 5, 10, 20, 200])
+    ap.add_argument("--name", default="fidelity")
+    args = ap.parse_args(argv)
+    recipe = get_recipe(args.recipe, args.view_size)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-fid-"))
+    try:
+        data = subset(args.data, args.shards, tmp / "data")
+        reader = ShardReader(data)
+        C = reader.manifest.num_classes
+        teacher = create_model(args.teacher, C, checkpoint=args.checkpoint, role="teacher").eval()
+        t_in = model_input(teacher, recipe.input_size)
+        student = create_model(args.student, C, checkpoint=args.student_checkpoint, role="student").eval()
+        s_in = model_input(student, recipe.input_size)
+        stores = {}
+        for k in args.topk:
+            stores[k] = tmp / f"k{k}.zarr"
+            cache_teacher(CacheConfig(data=data, teacher=args.teacher, checkpoint=args.checkpoint, out=stores[k],
+                                      recipe=recipe, recipe_name=args.recipe, epochs=1, topk=k, batch_size=250,
+                                      workers=1, progress=False))
+        sums = {k: {} for k in args.topk}
+        n = 0
+        mass = []
+        for b in DataLoader(TrainViews(reader, recipe, 0, cache=CacheStore(stores[args.topk[0]]), view_epochs=1),
+                            batch_size=250):
+            with torch.no_grad():
+                full = teacher_logits(teacher, t_in, b["view"])
+                s = student(s_in(b["view"])).float()
+            c = target_class(b["label"], b["partner_label"], b["lam"])
+            ref = {"ofa_g1": ofa_loss(s, full, c, 1.0), "ofa_g1.5": ofa_loss(s, full, c, 1.5),
+                   "kd_T4": kd_loss(s, full, 4.0)}
+            for k, path in stores.items():
+                cs = CacheStore(path)
+                cached = {"t_values": [], "t_indices": [], "t_lse": [], "t_label_logits": []}
+                for e_idx in b["index"].tolist():
+                    shard, pos = e_idx // cs.samples_per_shard, e_idx % cs.samples_per_shard
+                    d = _unit(cs, shard)
+                    cached["t_values"].append(torch.from_numpy(d["topk_values"][pos].astype("float32")))
+                    cached["t_indices"].append(torch.from_numpy(d["topk_indices"][pos].astype("int64")))
+                    cached["t_lse"].append(torch.tensor(float(d["lse"][pos])))
+                    cached["t_label_logits"].append(torch.from_numpy(d["label_logits"][pos]))
+                z = teacher_from_batch({**b, **{kk: torch.stack(v) for kk, v in cached.items()}}, C)
+                got = {"ofa_g1": ofa_loss(s, z, c, 1.0), "ofa_g1.5": ofa_loss(s, z, c, 1.5),
+                       "kd_T4": kd_loss(s, z, 4.0)}
+                acc = sums[k]
+                for name in ref:
+                    acc[f"{name}_full"] = acc.get(f"{name}_full", 0.0) + float(ref[name]) * len(s)
+                    acc[f"{name}_cache"] = acc.get(f"{name}_cache", 0.0) + float(got[name]) * len(s)
+                for T in (1.0, 4.0):
+                    tv = 0.5 * (F.softmax(z / T, 1) - F.softmax(full / T, 1)).abs().sum(1)
+                    acc[f"tv_T{T:g}"] = acc.get(f"tv_T{T:g}", 0.0) + float(tv.sum())
+            p = F.softmax(full, 1).sort(1, descending=True).values.cumsum(1)
+            mass.append(p)
+            n += len(s)
+        mass = torch.cat(mass)
+        rows = []
+        for k in args.topk:
+            acc = sums[k]
+            cs = CacheStore(stores[k])
+            row = {"topk": k, "views": n}
+            for name in ("ofa_g1", "ofa_g1.5", "kd_T4"):
+                full_v, cache_v = acc[f"{name}_full"] / n, acc[f"{name}_cache"] / n
+                row[f"{name}_full"], row[f"{name}_cache"] = full_v, cache_v
+                row[f"{name}_rel_error"] = abs(cache_v - full_v) / abs(full_v)
+            row["tv_T1"], row["tv_T4"] = acc["tv_T1"] / n, acc["tv_T4"] / n
+            row["topk_mass_mean"] = float(mass[:, min(k, C) - 1].mean())
+            row["raw_bytes_per_view"] = cs.attrs["raw_bytes_per_view"]
+            row["disk_bytes_per_view"] = cs.disk_bytes() / n
+            rows.append(row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res = {"teacher": args.teacher, "checkpoint": str(args.checkpoint), "student": args.student,
+           "recipe": args.recipe, "view_size": recipe.input_size, "num_classes": C, "rows": rows}
+    save(args.name, res)
+    return res
+
+
+_UNITS: dict = {}
+
+
+def _unit(cs: CacheStore, shard: int) -> dict:
+    key = (str(cs.path), shard)
+    if key not in _UNITS:
+        _UNITS[key] = cs.read_epoch(0, shard)
+    return _UNITS[key]
+
+
+if __name__ == "__main__":
+    main()

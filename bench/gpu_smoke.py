@@ -1,0 +1,101 @@
+"""`make gpu-smoke`: the whole two-stage path on CIFAR-10 with real-size models, for a one-GPU machine.
+
+    python bench/gpu_smoke.py [--teacher resnet50] [--student deit_tiny_patch16_224] [--shards 10] [--steps 200]
+
+Shards a slice of CIFAR-10 (from ../shared/data), runs the teacher pass at 224 px, then trains the
+student for `--steps` steps from the cache and the same steps with the teacher online, and prints the
+throughput of the three. Under 5 minutes on one H100; `--small` runs tiny models on a CPU to check
+the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from common import ROOT, save
+
+sys.path.insert(0, str(ROOT))
+
+
+def cifar_shards(dest: Path, shards: int) -> Path:
+    from pipeline.shards import make_shards
+    data = dest / "cifar10"
+    if (data / "dataset.json").exists():
+        return data
+    raw = dest / "raw"
+    tar = ROOT.parent / "shared" / "data" / "cifar10.tar.gz"
+    if not tar.exists():
+        sys.exit(f"{tar} is missing: the smoke test needs the shared CIFAR-10 tarball")
+    raw.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar) as t:
+        t.extractall(raw, filter="data")
+    make_shards(str(raw / "cifar10" / "train"), data, split="train", progress=False)
+    make_shards(str(raw / "cifar10" / "test"), data, split="val", progress=False)
+    # keep the first `shards` training shards so the run stays short
+    m = json.loads((data / "dataset.json").read_text())
+    keep = m["splits"]["train"]["shards"][:shards]
+    m["splits"]["train"]["shards"] = keep
+    m["splits"]["train"]["count"] = sum(s["count"] for s in keep)
+    (data / "dataset.json").write_text(json.dumps(m))
+    return data
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--teacher", default="resnet50")
+    ap.add_argument("--student", default="deit_tiny_patch16_224")
+    ap.add_argument("--view-size", type=int, default=224)
+    ap.add_argument("--shards", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "gpu-smoke")
+    ap.add_argument("--small", action="store_true", help="tiny models at 32 px, for a CPU check of this script")
+    args = ap.parse_args(argv)
+    if args.small:
+        args.teacher, args.student, args.view_size, args.batch_size, args.workers = \
+            "test_resnet", "test_vit", 32, 32, 1
+    data = cifar_shards(args.work, args.shards)
+    store = args.work / "teacher.zarr"
+    shutil.rmtree(store, ignore_errors=True)
+
+    def cli(*a) -> str:
+        cmd = [sys.executable, str(ROOT / "cli.py"), *map(str, a), "--quiet"]
+        print("$", " ".join(cmd[1:]), flush=True)
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+        print(out.strip(), f"[{time.perf_counter() - t0:.1f} s]", flush=True)
+        return out
+
+    out = cli("cache-teacher", "--data", data, "--teacher", args.teacher, "--recipe", "imagenet-cnn", "--view-size",
+        args.view_size, "--epochs", 1, "--topk", 10, "--batch-size", args.batch_size, "--workers", args.workers,
+        "--out", store)
+    res = {"teacher": args.teacher, "student": args.student, "view_size": args.view_size, "steps": args.steps,
+           "batch_size": args.batch_size,
+           "teacher_pass_views_per_s": float(re.search(r"([0-9.]+) views/s", out).group(1))}
+    for mode in ("cached", "online"):
+        run = args.work / f"student-{mode}"
+        shutil.rmtree(run, ignore_errors=True)
+        src = ["--cache", store] if mode == "cached" else ["--teacher-online", args.teacher, "--recipe",
+                                                           "imagenet-cnn", "--view-size", args.view_size,
+                                                           "--view-epochs", 1]
+        cli("train-student", "--data", data, "--student", args.student, "--method", "ofa", *src, "--epochs", 1,
+            "--batch-size", args.batch_size, "--optimizer", "adamw", "--lr", 5e-4, "--workers", args.workers,
+            "--max-steps-per-epoch", args.steps, "--out", run)
+        h = json.loads((run / "metrics.json").read_text())["history"][0]
+        res[f"{mode}_train_images_per_s"] = h["images_per_second"]
+    res["cached_over_online_speedup"] = res["cached_train_images_per_s"] / res["online_train_images_per_s"]
+    save("gpu_smoke" if not args.small else "gpu_smoke_cpu_check", res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

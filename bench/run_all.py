@@ -1,0 +1,115 @@
+"""`make bench`: every benchmark, results in bench/results/<name>.json and a summary in bench/results/SUMMARY.md.
+
+Sizes are chosen for 2 CPU cores (a few minutes in all); every script takes its sizes as arguments
+so a GPU machine can run the same code bigger.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def ensure_data() -> dict[str, Path]:
+    """Bench datasets: the embedded digits, and slices of Tiny-ImageNet val when ../shared/data has it."""
+    from pipeline.shards import make_shards, read_class_names, scan_image_folder, write_split
+    out = {"digits": ROOT / "runs" / "bench" / "digits"}
+    if not (out["digits"] / "dataset.json").exists():
+        make_shards("digits", out["digits"], progress=False)
+    tar = ROOT.parent / "shared" / "data" / "tiny-imagenet-200.tar.gz"
+    raw = ROOT / "runs" / "raw" / "tiny-imagenet-200"
+    if tar.exists() and not (raw / "val").exists():
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "xzf", str(tar), "-C", str(raw.parent), "tiny-imagenet-200/val",
+                        "tiny-imagenet-200/words.txt"], check=True)
+    if (raw / "val").exists():
+        ids, samples = scan_image_folder(raw / "val")
+        names = read_class_names(raw / "words.txt", ids)
+        for name, step, shard in (("tiny2k", 5, 250), ("tiny400", 25, 100)):
+            out[name] = ROOT / "runs" / "bench" / name
+            if not (out[name] / "dataset.json").exists():
+                write_split(out[name], "train", names, samples[::step], name=f"tiny-imagenet val [::{step}]",
+                            shard_size=shard, class_ids=ids, progress=False)
+    return out
+
+
+def run(script: str, *args) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / script), *map(str, args)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    name = args[args.index("--name") + 1] if "--name" in args else script.removesuffix(".py")
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def main() -> None:
+    data = ensure_data()
+    out = {}
+    if "tiny400" in data:  # ImageNet-like stage one: ResNet-50 at 224 px on the ViT recipe
+        out["stage_one"] = run("stage_one.py", "--data", data["tiny400"], "--teacher", "resnet50", "--recipe",
+                               "imagenet-vit", "--batch-size", 50, "--repeats", 1, "--name", "stage_one")
+    out["stage_one_small"] = run("stage_one.py", "--data", data["digits"], "--teacher", "resnet18", "--recipe",
+                                 "digits-mix", "--name", "stage_one_small")
+    out["stage_two"] = run("stage_two.py", "--data", data["digits"], "--name", "stage_two")
+    if "tiny2k" in data:
+        out["loader_tiny"] = run("stage_two.py", "--data", data["tiny2k"], "--recipe", "tiny-vit", "--loader-only",
+                                 "--name", "loader_tiny")
+        out["scaling"] = run("scaling.py", "--data", data["tiny2k"], "--name", "scaling")
+    (RESULTS / "SUMMARY.md").write_text(summary(out))
+    print((RESULTS / "SUMMARY.md").read_text())
+
+
+def _fmt(x) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def summary(out: dict) -> str:
+    lines = ["# Benchmark summary", "", "Written by `make bench` (`python bench/run_all.py`); each row's JSON file "
+             "holds the exact command and the machine.", "",
+             "| benchmark | measured | target | file |", "| --- | --- | --- | --- |"]
+
+    def row(name, what, value, target):
+        rec = json.loads((RESULTS / f"{name}.json").read_text())
+        m = rec["machine"]
+        gpu = f", {m['gpu']}" if "gpu" in m else ""
+        lines.append(f"| {what} | {_fmt(value)} | {target} | `{name}.json` ({m['cpu']}, {m['cores']} cores{gpu}) |")
+
+    if "stage_one" in out:
+        r = out["stage_one"]["results"]
+        row("stage_one", f"stage one / bare teacher throughput ({r['teacher']}, {r['view_size']} px views)",
+            r["pass_over_bare"], ">= 0.90")
+    r = out["stage_one_small"]["results"]
+    row("stage_one_small", f"stage one / bare teacher throughput ({r['teacher']}, {r['view_size']} px views, CPU-bound "
+        f"views)", r["pass_over_bare"], ">= 0.90 (see note)")
+    row("stage_one_small", f"raw bytes per (epoch, sample), k = {r['topk']}", r["raw_bytes_per_view"],
+        f"<= {r['raw_budget_4k_plus_24']}")
+    r = out["stage_two"]["results"]
+    row("stage_two", f"cached OFA step / CE step ({r['student']} + heads)", r["cached_over_ce"], "<= 1.05")
+    row("stage_two", f"online-teacher saving: measured {r['saving_measured']:.3f} vs predicted "
+        f"{r['saving_predicted']:.3f} ({r['teacher']} teacher), relative error", r["saving_relative_error"], "<= 0.10")
+    row("stage_two", "loader with cache / without (digits 32 px, 0.3 ms views)", r["loader_with_over_without"],
+        ">= 0.95")
+    if "loader_tiny" in out:
+        r = out["loader_tiny"]["results"]
+        row("loader_tiny", "loader with cache / without (Tiny-ImageNet 64 px JPEG, tiny-vit recipe)",
+            r["loader_with_over_without"], ">= 0.95")
+    if "scaling" in out:
+        r = out["scaling"]["results"]
+        for x in r["rows"]:
+            if x["topk"] == 10:
+                lines.append(f"| scaling: {x['samples']} samples, k = 10: stage one {x['stage_one_s']:.1f} s, "
+                             f"{x['disk_bytes_per_view']:.1f} B/view on disk, stage two cache side "
+                             f"{x['stage_two_cache_side_ms_per_view']:.3f} ms/view | | linear | `scaling.json` |")
+        e = r["extrapolation_imagenet_300_epochs_k10"]
+        lines.append(f"| ImageNet-1k x 300 epochs at k = 10: raw {e['raw_GB']:.1f} GB, on disk "
+                     f"{e['disk_GB_at_measured_compression']:.1f} GB | | <= 25 GB raw | `scaling.json` |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
