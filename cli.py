@@ -205,6 +205,8 @@ def train_student_cmd(
     workers: Annotated[int, typer.Option(help="data-loader workers per process")] = 2,
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke runs)")] = None,
     on_error: Annotated[OnError | None, typer.Option(help="corrupt samples: raise or skip [default: the cache's policy, else raise]")] = None,
+    train_split: Annotated[str, typer.Option(help="training split")] = "train",
+    val_split: Annotated[str, typer.Option(help="evaluation split")] = "val",
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run directory's last saved epoch")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ):
@@ -227,7 +229,8 @@ def train_student_cmd(
                       clip_grad=clip_grad, grad_accum=grad_accum, mixed_precision=mixed_precision,
                       ema_decay=ema_decay, stages=_ints(stages), block_indices=_ints(block_indices),
                       head_kind=head_kind, workers=workers, resume=resume, progress=not quiet,
-                      max_steps_per_epoch=max_steps_per_epoch, on_error=on_error.value if on_error else None)
+                      max_steps_per_epoch=max_steps_per_epoch, on_error=on_error.value if on_error else None,
+                      train_split=train_split, val_split=val_split)
     summary = train(cfg)
     print(f"{out}: top1 {summary['top1']:.2f} top5 {summary['top5']:.2f} after {summary['epochs']} epochs "
           f"({summary['train_seconds']:.1f} s of training); student exported to {out / 'model.safetensors'}")

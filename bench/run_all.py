@@ -48,6 +48,11 @@ def run(script: str, *args) -> dict:
 
 
 def main() -> None:
+    if "--summary-only" in sys.argv:  # rebuild SUMMARY.md from the JSON files already there
+        out = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
+        (RESULTS / "SUMMARY.md").write_text(summary(out))
+        print((RESULTS / "SUMMARY.md").read_text())
+        return
     data = ensure_data()
     out = {}
     if "tiny400" in data:  # ImageNet-like stage one: ResNet-50 at 224 px on the ViT recipe
@@ -103,11 +108,23 @@ def summary(out: dict) -> str:
         for x in r["rows"]:
             if x["topk"] == 10:
                 lines.append(f"| scaling: {x['samples']} samples, k = 10: stage one {x['stage_one_s']:.1f} s, "
-                             f"{x['disk_bytes_per_view']:.1f} B/view on disk, stage two cache side "
+                             f"{x['disk_bytes_per_view']:.1f} B/view on disk, stage two loader + teacher rebuild + "
+                             f"loss "
                              f"{x['stage_two_cache_side_ms_per_view']:.3f} ms/view | | linear | `scaling.json` |")
         e = r["extrapolation_imagenet_300_epochs_k10"]
         lines.append(f"| ImageNet-1k x 300 epochs at k = 10: raw {e['raw_GB']:.1f} GB, on disk "
                      f"{e['disk_GB_at_measured_compression']:.1f} GB | | <= 25 GB raw | `scaling.json` |")
+    lines += ["", "Notes:",
+              "- The ratio targets are about the machinery around a teacher or student that dominates the cost, as on "
+              "a GPU node where data-loader workers run on other cores. On 2 CPU cores everything shares the same "
+              "cores: with a 32 px teacher that costs 0.4 ms per view, decoding and building the view (about 0.5 ms) "
+              "is as expensive as the teacher, so stage one reaches only the `stage_one_small` ratio; with an "
+              "ImageNet-size teacher (`stage_one`) the pass keeps >= 0.9 of the bare teacher.",
+              "- Likewise the loader ratio on digits (views that cost 0.3 ms) is below 0.95 because reading one cache "
+              "unit per shard (6 small zarr reads) is a visible fraction of so little work; on 64 px JPEG views "
+              "(`loader_tiny`) it is above 0.95.",
+              "- Step-time ratios are medians of per-round ratios over interleaved, rotated rounds on the same "
+              "batches."]
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from common import ROOT, save
@@ -40,7 +41,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--recipe", default="digits-mix")
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--loader-only", action="store_true", help="only the loader comparison")
     ap.add_argument("--name", default="stage_two")
@@ -136,23 +137,29 @@ def main(argv=None) -> dict:
             return time.perf_counter() - t0
 
         step(online_teacher, ofa_loss)  # warm-up
-        times = {"ce": [], "cached": [], "online": [], "teacher": []}
-        for _ in range(args.rounds):  # interleaved rounds: drift on a shared machine hits all variants alike
-            times["ce"].append(clock(lambda: step(no_teacher, ce)))
-            times["cached"].append(clock(lambda: step(from_cache, ofa_loss)))
-            times["online"].append(clock(lambda: step(online_teacher, ofa_loss)))
-            times["teacher"].append(clock(teacher_only))
-        t = {k: min(v) for k, v in times.items()}
+        variants = {"ce": lambda: step(no_teacher, ce), "cached": lambda: step(from_cache, ofa_loss),
+                    "online": lambda: step(online_teacher, ofa_loss), "teacher": teacher_only}
+        times = {k: [] for k in variants}
+        names = list(variants)
+        for r in range(args.rounds):  # interleaved, rotated rounds: drift on a shared machine hits all alike
+            for k in names[r % 4:] + names[: r % 4]:
+                times[k].append(clock(variants[k]))
+        # ratios are taken within each round (same machine state), then the median over rounds
+        per_round = {"cached_over_ce": [c / e for c, e in zip(times["cached"], times["ce"], strict=True)],
+                     "measured": [(o - c) / o for o, c in zip(times["online"], times["cached"], strict=True)],
+                     "predicted": [t / o for t, o in zip(times["teacher"], times["online"], strict=True)]}
+        med = {k: float(np.median(v)) for k, v in per_round.items()}
+        t = {k: float(np.median(v)) for k, v in times.items()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = args.steps
-    predicted = t["teacher"] / t["online"]
-    measured = (t["online"] - t["cached"]) / t["online"]
+    predicted, measured = med["predicted"], med["measured"]
     res = {"student": args.student, "teacher": args.teacher, "batch_size": args.batch_size, "steps": n,
            "device": str(dev), "heads": model.names,
            "ce_step_s": t["ce"] / n, "cached_ofa_step_s": t["cached"] / n, "online_ofa_step_s": t["online"] / n,
            "teacher_forward_s": t["teacher"] / n,
-           "cached_over_ce": t["cached"] / t["ce"], "target_cached_over_ce": 1.05,
+           "cached_over_ce": med["cached_over_ce"], "target_cached_over_ce": 1.05, "rounds": args.rounds,
+           "per_round": per_round,
            "saving_measured": measured, "saving_predicted": predicted,
            "saving_relative_error": abs(measured - predicted) / predicted, "target_saving_relative_error": 0.10,
            "loader_with_cache_views_per_s": with_c, "loader_without_cache_views_per_s": without_c,

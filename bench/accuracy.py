@@ -1,0 +1,166 @@
+"""Accuracy evidence: CE vs KD vs DKD vs OFA (cache) vs OFA (online teacher, same views) for
+heterogeneous teacher/student pairs, several seeds, on a CIFAR-10 slice sized for 2 CPU cores.
+
+    python bench/accuracy.py [--data runs/data/cifar10] [--train-shards 10] [--val-shards 2] [--epochs 6]
+        [--seeds 0 1 2] [--pairs cnn-vit vit-cnn]
+
+Runs are resumable (a finished run is not redone); results go to bench/results/accuracy.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from common import RESULTS, ROOT, save
+
+sys.path.insert(0, str(ROOT))
+
+from pipeline.manifest import Manifest, load_manifest, write_atomic  # noqa: E402
+
+VIT = ["--model-kwargs", "img_size=32", "--model-kwargs", "patch_size=4"]
+PAIRS = {  # name -> teacher (name, kwargs, lr, opt), student (name, kwargs, lr, opt)
+    "cnn-vit": (("resnet18", [], 0.1, "sgd"), ("test_vit", VIT, 2e-3, "adamw")),
+    "vit-cnn": (("test_vit", VIT, 2e-3, "adamw"), ("test_resnet", [], 0.1, "sgd")),
+}
+METHODS = ("ce", "kd", "dkd", "ofa", "ofa-online")
+
+
+def slice_dataset(src: Path, dest: Path, train_shards: int, val_shards: int) -> Path:
+    m = load_manifest(src)
+    dest.mkdir(parents=True, exist_ok=True)
+    sub = Manifest(name=f"{m.name} slice", classes=m.classes, class_ids=m.class_ids)
+    for split, new, n in (("train", "train", train_shards), ("test", "val", val_shards)):
+        info = m.split(split)
+        keep = info.shards[:n]
+        for s in keep:
+            if not (dest / s.name).exists():
+                (dest / s.name).hardlink_to(src / s.name)
+        sub.splits[new] = type(info)(count=sum(s.count for s in keep), samples_per_shard=info.samples_per_shard,
+                                     class_counts=info.class_counts, shards=keep, order_seed=info.order_seed)
+    # the val split's shards keep their own names (test-*.tar): the reader resolves names from the manifest
+    write_atomic(dest / "dataset.json", sub.to_json().encode())
+    return dest
+
+
+def cli(*args) -> None:
+    cmd = [sys.executable, str(ROOT / "cli.py"), *map(str, args), "--quiet"]
+    print("$", " ".join(map(str, cmd[1:])), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "cifar10")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "accuracy")
+    ap.add_argument("--train-shards", type=int, default=10)
+    ap.add_argument("--val-shards", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--teacher-epochs", type=int, default=12)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--pairs", nargs="+", default=list(PAIRS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    data = slice_dataset(args.data, args.work / "data", args.train_shards, args.val_shards)
+    common = ["--data", data, "--recipe", "cifar", "--batch-size", 64, "--workers", 1]
+    if not args.report_only:
+        for pair in args.pairs:
+            (t_name, t_kw, t_lr, t_opt), _ = PAIRS[pair]
+            tdir = args.work / f"teacher-{t_name}"
+            if not (tdir / "metrics.json").exists():
+                cli("train-student", *common, "--student", t_name, *t_kw, "--method", "ce", "--epochs",
+                    args.teacher_epochs, "--lr", t_lr, "--optimizer", t_opt, "--weight-decay",
+                    5e-4 if t_opt == "sgd" else 0.05, "--warmup-epochs", 1, "--out", tdir)
+            store = args.work / f"teacher-{t_name}.zarr"
+            if not (store / "_units").exists() or len(list((store / "_units").glob("*.json"))) < args.train_shards:
+                cli("cache-teacher", "--data", data, "--teacher", t_name,
+                    *t_kw, "--checkpoint",
+                    tdir / "model.safetensors", "--recipe", "cifar", "--epochs", args.epochs, "--topk", 10,
+                    "--batch-size", 250, "--workers", 1, "--out", store)
+        for seed in args.seeds:  # seeds outermost: every finished seed is a complete comparison
+            for pair in args.pairs:
+                (t_name, t_kw, _, _), (s_name, s_kw, s_lr, s_opt) = PAIRS[pair]
+                tdir, store = args.work / f"teacher-{t_name}", args.work / f"teacher-{t_name}.zarr"
+                for method in args.methods:
+                    run = args.work / pair / f"{method}-seed{seed}"
+                    if (run / "metrics.json").exists():
+                        continue
+                    if method == "ofa-online":
+                        src = ["--method", "ofa", "--teacher-online", t_name, "--teacher-checkpoint",
+                               tdir / "model.safetensors", "--view-epochs", args.epochs,
+                               *[x.replace("--model-kwargs", "--teacher-model-kwargs") for x in t_kw]]
+                    elif method == "ce":
+                        src = ["--method", "ce"]
+                    else:
+                        src = ["--method", method, "--cache", store]
+                    cli("train-student", *common, "--student", s_name, *s_kw, *src, "--epochs", args.epochs,
+                        "--lr", s_lr, "--optimizer", s_opt, "--weight-decay", 5e-4 if s_opt == "sgd" else 0.05,
+                        "--warmup-epochs", 1, "--seed", seed, "--out", run)
+    return report(args)
+
+
+def report(args) -> dict:
+    out = {"setup": {"data": "CIFAR-10 (shared JPEGs)", "train_images": args.train_shards * 1000,
+                     "val_images": args.val_shards * 1000, "resolution": 32, "student_epochs": args.epochs,
+                     "teacher_epochs": args.teacher_epochs, "recipe": "cifar (pad 4 + crop + flip)", "topk": 10},
+           "pairs": {}}
+    lines = ["| pair (teacher -> student) | teacher top-1 | " + " | ".join(args.methods) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in args.methods) + " |"]
+    curves = {}
+    for pair in args.pairs:
+        (t_name, _, _, _), (s_name, _, _, _) = PAIRS[pair]
+        tm = args.work / f"teacher-{t_name}" / "metrics.json"
+        t_top1 = json.loads(tm.read_text())["top1"] if tm.exists() else float("nan")
+        cells, res = [], {"teacher": t_name, "student": s_name, "teacher_top1": t_top1, "methods": {}}
+        for method in args.methods:
+            runs = sorted((args.work / pair).glob(f"{method}-seed*/metrics.json"))
+            vals = [json.loads(r.read_text())["top1"] for r in runs]
+            hist = [[h["top1"] for h in json.loads(r.read_text())["history"]] for r in runs]
+            res["methods"][method] = {"top1": vals, "mean": float(np.mean(vals)) if vals else None,
+                                      "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                                      "seconds": [json.loads(r.read_text())["train_seconds"] for r in runs]}
+            if vals:
+                spread = f" ± {np.std(vals, ddof=1):.2f}" if len(vals) > 1 else ""
+                cells.append(f"{np.mean(vals):.2f}{spread} (n={len(vals)})")
+                curves[(pair, method)] = np.mean(np.array(hist), 0)
+            else:
+                cells.append("-")
+        out["pairs"][pair] = res
+        lines.append(f"| {t_name} -> {s_name} | {t_top1:.2f} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    (RESULTS / "accuracy.md").write_text(md)
+    print(md)
+    _plot(curves, RESULTS / "accuracy.png")
+    save("accuracy", out)
+    return out
+
+
+def _plot(curves: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pairs = sorted({p for p, _ in curves})
+    if not pairs:
+        return
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.2), squeeze=False)
+    for ax, pair in zip(axes[0], pairs, strict=True):
+        for (p, method), c in curves.items():
+            if p == pair:
+                ax.plot(range(1, len(c) + 1), c, marker="o", label=method)
+        ax.set_title(f"CIFAR-10 slice: {pair} (mean over seeds)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
