@@ -135,3 +135,24 @@ def test_mixed_labels():
     assert torch.allclose(tgt.sum(1), torch.ones(2))
     assert tgt[0, 3] > tgt[0, 1] > tgt[0, 0]
     assert target_class(y, yp, lam).tolist() == [3, 2]
+
+
+def test_task_composes_named_terms_for_each_form():
+    from students.task import LossConfig, distill_losses
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    heads = {"stage1": torch.randn(4, 5), "stage2": torch.randn(4, 5)}
+    batch = {"label": torch.tensor([0, 1, 2, 3]), "partner_label": torch.tensor([1, 1, 0, 4]),
+             "lam": torch.tensor([1.0, 0.7, 0.2, 1.0])}
+    c = torch.tensor([0, 1, 0, 3])  # argmax of the mixed labels
+    paper = distill_losses({"logits": s, "heads": heads}, t, batch, LossConfig("ofa", gamma=[1.5]), 5)
+    assert set(paper) == {"loss", "ofa/final", "ofa/stage1", "ofa/stage2"}  # label term is inside the paper form
+    expected = ofa_loss(s, t, c, 1.5) + ofa_loss(heads["stage1"], t, c, 1.5) + ofa_loss(heads["stage2"], t, c, 1.5)
+    assert paper["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    rel = distill_losses({"logits": s, "heads": heads}, t, batch,
+                         LossConfig("ofa", ofa_form="released", gamma=[1.5], w_ofa=0.1), 5)
+    y = soft_target(batch["label"], batch["partner_label"], batch["lam"], 5)
+    expected = soft_ce(s, y) + ofa_loss(s, t, c, 1.5, form="released") + 0.1 * (
+        ofa_loss(heads["stage1"], t, c, 1.5, form="released") + ofa_loss(heads["stage2"], t, c, 1.5, form="released"))
+    assert rel["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    kd = distill_losses({"logits": s, "heads": {}}, t, batch, LossConfig("kd"), 5)
+    assert kd["loss"].item() == pytest.approx((soft_ce(s, y) + kd_loss(s, t, 4.0)).item(), rel=1e-6)
