@@ -239,13 +239,14 @@ def train_student_cmd(
 @app.command()
 def demo(out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/demo"),
          epochs: Annotated[int, typer.Option(help="student epochs (= cached epochs)")] = 4,
+         teacher_epochs: Annotated[int, typer.Option(help="epochs of the CE teacher")] = 8,
          quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False):
     """The whole product on the embedded digits: teacher, cache, ViT/MLP students with CE, KD, OFA."""
     import time
 
     from students.demo import run_demo
     t0 = time.perf_counter()
-    run_demo(out, epochs=epochs, progress=not quiet)
+    run_demo(out, epochs=epochs, teacher_epochs=teacher_epochs, progress=not quiet)
     print((out / "results.md").read_text())
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, plot {out / 'accuracy.png'}")
 

@@ -162,7 +162,14 @@ def chaos_stage_two(data: Path, work: Path, store: Path, kills: int) -> dict:
         while not ((out / "config.json").exists() and (out / "config.json").stat().st_mtime > t0) \
                 and proc.poll() is None and time.time() - t0 < 120:
             time.sleep(0.05)
-        time.sleep(random.uniform(0.2, 2.0 * epoch_s))
+        if random.random() < 0.5:  # kill inside this run's first epoch ...
+            time.sleep(random.uniform(0.2, epoch_s))
+        else:  # ... or inside the epoch after this run has saved one (so resume starts mid-run)
+            prog = out / "progress.json"
+            while not (prog.exists() and prog.stat().st_mtime > t0) and proc.poll() is None \
+                    and time.time() - t0 < 300:
+                time.sleep(0.05)
+            time.sleep(random.uniform(0.1, epoch_s))
         finished = proc.poll() is not None
         if not finished:
             kill_tree(proc, "all")

@@ -36,7 +36,7 @@ def run_demo(out: Path, epochs: int = 4, teacher_epochs: int = 8, topk: int = 5,
     teacher_dir = out / "teacher"
     if not (teacher_dir / "metrics.json").exists():
         train(TrainConfig(data=data, student=TEACHER, out=teacher_dir, loss=LossConfig("ce"), recipe=recipe,
-                          epochs=teacher_epochs, batch_size=batch_size, lr=0.1, progress=progress))
+                          epochs=teacher_epochs, batch_size=batch_size, lr=0.1, progress=progress, resume=True))
     teacher_metrics = json.loads((teacher_dir / "metrics.json").read_text())
     teacher_train_s = time.perf_counter() - t0
 
@@ -58,7 +58,7 @@ def run_demo(out: Path, epochs: int = 4, teacher_epochs: int = 8, topk: int = 5,
                 train(TrainConfig(data=data, student=student, out=run_dir, model_kwargs=kwargs,
                                   loss=LossConfig(method), cache=None if method == "ce" else store,
                                   recipe=recipe, epochs=epochs, batch_size=batch_size, optimizer=opt, lr=lr,
-                                  weight_decay=0.05, warmup_epochs=0.5, progress=progress))
+                                  weight_decay=0.05, warmup_epochs=0.5, progress=progress, resume=True))
             m = json.loads((run_dir / "metrics.json").read_text())
             views = sum(h["images_per_second"] * h["train_seconds"] for h in m["history"])
             rows.append({"method": method, "student": student, "family": kind, "top1": m["top1"], "top5": m["top5"],
