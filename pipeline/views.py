@@ -60,14 +60,16 @@ class UnitViews(IterableDataset):
 class TrainViews(IterableDataset):
     """Stage two: this rank's views of one training epoch, with cached teacher targets joined in.
 
-    `set_epoch(e)` before iterating. Shard order is a function of (seed, epoch); within a shard the
-    order is a permutation seeded by (seed, epoch, shard). The views are those of `view_epoch`
+    `set_epoch(e)` before iterating. Views are a function of the view seed `seed`; the order (shards,
+    then a permutation within each shard) is a function of (order_seed, epoch), so students with
+    different seeds see the same views in different orders. The views are those of `view_epoch`
     (= epoch modulo the cached epochs), so they match what the teacher saw.
     """
 
     def __init__(self, reader: ShardReader, recipe: Recipe, seed: int, rank: int = 0, world: int = 1,
-                 cache=None, view_epochs: int | None = None):
+                 cache=None, view_epochs: int | None = None, order_seed: int | None = None):
         self.reader, self.recipe, self.seed, self.rank, self.world = reader, recipe, seed, rank, world
+        self.order_seed = seed if order_seed is None else order_seed  # the student's seed: data order only
         self.cache = cache
         self.view_epochs = view_epochs
         self.epoch = 0
@@ -80,7 +82,7 @@ class TrainViews(IterableDataset):
         return self.epoch % self.view_epochs if self.view_epochs else self.epoch
 
     def shards_for(self, worker: int, workers: int) -> list[int]:
-        order = shard_order(self.reader.num_shards, self.seed, self.epoch)
+        order = shard_order(self.reader.num_shards, self.order_seed, self.epoch)
         return assign_shards(order, self.rank, self.world, worker, workers)
 
     def __iter__(self):
@@ -91,7 +93,7 @@ class TrainViews(IterableDataset):
             samples = list(self.reader.read_shard(shard))
             views = list(shard_views(samples, self.recipe, self.seed, ve, info.first, info.count))
             targets = self._targets(views, ve, shard, info.first) if self.cache is not None else None
-            perm = np.random.default_rng([self.seed, self.epoch, shard, 0x7E]).permutation(len(views))
+            perm = np.random.default_rng([self.order_seed, self.epoch, shard, 0x7E]).permutation(len(views))
             for i in perm:
                 v = views[i]
                 if targets is not None:

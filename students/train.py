@@ -231,7 +231,7 @@ def train(cfg: TrainConfig) -> dict:
         teacher_width = int(store.attrs["teacher"].get("num_features", 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        bare = create_model(cfg.student, C, model_kwargs=cfg.model_kwargs, role="student")
+        bare = create_model(cfg.student, C, model_kwargs=cfg.model_kwargs, role="student", init_seed=cfg.seed)
         s_input = model_input(bare, recipe.input_size, cfg.input_size)
         model = StudentWithHeads(bare, C, s_input.size, teacher_width=teacher_width, stages=cfg.stages,
                                  block_indices=cfg.block_indices, head_kind=cfg.head_kind,
@@ -260,7 +260,8 @@ def train(cfg: TrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    train_views = TrainViews(train_reader, recipe, view_seed, rank, world, cache=store, view_epochs=view_epochs)
+    train_views = TrainViews(train_reader, recipe, view_seed, rank, world, cache=store, view_epochs=view_epochs,
+                             order_seed=cfg.seed)
     eval_loader = DataLoader(EvalViews(val_reader, recipe, rank, world), batch_size=cfg.batch_size,
                              num_workers=min(workers, max(1, len(val_reader.split.shards) // world)))
 

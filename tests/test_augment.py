@@ -78,3 +78,25 @@ def test_recipe_validation_collects_every_problem():
     assert "hflip" in msg and "scale" in msg and "alpha" in msg
     with pytest.raises(UserError, match="unknown recipe"):
         get_recipe("fancy")
+
+
+def test_student_seed_changes_order_not_views(small_digits):
+    recipe = get_recipe("digits")
+    reader = ShardReader(small_digits)
+    runs = {}
+    for order_seed in (0, 1):
+        stream = TrainViews(reader, recipe, 7, order_seed=order_seed)
+        stream.set_epoch(0)
+        runs[order_seed] = [(int(b["index"][j]), b["view"][j]) for b in DataLoader(stream, batch_size=50)
+                            for j in range(len(b["index"]))]
+    assert [i for i, _ in runs[0]] != [i for i, _ in runs[1]]  # another order...
+    views0 = dict(runs[0])
+    assert all(torch.equal(views0[i], v) for i, v in runs[1])  # ...of the same views
+
+
+def test_student_seed_changes_initialisation():
+    from students.models import create_model
+    a = create_model("test_resnet", 10, init_seed=0).state_dict()
+    b = create_model("test_resnet", 10, init_seed=1).state_dict()
+    c = create_model("test_resnet", 10, init_seed=0).state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a) and not all(torch.equal(a[k], b[k]) for k in a)
