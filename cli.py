@@ -143,22 +143,14 @@ class Method(str, Enum):
     ofa = "ofa"
 
 
-def _ints(text: str | None) -> list[int] | None:
+def _numbers(text: str | None, cast=float) -> list | None:
+    """'1,2 3' -> [1, 2, 3] (comma or space separated), None when empty."""
     if not text:
         return None
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
+        return [cast(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise UserError(f"'{text}' is not a comma-separated list of integers, e.g. 1,2,3,4") from None
-
-
-def _floats(text: str | None) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        return [float(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise UserError(f"'{text}' is not a comma-separated list of numbers, e.g. 1.0,1.5") from None
+        raise UserError(f"'{text}' is not a comma-separated list of {cast.__name__}s, e.g. 1,2,3") from None
 
 
 @app.command("train-student")
@@ -214,8 +206,8 @@ def train_student_cmd(
     from students.models import parse_kwargs
     from students.task import LossConfig
     from students.train import TrainConfig, train
-    loss = LossConfig(method=method.value, ofa_form=ofa_form, gamma=_floats(gamma) or [1.0], temperature=temperature,
-                      w_ce=w_ce, w_kd=w_kd, w_ofa=w_ofa, stage_weights=_floats(stage_weights),
+    loss = LossConfig(method=method.value, ofa_form=ofa_form, gamma=_numbers(gamma) or [1.0], temperature=temperature,
+                      w_ce=w_ce, w_kd=w_kd, w_ofa=w_ofa, stage_weights=_numbers(stage_weights),
                       label_smoothing=label_smoothing)
     if ofa_form not in ("paper", "released"):
         raise UserError(f"--ofa-form must be paper or released, got {ofa_form}")
@@ -227,7 +219,7 @@ def train_student_cmd(
                       view_epochs=view_epochs, seed=seed, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                       lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
                       clip_grad=clip_grad, grad_accum=grad_accum, mixed_precision=mixed_precision,
-                      ema_decay=ema_decay, stages=_ints(stages), block_indices=_ints(block_indices),
+                      ema_decay=ema_decay, stages=_numbers(stages, int), block_indices=_numbers(block_indices, int),
                       head_kind=head_kind, workers=workers, resume=resume, progress=not quiet,
                       max_steps_per_epoch=max_steps_per_epoch, on_error=on_error.value if on_error else None,
                       train_split=train_split, val_split=val_split)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import timm
@@ -10,6 +9,7 @@ import torch
 
 from pipeline.augment import ModelInput
 from pipeline.errors import UserError
+from pipeline.manifest import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,13 +34,8 @@ def parse_kwargs(items: list[str] | None) -> dict:
 
 
 def file_sha256(path: str | Path | None) -> str | None:
-    if not path:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a checkpoint file, None when there is none."""
+    return sha256_file(Path(path)) if path else None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -144,13 +144,14 @@ def _to(batch: dict, device) -> dict:
 def evaluate(model: torch.nn.Module, loader, minput, accelerator) -> dict:
     """Top-1/top-5 of the bare student (no heads) over this rank's val shards, summed over ranks."""
     model.eval()
-    sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
+    sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # top-1 hits, top-5 hits, count
     for batch in loader:
         x, y = batch["view"].to(accelerator.device), batch["label"].to(accelerator.device)
         logits = model(minput(x))
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums += torch.tensor([(top5[:, 0] == y).sum().item(), (top5 == y[:, None]).any(1).sum().item(), len(y)],
-                             device=sums.device, dtype=torch.float64)
+        sums[0] += (top5[:, 0] == y).sum()  # accumulated on the device: no sync per batch
+        sums[1] += (top5 == y[:, None]).any(1).sum()
+        sums[2] += len(y)
     sums = accelerator.reduce(sums, reduction="sum")
     n = max(1.0, sums[2].item())
     return {"top1": 100.0 * sums[0].item() / n, "top5": 100.0 * sums[1].item() / n, "val_samples": int(sums[2].item())}
@@ -177,20 +178,20 @@ def train(cfg: TrainConfig) -> dict:
     say = accelerator.print
 
     # ---------------------------------------------------------------- data, views, cache
+    store = None
+    if cfg.cache:
+        from cache.store import CacheStore
+        store = CacheStore(cfg.cache)
     on_error = cfg.on_error
-    if cfg.cache and on_error is None:
-        from cache.store import CacheStore as _CS
-        on_error = _CS(cfg.cache).attrs.get("on_error", "raise")  # skip what the teacher pass skipped
+    if store is not None and on_error is None:
+        on_error = store.attrs.get("on_error", "raise")  # skip what the teacher pass skipped
     train_reader = ShardReader(cfg.data, cfg.train_split, on_error=on_error or "raise")
     val_reader = ShardReader(cfg.data, cfg.val_split, manifest=train_reader.manifest)
     train_reader.check_files()
     val_reader.check_files()
     manifest = train_reader.manifest
     C = manifest.num_classes
-    store = None
-    if cfg.cache:
-        from cache.store import CacheStore
-        store = CacheStore(cfg.cache)
+    if store is not None:
         want = {"dataset": {"manifest_hash": manifest.split_hash(cfg.train_split), "split": cfg.train_split}}
         keys = {("dataset", "manifest_hash"): "dataset", ("dataset", "split"): "dataset split"}
         if cfg.recipe:
@@ -303,7 +304,7 @@ def train(cfg: TrainConfig) -> dict:
                             pin_memory=device.type == "cuda")
         model.train()
         steps = per_epoch[epoch] * cfg.grad_accum
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync in the step
         seen, t0 = 0, time.perf_counter()
         with Bar(cfg.progress and accelerator.is_local_main_process, steps * cfg.batch_size * world,
                  f"epoch {epoch + 1}/{cfg.epochs} {cfg.loss.method}") as bar:
@@ -330,11 +331,13 @@ def train(cfg: TrainConfig) -> dict:
                         if ema is not None:
                             ema.update(model_unwrap(accelerator, model).model)
                 for k, v in result.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    sums[k] = sums.get(k, 0.0) + v.detach().double()
                 seen += len(batch["label"])
-                bar.advance(len(batch["label"]) * world, info=f"loss {float(result['loss'].detach()):.3f}")
+                # reading the loss syncs with the device: only every 25 steps, for the progress bar
+                info = f"loss {float(result['loss']):.3f}" if bar.enabled and i % 25 == 0 else None
+                bar.advance(len(batch["label"]) * world, info=info)
         elapsed = time.perf_counter() - t0
-        terms = torch.tensor([sums[k] / max(1, steps) for k in sorted(sums)], device=device, dtype=torch.float64)
+        terms = torch.stack([sums[k] for k in sorted(sums)]) / max(1, steps)
         terms = accelerator.reduce(terms, reduction="mean")
         metrics = {"epoch": epoch + 1, **{f"train/{k}": float(v) for k, v in zip(sorted(sums), terms.tolist(),
                                                                                     strict=True)},

@@ -25,17 +25,23 @@ def _cfg(data, out, **kw):
     return CacheConfig(**{**base, **kw})
 
 
-def test_disk_full_during_the_pass_is_a_clear_error_and_resumable(small_digits, tmp_path, monkeypatch):
-    out = tmp_path / "full.zarr"
+def _fail_on_write(monkeypatch, n: int, exc: BaseException):
+    """Make the n-th unit write raise `exc` (earlier ones succeed); returns the real write_unit."""
     real, calls = CacheStore.write_unit, {"n": 0}
 
-    def enospc(self, unit):
+    def write_unit(self, unit):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if calls["n"] == n:
+            raise exc
         real(self, unit)
 
-    monkeypatch.setattr(CacheStore, "write_unit", enospc)
+    monkeypatch.setattr(CacheStore, "write_unit", write_unit)
+    return real
+
+
+def test_disk_full_during_the_pass_is_a_clear_error_and_resumable(small_digits, tmp_path, monkeypatch):
+    out = tmp_path / "full.zarr"
+    real = _fail_on_write(monkeypatch, 3, OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(UserError) as e:
         cache_teacher(_cfg(small_digits, out))
     assert "No space left on device" in str(e.value) and "rerun the same command" in str(e.value)
@@ -60,15 +66,7 @@ def test_output_that_cannot_be_written(small_digits, tmp_path):
 
 def test_incomplete_cache_is_refused_for_training_and_reads(small_digits, tmp_path, monkeypatch):
     out = tmp_path / "half.zarr"
-    real, calls = CacheStore.write_unit, {"n": 0}
-
-    def die(self, unit):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        real(self, unit)
-
-    monkeypatch.setattr(CacheStore, "write_unit", die)
+    _fail_on_write(monkeypatch, 3, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(_cfg(small_digits, out))
     store = CacheStore(out)  # a reader of a store still being written sees only complete units
