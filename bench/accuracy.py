@@ -1,10 +1,14 @@
 """Accuracy evidence: CE vs KD vs DKD vs OFA (cache) vs OFA (online teacher, same views) for
-heterogeneous teacher/student pairs, several seeds, on a CIFAR-10 slice sized for 2 CPU cores.
+heterogeneous teacher/student pairs, several seeds, on a dataset slice sized for 2 CPU cores.
 
     python bench/accuracy.py [--data runs/data/cifar10] [--train-shards 10] [--val-shards 2] [--epochs 6]
         [--seeds 0 1 2] [--pairs cnn-vit vit-cnn]
+    # Tiny-ImageNet slice (first 50 classes, sharded as in the README), downsampled to 32 px:
+    python bench/accuracy.py --data runs/data/tiny50 --val-split val --train-shards 25 --val-shards 3 \
+        --work runs/accuracy-tiny50 --name accuracy_tiny50 --label "Tiny-ImageNet, first 50 classes" \
+        --seeds 0 --pairs cnn-vit
 
-Runs are resumable (a finished run is not redone); results go to bench/results/accuracy.{json,md,png}.
+Runs are resumable (a finished run is not redone); results go to bench/results/<name>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -30,19 +34,21 @@ PAIRS = {  # name -> teacher (name, kwargs, lr, opt), student (name, kwargs, lr,
 METHODS = ("ce", "kd", "dkd", "ofa", "ofa-online")
 
 
-def slice_dataset(src: Path, dest: Path, train_shards: int, val_shards: int) -> Path:
+def slice_dataset(src: Path, dest: Path, train_shards: int, val_shards: int, val_split: str) -> Path:
     m = load_manifest(src)
     dest.mkdir(parents=True, exist_ok=True)
     sub = Manifest(name=f"{m.name} slice", classes=m.classes, class_ids=m.class_ids)
-    for split, new, n in (("train", "train", train_shards), ("test", "val", val_shards)):
+    for split, new, n in (("train", "train", train_shards), (val_split, "val", val_shards)):
         info = m.split(split)
+        if n > len(info.shards):
+            raise SystemExit(f"{src}: split '{split}' has {len(info.shards)} shards, fewer than the {n} asked for")
         keep = info.shards[:n]
         for s in keep:
             if not (dest / s.name).exists():
                 (dest / s.name).hardlink_to(src / s.name)
         sub.splits[new] = type(info)(count=sum(s.count for s in keep), samples_per_shard=info.samples_per_shard,
                                      class_counts=info.class_counts, shards=keep, order_seed=info.order_seed)
-    # the val split's shards keep their own names (test-*.tar): the reader resolves names from the manifest
+    # the val split's shards keep their own names (e.g. test-*.tar): the reader resolves names from the manifest
     write_atomic(dest / "dataset.json", sub.to_json().encode())
     return dest
 
@@ -56,6 +62,10 @@ def cli(*args) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "cifar10")
+    ap.add_argument("--val-split", default="test", help="split of --data evaluated on (CIFAR-10: test)")
+    ap.add_argument("--label", default="CIFAR-10 (shared JPEGs)", help="dataset description for the report")
+    ap.add_argument("--name", default="accuracy", help="results file stem under bench/results/")
+    ap.add_argument("--recipe", default="cifar", help="augmentation preset (cifar: resize to 32, pad 4 + crop + flip)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "accuracy")
     ap.add_argument("--train-shards", type=int, default=10)
     ap.add_argument("--val-shards", type=int, default=2)
@@ -66,8 +76,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    data = slice_dataset(args.data, args.work / "data", args.train_shards, args.val_shards)
-    common = ["--data", data, "--recipe", "cifar", "--batch-size", 64, "--workers", 1]
+    data = slice_dataset(args.data, args.work / "data", args.train_shards, args.val_shards, args.val_split)
+    common = ["--data", data, "--recipe", args.recipe, "--batch-size", 64, "--workers", 1]
     if not args.report_only:
         for pair in args.pairs:
             (t_name, t_kw, t_lr, t_opt), _ = PAIRS[pair]
@@ -80,7 +90,7 @@ def main(argv=None) -> dict:
             if not (store / "_units").exists() or len(list((store / "_units").glob("*.json"))) < args.train_shards:
                 cli("cache-teacher", "--data", data, "--teacher", t_name,
                     *t_kw, "--checkpoint",
-                    tdir / "model.safetensors", "--recipe", "cifar", "--epochs", args.epochs, "--topk", 10,
+                    tdir / "model.safetensors", "--recipe", args.recipe, "--epochs", args.epochs, "--topk", 10,
                     "--batch-size", 250, "--workers", 1, "--out", store)
         for seed in args.seeds:  # seeds outermost: every finished seed is a complete comparison
             for pair in args.pairs:
@@ -105,9 +115,10 @@ def main(argv=None) -> dict:
 
 
 def report(args) -> dict:
-    out = {"setup": {"data": "CIFAR-10 (shared JPEGs)", "train_images": args.train_shards * 1000,
-                     "val_images": args.val_shards * 1000, "resolution": 32, "student_epochs": args.epochs,
-                     "teacher_epochs": args.teacher_epochs, "recipe": "cifar (pad 4 + crop + flip)", "topk": 10},
+    m = load_manifest(args.work / "data")
+    out = {"setup": {"data": args.label, "classes": len(m.classes), "train_images": m.split("train").count,
+                     "val_images": m.split("val").count, "resolution": 32, "student_epochs": args.epochs,
+                     "teacher_epochs": args.teacher_epochs, "recipe": args.recipe, "topk": 10},
            "pairs": {}}
     lines = ["| pair (teacher -> student) | teacher top-1 | " + " | ".join(args.methods) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in args.methods) + " |"]
@@ -133,14 +144,14 @@ def report(args) -> dict:
         out["pairs"][pair] = res
         lines.append(f"| {t_name} -> {s_name} | {t_top1:.2f} | " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
-    (RESULTS / "accuracy.md").write_text(md)
+    (RESULTS / f"{args.name}.md").write_text(md)
     print(md)
-    _plot(curves, RESULTS / "accuracy.png")
-    save("accuracy", out)
+    _plot(curves, RESULTS / f"{args.name}.png", args.label)
+    save(args.name, out)
     return out
 
 
-def _plot(curves: dict, path: Path) -> None:
+def _plot(curves: dict, path: Path, label: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -152,7 +163,7 @@ def _plot(curves: dict, path: Path) -> None:
         for (p, method), c in curves.items():
             if p == pair:
                 ax.plot(range(1, len(c) + 1), c, marker="o", label=method)
-        ax.set_title(f"CIFAR-10 slice: {pair} (mean over seeds)")
+        ax.set_title(f"{label}: {pair} (mean over seeds)", fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("val top-1 (%)")
         ax.grid(alpha=0.3)

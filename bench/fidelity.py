@@ -1,7 +1,7 @@
 """Fidelity of the cache on real teacher outputs: losses and distributions from top-k against full logits.
 
     python bench/fidelity.py --data DIR --teacher NAME --checkpoint PATH --student NAME --student-checkpoint PATH
-        [--recipe tiny-vit] [--view-size 32] [--shards 4] [--topk 1 5 10 20 200]
+        [--student-kwargs k=v ...] [--recipe tiny-vit] [--view-size 32] [--shards 4] [--topk 1 5 10 20 200]
 
 For each k, a real teacher pass writes a real store over the same views; the teacher's full logits
 come from a direct forward on the rebuilt views. For a trained student's logits on those views we
@@ -29,7 +29,7 @@ from pipeline.augment import get_recipe
 from pipeline.reader import ShardReader
 from pipeline.views import TrainViews
 from students.losses import kd_loss, ofa_loss, target_class
-from students.models import create_model, model_input
+from students.models import create_model, model_input, parse_kwargs
 from students.task import teacher_from_batch
 
 
@@ -40,6 +40,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--student", required=True)
     ap.add_argument("--student-checkpoint", type=Path, required=True)
+    ap.add_argument("--student-kwargs", nargs="*", default=[], help="timm keyword arguments, e.g. img_size=32")
     ap.add_argument("--recipe", default="tiny-vit")
     ap.add_argument("--view-size", type=int, default=32)
     ap.add_argument("--shards", type=int, default=4)
@@ -54,7 +55,8 @@ def main(argv=None) -> dict:
         C = reader.manifest.num_classes
         teacher = create_model(args.teacher, C, checkpoint=args.checkpoint, role="teacher").eval()
         t_in = model_input(teacher, recipe.input_size)
-        student = create_model(args.student, C, checkpoint=args.student_checkpoint, role="student").eval()
+        student = create_model(args.student, C, checkpoint=args.student_checkpoint,
+                               model_kwargs=parse_kwargs(args.student_kwargs), role="student").eval()
         s_in = model_input(student, recipe.input_size)
         stores = {}
         for k in args.topk:
@@ -114,6 +116,7 @@ def main(argv=None) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"teacher": args.teacher, "checkpoint": str(args.checkpoint), "student": args.student,
+           "student_kwargs": args.student_kwargs,
            "recipe": args.recipe, "view_size": recipe.input_size, "num_classes": C, "rows": rows}
     save(args.name, res)
     return res
