@@ -138,7 +138,7 @@ def report(args) -> dict:
             if vals:
                 spread = f" ± {np.std(vals, ddof=1):.2f}" if len(vals) > 1 else ""
                 cells.append(f"{np.mean(vals):.2f}{spread} (n={len(vals)})")
-                curves[(pair, method)] = np.mean(np.array(hist), 0)
+                curves[(f"{t_name} -> {s_name}", method)] = np.mean(np.array(hist), 0)
             else:
                 cells.append("-")
         out["pairs"][pair] = res
