@@ -24,6 +24,7 @@ from common import RESULTS, ROOT, save
 
 sys.path.insert(0, str(ROOT))
 
+from pipeline.augment import get_recipe  # noqa: E402
 from pipeline.manifest import Manifest, load_manifest, write_atomic  # noqa: E402
 
 VIT = ["--model-kwargs", "img_size=32", "--model-kwargs", "patch_size=4"]
@@ -117,7 +118,8 @@ def main(argv=None) -> dict:
 def report(args) -> dict:
     m = load_manifest(args.work / "data")
     out = {"setup": {"data": args.label, "classes": len(m.classes), "train_images": m.split("train").count,
-                     "val_images": m.split("val").count, "resolution": 32, "student_epochs": args.epochs,
+                     "val_images": m.split("val").count, "resolution": get_recipe(args.recipe).input_size,
+                     "student_epochs": args.epochs,
                      "teacher_epochs": args.teacher_epochs, "recipe": args.recipe, "topk": 10},
            "pairs": {}}
     lines = ["| pair (teacher -> student) | teacher top-1 | " + " | ".join(args.methods) + " |",

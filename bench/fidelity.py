@@ -33,17 +33,30 @@ from students.models import create_model, model_input, parse_kwargs
 from students.task import teacher_from_batch
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__)
+def add_pair_args(ap: argparse.ArgumentParser, recipe: str, shards: int) -> None:
+    """Arguments naming the data slice, the trained teacher and the trained student (shared with tail_model.py)."""
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--student", required=True)
     ap.add_argument("--student-checkpoint", type=Path, required=True)
     ap.add_argument("--student-kwargs", nargs="*", default=[], help="timm keyword arguments, e.g. img_size=32")
-    ap.add_argument("--recipe", default="tiny-vit")
+    ap.add_argument("--recipe", default=recipe)
     ap.add_argument("--view-size", type=int, default=32)
-    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--shards", type=int, default=shards)
+
+
+def load_pair(args, num_classes: int, view_size: int):
+    """(teacher, its ModelInput, student, its ModelInput), both in eval mode."""
+    teacher = create_model(args.teacher, num_classes, checkpoint=args.checkpoint, role="teacher").eval()
+    student = create_model(args.student, num_classes, checkpoint=args.student_checkpoint,
+                           model_kwargs=parse_kwargs(args.student_kwargs), role="student").eval()
+    return teacher, model_input(teacher, view_size), student, model_input(student, view_size)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_pair_args(ap, recipe="tiny-vit", shards=4)
     ap.add_argument("--topk", type=int, nargs="+", default=[1, 5, 10, 20, 200])
     ap.add_argument("--name", default="fidelity")
     args = ap.parse_args(argv)
@@ -53,11 +66,7 @@ def main(argv=None) -> dict:
         data = subset(args.data, args.shards, tmp / "data")
         reader = ShardReader(data)
         C = reader.manifest.num_classes
-        teacher = create_model(args.teacher, C, checkpoint=args.checkpoint, role="teacher").eval()
-        t_in = model_input(teacher, recipe.input_size)
-        student = create_model(args.student, C, checkpoint=args.student_checkpoint,
-                               model_kwargs=parse_kwargs(args.student_kwargs), role="student").eval()
-        s_in = model_input(student, recipe.input_size)
+        teacher, t_in, student, s_in = load_pair(args, C, recipe.input_size)
         stores = {}
         for k in args.topk:
             stores[k] = tmp / f"k{k}.zarr"

@@ -1,4 +1,4 @@
-"""Would a better model of the teacher's tail (the classes outside the cached top-k) cut the loss error?
+"""Would a better model of the teacher's tail (the classes outside the cached top-k and labels) cut the loss error?
 
     python bench/tail_model.py --data DIR --teacher NAME --checkpoint PATH --student NAME --student-checkpoint PATH
         [--student-kwargs k=v ...] [--recipe cifar] [--view-size 32] [--shards 2] [--topk 5 10 20] [--T 1 4]
@@ -6,7 +6,8 @@
 The cache keeps the top-k logits, their classes and the log-sum-exp; which class holds which of the
 remaining logits is lost. On real teacher and student logits this script compares the KD loss (at each
 T) from full logits with three reconstructions of the tail:
-- uniform: the tail's probability mass spread evenly (what the cache does);
+- uniform: the tail's probability mass spread evenly: the cache's own reconstruction
+  (`teacher_logits_from_topk`, with the exact label-class logits the cache also keeps);
 - oracle shape, unknown classes: the exact tail logit values (an upper bound on any shape model fitted
   to what the cache stores), with the classes that hold them unknown, i.e. each tail class weighted by
   the mean;
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import save
+from fidelity import add_pair_args, load_pair
 from scaling import subset
 from torch.utils.data import DataLoader
 
@@ -32,50 +34,33 @@ from cache.teacher_pass import teacher_logits
 from pipeline.augment import get_recipe
 from pipeline.reader import ShardReader
 from pipeline.views import TrainViews
-from students.models import create_model, model_input, parse_kwargs
+from students.losses import kd_loss, teacher_logits_from_topk
 
 
-def kd_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    return (log_p.exp() * (log_p - log_q)).sum(1)
-
-
-def estimates(z: torch.Tensor, q: torch.Tensor, k: int, T: float) -> dict:
-    """Mean KD loss at temperature T from full teacher logits z and from each tail reconstruction."""
+def estimates(z: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, k: int, T: float) -> dict:
+    """Mean KD loss at temperature T (student logits q) from full teacher logits z and from each tail
+    reconstruction; labels [B, m] are the label classes of each view, whose logits the cache keeps exactly."""
     C = z.shape[1]
     v, idx = z.topk(k, 1)
-    tail = torch.ones_like(z, dtype=torch.bool).scatter_(1, idx, False)
-    log_q = F.log_softmax(q / T, 1)
-    log_p = F.log_softmax(z / T, 1)
-    # uniform: tail logit c with (C - k) e^c = e^lse - sum(e^topk), as the cache rebuilds it
-    mass = (z.logsumexp(1).exp() - v.exp().sum(1)).clamp_min(1e-30)
-    zu = (mass / (C - k)).log()[:, None].expand_as(z).clone().scatter_(1, idx, v)
+    uniform = teacher_logits_from_topk(v, idx, z.logsumexp(1), labels, z.gather(1, labels), C)
+    tail = torch.ones_like(z, dtype=torch.bool).scatter_(1, idx, False).scatter_(1, labels, False)
     # oracle shape, classes unknown: exact teacher terms; the cross term weights every tail class by the mean
+    log_p, log_q = F.log_softmax(z / T, 1), F.log_softmax(q / T, 1)
     p = log_p.exp()
-    top = (p * (log_p - log_q)).masked_fill(tail, 0).sum(1)
-    shape = top + (p * log_p).masked_fill(~tail, 0).sum(1) - (p.masked_fill(~tail, 0).sum(1)
-                                                                * log_q.masked_fill(~tail, 0).sum(1) / (C - k))
-    # oracle shape, student's order: the sorted tail values assigned to tail classes by the student's ranking
-    sorted_tail = z.masked_fill(~tail, float("-inf")).sort(1, descending=True).values[:, :C - k]
-    student_order = q.masked_fill(~tail, float("-inf")).argsort(1, descending=True)[:, :C - k]
-    zr = torch.empty_like(z).scatter_(1, idx, v).scatter_(1, student_order, sorted_tail)
-    T2 = T * T
-    return {"full": float(kd_terms(log_p, log_q).mean()) * T2,
-            "uniform": float(kd_terms(F.log_softmax(zu / T, 1), log_q).mean()) * T2,
-            "oracle_shape_unknown_classes": float(shape.mean()) * T2,
-            "oracle_shape_student_order": float(kd_terms(F.log_softmax(zr / T, 1), log_q).mean()) * T2}
+    mean_tail_log_q = log_q.masked_fill(~tail, 0).sum(1) / tail.sum(1).clamp(min=1)
+    shape = ((p * (log_p - log_q)).masked_fill(tail, 0).sum(1) + (p * log_p).masked_fill(~tail, 0).sum(1)
+             - p.masked_fill(~tail, 0).sum(1) * mean_tail_log_q).mean() * T * T
+    # oracle shape, student's order: the tail values, sorted, handed to the tail classes in the student's order
+    sorted_tail = z.masked_fill(~tail, float("-inf")).sort(1, descending=True).values
+    student_order = q.masked_fill(~tail, float("-inf")).argsort(1, descending=True)
+    ranked = torch.where(tail, z.clone().scatter_(1, student_order, sorted_tail), z)
+    return {"full": float(kd_loss(q, z, T)), "uniform": float(kd_loss(q, uniform, T)),
+            "oracle_shape_unknown_classes": float(shape), "oracle_shape_student_order": float(kd_loss(q, ranked, T))}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--checkpoint", type=Path, required=True)
-    ap.add_argument("--student", required=True)
-    ap.add_argument("--student-checkpoint", type=Path, required=True)
-    ap.add_argument("--student-kwargs", nargs="*", default=[])
-    ap.add_argument("--recipe", default="cifar")
-    ap.add_argument("--view-size", type=int, default=32)
-    ap.add_argument("--shards", type=int, default=2)
+    add_pair_args(ap, recipe="cifar", shards=2)
     ap.add_argument("--topk", type=int, nargs="+", default=[5, 10, 20])
     ap.add_argument("--T", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--name", default="tail_model")
@@ -85,22 +70,20 @@ def main(argv=None) -> dict:
     try:
         reader = ShardReader(subset(args.data, args.shards, tmp / "data"))
         C = reader.manifest.num_classes
-        teacher = create_model(args.teacher, C, checkpoint=args.checkpoint, role="teacher").eval()
-        student = create_model(args.student, C, checkpoint=args.student_checkpoint,
-                               model_kwargs=parse_kwargs(args.student_kwargs), role="student").eval()
-        t_in, s_in = model_input(teacher, recipe.input_size), model_input(student, recipe.input_size)
-        zs, qs = [], []
+        teacher, t_in, student, s_in = load_pair(args, C, recipe.input_size)
+        zs, qs, ls = [], [], []
         for b in DataLoader(TrainViews(reader, recipe, 0, view_epochs=1), batch_size=250):
             with torch.no_grad():
                 zs.append(teacher_logits(teacher, t_in, b["view"]))
                 qs.append(student(s_in(b["view"])).float())
-        z, q = torch.cat(zs), torch.cat(qs)
+            ls.append(torch.stack([b["label"], b["partner_label"]], 1))
+        z, q, labels = torch.cat(zs), torch.cat(qs), torch.cat(ls)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []
     for k in args.topk:
         for T in args.T:
-            e = estimates(z, q, k, T)
+            e = estimates(z, q, labels, k, T)
             row = {"topk": k, "T": T, "views": len(z), **e}
             for name in ("uniform", "oracle_shape_unknown_classes", "oracle_shape_student_order"):
                 row[f"{name}_rel_error"] = abs(e[name] - e["full"]) / abs(e["full"])
@@ -110,7 +93,7 @@ def main(argv=None) -> dict:
                   f"{row['oracle_shape_unknown_classes_rel_error']:.2%}, oracle shape in the student's order "
                   f"{row['oracle_shape_student_order_rel_error']:.2%}")
     res = {"teacher": args.teacher, "checkpoint": str(args.checkpoint), "student": args.student,
-           "recipe": args.recipe, "num_classes": C, "rows": rows}
+           "student_kwargs": args.student_kwargs, "recipe": args.recipe, "num_classes": C, "rows": rows}
     save(args.name, res)
     return res
 
