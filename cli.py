@@ -92,7 +92,7 @@ def cache_teacher_cmd(
     """Stage one: run the teacher once over the replayable views and store top-k logits (resumable)."""
     from cache.teacher_pass import CacheConfig, cache_teacher
     from pipeline.augment import get_recipe
-    from students.models import parse_kwargs
+    from pipeline.models import parse_kwargs
     cfg = CacheConfig(data=data, teacher=teacher, out=out, recipe=get_recipe(recipe.value, view_size),
                       recipe_name=recipe.value, checkpoint=checkpoint, model_kwargs=parse_kwargs(model_kwargs),
                       input_size=input_size, split=split, seed=seed, epochs=epochs, topk=topk,
@@ -176,8 +176,13 @@ def train_student_cmd(
     optimizer: Annotated[str, typer.Option(help="sgd or adamw")] = "sgd",
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 0.05,
     weight_decay: Annotated[float, typer.Option(help="weight decay (not on norms and biases)")] = 5e-4,
-    warmup_epochs: Annotated[float, typer.Option(help="linear warmup, then cosine decay")] = 0.0,
+    momentum: Annotated[float, typer.Option(help="SGD momentum")] = 0.9,
+    sched: Annotated[str, typer.Option(help="learning-rate schedule per step: cosine or step")] = "cosine",
+    warmup_epochs: Annotated[float, typer.Option(help="linear warm-up from --warmup-lr, then the schedule")] = 0.0,
+    warmup_lr: Annotated[float, typer.Option(help="learning rate at the start of the warm-up")] = 1e-5,
     min_lr: Annotated[float, typer.Option(help="learning rate at the end of the cosine")] = 0.0,
+    decay_epochs: Annotated[float, typer.Option(help="step schedule: decay every N epochs")] = 30.0,
+    decay_rate: Annotated[float, typer.Option(help="step schedule: multiply the learning rate by this")] = 0.1,
     label_smoothing: Annotated[float, typer.Option(help="label smoothing of the CE term")] = 0.0,
     clip_grad: Annotated[float | None, typer.Option(help="clip the gradient norm")] = None,
     grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
@@ -187,12 +192,14 @@ def train_student_cmd(
     block_indices: Annotated[str | None, typer.Option(help="explicit forward_intermediates indices, e.g. 1,3,9,11")] = None,
     head_kind: Annotated[str, typer.Option(help="auto (token for isotropic models, conv otherwise), conv, token")] = "auto",
     ofa_form: Annotated[str, typer.Option(help="paper (default) or released (the authors' code)")] = "paper",
-    gamma: Annotated[str, typer.Option(help="OFA exponent, one value or one per head (+ final)")] = "1.0",
+    gamma: Annotated[str, typer.Option(help="OFA exponent: one value, or one per head and then the final logits")] = "1.0",
     temperature: Annotated[float | None, typer.Option(help="softmax temperature [default: 1 for ofa, 4 for kd/dkd]")] = None,
     w_ce: Annotated[float | None, typer.Option(help="CE weight [default: 1; 0 for paper-form OFA]")] = None,
     w_kd: Annotated[float, typer.Option(help="weight of the distillation term on the final logits")] = 1.0,
     w_ofa: Annotated[float | None, typer.Option(help="weight of the heads' OFA terms")] = None,
     stage_weights: Annotated[str | None, typer.Option(help="per-head weights, e.g. 1,1,1,1")] = None,
+    dkd_alpha: Annotated[float, typer.Option(help="DKD: weight of the target-class term")] = 1.0,
+    dkd_beta: Annotated[float, typer.Option(help="DKD: weight of the non-target term")] = 8.0,
     seed: Annotated[int, typer.Option(help="student seed (initialisation, data order)")] = 0,
     workers: Annotated[int, typer.Option(help="data-loader workers per process")] = 2,
     max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke runs)")] = None,
@@ -203,12 +210,12 @@ def train_student_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ):
     """Stage two: train a student (with OFA stage heads) from the cache, online, or with plain CE."""
-    from students.models import parse_kwargs
+    from pipeline.models import parse_kwargs
     from students.task import LossConfig
     from students.train import TrainConfig, train
     loss = LossConfig(method=method.value, ofa_form=ofa_form, gamma=_numbers(gamma) or [1.0], temperature=temperature,
                       w_ce=w_ce, w_kd=w_kd, w_ofa=w_ofa, stage_weights=_numbers(stage_weights),
-                      label_smoothing=label_smoothing)
+                      dkd_alpha=dkd_alpha, dkd_beta=dkd_beta, label_smoothing=label_smoothing)
     if ofa_form not in ("paper", "released"):
         raise UserError(f"--ofa-form must be paper or released, got {ofa_form}")
     cfg = TrainConfig(data=data, student=student, out=out, loss=loss, cache=cache, teacher=teacher,
@@ -217,7 +224,8 @@ def train_student_cmd(
                       model_kwargs=parse_kwargs(model_kwargs), input_size=input_size,
                       recipe=recipe.value if recipe else None, view_size=view_size, view_seed=view_seed,
                       view_epochs=view_epochs, seed=seed, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                      lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
+                      lr=lr, weight_decay=weight_decay, momentum=momentum, sched=sched, warmup_epochs=warmup_epochs,
+                      warmup_lr=warmup_lr, min_lr=min_lr, decay_epochs=decay_epochs, decay_rate=decay_rate,
                       clip_grad=clip_grad, grad_accum=grad_accum, mixed_precision=mixed_precision,
                       ema_decay=ema_decay, stages=_numbers(stages, int), block_indices=_numbers(block_indices, int),
                       head_kind=head_kind, workers=workers, resume=resume, progress=not quiet,
@@ -272,10 +280,10 @@ def cka(
     from torch.utils.data import DataLoader
 
     from pipeline.augment import get_recipe
+    from pipeline.models import parse_kwargs
     from pipeline.reader import ShardReader
     from pipeline.views import EvalViews
     from students.cka import compute_cka, save_outputs, stage_model
-    from students.models import parse_kwargs
     r = get_recipe(recipe.value, view_size)
     reader = ShardReader(data, split)
     if samples < 4:

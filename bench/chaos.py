@@ -44,10 +44,10 @@ def make_data(root: Path) -> Path:
 
 def cli_cmd(processes: int, *args) -> list[str]:
     if processes == 1:
-        return [sys.executable, str(ROOT / "cli.py"), *map(str, args)]
+        return [sys.executable, str(ROOT / "bench" / "chaos_cli.py"), *map(str, args)]
     return [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(29600 + os.getpid() % 300), str(ROOT / "cli.py"), *map(str, args)]
+            "--main_process_port", str(29600 + os.getpid() % 300), str(ROOT / "bench" / "chaos_cli.py"), *map(str, args)]
 
 
 def env(slow: float = 0.0) -> dict:

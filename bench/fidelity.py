@@ -23,14 +23,13 @@ from common import save
 from scaling import subset
 from torch.utils.data import DataLoader
 
-from cache.store import CacheStore
-from cache.teacher_pass import CacheConfig, cache_teacher, teacher_logits
+from cache.targets import CachedTeacher
+from cache.teacher import Teacher
+from cache.teacher_pass import CacheConfig, cache_teacher
 from pipeline.augment import get_recipe
+from pipeline.models import create_model, model_input, parse_kwargs
 from pipeline.reader import ShardReader
-from pipeline.views import TrainViews
 from students.losses import kd_loss, ofa_loss, target_class
-from students.models import create_model, model_input, parse_kwargs
-from students.task import teacher_from_batch
 
 
 def add_pair_args(ap: argparse.ArgumentParser, recipe: str, shards: int) -> None:
@@ -47,11 +46,11 @@ def add_pair_args(ap: argparse.ArgumentParser, recipe: str, shards: int) -> None
 
 
 def load_pair(args, num_classes: int, view_size: int):
-    """(teacher, its ModelInput, student, its ModelInput), both in eval mode."""
-    teacher = create_model(args.teacher, num_classes, checkpoint=args.checkpoint, role="teacher").eval()
+    """(the stage-one Teacher, student, its ModelInput), both in eval mode."""
+    teacher = Teacher.build(args.teacher, num_classes, view_size, checkpoint=args.checkpoint)
     student = create_model(args.student, num_classes, checkpoint=args.student_checkpoint,
                            model_kwargs=parse_kwargs(args.student_kwargs), role="student").eval()
-    return teacher, model_input(teacher, view_size), student, model_input(student, view_size)
+    return teacher, student, model_input(student, view_size)
 
 
 def main(argv=None) -> dict:
@@ -66,7 +65,7 @@ def main(argv=None) -> dict:
         data = subset(args.data, args.shards, tmp / "data")
         reader = ShardReader(data)
         C = reader.manifest.num_classes
-        teacher, t_in, student, s_in = load_pair(args, C, recipe.input_size)
+        teacher, student, s_in = load_pair(args, C, recipe.input_size)
         stores = {}
         for k in args.topk:
             stores[k] = tmp / f"k{k}.zarr"
@@ -76,25 +75,19 @@ def main(argv=None) -> dict:
         sums = {k: {} for k in args.topk}
         n = 0
         mass = []
-        for b in DataLoader(TrainViews(reader, recipe, 0, cache=CacheStore(stores[args.topk[0]]), view_epochs=1),
-                            batch_size=250):
+        cached = {k: CachedTeacher(path) for k, path in stores.items()}
+        loaders = [DataLoader(cached[k].views(reader, 0), batch_size=250) for k in args.topk]
+        for batches in zip(*loaders, strict=True):  # the same views in the same order, with each store's targets
+            b = batches[0]
+            assert all(torch.equal(o["index"], b["index"]) for o in batches)
             with torch.no_grad():
-                full = teacher_logits(teacher, t_in, b["view"])
+                full = teacher(b["view"])
                 s = student(s_in(b["view"])).float()
             c = target_class(b["label"], b["partner_label"], b["lam"])
             ref = {"ofa_g1": ofa_loss(s, full, c, 1.0), "ofa_g1.5": ofa_loss(s, full, c, 1.5),
                    "kd_T4": kd_loss(s, full, 4.0)}
-            for k, path in stores.items():
-                cs = CacheStore(path)
-                cached = {"t_values": [], "t_indices": [], "t_lse": [], "t_label_logits": []}
-                for e_idx in b["index"].tolist():
-                    shard, pos = e_idx // cs.samples_per_shard, e_idx % cs.samples_per_shard
-                    d = _unit(cs, shard)
-                    cached["t_values"].append(torch.from_numpy(d["topk_values"][pos].astype("float32")))
-                    cached["t_indices"].append(torch.from_numpy(d["topk_indices"][pos].astype("int64")))
-                    cached["t_lse"].append(torch.tensor(float(d["lse"][pos])))
-                    cached["t_label_logits"].append(torch.from_numpy(d["label_logits"][pos]))
-                z = teacher_from_batch({**b, **{kk: torch.stack(v) for kk, v in cached.items()}}, C)
+            for k, bk in zip(args.topk, batches, strict=True):
+                z = cached[k].logits(bk)
                 got = {"ofa_g1": ofa_loss(s, z, c, 1.0), "ofa_g1.5": ofa_loss(s, z, c, 1.5),
                        "kd_T4": kd_loss(s, z, 4.0)}
                 acc = sums[k]
@@ -111,7 +104,7 @@ def main(argv=None) -> dict:
         rows = []
         for k in args.topk:
             acc = sums[k]
-            cs = CacheStore(stores[k])
+            cs = cached[k].store
             row = {"topk": k, "views": n}
             for name in ("ofa_g1", "ofa_g1.5", "kd_T4"):
                 full_v, cache_v = acc[f"{name}_full"] / n, acc[f"{name}_cache"] / n
@@ -134,12 +127,3 @@ def main(argv=None) -> dict:
 _UNITS: dict = {}
 
 
-def _unit(cs: CacheStore, shard: int) -> dict:
-    key = (str(cs.path), shard)
-    if key not in _UNITS:
-        _UNITS[key] = cs.read_epoch(0, shard)
-    return _UNITS[key]
-
-
-if __name__ == "__main__":
-    main()

@@ -21,13 +21,12 @@ from common import ROOT, save
 from torch.utils.data import DataLoader
 
 from cache.store import CacheStore
+from cache.targets import CachedTeacher
 from cache.teacher_pass import CacheConfig, cache_teacher
 from pipeline.augment import get_recipe
 from pipeline.manifest import Manifest, load_manifest, write_atomic
 from pipeline.reader import ShardReader
-from pipeline.views import TrainViews
 from students.losses import ofa_loss
-from students.task import teacher_from_batch
 
 
 def subset(data: Path, shards: int, dest: Path) -> Path:
@@ -71,11 +70,11 @@ def main(argv=None) -> dict:
                                               recipe_name=args.recipe, epochs=args.epochs, topk=k, batch_size=125,
                                               workers=1, progress=False))
                 store = CacheStore(store_path)
+                cached = CachedTeacher(store_path)
                 logits = torch.randn(125, C)
                 t0, n = time.perf_counter(), 0
-                for b in DataLoader(TrainViews(reader, recipe, 0, cache=store, view_epochs=args.epochs),
-                                    batch_size=125, num_workers=0):
-                    z = teacher_from_batch(b, C)
+                for b in DataLoader(cached.views(reader, 0), batch_size=125, num_workers=0):
+                    z = cached.logits(b)
                     ofa_loss(logits[: len(z)], z, b["label"], 1.5)
                     n += len(z)
                 s2 = time.perf_counter() - t0

@@ -17,12 +17,12 @@ from common import ROOT, save, timed
 from torch.utils.data import DataLoader
 
 from cache.store import CacheStore
-from cache.teacher_pass import CacheConfig, cache_teacher, teacher_logits
+from cache.teacher import Teacher
+from cache.teacher_pass import CacheConfig, cache_teacher
 from pipeline.augment import get_recipe
 from pipeline.reader import ShardReader
 from pipeline.shards import make_shards
 from pipeline.views import UnitViews
-from students.models import create_model, model_input
 
 
 def ensure_digits(path: Path) -> Path:
@@ -49,14 +49,13 @@ def main(argv=None) -> dict:
     n_views = reader.split.count * args.epochs
 
     # bare teacher: the same views, prebuilt in memory, straight through the model
-    teacher = create_model(args.teacher, reader.manifest.num_classes, role="teacher").eval()
-    minput = model_input(teacher, recipe.input_size)
+    teacher = Teacher.build(args.teacher, reader.manifest.num_classes, recipe.input_size)
     batches = [b["view"] for b in DataLoader(UnitViews(reader, recipe, 0, args.epochs, list(range(reader.num_shards))),
                                              batch_size=args.batch_size)]
 
     def bare():
         for v in batches:
-            logits = teacher_logits(teacher, minput, v)
+            logits = teacher(v)
             logits.topk(args.topk, 1)  # what any consumer of logits would at least do
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-s1-"))

@@ -7,7 +7,7 @@ The cache keeps the top-k logits, their classes and the log-sum-exp; which class
 remaining logits is lost. On real teacher and student logits this script compares the KD loss (at each
 T) from full logits with three reconstructions of the tail:
 - uniform: the tail's probability mass spread evenly: the cache's own reconstruction
-  (`teacher_logits_from_topk`, with the exact label-class logits the cache also keeps);
+  (`reconstruct_logits`, with the exact label-class logits the cache also keeps);
 - oracle shape, unknown classes: the exact tail logit values (an upper bound on any shape model fitted
   to what the cache stores), with the classes that hold them unknown, i.e. each tail class weighted by
   the mean;
@@ -30,11 +30,11 @@ from fidelity import add_pair_args, load_pair
 from scaling import subset
 from torch.utils.data import DataLoader
 
-from cache.teacher_pass import teacher_logits
+from cache.targets import reconstruct_logits
 from pipeline.augment import get_recipe
 from pipeline.reader import ShardReader
 from pipeline.views import TrainViews
-from students.losses import kd_loss, teacher_logits_from_topk
+from students.losses import kd_loss
 
 
 def estimates(z: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, k: int, T: float) -> dict:
@@ -42,7 +42,7 @@ def estimates(z: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, k: int, T:
     reconstruction; labels [B, m] are the label classes of each view, whose logits the cache keeps exactly."""
     C = z.shape[1]
     v, idx = z.topk(k, 1)
-    uniform = teacher_logits_from_topk(v, idx, z.logsumexp(1), labels, z.gather(1, labels), C)
+    uniform = reconstruct_logits(v, idx, z.logsumexp(1), labels, z.gather(1, labels), C)
     tail = torch.ones_like(z, dtype=torch.bool).scatter_(1, idx, False).scatter_(1, labels, False)
     # oracle shape, classes unknown: exact teacher terms; the cross term weights every tail class by the mean
     log_p, log_q = F.log_softmax(z / T, 1), F.log_softmax(q / T, 1)
@@ -70,11 +70,11 @@ def main(argv=None) -> dict:
     try:
         reader = ShardReader(subset(args.data, args.shards, tmp / "data"))
         C = reader.manifest.num_classes
-        teacher, t_in, student, s_in = load_pair(args, C, recipe.input_size)
+        teacher, student, s_in = load_pair(args, C, recipe.input_size)
         zs, qs, ls = [], [], []
         for b in DataLoader(TrainViews(reader, recipe, 0, view_epochs=1), batch_size=250):
             with torch.no_grad():
-                zs.append(teacher_logits(teacher, t_in, b["view"]))
+                zs.append(teacher(b["view"]))
                 qs.append(student(s_in(b["view"])).float())
             ls.append(torch.stack([b["label"], b["partner_label"]], 1))
         z, q, labels = torch.cat(zs), torch.cat(qs), torch.cat(ls)

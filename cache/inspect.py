@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from cache.store import CacheStore
-from cache.teacher_pass import summarize, teacher_logits
+from cache.teacher import Teacher
+from cache.teacher_pass import summarize
 from pipeline.augment import Recipe
 from pipeline.errors import UserError
+from pipeline.models import file_sha256
 from pipeline.reader import ShardReader
-from pipeline.views import shard_views
-from students.models import create_model, file_sha256, model_input
+from pipeline.views import shard_views, views_digest
 
 
 def topk_mass(store: CacheStore, units: list[int]) -> np.ndarray:
@@ -92,9 +93,8 @@ def verify_cache(path: Path, samples: int = 32, data: Path | None = None, checkp
     if file_sha256(ckpt) != a["teacher"]["checkpoint_sha256"]:
         raise UserError(f"teacher checkpoint {ckpt} is not the one cache {path} was made with; pass the right "
                         f"--checkpoint")
-    model = create_model(a["teacher"]["name"], store.num_classes, checkpoint=ckpt,
-                         model_kwargs=a["teacher"]["model_kwargs"], role="teacher").eval()
-    minput = model_input(model, a["recipe"]["input_size"], a["teacher"]["input_size"])
+    teacher = Teacher.build(a["teacher"]["name"], store.num_classes, a["recipe"]["input_size"], checkpoint=ckpt,
+                            model_kwargs=a["teacher"]["model_kwargs"], input_size=a["teacher"]["input_size"])
     recipe = Recipe.from_dict(a["recipe"])
     rng = np.random.default_rng(seed)
     done = sorted(store.done_units())
@@ -109,11 +109,14 @@ def verify_cache(path: Path, samples: int = 32, data: Path | None = None, checkp
         info = reader.split.shards[u]
         samples_u = list(reader.read_shard(u))
         views = {v["index"]: v for v in shard_views(samples_u, recipe, int(a["seed"]), e, info.first, info.count)}
+        recorded = (store.unit_info(u).get("view_digests") or [None] * store.epochs)[e]
+        if recorded is not None and views_digest([v["digest"] for v in views.values()]) != recorded:
+            problems.append(f"unit {u} epoch {e}: the rebuilt views differ pixel for pixel from those the teacher saw")
         idx = [info.first + p for p in sorted(set(positions)) if info.first + p not in skipped]
         if not idx:
             continue
         batch = [views[i] for i in idx]
-        logits = teacher_logits(model, minput, torch.stack([v["view"] for v in batch]))
+        logits = teacher(torch.stack([v["view"] for v in batch]))
         fresh = summarize(logits, torch.tensor([v["label"] for v in batch]),
                           torch.tensor([v["partner_label"] for v in batch]), store.topk)
         cached = store.read_epoch(e, u)

@@ -11,7 +11,8 @@ Layout (E = cached epochs, N = samples in the split, k = top-k)::
     partner       [E, N]    int32      ... mixing partner's global index (-1: not mixed)
     lam           [E, N]    float16    ... weight of the sample's own label
     mix_mode      [E, N]    uint8      ... 0 none, 1 mixup, 2 cutmix
-    _units/shard-NNNNNN.json           completion marker of one unit, written after its data is durable
+    _units/shard-NNNNNN.json           completion marker of one unit, written after its data is durable;
+                                       it also holds the fingerprint of the unit's views in each epoch
 
 Raw bytes per (epoch, sample) = 2k + 2k + 4 + 8 + 4 + 4 + 2 + 1 = 4k + 23.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +115,7 @@ class Unit:
     count: int
     data: dict[str, np.ndarray]  # name -> [E, count, ...]
     skipped: list[int]  # global indices the error policy skipped
+    view_digests: list[str] | None = None  # per epoch: pipeline.views.views_digest of the unit's views
 
 
 class CacheStore:
@@ -237,12 +238,9 @@ class CacheStore:
         """Write every array's zarr shard for this unit, make it durable, then mark the unit done."""
         group = self._open()
         sl = slice(unit.first, unit.first + unit.count)
-        slow = float(os.environ.get("OFAKD_CHAOS_SLOW_WRITES", "0"))  # fault injection for bench/chaos.py only
         for name in ARRAYS:
             arr = group[name]
             arr[:, sl] = unit.data[name]
-            if slow:
-                time.sleep(slow)  # widen the window in which a kill lands mid-unit
             key = arr.metadata.encode_chunk_key((0, unit.shard) + (0,) * (arr.ndim - 2))
             f = self.path / name / key
             if f.exists():  # an all-fill shard may be elided by zarr
@@ -252,7 +250,8 @@ class CacheStore:
                 finally:
                     os.close(fd)
                 fsync_dir(f.parent)
-        info = {"shard": unit.shard, "first": unit.first, "count": unit.count, "skipped": unit.skipped}
+        info = {"shard": unit.shard, "first": unit.first, "count": unit.count, "skipped": unit.skipped,
+                "view_digests": unit.view_digests}
         write_atomic(self.marker(unit.shard), json.dumps(info).encode())
 
     def read_epoch(self, epoch: int, shard: int, names=tuple(ARRAYS)) -> dict[str, np.ndarray]:
@@ -284,9 +283,11 @@ class CacheStore:
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
-    def check_request(self, want: dict) -> None:
-        """Refuse with one message listing every mismatch between the store and the request."""
-        problems = mismatches(self.attrs, want)
+    def check_request(self, want: dict, only_given: bool = False) -> None:
+        """Refuse with one message listing every mismatch between the store and the request
+        (`only_given`: compare just the fields the request names, e.g. a training run's options)."""
+        keys = {p: label for p, label in CHECKED.items() if _get(want, p) is not None} if only_given else CHECKED
+        problems = mismatches(self.attrs, want, keys)
         if problems:
             raise UserError(f"cache {self.path} does not match this run: " + "; ".join(problems)
                             + "; make a matching cache with `cli.py cache-teacher` or fix the options")

@@ -30,12 +30,12 @@ from cache.store import (
     index_dtype,
     raw_bytes_per_view,
 )
+from cache.teacher import Teacher
 from pipeline.augment import Recipe
 from pipeline.errors import UserError
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader
-from pipeline.views import UnitViews
-from students.models import create_model, file_sha256, model_input
+from pipeline.views import UnitViews, library_versions, views_digest
 
 
 @dataclass
@@ -77,22 +77,23 @@ class CacheConfig:
             raise UserError("; ".join(problems))
 
 
-def library_versions() -> dict:
+def versions() -> dict:
+    """Libraries that make the views (pipeline.views.library_versions) and those that make the store."""
     import numcodecs
     import timm
     import zarr
-    return {"torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__,
-            "numcodecs": numcodecs.__version__, "numpy": np.__version__}
+    return {**library_versions(), "timm": timm.__version__, "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__}
 
 
-def describe(cfg: CacheConfig, reader: ShardReader, model: torch.nn.Module, minput) -> dict:
-    m, split = reader.manifest, reader.split
+def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher) -> dict:
+    m, split, minput = reader.manifest, reader.split, teacher.input
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "teacher": {"name": cfg.teacher, "checkpoint_sha256": file_sha256(cfg.checkpoint),
+        "teacher": {"name": cfg.teacher, "checkpoint_sha256": teacher.checkpoint_sha256,
                     "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
                     "model_kwargs": cfg.model_kwargs, "input_size": minput.size, "mean": list(minput.mean),
-                    "std": list(minput.std), "num_features": int(getattr(model, "num_features", 0))},
+                    "std": list(minput.std), "num_features": teacher.num_features},
         "dataset": {"name": m.name, "split": cfg.split, "path": str(Path(cfg.data).resolve()),
                     "manifest_hash": m.split_hash(cfg.split),
                     "num_samples": split.count, "num_shards": len(split.shards),
@@ -101,18 +102,8 @@ def describe(cfg: CacheConfig, reader: ShardReader, model: torch.nn.Module, minp
         "recipe": cfg.recipe.to_dict(), "recipe_name": cfg.recipe_name, "on_error": cfg.on_error,
         "index_dtype": index_dtype(m.num_classes),
         "raw_bytes_per_view": raw_bytes_per_view(cfg.topk, m.num_classes),
-        "versions": library_versions(),
+        "versions": versions(),
     }
-
-
-@torch.no_grad()
-def teacher_logits(model, minput, views: torch.Tensor) -> torch.Tensor:
-    """views [B, 3, S, S] in [0, 1] on the model's device -> logits [B, C] float32."""
-    x = minput(views)
-    if x.device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(x).float()
-    return model(x).float()
 
 
 def summarize(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, k: int) -> dict:
@@ -134,19 +125,22 @@ class _UnitBuffer:
             dt = dtype or index_dtype(num_classes)
             self.data[name] = np.full((epochs, count, *trail(k)), FILL.get(name, 0), dtype=dt)
         self.seen = np.zeros((epochs, count), dtype=bool)
+        self.digests = np.zeros((epochs, count), dtype=np.int64)
         self.expected = None
 
-    def add(self, epoch: np.ndarray, pos: np.ndarray, values: dict) -> None:
+    def add(self, epoch: np.ndarray, pos: np.ndarray, values: dict, digests: np.ndarray) -> None:
         for name, v in values.items():
             self.data[name][epoch, pos] = v
         self.seen[epoch, pos] = True
+        self.digests[epoch, pos] = digests
 
     def whole(self) -> bool:
         return self.expected is not None and int(self.seen.sum()) == self.expected
 
     def unit(self) -> Unit:
         skipped = (np.flatnonzero(~self.seen[0]) + self.first).tolist()
-        return Unit(self.shard, self.first, self.count, self.data, skipped)
+        digests = [views_digest(self.digests[e][self.seen[e]]) for e in range(self.epochs)]
+        return Unit(self.shard, self.first, self.count, self.data, skipped, digests)
 
 
 def cache_teacher(cfg: CacheConfig) -> dict:
@@ -163,10 +157,9 @@ def cache_teacher(cfg: CacheConfig) -> dict:
     if cfg.recipe.mixes and reader.split.samples_per_shard < 2:
         raise UserError("mixing recipes need at least 2 samples per shard; recreate the shards with a "
                         "larger --shard-size")
-    model = create_model(cfg.teacher, C, checkpoint=cfg.checkpoint, model_kwargs=cfg.model_kwargs,
-                         role="teacher").eval().to(device)
-    minput = model_input(model, cfg.recipe.input_size, cfg.input_size)
-    desc = describe(cfg, reader, model, minput)
+    teacher = Teacher.build(cfg.teacher, C, cfg.recipe.input_size, checkpoint=cfg.checkpoint,
+                            model_kwargs=cfg.model_kwargs, input_size=cfg.input_size, device=device)
+    desc = describe(cfg, reader, teacher)
 
     if accelerator.is_main_process:
         CacheStore.create(cfg.out, desc, overwrite=cfg.overwrite)
@@ -188,7 +181,7 @@ def cache_teacher(cfg: CacheConfig) -> dict:
     with bar:
         for batch in loader:
             views = batch["view"].to(device, non_blocking=True)
-            logits = teacher_logits(model, minput, views)
+            logits = teacher(views)
             out = summarize(logits, batch["label"].to(device), batch["partner_label"].to(device), cfg.topk)
             out |= {"view_seed": batch["view_seed"].numpy().astype(np.uint32),
                     "partner": batch["partner"].numpy().astype(np.int32),
@@ -203,7 +196,7 @@ def cache_teacher(cfg: CacheConfig) -> dict:
                 buf = buffers[shard]
                 buf.expected = int(batch["n_valid"][sel][0]) * cfg.epochs
                 buf.add(batch["epoch"].numpy()[sel], batch["index"].numpy()[sel] - buf.first,
-                        {k: v[sel] for k, v in out.items()})
+                        {k: v[sel] for k, v in out.items()}, batch["digest"].numpy()[sel])
                 if buf.whole():
                     try:
                         store.write_unit(buf.unit())

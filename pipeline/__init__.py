@@ -1,1 +1,1 @@
-"""Data side: webdataset shards, their manifest, the shard reader and replayable augmented views."""
+"""Data and models shared by both stages: shards, replayable views, timm model building."""

@@ -7,22 +7,45 @@ batch they run in. It needs the whole shard because mixing partners are other sa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
 from pipeline.augment import MIX_NONE, Recipe, base_view, eval_view, finish, mix, mix_record, view_seed
-from pipeline.errors import UserError
 from pipeline.reader import Sample, ShardReader, assign_shards, current_worker, shard_order
+
+Join = Callable[[int, int, int, list[dict]], list[dict]]
+
+
+def library_versions() -> dict:
+    """The libraries that make a view's pixels (decode, resize, augment): a replayed view is only
+    bit-identical under the same ones."""
+    import PIL
+    import torchvision
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+            "numpy": np.__version__}
+
+
+def view_digest(view: torch.Tensor) -> int:
+    """Fingerprint of a view's pixels as 8-bit values (63 bits, so it travels as an int64 tensor)."""
+    pixels = view.mul(255).round_().to(torch.uint8).numpy()
+    return int.from_bytes(hashlib.blake2b(pixels.tobytes(), digest_size=8).digest(), "little") >> 1
+
+
+def views_digest(digests) -> str:
+    """One fingerprint of a unit's views in one epoch, from their `view_digest`s in sample order."""
+    return hashlib.blake2b(np.asarray(digests, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
 
 
 def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, first: int,
                 count: int) -> Iterator[dict]:
     """Views of every sample of one shard in one epoch, in stored order.
 
-    Each item: view [3, S, S] float, label, partner_label, lam, index, view_seed, partner, mix_mode.
+    Each item: view [3, S, S] float, label, partner_label, lam, index, view_seed, partner, mix_mode,
+    digest (of the view's pixels, see `view_digest`).
     """
     seeds = {s.index: view_seed(seed, epoch, s.index) for s in samples}
     bases = {s.index: base_view(s.image, recipe, seeds[s.index]) for s in samples}
@@ -38,7 +61,7 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
         view = mix(own, finish(bases[rec.partner]) if mixed else None, rec)
         yield {"view": view, "label": s.label, "partner_label": labels[rec.partner] if mixed else s.label,
                "lam": rec.lam, "index": s.index, "view_seed": rec.view_seed,
-               "partner": rec.partner, "mix_mode": rec.mode}
+               "partner": rec.partner, "mix_mode": rec.mode, "digest": view_digest(view)}
 
 
 class UnitViews(IterableDataset):
@@ -58,19 +81,23 @@ class UnitViews(IterableDataset):
 
 
 class TrainViews(IterableDataset):
-    """Stage two: this rank's views of one training epoch, with cached teacher targets joined in.
+    """Stage two: this rank's views of one training epoch, optionally joined with per-view extras.
 
     `set_epoch(e)` before iterating. Views are a function of the view seed `seed`; the order (shards,
     then a permutation within each shard) is a function of (order_seed, epoch), so students with
     different seeds see the same views in different orders. The views are those of `view_epoch`
-    (= epoch modulo the cached epochs), so they match what the teacher saw.
+    (= epoch modulo `view_epochs`), so they match what a teacher cache of that many epochs saw.
+
+    `join(view_epoch, shard, first, views) -> [dict per view]` adds data to each view of a shard
+    before shuffling (the teacher cache's targets: `cache.targets.CacheJoin`); the pipeline does not
+    know what it adds.
     """
 
     def __init__(self, reader: ShardReader, recipe: Recipe, seed: int, rank: int = 0, world: int = 1,
-                 cache=None, view_epochs: int | None = None, order_seed: int | None = None):
+                 join: Join | None = None, view_epochs: int | None = None, order_seed: int | None = None):
         self.reader, self.recipe, self.seed, self.rank, self.world = reader, recipe, seed, rank, world
         self.order_seed = seed if order_seed is None else order_seed  # the student's seed: data order only
-        self.cache = cache
+        self.join = join
         self.view_epochs = view_epochs
         self.epoch = 0
 
@@ -92,34 +119,11 @@ class TrainViews(IterableDataset):
             info = self.reader.split.shards[shard]
             samples = list(self.reader.read_shard(shard))
             views = list(shard_views(samples, self.recipe, self.seed, ve, info.first, info.count))
-            targets = self._targets(views, ve, shard, info.first) if self.cache is not None else None
+            if self.join is not None:
+                views = [v | extra for v, extra in zip(views, self.join(ve, shard, info.first, views), strict=True)]
             perm = np.random.default_rng([self.order_seed, self.epoch, shard, 0x7E]).permutation(len(views))
             for i in perm:
-                v = views[i]
-                if targets is not None:
-                    pos = v["index"] - info.first
-                    v = {**v, "t_values": targets[0][pos], "t_indices": targets[1][pos], "t_lse": targets[2][pos],
-                         "t_label_logits": targets[3][pos]}
-                yield v
-
-    def _targets(self, views: list[dict], epoch: int, shard: int, first: int) -> tuple:
-        """One cached epoch of one unit as per-sample tensors, after checking its replay records
-        against the views rebuilt here (vectorised: this runs once per shard, not per sample)."""
-        t = self.cache.read_epoch(epoch, shard, names=("topk_values", "topk_indices", "lse", "label_logits",
-                                                       "view_seed", "partner"))
-        pos = np.array([v["index"] for v in views]) - first
-        seeds = np.array([v["view_seed"] for v in views], dtype=np.uint32)
-        partners = np.array([v["partner"] for v in views], dtype=np.int32)
-        bad = np.flatnonzero((t["view_seed"][pos] != seeds) | (t["partner"][pos] != partners))
-        if bad.size:
-            raise UserError(
-                f"cache {self.cache.path} holds a different view for sample {views[bad[0]]['index']} of epoch "
-                f"{epoch} than this run rebuilds (replay record mismatch: another seed, recipe or tool version "
-                f"made it); rebuild the cache with this version")
-        return (torch.from_numpy(t["topk_values"].astype(np.float32)).unbind(0),
-                torch.from_numpy(t["topk_indices"].astype(np.int64)).unbind(0),
-                torch.from_numpy(t["lse"].astype(np.float32)).unbind(0),
-                torch.from_numpy(t["label_logits"].astype(np.float32)).unbind(0))
+                yield views[i]
 
 
 class EvalViews(IterableDataset):

@@ -1,3 +1,1 @@
-"""Students: timm models, OFA stage heads, distillation losses and the training loop."""
-
-from students import zoo  # noqa: F401  (registers the small MLP students with timm)
+"""Students: OFA stage heads, distillation losses, the distillation task and the training loop."""

@@ -88,8 +88,8 @@ class StageModel:
 
 def stage_model(name: str, num_classes: int, view_size: int, checkpoint=None, model_kwargs=None,
                 every_block: bool = False, input_size: int | None = None) -> StageModel:
+    from pipeline.models import create_model, model_input
     from students.heads import feature_levels
-    from students.models import create_model, model_input
     model = create_model(name, num_classes, checkpoint=checkpoint, model_kwargs=model_kwargs).eval()
     levels, isotropic = feature_levels(model)
     if every_block and isotropic:

@@ -1,13 +1,7 @@
 """Distillation losses: pure functions of tensors.
 
-Teacher distribution from the cache (`teacher_logits_from_topk`): the cache holds, per view, the
-top-k logits z_1..z_k, the log-sum-exp L of all C logits, and the exact logits of the view's label
-classes. We rebuild a full logit vector: known classes (top-k and label classes) keep their logits;
-the remaining C - n_known classes share the leftover mass equally, each getting
-    z_tail = L + log(1 - sum_known exp(z_i - L)) - log(C - n_known).
-At T = 1 this reproduces the known probabilities exactly and the tail's total mass exactly; at other
-temperatures the tail's shape is an approximation (its total is what top-k cannot tell). With
-k = C nothing is approximated. Every loss then takes log_softmax(z / T) of that vector, so cached and
+The teacher always arrives as full logits [B, C] (online, or rebuilt from the cache by
+`cache.targets.TeacherTargets.logits`); every loss takes log_softmax(z / T) of them, so cached and
 online teachers go through the same code.
 
 Losses (student logits s, teacher log-probs at temperature T, c = target class):
@@ -25,24 +19,6 @@ import torch
 import torch.nn.functional as F
 
 
-def teacher_logits_from_topk(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
-                             label_classes: torch.Tensor, label_logits: torch.Tensor,
-                             num_classes: int) -> torch.Tensor:
-    """values/indices [B, k], lse [B], label_classes/label_logits [B, m] -> full logits [B, C] (float32)."""
-    B = values.shape[0]
-    known = torch.zeros(B, num_classes, dtype=torch.bool, device=values.device)
-    z = torch.zeros(B, num_classes, dtype=torch.float32, device=values.device)
-    z.scatter_(1, indices, values.float())
-    known.scatter_(1, indices, True)
-    z.scatter_(1, label_classes, label_logits.float())  # exact label logits win over fp16 top-k copies
-    known.scatter_(1, label_classes, True)
-    n_tail = num_classes - known.sum(1)  # [B]
-    lse_known = torch.logsumexp(z.masked_fill(~known, float("-inf")), dim=1)
-    frac = torch.exp(lse_known - lse.float()).clamp(max=1.0 - 1e-6)
-    z_tail = lse.float() + torch.log1p(-frac) - torch.log(n_tail.clamp(min=1).float())
-    return torch.where(known, z, z_tail[:, None])
-
-
 def soft_target(label: torch.Tensor, partner_label: torch.Tensor, lam: torch.Tensor, num_classes: int,
                 smoothing: float = 0.0) -> torch.Tensor:
     """Mixed one-hot label [B, C]: lam * onehot(label) + (1 - lam) * onehot(partner), then smoothed."""
@@ -58,14 +34,14 @@ def target_class(label: torch.Tensor, partner_label: torch.Tensor, lam: torch.Te
 
 def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """logits [B, C], target [B, C] (rows sum to 1) -> mean cross-entropy."""
-    return -(target * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+    return F.cross_entropy(logits.float(), target)
 
 
 def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
     """KL(p_teacher || p_student) at temperature T, times T^2, batch mean."""
     log_q = F.log_softmax(logits.float() / T, dim=1)
     log_p = F.log_softmax(teacher_logits.float() / T, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(1).mean() * T * T
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * T * T
 
 
 def ofa_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, gamma: float = 1.0,

@@ -1,16 +1,25 @@
-"""The distillation step as a module: forward returns a dict of named loss terms plus 'loss'.
+"""The distillation task (timm-style): a module whose forward returns named loss terms plus 'loss'.
 
-The loop backpropagates `out["loss"]` and logs the rest; it never knows how many heads exist.
+The loop backpropagates `out["loss"]` and logs the rest; it never knows how many heads exist, nor
+whether the teacher is cached or online.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch import nn
 
-from students.losses import dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class, teacher_logits_from_topk
+from pipeline.augment import ModelInput
+from pipeline.errors import UserError
+from students.heads import StudentWithHeads
+from students.losses import dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class
+
+if TYPE_CHECKING:
+    from cache.teacher import Teacher
 
 Method = Literal["ce", "kd", "dkd", "ofa"]
 
@@ -50,7 +59,6 @@ class LossConfig:
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if problems:
-            from pipeline.errors import UserError
             raise UserError("; ".join(problems))
 
     @property
@@ -58,11 +66,24 @@ class LossConfig:
         return self.method != "ce"
 
 
-def teacher_from_batch(batch: dict, num_classes: int) -> torch.Tensor:
-    """Full teacher logits [B, C] rebuilt from the cached top-k joined into the batch."""
-    labels = torch.stack([batch["label"], batch["partner_label"]], 1)
-    return teacher_logits_from_topk(batch["t_values"], batch["t_indices"], batch["t_lse"], labels,
-                                    batch["t_label_logits"], num_classes)
+TeacherSource = Callable[[dict], torch.Tensor]
+"""A collated batch -> the teacher's logits [B, C] for its views: `cache.targets.CachedTeacher.logits`
+(from the cache) or `online(teacher)` (the stage-one `cache.teacher.Teacher` run in the loop)."""
+
+
+def online(teacher: Teacher) -> TeacherSource:
+    """The teacher run in the loop over the batch's views, through the same code stage one caches with."""
+    return lambda batch: teacher(batch["view"])
+
+
+def per_output(values: list[float], heads: list[str], option: str) -> list[float]:
+    """One value for every output, or one per head plus the final logits (last); anything else is refused."""
+    if len(values) == 1:
+        return values * (len(heads) + 1)
+    if len(values) != len(heads) + 1:
+        raise UserError(f"{option} has {len(values)} values; give 1, or {len(heads) + 1}: one per output "
+                        f"({', '.join([*heads, 'final'])})")
+    return list(values)
 
 
 def distill_losses(out: dict, teacher_logits: torch.Tensor | None, batch: dict, cfg: LossConfig,
@@ -84,12 +105,40 @@ def distill_losses(out: dict, teacher_logits: torch.Tensor | None, batch: dict, 
         total = total + cfg.w_kd * terms["dkd/final"]
     elif cfg.method == "ofa":
         heads = out["heads"]
-        gammas = cfg.gamma if len(cfg.gamma) == len(heads) + 1 else (
-            cfg.gamma + [cfg.gamma[-1]] if len(cfg.gamma) == len(heads) else [cfg.gamma[0]] * (len(heads) + 1))
+        gammas = per_output(cfg.gamma, list(heads), "--gamma")
         terms["ofa/final"] = ofa_loss(logits, teacher_logits, c, gammas[-1], cfg.T, cfg.ofa_form)
         total = total + cfg.w_kd * terms["ofa/final"]
         weights = cfg.stage_weights or [1.0] * len(heads)
-        for (name, h), g, w in zip(heads.items(), gammas, weights, strict=False):
+        for (name, h), g, w in zip(heads.items(), gammas[:-1], weights, strict=True):
             terms[f"ofa/{name}"] = ofa_loss(h, teacher_logits, c, g, cfg.T, cfg.ofa_form)
             total = total + cfg.w_ofa * w * terms[f"ofa/{name}"]
     return {"loss": total, **terms}
+
+
+class DistillationTask(nn.Module):
+    """The training step's model: student + heads, a teacher source and the loss.
+
+    `forward(batch) -> {"loss": total, "ce": ..., "ofa/stage1": ..., "ofa/final": ...}`: the loop
+    backpropagates "loss" and logs the rest. The teacher source is kept out of the module tree: it is
+    frozen, so it belongs to neither DDP's gradient sync nor the training checkpoints.
+    """
+
+    def __init__(self, student: StudentWithHeads, student_input: ModelInput, loss: LossConfig, num_classes: int,
+                 teacher: TeacherSource | None = None):
+        super().__init__()
+        if loss.needs_teacher and teacher is None:
+            raise UserError(f"method '{loss.method}' needs a teacher: pass --cache STORE or --teacher-online NAME")
+        self.student, self.student_input, self.loss, self.num_classes = student, student_input, loss, num_classes
+        self.teacher_source = teacher if loss.needs_teacher else None
+        if loss.method == "ofa":  # refuse per-head lists of the wrong length now, not at the first step
+            per_output(loss.gamma, student.names, "--gamma")
+            if loss.stage_weights is not None and len(loss.stage_weights) != len(student.names):
+                raise UserError(f"--stage-weights has {len(loss.stage_weights)} values for the "
+                                f"{len(student.names)} heads ({', '.join(student.names)}); give one per head")
+
+    def teacher_logits(self, batch: dict) -> torch.Tensor | None:
+        return self.teacher_source(batch) if self.teacher_source is not None else None
+
+    def forward(self, batch: dict) -> dict:
+        out = self.student(self.student_input(batch["view"]))
+        return distill_losses(out, self.teacher_logits(batch), batch, self.loss, self.num_classes)

@@ -1,11 +1,16 @@
 """Stage two: train any timm student, with OFA stage heads, from the teacher cache or online.
 
-    set-up: dataset, views (the cache's recipe and view seed), cache checks, student + heads
-    loop:   for epoch: TrainViews(epoch) -> student(+heads) -> losses vs cached (or online) teacher
-            -> accelerator.backward -> step; evaluate the bare student; save_state; metrics
+    set-up: data and views (the cache's recipe and view seed), the distillation task (student +
+            heads, a teacher source, the loss), optimizer and schedule, one accelerator.prepare
+    loop:   for epoch: views -> task(batch) -> accelerator.backward -> step; evaluate the bare
+            student; save_state, then the progress record that makes it trusted on resume
     end:    export the bare student as safetensors; metrics.json
 
-One loop for every method (ce, kd, dkd, ofa) and for one or many processes (`accelerate launch`).
+One loop for every method (ce, kd, dkd, ofa), cached or online teacher, one or many processes.
+Two things are hand-written on purpose: the loaders are not passed to `accelerator.prepare` (each
+rank already reads its own shards, and a view must not depend on how batches are split: see
+`pipeline.reader.assign_shards`), and the run directory keeps only the last epoch's state
+(`_save_epoch`), which accelerate's own rotation cannot tie to our progress record.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,15 +26,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.augment import Recipe, get_recipe
+from cache.targets import CachedTeacher
+from cache.teacher import Teacher
+from pipeline.augment import ModelInput, Recipe, get_recipe
 from pipeline.errors import UserError
 from pipeline.manifest import write_atomic
+from pipeline.models import create_model, file_sha256, model_input
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader, assign_shards, shard_order
 from pipeline.views import EvalViews, TrainViews
 from students.heads import StudentWithHeads
-from students.models import create_model, file_sha256, model_input
-from students.task import LossConfig, distill_losses, teacher_from_batch
+from students.task import DistillationTask, LossConfig, online
 
 
 @dataclass
@@ -69,8 +75,16 @@ class TrainConfig:
     lr: float = 0.05
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    sched: str = "cosine"
+    """Learning-rate schedule per optimizer step (timm's scheduler factory): cosine or step."""
     warmup_epochs: float = 0.0
+    """Linear warm-up from warmup_lr to lr over this many epochs, then the schedule."""
+    warmup_lr: float = 1e-5
     min_lr: float = 0.0
+    """cosine: the learning rate at the end."""
+    decay_epochs: float = 30.0
+    """step: multiply the learning rate by decay_rate every decay_epochs."""
+    decay_rate: float = 0.1
     clip_grad: float | None = None
     grad_accum: int = 1
     mixed_precision: str = "auto"
@@ -101,6 +115,8 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             problems.append(f"--lr must be > 0, got {self.lr}")
+        if self.sched not in ("cosine", "step"):
+            problems.append(f"--sched must be cosine or step, got {self.sched}")
         if self.optimizer not in ("sgd", "adamw"):
             problems.append(f"--optimizer must be sgd or adamw, got {self.optimizer}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -116,7 +132,67 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
-def _steps(reader: ShardReader, seed: int, epoch: int, world: int, workers: int, batch: int) -> int:
+
+
+@dataclass
+class Data:
+    """What the run reads: both splits, the views (recipe, seed, cycle) and the cached teacher if any."""
+
+    train: ShardReader
+    val: ShardReader
+    recipe: Recipe
+    view_seed: int
+    view_epochs: int | None
+    cached: CachedTeacher | None
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.manifest.num_classes
+
+
+def open_data(cfg: TrainConfig, say=print) -> Data:
+    """Readers and views; with a cache, its recipe and view seed, after checking it fits the request."""
+    cached = CachedTeacher(cfg.cache) if cfg.cache else None
+    on_error = cfg.on_error or (cached.on_error if cached else "raise")  # skip what the teacher pass skipped
+    train_reader = ShardReader(cfg.data, cfg.train_split, on_error=on_error)
+    val_reader = ShardReader(cfg.data, cfg.val_split, manifest=train_reader.manifest)
+    train_reader.check_files()
+    val_reader.check_files()
+    if cached is None:
+        return Data(train_reader, val_reader, get_recipe(cfg.recipe or "imagenet-cnn", cfg.view_size),
+                    cfg.view_seed if cfg.view_seed is not None else 0, cfg.view_epochs, None)
+    want = {"dataset": {"manifest_hash": train_reader.manifest.split_hash(cfg.train_split), "split": cfg.train_split},
+            "recipe": get_recipe(cfg.recipe, cfg.view_size).to_dict() if cfg.recipe else None,
+            "seed": cfg.view_seed, "teacher": {"name": cfg.teacher}}
+    cached.store.check_request(want, only_given=True)
+    if cfg.view_epochs and cfg.view_epochs != cached.epochs:
+        raise UserError(f"--view-epochs {cfg.view_epochs} differs from the cache's {cached.epochs} epochs; omit it")
+    if cfg.epochs > cached.epochs:
+        say(f"note: training {cfg.epochs} epochs from a cache of {cached.epochs}: epoch e replays cached "
+            f"epoch e mod {cached.epochs} (views and teacher outputs)")
+    return Data(train_reader, val_reader, cached.recipe, cached.seed, cached.epochs, cached)
+
+
+def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
+    """Student + heads, the teacher source (cache or online) and the loss."""
+    C, teacher, teacher_width = data.num_classes, None, 0
+    if cfg.teacher_online:
+        t = Teacher.build(cfg.teacher_online, C, data.recipe.input_size, checkpoint=cfg.teacher_checkpoint,
+                          model_kwargs=cfg.teacher_model_kwargs, input_size=cfg.teacher_input_size, device=device)
+        teacher, teacher_width = online(t), t.num_features
+    elif data.cached is not None:
+        teacher, teacher_width = data.cached.logits, int(data.cached.teacher.get("num_features", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        bare = create_model(cfg.student, C, model_kwargs=cfg.model_kwargs, role="student", init_seed=cfg.seed)
+        s_input = model_input(bare, data.recipe.input_size, cfg.input_size)
+        student = StudentWithHeads(bare, C, s_input.size, teacher_width=teacher_width, stages=cfg.stages,
+                                   block_indices=cfg.block_indices, head_kind=cfg.head_kind,
+                                   with_heads=cfg.loss.method == "ofa")
+    return DistillationTask(student, s_input, cfg.loss, C, teacher)
+
+
+def steps_per_epoch(reader: ShardReader, seed: int, epoch: int, world: int, workers: int, batch: int) -> int:
     """Full batches every rank can make this epoch (ranks must take the same number of steps)."""
     counts = [s.count for s in reader.split.shards]
     order = shard_order(reader.num_shards, seed, epoch)
@@ -127,21 +203,84 @@ def _steps(reader: ShardReader, seed: int, epoch: int, world: int, workers: int,
     return min(per_rank)
 
 
-def _lr_lambda(total: int, warmup: int, base_lr: float, min_lr: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return (min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))) / base_lr
-    return f
+def build_optimization(cfg: TrainConfig, task: DistillationTask, data: Data, world: int):
+    """Optimizer (timm's factory: no weight decay on norms and biases), per-step schedule, steps per epoch."""
+    import timm.optim
+    import timm.scheduler
+    per_epoch = [steps_per_epoch(data.train, cfg.seed, e, world, cfg.workers, cfg.batch_size) // cfg.grad_accum
+                 for e in range(cfg.epochs)]
+    if cfg.max_steps_per_epoch:
+        per_epoch = [min(s, cfg.max_steps_per_epoch) for s in per_epoch]
+    if min(per_epoch) < 1:
+        raise UserError(f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} is larger than what each of "
+                        f"{world} process(es) x {cfg.workers} worker(s) reads per epoch; lower the batch size or "
+                        f"workers")
+    optimizer = timm.optim.create_optimizer_v2(task.student, opt=cfg.optimizer, lr=cfg.lr,
+                                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    scheduler = timm.scheduler.create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, step_on_epochs=False,
+        updates_per_epoch=max(1, round(sum(per_epoch) / cfg.epochs)))
+    if isinstance(scheduler, tuple):  # some timm versions also return the epoch count
+        scheduler = scheduler[0]
+    return optimizer, scheduler, per_epoch
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def train_step(task, batch: dict, optimizer, accelerator, clip_grad: float | None = None) -> dict:
+    """One (micro-)step exactly as the loop runs it; returns the task's loss terms (on the device)."""
+    with accelerator.accumulate(task):
+        result = task(batch)
+        accelerator.backward(result["loss"])
+        if accelerator.sync_gradients and clip_grad:
+            accelerator.clip_grad_norm_(task.parameters(), clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def train_epoch(task, views: TrainViews, optimizer, scheduler, accelerator, cfg: TrainConfig, epoch: int,
+                steps: int, step0: int, ema=None) -> dict:
+    """One epoch of `steps` optimizer steps; returns the epoch's mean loss terms and throughput."""
+    world, device = accelerator.num_processes, accelerator.device
+    torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + accelerator.process_index)  # dropout: f(seed, epoch)
+    views.set_epoch(epoch)
+    shards = assign_shards(shard_order(views.reader.num_shards, cfg.seed, epoch), views.rank, views.world)
+    loader = DataLoader(views, batch_size=cfg.batch_size, num_workers=max(0, min(cfg.workers, len(shards))),
+                        drop_last=True, pin_memory=device.type == "cuda")
+    task.train()
+    micro = steps * cfg.grad_accum
+    sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync in the step
+    seen, update, t0 = 0, step0, time.perf_counter()
+    with Bar(cfg.progress and accelerator.is_local_main_process, micro * cfg.batch_size * world,
+             f"epoch {epoch + 1}/{cfg.epochs} {cfg.loss.method}") as bar:
+        for i, batch in enumerate(loader):
+            if i >= micro:
+                break
+            result = train_step(task, to_device(batch, device), optimizer, accelerator, cfg.clip_grad)
+            if accelerator.sync_gradients:
+                update += 1
+                scheduler.step_update(num_updates=update)
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(task).student.model)
+            for k, v in result.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().double()
+            seen += len(batch["label"])
+            # reading the loss syncs with the device: only every 25 steps, for the progress bar
+            bar.advance(len(batch["label"]) * world,
+                        info=f"loss {float(result['loss']):.3f}" if bar.enabled and i % 25 == 0 else None)
+    elapsed = time.perf_counter() - t0
+    terms = accelerator.reduce(torch.stack([sums[k] for k in sorted(sums)]) / max(1, micro), reduction="mean")
+    return {"epoch": epoch + 1, **{f"train/{k}": float(v) for k, v in zip(sorted(sums), terms.tolist(), strict=True)},
+            "lr": optimizer.param_groups[0]["lr"], "train_seconds": elapsed,
+            "images_per_second": seen * world / elapsed if elapsed > 0 else 0.0}
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, minput, accelerator) -> dict:
+def evaluate(model: torch.nn.Module, loader, minput: ModelInput, accelerator) -> dict:
     """Top-1/top-5 of the bare student (no heads) over this rank's val shards, summed over ranks."""
     model.eval()
     sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # top-1 hits, top-5 hits, count
@@ -165,118 +304,16 @@ def export(student: torch.nn.Module, path: Path) -> None:
     tmp.replace(path)
 
 
-def train(cfg: TrainConfig) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    cfg.check()
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    say = accelerator.print
-
-    # ---------------------------------------------------------------- data, views, cache
-    store = None
-    if cfg.cache:
-        from cache.store import CacheStore
-        store = CacheStore(cfg.cache)
-    on_error = cfg.on_error
-    if store is not None and on_error is None:
-        on_error = store.attrs.get("on_error", "raise")  # skip what the teacher pass skipped
-    train_reader = ShardReader(cfg.data, cfg.train_split, on_error=on_error or "raise")
-    val_reader = ShardReader(cfg.data, cfg.val_split, manifest=train_reader.manifest)
-    train_reader.check_files()
-    val_reader.check_files()
-    manifest = train_reader.manifest
-    C = manifest.num_classes
-    if store is not None:
-        want = {"dataset": {"manifest_hash": manifest.split_hash(cfg.train_split), "split": cfg.train_split}}
-        keys = {("dataset", "manifest_hash"): "dataset", ("dataset", "split"): "dataset split"}
-        if cfg.recipe:
-            want["recipe"] = get_recipe(cfg.recipe, cfg.view_size).to_dict()
-            keys[("recipe",)] = "augmentation recipe"
-        if cfg.view_seed is not None:
-            want["seed"], keys[("seed",)] = cfg.view_seed, "view seed"
-        if cfg.teacher:
-            want["teacher"] = {"name": cfg.teacher}
-            keys[("teacher", "name")] = "teacher"
-        from cache.store import mismatches
-        problems = mismatches(store.attrs, want, keys)
-        if problems:
-            raise UserError(f"cache {cfg.cache} does not match this run: " + "; ".join(problems)
-                            + "; make a matching cache with `cli.py cache-teacher` or fix the options")
-        store.check_complete()
-        recipe = Recipe.from_dict(store.attrs["recipe"])
-        view_seed, view_epochs = int(store.attrs["seed"]), store.epochs
-        if cfg.epochs > store.epochs:
-            say(f"note: training {cfg.epochs} epochs from a cache of {store.epochs}: epoch e replays cached "
-                f"epoch e mod {store.epochs} (views and teacher outputs)")
-    else:
-        recipe = get_recipe(cfg.recipe or "imagenet-cnn", cfg.view_size)
-        view_seed = cfg.view_seed if cfg.view_seed is not None else 0
-        view_epochs = cfg.view_epochs
-    if cfg.view_epochs and store is not None and cfg.view_epochs != store.epochs:
-        raise UserError(f"--view-epochs {cfg.view_epochs} differs from the cache's {store.epochs} epochs; omit it")
-
-    # ---------------------------------------------------------------- models
-    set_seed(cfg.seed)
-    teacher, t_input, teacher_width = None, None, 0
-    if cfg.teacher_online:
-        teacher = create_model(cfg.teacher_online, C, checkpoint=cfg.teacher_checkpoint,
-                               model_kwargs=cfg.teacher_model_kwargs, role="teacher").eval().to(device)
-        t_input = model_input(teacher, recipe.input_size, cfg.teacher_input_size)
-        teacher_width = teacher.num_features
-    elif store is not None:
-        teacher_width = int(store.attrs["teacher"].get("num_features", 0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        bare = create_model(cfg.student, C, model_kwargs=cfg.model_kwargs, role="student", init_seed=cfg.seed)
-        s_input = model_input(bare, recipe.input_size, cfg.input_size)
-        model = StudentWithHeads(bare, C, s_input.size, teacher_width=teacher_width, stages=cfg.stages,
-                                 block_indices=cfg.block_indices, head_kind=cfg.head_kind,
-                                 with_heads=cfg.loss.method == "ofa")
-    ema = None
-    if cfg.ema_decay:
-        from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(model.model, decay=cfg.ema_decay)
-        ema.to(device)
-        accelerator.register_for_checkpointing(ema)
-
-    # ---------------------------------------------------------------- optimisation
-    workers = cfg.workers
-    per_epoch = [_steps(train_reader, cfg.seed, e, world, workers, cfg.batch_size) // cfg.grad_accum
-                 for e in range(cfg.epochs)]
-    if cfg.max_steps_per_epoch:
-        per_epoch = [min(s, cfg.max_steps_per_epoch) for s in per_epoch]
-    if min(per_epoch) < 1:
-        raise UserError(f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} is larger than what each of "
-                        f"{world} process(es) x {workers} worker(s) reads per epoch; lower the batch size or workers")
-    import timm.optim
-    optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                               momentum=cfg.momentum)
-    warmup = int(cfg.warmup_epochs * per_epoch[0])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(sum(per_epoch), warmup, cfg.lr, cfg.min_lr))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    train_views = TrainViews(train_reader, recipe, view_seed, rank, world, cache=store, view_epochs=view_epochs,
-                             order_seed=cfg.seed)
-    eval_loader = DataLoader(EvalViews(val_reader, recipe, rank, world), batch_size=cfg.batch_size,
-                             num_workers=min(workers, max(1, len(val_reader.split.shards) // world)))
-
-    # ---------------------------------------------------------------- resume
+def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[dict]]:
+    """Start or resume the run directory -> (first epoch to run, metrics history so far)."""
     out = Path(cfg.out)
-    state_dir = out / "state"
-    progress_file = out / "progress.json"
-    start, history = 0, []
-    if cfg.resume and progress_file.is_file():
-        prog = json.loads(progress_file.read_text())
-        accelerator.load_state(str(state_dir / f"epoch-{prog['epoch']:04d}"))
-        start, history = prog["epoch"] + 1, prog["history"]
-        say(f"resuming {out} after epoch {prog['epoch'] + 1} of {cfg.epochs}")
-    elif progress_file.exists() or (out / "metrics.json").exists():
+    progress = out / "progress.json"
+    if cfg.resume and progress.is_file():
+        prog = json.loads(progress.read_text())
+        accelerator.load_state(str(out / "state" / f"epoch-{prog['epoch']:04d}"))
+        accelerator.print(f"resuming {out} after epoch {prog['epoch'] + 1} of {cfg.epochs}")
+        return prog["epoch"] + 1, prog["history"]
+    if progress.exists() or (out / "metrics.json").exists():
         raise UserError(f"run directory {out} already holds a run; pass --resume to continue it or "
                         f"choose another --out")
     if accelerator.is_main_process:
@@ -285,103 +322,89 @@ def train(cfg: TrainConfig) -> dict:
         except OSError as e:
             raise UserError(f"cannot create the run directory {out} ({e.strerror or e}); "
                             f"choose a writable --out") from e
-        resolved = {**cfg.to_dict(), "resolved": {
-            "recipe": recipe.to_dict(), "view_seed": view_seed, "view_epochs": view_epochs, "num_classes": C,
-            "student_input": dataclasses.asdict(s_input), "heads": list(model_unwrap(accelerator, model).names),
-            "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T}, "processes": world,
-            "mixed_precision": mp, "cache_teacher": store.attrs["teacher"] if store else None,
-            "teacher_checkpoint_sha256": file_sha256(cfg.teacher_checkpoint)}}
-        write_atomic(out / "config.json", json.dumps(resolved, indent=1, default=str).encode())
+        write_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=1,
+                                                     default=str).encode())
+    accelerator.wait_for_everyone()
+    return 0, []
+
+
+def save_epoch(out: Path, epoch: int, history: list[dict], accelerator) -> None:
+    """State first, then the progress record that makes it trusted on resume; older states go."""
+    state_dir = out / "state"
+    accelerator.save_state(str(state_dir / f"epoch-{epoch:04d}"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_metrics(out, history)
+        write_atomic(out / "progress.json", json.dumps({"epoch": epoch, "history": history}).encode())
+        for old in state_dir.glob("epoch-*"):
+            if old.name != f"epoch-{epoch:04d}":
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
-    # ---------------------------------------------------------------- loop
+
+def train(cfg: TrainConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg.check()
+    mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    data = open_data(cfg, accelerator.print)
+    set_seed(cfg.seed)
+    task = build_task(cfg, data, accelerator.device)
+    optimizer, scheduler, per_epoch = build_optimization(cfg, task, data, world)
+    task, optimizer = accelerator.prepare(task, optimizer)
+    student = accelerator.unwrap_model(task).student
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(student.model, decay=cfg.ema_decay).to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    views = TrainViews(data.train, data.recipe, data.view_seed, rank, world, view_epochs=data.view_epochs,
+                       order_seed=cfg.seed, join=data.cached.join if data.cached else None)
+    eval_loader = DataLoader(EvalViews(data.val, data.recipe, rank, world), batch_size=cfg.batch_size,
+                             num_workers=min(cfg.workers, max(1, len(data.val.split.shards) // world)))
+    s_input = accelerator.unwrap_model(task).student_input
+    resolved = {"recipe": data.recipe.to_dict(), "view_seed": data.view_seed, "view_epochs": data.view_epochs,
+                "num_classes": data.num_classes, "student_input": dataclasses.asdict(s_input), "heads": student.names,
+                "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T}, "processes": world,
+                "mixed_precision": mp, "cache_teacher": data.cached.teacher if data.cached else None,
+                "teacher_checkpoint_sha256": file_sha256(cfg.teacher_checkpoint)}
+    start, history = open_run(cfg, accelerator, resolved)
+
     for epoch in range(start, cfg.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)  # dropout etc.: a function of (seed, epoch)
-        train_views.set_epoch(epoch)
-        n_workers = max(0, min(workers, len(assign_shards(shard_order(train_reader.num_shards, cfg.seed, epoch),
-                                                          rank, world))))
-        loader = DataLoader(train_views, batch_size=cfg.batch_size, num_workers=n_workers, drop_last=True,
-                            pin_memory=device.type == "cuda")
-        model.train()
-        steps = per_epoch[epoch] * cfg.grad_accum
-        sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync in the step
-        seen, t0 = 0, time.perf_counter()
-        with Bar(cfg.progress and accelerator.is_local_main_process, steps * cfg.batch_size * world,
-                 f"epoch {epoch + 1}/{cfg.epochs} {cfg.loss.method}") as bar:
-            for i, batch in enumerate(loader):
-                if i >= steps:
-                    break
-                batch = _to(batch, device)
-                with accelerator.accumulate(model):
-                    t_logits = None
-                    if teacher is not None:
-                        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                             enabled=device.type == "cuda"):
-                            t_logits = teacher(t_input(batch["view"])).float()
-                    elif store is not None and cfg.loss.needs_teacher:
-                        t_logits = teacher_from_batch(batch, C)
-                    result = distill_losses(model(s_input(batch["view"])), t_logits, batch, cfg.loss, C)
-                    accelerator.backward(result["loss"])
-                    if accelerator.sync_gradients and cfg.clip_grad:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                        if ema is not None:
-                            ema.update(model_unwrap(accelerator, model).model)
-                for k, v in result.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().double()
-                seen += len(batch["label"])
-                # reading the loss syncs with the device: only every 25 steps, for the progress bar
-                info = f"loss {float(result['loss']):.3f}" if bar.enabled and i % 25 == 0 else None
-                bar.advance(len(batch["label"]) * world, info=info)
-        elapsed = time.perf_counter() - t0
-        terms = torch.stack([sums[k] for k in sorted(sums)]) / max(1, steps)
-        terms = accelerator.reduce(terms, reduction="mean")
-        metrics = {"epoch": epoch + 1, **{f"train/{k}": float(v) for k, v in zip(sorted(sums), terms.tolist(),
-                                                                                    strict=True)},
-                   "lr": scheduler.get_last_lr()[0], "train_seconds": elapsed,
-                   "images_per_second": seen * world / elapsed if elapsed > 0 else 0.0}
-        bare_model = model_unwrap(accelerator, model).model
-        metrics |= evaluate(bare_model, eval_loader, s_input, accelerator)
+        metrics = train_epoch(task, views, optimizer, scheduler, accelerator, cfg, epoch, per_epoch[epoch],
+                              sum(per_epoch[:epoch]), ema)
+        metrics |= evaluate(student.model, eval_loader, s_input, accelerator)
         if ema is not None:
             metrics |= {f"ema_{k}": v for k, v in evaluate(ema.module, eval_loader, s_input, accelerator).items()}
         history.append(metrics)
-        say(f"epoch {epoch + 1}: loss {metrics['train/loss']:.4f} top1 {metrics['top1']:.2f} top5 "
-            f"{metrics['top5']:.2f} ({metrics['images_per_second']:.0f} img/s)")
-        # state first, then the progress record that makes it trusted on resume
-        accelerator.save_state(str(state_dir / f"epoch-{epoch:04d}"))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            _write_metrics(out, history)
-            write_atomic(progress_file, json.dumps({"epoch": epoch, "history": history}).encode())
-            for old in state_dir.glob("epoch-*"):
-                if old.name != f"epoch-{epoch:04d}":
-                    shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        accelerator.print(f"epoch {epoch + 1}: loss {metrics['train/loss']:.4f} top1 {metrics['top1']:.2f} top5 "
+                          f"{metrics['top5']:.2f} ({metrics['images_per_second']:.0f} img/s)")
+        save_epoch(Path(cfg.out), epoch, history, accelerator)
+    return finish(cfg, history, student.model, ema, accelerator)
 
-    # ---------------------------------------------------------------- export
-    final = history[-1] if history else {}
+
+def finish(cfg: TrainConfig, history: list[dict], model, ema, accelerator) -> dict:
+    """Export the bare student (and its EMA) and the run's summary."""
+    out, final = Path(cfg.out), history[-1] if history else {}
     summary = {"student": cfg.student, "method": cfg.loss.method, "epochs": cfg.epochs,
                "top1": final.get("top1"), "top5": final.get("top5"),
                "best_top1": max((h["top1"] for h in history), default=None),
                "train_seconds": sum(h["train_seconds"] for h in history), "history": history}
+    if ema is not None:
+        summary |= {"ema_top1": final.get("ema_top1"), "ema_top5": final.get("ema_top5")}
     if accelerator.is_main_process:
-        export(model_unwrap(accelerator, model).model, out / "model.safetensors")
+        export(model, out / "model.safetensors")
         if ema is not None:
             export(ema.module, out / "model_ema.safetensors")
-            summary |= {"ema_top1": final.get("ema_top1"), "ema_top5": final.get("ema_top5")}
         write_atomic(out / "metrics.json", json.dumps(summary, indent=1).encode())
     accelerator.wait_for_everyone()
     return summary
 
 
-def model_unwrap(accelerator, model) -> StudentWithHeads:
-    return accelerator.unwrap_model(model)
-
-
-def _write_metrics(out: Path, history: list[dict]) -> None:
+def write_metrics(out: Path, history: list[dict]) -> None:
     keys = sorted({k for h in history for k in h}, key=lambda k: (k != "epoch", k))
     with open(out / "metrics.csv.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

@@ -95,7 +95,7 @@ def test_student_seed_changes_order_not_views(small_digits):
 
 
 def test_student_seed_changes_initialisation():
-    from students.models import create_model
+    from pipeline.models import create_model
     a = create_model("test_resnet", 10, init_seed=0).state_dict()
     b = create_model("test_resnet", 10, init_seed=1).state_dict()
     c = create_model("test_resnet", 10, init_seed=0).state_dict()

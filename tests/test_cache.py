@@ -8,13 +8,14 @@ from torch.utils.data import DataLoader
 
 from cache.inspect import inspect_cache, verify_cache
 from cache.store import ARRAYS, CacheStore, raw_bytes_per_view
-from cache.teacher_pass import CacheConfig, cache_teacher, teacher_logits
+from cache.teacher import Teacher
+from cache.teacher_pass import CacheConfig, cache_teacher
 from conftest import accelerate_cli, run_cli
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
+from pipeline.models import create_model
 from pipeline.reader import ShardReader
 from pipeline.views import UnitViews
-from students.models import create_model, model_input
 
 RECIPE = "digits-mix"
 
@@ -41,13 +42,12 @@ def test_cache_holds_the_teacher_outputs_of_the_replayed_views(small_digits, ref
     store = CacheStore(reference)
     store.check_complete()
     recipe = get_recipe(RECIPE)
-    teacher = create_model("test_resnet", 10, role="teacher").eval()
-    minput = model_input(teacher, recipe.input_size)
+    teacher = Teacher(create_model("test_resnet", 10, role="teacher"), recipe.input_size)
     reader = ShardReader(small_digits)
     loader = DataLoader(UnitViews(reader, recipe, 0, 2, list(range(reader.num_shards))), batch_size=64)
     n = 0
     for b in loader:
-        logits = teacher_logits(teacher, minput, b["view"])
+        logits = teacher(b["view"])
         e, i = b["epoch"].numpy(), b["index"].numpy()
         vals, idx = logits.topk(4, dim=1)
         cached_vals = torch.from_numpy(store.read_all("topk_values")[e, i].astype(np.float32))

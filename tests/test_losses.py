@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from students.losses import dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class, teacher_logits_from_topk
+from cache.targets import reconstruct_logits
+from students.losses import dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class
 
 torch.manual_seed(0)
 B, C = 6, 12
@@ -94,7 +95,7 @@ def test_reconstruction_with_k_equal_classes_is_the_online_teacher(logits):
     s, t, y = logits
     t = t.float()
     labels = torch.stack([y, y.roll(1)], 1)
-    z = teacher_logits_from_topk(*_cache_of(t, labels, C)[:3], labels, t.gather(1, labels), C)
+    z = reconstruct_logits(*_cache_of(t, labels, C)[:3], labels, t.gather(1, labels), C)
     for loss in (lambda u: ofa_loss(s.float(), u, y, 1.5), lambda u: kd_loss(s.float(), u, 4.0),
                  lambda u: dkd_loss(s.float(), u, y)):
         assert loss(z).item() == pytest.approx(loss(t).item(), rel=2e-3)
@@ -105,7 +106,7 @@ def test_reconstruction_keeps_known_probabilities_and_tail_mass(logits):
     t = t.float()
     labels = torch.stack([y, y.roll(1)], 1)
     vals, idx, lse, lab = _cache_of(t, labels, 3)
-    z = teacher_logits_from_topk(vals, idx, lse, labels, lab, C)
+    z = reconstruct_logits(vals, idx, lse, labels, lab, C)
     p_true, p_rec = F.softmax(t, 1), F.softmax(z, 1)
     assert torch.allclose(p_rec.gather(1, labels), p_true.gather(1, labels), atol=1e-5)  # labels exact
     assert torch.allclose(p_rec.gather(1, idx), p_true.gather(1, idx), atol=5e-3)  # top-k to fp16
@@ -125,7 +126,7 @@ def test_gradients_finite_with_extreme_logits():
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     vals, idx = t.topk(2, 1)
-    z = teacher_logits_from_topk(vals.half(), idx, torch.logsumexp(t, 1), y[:, None], t.gather(1, y[:, None]), 4)
+    z = reconstruct_logits(vals.half(), idx, torch.logsumexp(t, 1), y[:, None], t.gather(1, y[:, None]), 4)
     assert torch.isfinite(z).all()
 
 

@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 
 from conftest import ROOT, accelerate_cli, run_cli
 from pipeline.augment import get_recipe
+from pipeline.models import model_input
 from pipeline.reader import ShardReader
 from pipeline.views import EvalViews
-from students.models import model_input
 
 VIT = ["--model-kwargs", "img_size=32", "--model-kwargs", "patch_size=4"]
 

@@ -2,8 +2,8 @@
 
 timm's Mixer and ResMLP are registered only at ImageNet scale (patch 16, 224 px): at 32 px they see a
 2x2 token grid. These variants keep the architecture and use patch 4 (an 8x8 grid). Importing
-`students` registers them; `timm.create_model("resmlp_tiny_p4", checkpoint_path=...)` then works
-like any timm name.
+`pipeline.models` (which every stage does) registers them; then
+`timm.create_model("resmlp_tiny_p4", checkpoint_path=...)` works like any timm name.
 """
 
 from timm.models import register_model

@@ -1,12 +1,18 @@
-"""Building timm models (teachers and students) from a name, keyword arguments and local weights."""
+"""Building timm models (teachers and students) from a name, keyword arguments and local weights.
+
+Both stages build models here, so neither imports the other; importing this module also registers
+the small MLP students of `pipeline.zoo` with timm.
+"""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import timm
 import torch
 
+from pipeline import zoo  # noqa: F401  (registers the small MLP students with timm)
 from pipeline.augment import ModelInput
 from pipeline.errors import UserError
 from pipeline.manifest import sha256_file
@@ -16,20 +22,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def parse_kwargs(items: list[str] | None) -> dict:
-    """['img_size=32', 'patch_size=4', 'drop_rate=0.1'] -> typed dict (int, float, bool, str)."""
+    """['img_size=32', 'patch_size=4', 'act_layer=gelu'] -> {'img_size': 32, ...}: Python literals, else strings."""
     out = {}
     for item in items or []:
         if "=" not in item:
             raise UserError(f"model keyword argument '{item}' must look like name=value, e.g. img_size=32")
         k, v = item.split("=", 1)
-        for cast in (int, float):
-            try:
-                out[k] = cast(v)
-                break
-            except ValueError:
-                continue
-        else:
-            out[k] = {"true": True, "false": False}.get(v.lower(), v)
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = {"true": True, "false": False}.get(v.lower(), v)  # bare words: strings (and lower-case bools)
     return out
 
 
@@ -38,16 +40,25 @@ def file_sha256(path: str | Path | None) -> str | None:
     return sha256_file(Path(path)) if path else None
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    return {k.removeprefix("module."): v for k, v in state.items()}
+def _check_state(state: dict, model: torch.nn.Module, name: str, num_classes: int, path: Path, role: str) -> None:
+    """One sentence naming the first mismatch, instead of torch's multi-page strict-load error."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or bad_shape):
+        return
+    parts = []
+    if bad_shape:
+        k = bad_shape[0]
+        parts.append(f"shape of {k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} "
+                     f"in {name} with {num_classes} classes")
+    if missing:
+        parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+    raise UserError(f"{role} checkpoint {path} does not match {name} ({'; '.join(parts)}); pass the "
+                    f"checkpoint of this architecture, class count and --model-kwargs")
 
 
 def create_model(name: str, num_classes: int, *, checkpoint: str | Path | None = None,
@@ -70,27 +81,12 @@ def create_model(name: str, num_classes: int, *, checkpoint: str | Path | None =
         path = Path(checkpoint)
         if not path.is_file():
             raise UserError(f"{role} checkpoint {path} does not exist; pass a .safetensors or torch file")
-        try:
-            state = load_weights(path)
+        try:  # timm's loader: safetensors or torch, 'state_dict'/'model' wrappers, 'module.' prefixes
+            state = timm.models.load_state_dict(str(path), use_ema=False)
         except Exception as e:
             raise UserError(f"{role} checkpoint {path} cannot be read ({e}); pass a .safetensors or "
                             f"torch state dict") from e
-        own = model.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        bad_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or bad_shape:
-            parts = []
-            if bad_shape:
-                k = bad_shape[0]
-                parts.append(f"shape of {k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} "
-                             f"in {name} with {num_classes} classes")
-            if missing:
-                parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
-            raise UserError(f"{role} checkpoint {path} does not match {name} ({'; '.join(parts)}); pass the "
-                            f"checkpoint of this architecture, class count and --model-kwargs")
+        _check_state(state, model, name, num_classes, path, role)
         model.load_state_dict(state, strict=True)
     return model
 
