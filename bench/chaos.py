@@ -47,7 +47,8 @@ def cli_cmd(processes: int, *args) -> list[str]:
         return [sys.executable, str(ROOT / "bench" / "chaos_cli.py"), *map(str, args)]
     return [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(29600 + os.getpid() % 300), str(ROOT / "bench" / "chaos_cli.py"), *map(str, args)]
+            "--main_process_port", str(29600 + os.getpid() % 300), str(ROOT / "bench" / "chaos_cli.py"),
+            *map(str, args)]
 
 
 def env(slow: float = 0.0) -> dict:
