@@ -10,6 +10,10 @@ in `epoch` comes from generators keyed by
 so rebuilding a view needs the recipe, the seed, the epoch, the index and the shard (mixing
 partners are other samples of the same data shard), nothing else: no dependence on process,
 worker count, batch size or iteration order.
+
+Hand-written on purpose: torchvision's and timm's random transforms draw from the global torch RNG
+(and timm's mixup mixes within a batch), so a view would depend on the worker, the batch and the
+order; here the draws are ours and the pixel operations are torchvision's functional ones.
 """
 
 from __future__ import annotations

@@ -45,7 +45,11 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
 
 
 def assign_shards(order: list[int], rank: int = 0, world: int = 1, worker: int = 0, workers: int = 1) -> list[int]:
-    """Node split, then worker split: every shard goes to exactly one (rank, worker)."""
+    """Node split, then worker split: every shard goes to exactly one (rank, worker).
+
+    Hand-written rather than webdataset's split_by_node/split_by_worker, which read the rank from the
+    environment: here the split is explicit, so the steps each rank can take are computable up front
+    (ranks must take the same number) and tests can check every shard is read exactly once."""
     if not (0 <= rank < world and 0 <= worker < workers):
         raise ValueError(f"bad split rank={rank}/{world} worker={worker}/{workers}")
     return order[rank::world][worker::workers]

@@ -9,7 +9,8 @@ Heads (training only; the exported student is the bare timm model):
 - conv head, for feature maps [B, C, H, W]: per halving of resolution down to the last stage's
   stride, two depthwise-separable convs (dw 3x3 stride 2 then 1, pw 1x1, BN, ReLU) widening to the
   next stage's width; then 1x1 conv to D = max(student width, teacher width), pool, linear.
-- token head, for token grids: [B, C, H, W] -> [B, H*W, C]; 2x2 patch merging (concat, LayerNorm,
+- token head, for transformers (isotropic or hierarchical, e.g. Swin: `--head-kind auto` picks it
+  whenever the model has attention) and MLPs: [B, C, H, W] -> [B, H*W, C]; 2x2 patch merging (concat, LayerNorm,
   linear back to C) while the grid is 14 or larger (down to about 7x7); 3/2/1/1 transformer blocks for
   stage positions 1-4; LayerNorm, token mean, linear. MLP students use this head too. Prefix tokens
   (class/distillation) never reach it: `forward_intermediates` returns only the patch grid.
@@ -28,6 +29,12 @@ from pipeline.errors import UserError
 
 HeadKind = Literal["auto", "conv", "token"]
 TOKEN_BLOCKS = (3, 2, 1, 1)
+
+
+def is_transformer(model: nn.Module) -> bool:
+    """Attention anywhere in the model (ViT, Swin and other hierarchical transformers, hybrids): the
+    authors give such students token heads, whatever the shape of their stage features."""
+    return any("attention" in type(m).__name__.lower() for m in model.modules())
 
 
 def feature_levels(model: nn.Module) -> tuple[list[int], bool]:
@@ -135,7 +142,7 @@ class StudentWithHeads(nn.Module):
         self.model = model
         self.indices, positions = select_indices(model, stages, block_indices) if with_heads else ([], [])
         _, isotropic = feature_levels(model)
-        kind = ("token" if isotropic else "conv") if head_kind == "auto" else head_kind
+        kind = ("token" if isotropic or is_transformer(model) else "conv") if head_kind == "auto" else head_kind
         self.heads = nn.ModuleDict()
         self.names: list[str] = []
         if not self.indices:

@@ -5,7 +5,8 @@ The teacher always arrives as full logits [B, C] (online, or rebuilt from the ca
 online teachers go through the same code.
 
 Losses (student logits s, teacher log-probs at temperature T, c = target class):
-- `ofa_loss(..., form="paper")`: -(1 + p_c)^gamma log q_c - sum_{j != c} p_j log q_j
+- `ofa_loss(..., form="paper")`: -(1 + p_c)^gamma log q_c - sum_{j != c} p_j log q_j, where the label's
+  share of the target weight (the 1) is the view's mixed/smoothed label when one is given
 - `ofa_loss(..., form="released")`: the authors' code: weights (1 + p_c)^gamma - 1 on the target and
   p_j^gamma elsewhere (not renormalised); computed with log_softmax, so no NaNs
 - `kd_loss`: KL(p || q) * T^2 (Hinton)
@@ -45,14 +46,20 @@ def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) 
 
 
 def ofa_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, gamma: float = 1.0,
-             T: float = 1.0, form: str = "paper") -> torch.Tensor:
-    """OFA loss with the target class `target` [B]; see the module docstring for the two forms."""
+             T: float = 1.0, form: str = "paper", label: torch.Tensor | None = None) -> torch.Tensor:
+    """OFA loss with the target class `target` [B]; see the module docstring for the two forms.
+
+    paper form: the "1" in (1 + p_c)^gamma = 1 + ((1 + p_c)^gamma - 1) is the label's cross-entropy;
+    `label` [B, C] (a mixed and/or smoothed label) takes its place, so mixing and label smoothing act
+    in this form too. With label = onehot(target) (the default) this is exactly the paper's equation.
+    """
     log_q = F.log_softmax(logits.float() / T, dim=1)
     p = F.softmax(teacher_logits.float() / T, dim=1)
     onehot = F.one_hot(target, p.shape[1]).bool()
     p_c = p.gather(1, target[:, None])  # [B, 1]
     if form == "paper":
-        w = torch.where(onehot, (1 + p_c) ** gamma, p)
+        y = onehot.float() if label is None else label.float()
+        w = torch.where(onehot, (1 + p_c) ** gamma - 1, p) + y
     elif form == "released":
         w = torch.where(onehot, (1 + p_c) ** gamma - 1, p ** gamma)
     else:

@@ -106,11 +106,12 @@ def distill_losses(out: dict, teacher_logits: torch.Tensor | None, batch: dict, 
     elif cfg.method == "ofa":
         heads = out["heads"]
         gammas = per_output(cfg.gamma, list(heads), "--gamma")
-        terms["ofa/final"] = ofa_loss(logits, teacher_logits, c, gammas[-1], cfg.T, cfg.ofa_form)
+        label = y if cfg.ofa_form == "paper" else None  # the released form has its label in the separate CE
+        terms["ofa/final"] = ofa_loss(logits, teacher_logits, c, gammas[-1], cfg.T, cfg.ofa_form, label)
         total = total + cfg.w_kd * terms["ofa/final"]
         weights = cfg.stage_weights or [1.0] * len(heads)
         for (name, h), g, w in zip(heads.items(), gammas[:-1], weights, strict=True):
-            terms[f"ofa/{name}"] = ofa_loss(h, teacher_logits, c, g, cfg.T, cfg.ofa_form)
+            terms[f"ofa/{name}"] = ofa_loss(h, teacher_logits, c, g, cfg.T, cfg.ofa_form, label)
             total = total + cfg.w_ofa * w * terms[f"ofa/{name}"]
     return {"loss": total, **terms}
 

@@ -56,3 +56,14 @@ def test_isotropic_depth_fractions_and_selection_errors():
         select_indices(deit, stages=[5])
     with pytest.raises(UserError, match="block indices"):
         select_indices(deit, block_indices=[12])
+
+
+@pytest.mark.parametrize("name,kind", [("swin_tiny_patch4_window7_224", "TokenHead"), ("resnet18", "ConvHead"),
+                                       ("deit_tiny_patch16_224", "TokenHead"), ("convnext_tiny", "ConvHead")])
+def test_transformer_students_get_token_heads_by_default(name, kind):
+    """The authors give transformer students token heads, hierarchical ones (Swin) included."""
+    model = StudentWithHeads(timm.create_model(name, num_classes=100), 100, 224).train()
+    assert {type(h).__name__ for h in model.heads.values()} == {kind}
+    if name.startswith("swin"):  # at real size: stage features [B, C, H, W] become token grids of the head
+        out = model(torch.randn(1, 3, 224, 224))
+        assert {tuple(v.shape) for v in out["heads"].values()} == {(1, 100)}

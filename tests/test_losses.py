@@ -72,6 +72,19 @@ def test_kd_and_dkd_match_naive(logits):
     assert dkd_loss(s, t, y, 1.0, 8.0, 4.0).item() == pytest.approx(_naive_dkd(s, t, y, 1.0, 8.0, 4.0), rel=1e-4)
 
 
+def test_paper_form_with_a_soft_label(logits):
+    """Generalised label term: CE(label) + ((1 + p_c)^gamma - 1)(-log q_c) - sum_{j != c} p_j log q_j."""
+    s, t, y = logits
+    soft = F.softmax(torch.randn(B, C, dtype=torch.float64), 1)
+    p = F.softmax(t, 1)
+    log_q = F.log_softmax(s, 1)
+    p_c, log_q_c = p.gather(1, y[:, None])[:, 0], log_q.gather(1, y[:, None])[:, 0]
+    others = -(p * log_q).sum(1) + p_c * log_q_c
+    want = (-(soft * log_q).sum(1) - ((1 + p_c) ** 1.5 - 1) * log_q_c + others).mean()
+    assert ofa_loss(s, t, y, 1.5, label=soft).item() == pytest.approx(want.item(), rel=1e-6)
+    assert ofa_loss(s, t, y, 1.5, label=F.one_hot(y, C)).item() == pytest.approx(ofa_loss(s, t, y, 1.5).item())
+
+
 def test_gamma_one_is_ce_plus_soft_ce(logits):
     """The brief's identity: L_OFA(gamma=1) = -(1 + p_c) log q_c - sum_{j != c} p_j log q_j
     = CE(label) + soft CE(teacher)."""
@@ -145,10 +158,15 @@ def test_task_composes_named_terms_for_each_form():
     batch = {"label": torch.tensor([0, 1, 2, 3]), "partner_label": torch.tensor([1, 1, 0, 4]),
              "lam": torch.tensor([1.0, 0.7, 0.2, 1.0])}
     c = torch.tensor([0, 1, 0, 3])  # argmax of the mixed labels
-    paper = distill_losses({"logits": s, "heads": heads}, t, batch, LossConfig("ofa", gamma=[1.5]), 5)
+    paper = distill_losses({"logits": s, "heads": heads}, t, batch,
+                           LossConfig("ofa", gamma=[1.5], label_smoothing=0.1), 5)
     assert set(paper) == {"loss", "ofa/final", "ofa/stage1", "ofa/stage2"}  # label term is inside the paper form
-    expected = ofa_loss(s, t, c, 1.5) + ofa_loss(heads["stage1"], t, c, 1.5) + ofa_loss(heads["stage2"], t, c, 1.5)
+    # ... and that label term is the mixed, smoothed label: neither is silently dropped
+    ys = soft_target(batch["label"], batch["partner_label"], batch["lam"], 5, 0.1)
+    expected = sum(ofa_loss(x, t, c, 1.5, label=ys) for x in (s, heads["stage1"], heads["stage2"]))
     assert paper["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    hard = sum(ofa_loss(x, t, c, 1.5) for x in (s, heads["stage1"], heads["stage2"]))
+    assert abs(paper["loss"].item() - hard.item()) > 1e-3
     rel = distill_losses({"logits": s, "heads": heads}, t, batch,
                          LossConfig("ofa", ofa_form="released", gamma=[1.5], w_ofa=0.1), 5)
     y = soft_target(batch["label"], batch["partner_label"], batch["lam"], 5)
