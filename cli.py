@@ -1,10 +1,13 @@
 """Command line: each command is thin and calls a library function.
 
     python cli.py shards SRC OUT [--split NAME] [--shard-size N] [--class-names FILE] [--overwrite]
-    python cli.py cache-teacher --data DIR --teacher NAME --epochs E --topk K --out STORE.zarr
+    python cli.py cache-teacher --data DIR --teacher NAME --epochs E --topk K --out STORE.zarr [--config FILE.yaml]
     python cli.py inspect-cache STORE.zarr
     python cli.py verify-cache STORE.zarr --samples N
-    python cli.py train-student --data DIR --student NAME --method {ce,kd,dkd,ofa} --out RUN_DIR ...
+    python cli.py train-student --data DIR --student NAME --method {ce,kd,dkd,ofa} --out RUN_DIR ... [--config FILE.yaml]
+
+cache-teacher and train-student take their options from the config dataclasses (`CacheConfig`,
+`TrainConfig` + `LossConfig`): flags, `--config` files and `--help` text all come from there.
 
 Problems a user can fix exit with status 2 and one sentence naming the input and the fix.
 """
@@ -19,8 +22,11 @@ from typing import Annotated
 
 import typer
 
+from cache.teacher_pass import CacheConfig, cache_teacher
 from pipeline.augment import PRESETS
+from pipeline.config import command_from
 from pipeline.errors import UserError
+from students.train import TrainConfig, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cross-architecture distillation (OFA-KD) with an offline, replayable teacher cache.")
@@ -69,40 +75,16 @@ def shards(
     print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
-@app.command("cache-teacher")
-def cache_teacher_cmd(
-    data: Annotated[Path, typer.Option(help="dataset directory made by `shards`")],
-    teacher: Annotated[str, typer.Option(help="timm model name of the teacher")],
-    out: Annotated[Path, typer.Option(help="output zarr store, e.g. runs/teacher.zarr")],
-    epochs: Annotated[int, typer.Option(help="epochs of views to cache")] = 1,
-    topk: Annotated[int, typer.Option(help="teacher logits kept per view")] = 10,
-    checkpoint: Annotated[Path | None, typer.Option(help="local teacher weights (.safetensors or torch)")] = None,
-    model_kwargs: Annotated[list[str] | None, typer.Option("--model-kwargs", help="teacher timm kwargs, name=value (repeatable)")] = None,
-    recipe: Annotated[RecipeName, typer.Option(help="augmentation preset")] = RecipeName.imagenet_cnn,
-    view_size: Annotated[int | None, typer.Option(help="override the recipe's view size")] = None,
-    input_size: Annotated[int | None, typer.Option(help="teacher input size [default: its fixed size, else the view size]")] = None,
-    split: Annotated[str, typer.Option(help="split to cache")] = "train",
-    seed: Annotated[int, typer.Option(help="run seed of the views")] = 0,
-    batch_size: Annotated[int, typer.Option(help="teacher batch size")] = 256,
-    workers: Annotated[int, typer.Option(help="data-loader workers per process")] = 2,
-    on_error: Annotated[OnError, typer.Option(help="corrupt samples: raise (stop) or skip (recorded in the store)")] = OnError.raise_,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing store made by another request")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
-):
+def _cache_teacher(cfg: CacheConfig) -> None:
     """Stage one: run the teacher once over the replayable views and store top-k logits (resumable)."""
-    from cache.teacher_pass import CacheConfig, cache_teacher
-    from pipeline.augment import get_recipe
-    from pipeline.models import parse_kwargs
-    cfg = CacheConfig(data=data, teacher=teacher, out=out, recipe=get_recipe(recipe.value, view_size),
-                      recipe_name=recipe.value, checkpoint=checkpoint, model_kwargs=parse_kwargs(model_kwargs),
-                      input_size=input_size, split=split, seed=seed, epochs=epochs, topk=topk,
-                      batch_size=batch_size, workers=workers, overwrite=overwrite, on_error=on_error.value,
-                      progress=not quiet)
     s = cache_teacher(cfg)
     if s["is_main"]:
         print(f"{s['store']}: {s['views_written']} views written ({s['units_skipped_as_done']} of {s['units_total']} "
               f"units were already done), {s['views_per_second']:.1f} views/s, {s['raw_bytes_per_view']} raw / "
               f"{s['disk_bytes_per_view']:.1f} on-disk bytes per view")
+
+
+app.command("cache-teacher")(command_from(CacheConfig, _cache_teacher, "cache-teacher"))
 
 
 @app.command("inspect-cache")
@@ -136,104 +118,14 @@ def verify_cache_cmd(
         raise typer.Exit(1)
 
 
-class Method(str, Enum):
-    ce = "ce"
-    kd = "kd"
-    dkd = "dkd"
-    ofa = "ofa"
-
-
-def _numbers(text: str | None, cast=float) -> list | None:
-    """'1,2 3' -> [1, 2, 3] (comma or space separated), None when empty."""
-    if not text:
-        return None
-    try:
-        return [cast(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise UserError(f"'{text}' is not a comma-separated list of {cast.__name__}s, e.g. 1,2,3") from None
-
-
-@app.command("train-student")
-def train_student_cmd(
-    data: Annotated[Path, typer.Option(help="dataset directory made by `shards` (train and val splits)")],
-    student: Annotated[str, typer.Option(help="timm model name of the student")],
-    out: Annotated[Path, typer.Option(help="run directory")],
-    method: Annotated[Method, typer.Option(help="ce (no teacher), kd, dkd or ofa")] = Method.ofa,
-    cache: Annotated[Path | None, typer.Option(help="teacher cache made by `cache-teacher`")] = None,
-    teacher: Annotated[str | None, typer.Option(help="with --cache: the teacher the cache must come from (checked)")] = None,
-    teacher_online: Annotated[str | None, typer.Option(help="run this timm teacher in the loop on the same views instead of a cache")] = None,
-    teacher_checkpoint: Annotated[Path | None, typer.Option(help="weights of the online teacher")] = None,
-    teacher_model_kwargs: Annotated[list[str] | None, typer.Option("--teacher-model-kwargs", help="online teacher timm kwargs, name=value")] = None,
-    teacher_input_size: Annotated[int | None, typer.Option(help="online teacher input size")] = None,
-    model_kwargs: Annotated[list[str] | None, typer.Option("--model-kwargs", help="student timm kwargs, name=value (repeatable), e.g. img_size=32")] = None,
-    input_size: Annotated[int | None, typer.Option(help="student input size [default: its fixed size, else the view size]")] = None,
-    recipe: Annotated[RecipeName | None, typer.Option(help="augmentation preset [default: the cache's, else imagenet-cnn]")] = None,
-    view_size: Annotated[int | None, typer.Option(help="override the recipe's view size")] = None,
-    view_seed: Annotated[int | None, typer.Option(help="seed of the views [default: the cache's, else 0]")] = None,
-    view_epochs: Annotated[int | None, typer.Option(help="online/ce: cycle views every N epochs (match a cache)")] = None,
-    epochs: Annotated[int, typer.Option(help="training epochs")] = 10,
-    batch_size: Annotated[int, typer.Option(help="batch size per process")] = 128,
-    optimizer: Annotated[str, typer.Option(help="sgd or adamw")] = "sgd",
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = 0.05,
-    weight_decay: Annotated[float, typer.Option(help="weight decay (not on norms and biases)")] = 5e-4,
-    momentum: Annotated[float, typer.Option(help="SGD momentum")] = 0.9,
-    sched: Annotated[str, typer.Option(help="learning-rate schedule per step: cosine or step")] = "cosine",
-    warmup_epochs: Annotated[float, typer.Option(help="linear warm-up from --warmup-lr, then the schedule")] = 0.0,
-    warmup_lr: Annotated[float, typer.Option(help="learning rate at the start of the warm-up")] = 1e-5,
-    min_lr: Annotated[float, typer.Option(help="learning rate at the end of the cosine")] = 0.0,
-    decay_epochs: Annotated[float, typer.Option(help="step schedule: decay every N epochs")] = 30.0,
-    decay_rate: Annotated[float, typer.Option(help="step schedule: multiply the learning rate by this")] = 0.1,
-    label_smoothing: Annotated[float, typer.Option(help="label smoothing of the CE term")] = 0.0,
-    clip_grad: Annotated[float | None, typer.Option(help="clip the gradient norm")] = None,
-    grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
-    mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), no, bf16, fp16")] = "auto",
-    ema_decay: Annotated[float, typer.Option(help="EMA decay of the student weights, 0 = off")] = 0.0,
-    stages: Annotated[str | None, typer.Option(help="OFA stages among 1-4, e.g. 1,2,3,4 [default: all]")] = None,
-    block_indices: Annotated[str | None, typer.Option(help="explicit forward_intermediates indices, e.g. 1,3,9,11")] = None,
-    head_kind: Annotated[str, typer.Option(help="auto (token for isotropic models, conv otherwise), conv, token")] = "auto",
-    ofa_form: Annotated[str, typer.Option(help="paper (default) or released (the authors' code)")] = "paper",
-    gamma: Annotated[str, typer.Option(help="OFA exponent: one value, or one per head and then the final logits")] = "1.0",
-    temperature: Annotated[float | None, typer.Option(help="softmax temperature [default: 1 for ofa, 4 for kd/dkd]")] = None,
-    w_ce: Annotated[float | None, typer.Option(help="CE weight [default: 1; 0 for paper-form OFA]")] = None,
-    w_kd: Annotated[float, typer.Option(help="weight of the distillation term on the final logits")] = 1.0,
-    w_ofa: Annotated[float | None, typer.Option(help="weight of the heads' OFA terms")] = None,
-    stage_weights: Annotated[str | None, typer.Option(help="per-head weights, e.g. 1,1,1,1")] = None,
-    dkd_alpha: Annotated[float, typer.Option(help="DKD: weight of the target-class term")] = 1.0,
-    dkd_beta: Annotated[float, typer.Option(help="DKD: weight of the non-target term")] = 8.0,
-    seed: Annotated[int, typer.Option(help="student seed (initialisation, data order)")] = 0,
-    workers: Annotated[int, typer.Option(help="data-loader workers per process")] = 2,
-    max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke runs)")] = None,
-    on_error: Annotated[OnError | None, typer.Option(help="corrupt samples: raise or skip [default: the cache's policy, else raise]")] = None,
-    train_split: Annotated[str, typer.Option(help="training split")] = "train",
-    val_split: Annotated[str, typer.Option(help="evaluation split")] = "val",
-    resume: Annotated[bool, typer.Option("--resume", help="continue from the run directory's last saved epoch")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
-):
+def _train_student(cfg: TrainConfig) -> None:
     """Stage two: train a student (with OFA stage heads) from the cache, online, or with plain CE."""
-    from pipeline.models import parse_kwargs
-    from students.task import LossConfig
-    from students.train import TrainConfig, train
-    loss = LossConfig(method=method.value, ofa_form=ofa_form, gamma=_numbers(gamma) or [1.0], temperature=temperature,
-                      w_ce=w_ce, w_kd=w_kd, w_ofa=w_ofa, stage_weights=_numbers(stage_weights),
-                      dkd_alpha=dkd_alpha, dkd_beta=dkd_beta, label_smoothing=label_smoothing)
-    if ofa_form not in ("paper", "released"):
-        raise UserError(f"--ofa-form must be paper or released, got {ofa_form}")
-    cfg = TrainConfig(data=data, student=student, out=out, loss=loss, cache=cache, teacher=teacher,
-                      teacher_online=teacher_online, teacher_checkpoint=teacher_checkpoint,
-                      teacher_model_kwargs=parse_kwargs(teacher_model_kwargs), teacher_input_size=teacher_input_size,
-                      model_kwargs=parse_kwargs(model_kwargs), input_size=input_size,
-                      recipe=recipe.value if recipe else None, view_size=view_size, view_seed=view_seed,
-                      view_epochs=view_epochs, seed=seed, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                      lr=lr, weight_decay=weight_decay, momentum=momentum, sched=sched, warmup_epochs=warmup_epochs,
-                      warmup_lr=warmup_lr, min_lr=min_lr, decay_epochs=decay_epochs, decay_rate=decay_rate,
-                      clip_grad=clip_grad, grad_accum=grad_accum, mixed_precision=mixed_precision,
-                      ema_decay=ema_decay, stages=_numbers(stages, int), block_indices=_numbers(block_indices, int),
-                      head_kind=head_kind, workers=workers, resume=resume, progress=not quiet,
-                      max_steps_per_epoch=max_steps_per_epoch, on_error=on_error.value if on_error else None,
-                      train_split=train_split, val_split=val_split)
     summary = train(cfg)
-    print(f"{out}: top1 {summary['top1']:.2f} top5 {summary['top5']:.2f} after {summary['epochs']} epochs "
-          f"({summary['train_seconds']:.1f} s of training); student exported to {out / 'model.safetensors'}")
+    print(f"{cfg.out}: top1 {summary['top1']:.2f} top5 {summary['top5']:.2f} after {summary['epochs']} epochs "
+          f"({summary['train_seconds']:.1f} s of training); student exported to {cfg.out / 'model.safetensors'}")
+
+
+app.command("train-student")(command_from(TrainConfig, _train_student, "train-student"))
 
 
 @app.command()

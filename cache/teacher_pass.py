@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from cache.store import (
     raw_bytes_per_view,
 )
 from cache.teacher import Teacher
-from pipeline.augment import Recipe
+from pipeline.augment import Recipe, get_recipe
 from pipeline.errors import UserError
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader
@@ -40,30 +41,52 @@ from pipeline.views import UnitViews, library_versions, views_digest
 
 @dataclass
 class CacheConfig:
+    """Every option of `cache-teacher` (flags, --config files and help text come from here)."""
+
     data: Path
-    """Dataset directory made by `cli.py shards`."""
+    """Dataset directory made by `shards`."""
     teacher: str
     """timm model name of the teacher."""
     out: Path
-    """Output store (a directory ending in .zarr by convention)."""
-    recipe: Recipe
-    recipe_name: str = "custom"
+    """Output zarr store, e.g. runs/teacher.zarr."""
+    recipe: Recipe | str = "imagenet-cnn"
+    """Augmentation preset (or, in a config file, the recipe's fields)."""
+    recipe_name: str = field(default="custom", metadata={"cli": False})
+    view_size: int | None = None
+    """Override the recipe's view size."""
     checkpoint: Path | None = None
-    """Local teacher weights (.safetensors or a torch state dict); none = timm's random init."""
-    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Local teacher weights (.safetensors or torch state dict); none = timm's random init."""
+    model_kwargs: dict = field(default_factory=dict)
+    """timm keyword arguments of the teacher."""
     input_size: int | None = None
-    """Teacher input size; default: the size a fixed-grid teacher was built for, else the view size."""
+    """Teacher input size [default: its fixed size, else the view size]."""
     split: str = "train"
+    """Split to cache."""
     seed: int = 0
+    """Run seed of the views."""
     epochs: int = 1
+    """Epochs of views to cache."""
     topk: int = 10
+    """Teacher logits kept per view."""
     batch_size: int = 256
+    """Teacher batch size."""
     workers: int = 2
+    """Data-loader workers per process."""
     overwrite: bool = False
-    on_error: str = "raise"
-    progress: bool = True
+    """Replace an existing store made by another request."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Corrupt samples: raise (stop) or skip (recorded in the store)."""
+    progress: bool = field(default=True, metadata={"flags": ("--progress/--quiet",)})
+    """Progress bars."""
 
     def __post_init__(self):
+        if isinstance(self.recipe, str):  # a preset name (command line, config file)
+            self.recipe, self.recipe_name = get_recipe(self.recipe, self.view_size), self.recipe
+        elif isinstance(self.recipe, dict):  # a config file's own recipe
+            size = {"input_size": self.view_size} if self.view_size else {}
+            self.recipe = Recipe.from_dict({**self.recipe, **size})
+        elif self.view_size:
+            self.recipe = dataclasses.replace(self.recipe, input_size=self.view_size)
         problems = []
         if self.epochs < 1:
             problems.append(f"--epochs must be at least 1, got {self.epochs}")

@@ -26,24 +26,31 @@ Method = Literal["ce", "kd", "dkd", "ofa"]
 
 @dataclass
 class LossConfig:
+    """The loss of `train-student` (its fields are flags of that command and the `loss:` section of a config)."""
+
     method: Method = "ofa"
+    """ce (no teacher), kd, dkd or ofa."""
     ofa_form: Literal["paper", "released"] = "paper"
-    """paper: -(1+p_c)^g log q_c - sum p_j log q_j (label term inside); released: the authors' code."""
+    """paper: -(1+p_c)^gamma log q_c - sum p_j log q_j with the (mixed, smoothed) label inside; released: the
+    authors' code, (1+p_c)^gamma - 1 and p_j^gamma plus a separate CE."""
     gamma: list[float] = field(default_factory=lambda: [1.0])
-    """OFA exponent: one value for every output, or one per head (the final logits use the last)."""
+    """OFA exponent: one value, or one per head and then one for the final logits."""
     temperature: float | None = None
-    """Softmax temperature; default 4 for kd/dkd, 1 for ofa."""
+    """Softmax temperature [default: 1 for ofa, 4 for kd/dkd]."""
     w_ce: float | None = None
-    """Weight of cross-entropy on the final logits; default 1, except 0 for the paper OFA form."""
+    """Weight of cross-entropy on the final logits [default: 1; 0 for the paper OFA form]."""
     w_kd: float = 1.0
     """Weight of the distillation term on the student's final logits."""
     w_ofa: float | None = None
-    """Weight of the heads' OFA terms (summed); default 1."""
+    """Weight of the heads' OFA terms, summed [default: 1]."""
     stage_weights: list[float] | None = None
-    """Optional per-head weights multiplying w_ofa."""
+    """Per-head weights multiplying --w-ofa, one per head."""
     dkd_alpha: float = 1.0
+    """DKD: weight of the target-class term."""
     dkd_beta: float = 8.0
+    """DKD: weight of the non-target term."""
     label_smoothing: float = 0.0
+    """Label smoothing of the label term (CE, or the paper OFA form's label term)."""
 
     def __post_init__(self):
         self.T = self.temperature if self.temperature is not None else (1.0 if self.method == "ofa" else 4.0)

@@ -18,10 +18,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import shutil
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -29,6 +32,7 @@ from torch.utils.data import DataLoader
 from cache.targets import CachedTeacher
 from cache.teacher import Teacher
 from pipeline.augment import ModelInput, Recipe, get_recipe
+from pipeline.config import strip_optional
 from pipeline.errors import UserError
 from pipeline.manifest import write_atomic
 from pipeline.models import create_model, file_sha256, model_input
@@ -41,68 +45,96 @@ from students.task import DistillationTask, LossConfig, online
 
 @dataclass
 class TrainConfig:
+    """Every option of `train-student` (flags, --config files and help text come from here)."""
+
     data: Path
-    """Dataset directory made by `cli.py shards` (train and val splits)."""
+    """Dataset directory made by `shards` (train and val splits)."""
     student: str
     """timm model name of the student."""
     out: Path
     """Run directory: config.json, metrics.csv/jsonl/json, state/, model.safetensors."""
     loss: LossConfig = field(default_factory=LossConfig)
     cache: Path | None = None
-    """Teacher cache (stage one); needed by kd/dkd/ofa unless --teacher-online."""
+    """Teacher cache made by `cache-teacher`; needed by kd/dkd/ofa unless --teacher-online."""
     teacher: str | None = None
-    """With --cache: the teacher the cache must come from (checked). Otherwise unused."""
+    """With --cache: the teacher the cache must come from (checked)."""
     teacher_online: str | None = None
-    """Run this timm teacher in the loop over the same views instead of reading a cache."""
+    """Run this timm teacher in the loop on the same views instead of reading a cache."""
     teacher_checkpoint: Path | None = None
+    """Weights of the online teacher (.safetensors or torch state dict)."""
     teacher_model_kwargs: dict = field(default_factory=dict)
+    """timm keyword arguments of the online teacher."""
     teacher_input_size: int | None = None
+    """Online teacher input size [default: its fixed size, else the view size]."""
     model_kwargs: dict = field(default_factory=dict)
+    """timm keyword arguments of the student, e.g. img_size=32."""
     input_size: int | None = None
-    """Student input size; default: the size a fixed-grid student was built for, else the view size."""
+    """Student input size [default: its fixed size, else the view size]."""
     recipe: str | None = None
-    """Augmentation preset; default: the cache's recipe, else imagenet-cnn."""
+    """Augmentation preset [default: the cache's, else imagenet-cnn]."""
     view_size: int | None = None
+    """Override the recipe's view size."""
     view_seed: int | None = None
-    """Seed of the views; default: the cache's seed, else 0."""
+    """Seed of the views [default: the cache's, else 0]."""
     view_epochs: int | None = None
-    """Cycle the views every N epochs (default: the cache's epochs; online: no cycling)."""
+    """Online/ce: cycle the views every N epochs (to match a cache) [default: the cache's epochs]."""
     seed: int = 0
     """Student seed: initialisation and data order."""
     epochs: int = 10
+    """Training epochs."""
     batch_size: int = 128
-    optimizer: str = "sgd"
+    """Batch size per process."""
+    optimizer: Literal["sgd", "adamw", "lamb"] = "sgd"
+    """timm optimizer (sgd is SGD with Nesterov momentum, as in timm)."""
     lr: float = 0.05
+    """Peak learning rate (not scaled by the batch size)."""
     weight_decay: float = 5e-4
+    """Weight decay (not on norms and biases)."""
     momentum: float = 0.9
-    sched: str = "cosine"
-    """Learning-rate schedule per optimizer step (timm's scheduler factory): cosine or step."""
+    """SGD momentum."""
+    sched: Literal["cosine", "step"] = "cosine"
+    """Learning-rate schedule, stepped per optimizer update (timm's scheduler factory)."""
     warmup_epochs: float = 0.0
-    """Linear warm-up from warmup_lr to lr over this many epochs, then the schedule."""
+    """Linear warm-up from --warmup-lr to --lr over this many epochs, then the schedule."""
     warmup_lr: float = 1e-5
+    """Learning rate at the start of the warm-up."""
     min_lr: float = 0.0
-    """cosine: the learning rate at the end."""
+    """Cosine: the learning rate at the end."""
     decay_epochs: float = 30.0
-    """step: multiply the learning rate by decay_rate every decay_epochs."""
+    """Step: multiply the learning rate by --decay-rate every this many epochs."""
     decay_rate: float = 0.1
+    """Step: the decay factor."""
     clip_grad: float | None = None
+    """Clip the gradient norm to this value."""
     grad_accum: int = 1
-    mixed_precision: str = "auto"
-    """auto: bf16 on CUDA, none on CPU; or no, bf16, fp16."""
+    """Gradient accumulation steps."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 on CUDA, none on CPU."""
     ema_decay: float = 0.0
-    """EMA of the student weights (0 = off); exported as model_ema.safetensors."""
+    """EMA of the student weights (0 = off); evaluated and exported as model_ema.safetensors."""
     stages: list[int] | None = None
+    """OFA stages among 1-4, e.g. 1,2,3,4 [default: all]."""
     block_indices: list[int] | None = None
-    head_kind: str = "auto"
+    """Explicit forward_intermediates indices for the heads, e.g. 1,3,9,11."""
+    head_kind: Literal["auto", "conv", "token"] = "auto"
+    """auto: token heads for transformers and MLPs, conv heads otherwise."""
     workers: int = 2
+    """Data-loader workers per process."""
     train_split: str = "train"
+    """Training split."""
     val_split: str = "val"
-    on_error: str | None = None
-    """Corrupt samples: raise (default) or skip; with a cache, default: the policy the cache was made with."""
+    """Evaluation split."""
+    on_error: Literal["raise", "skip"] | None = None
+    """Corrupt samples: raise or skip [default: the cache's policy, else raise]."""
+    log_with: Literal["tensorboard", "wandb", "all"] | None = None
+    """Also hand the metrics to these accelerate trackers (files under the run directory; wandb offline
+    unless configured); metrics.csv/jsonl are written either way."""
     resume: bool = False
-    progress: bool = True
+    """Continue from the run directory's last saved epoch."""
+    progress: bool = field(default=True, metadata={"flags": ("--progress/--quiet",)})
+    """Progress bars."""
     max_steps_per_epoch: int | None = None
-    """Cap optimizer steps per epoch (smoke tests, benchmarks)."""
+    """Cap optimizer steps per epoch (smoke runs, benchmarks)."""
 
     def check(self) -> None:
         problems = []
@@ -115,14 +147,11 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             problems.append(f"--lr must be > 0, got {self.lr}")
-        if self.sched not in ("cosine", "step"):
-            problems.append(f"--sched must be cosine or step, got {self.sched}")
-        if self.optimizer not in ("sgd", "adamw"):
-            problems.append(f"--optimizer must be sgd or adamw, got {self.optimizer}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            problems.append(f"--mixed-precision must be auto, no, bf16 or fp16, got {self.mixed_precision}")
-        if self.head_kind not in ("auto", "conv", "token"):
-            problems.append(f"--head-kind must be auto, conv or token, got {self.head_kind}")
+        for name in ("optimizer", "sched", "mixed_precision", "head_kind", "on_error", "log_with"):
+            choices = typing.get_args(strip_optional(typing.get_type_hints(TrainConfig)[name]))
+            if getattr(self, name) is not None and getattr(self, name) not in choices:
+                problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                f"got {getattr(self, name)!r}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if problems:
@@ -224,6 +253,33 @@ def build_optimization(cfg: TrainConfig, task: DistillationTask, data: Data, wor
     if isinstance(scheduler, tuple):  # some timm versions also return the epoch count
         scheduler = scheduler[0]
     return optimizer, scheduler, per_epoch
+
+
+def trackers(log_with: str | None) -> list[str] | None:
+    """accelerate tracker names for --log-with; a tracker that is not installed is refused, never dropped."""
+    if log_with is None:
+        return None
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+    names = ["tensorboard", "wandb"] if log_with == "all" else [log_with]
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    missing = [n for n in names if not available[n]()]
+    if missing:
+        raise UserError(f"--log-with {log_with} needs {' and '.join(missing)}, which is not installed; "
+                        f"pip install '.[{missing[0]}]' (or {missing[0]}) or drop --log-with")
+    if "wandb" in names and "WANDB_API_KEY" not in os.environ:
+        os.environ.setdefault("WANDB_MODE", "offline")  # no account configured: log to files, sync later
+    return names
+
+
+def flat_hparams(d: dict, prefix: str = "") -> dict:
+    """Nested configuration -> {"loss/gamma": "[1.5]", ...}: the scalar types trackers accept."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= flat_hparams(v, f"{prefix}{k}/")
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
 
 
 def to_device(batch: dict, device) -> dict:
@@ -348,7 +404,8 @@ def train(cfg: TrainConfig) -> dict:
 
     cfg.check()
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
+                              log_with=trackers(cfg.log_with), project_dir=str(cfg.out))
     rank, world = accelerator.process_index, accelerator.num_processes
     data = open_data(cfg, accelerator.print)
     set_seed(cfg.seed)
@@ -372,6 +429,8 @@ def train(cfg: TrainConfig) -> dict:
                 "mixed_precision": mp, "cache_teacher": data.cached.teacher if data.cached else None,
                 "teacher_checkpoint_sha256": file_sha256(cfg.teacher_checkpoint)}
     start, history = open_run(cfg, accelerator, resolved)
+    if cfg.log_with:
+        accelerator.init_trackers(Path(cfg.out).name, config=flat_hparams({**cfg.to_dict(), "processes": world}))
 
     for epoch in range(start, cfg.epochs):
         metrics = train_epoch(task, views, optimizer, scheduler, accelerator, cfg, epoch, per_epoch[epoch],
@@ -382,7 +441,9 @@ def train(cfg: TrainConfig) -> dict:
         history.append(metrics)
         accelerator.print(f"epoch {epoch + 1}: loss {metrics['train/loss']:.4f} top1 {metrics['top1']:.2f} top5 "
                           f"{metrics['top5']:.2f} ({metrics['images_per_second']:.0f} img/s)")
+        accelerator.log(metrics, step=epoch + 1)  # no-op without --log-with
         save_epoch(Path(cfg.out), epoch, history, accelerator)
+    accelerator.end_training()
     return finish(cfg, history, student.model, ema, accelerator)
 
 
