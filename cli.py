@@ -130,17 +130,22 @@ app.command("train-student")(command_from(TrainConfig, _train_student, "train-st
 
 @app.command()
 def demo(out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/demo"),
-         epochs: Annotated[int, typer.Option(help="student epochs (= cached epochs)")] = 4,
-         teacher_epochs: Annotated[int, typer.Option(help="epochs of the CE teacher")] = 8,
+         epochs: Annotated[int, typer.Option(help="student epochs (= cached epochs)")] = 12,
+         teacher_epochs: Annotated[int, typer.Option(help="epochs of the CE teacher")] = 10,
+         seeds: Annotated[int, typer.Option(help="seeds per (student, method)")] = 2,
+         processes: Annotated[int, typer.Option(help="student runs trained at once (one thread each)")] = 2,
+         max_steps_per_epoch: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke tests)")] = None,
          quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False):
-    """The whole product on the embedded digits: teacher, cache, ViT/MLP students with CE, KD, OFA."""
-    import time
-
+    """The whole product on the embedded digits: CNN teacher, cache, ViT/MLP students with CE, KD, OFA over seeds."""
     from students.demo import run_demo
-    t0 = time.perf_counter()
-    run_demo(out, epochs=epochs, teacher_epochs=teacher_epochs, progress=not quiet)
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    if processes < 1:
+        raise UserError(f"--processes must be at least 1, got {processes}")
+    results = run_demo(out, epochs=epochs, teacher_epochs=teacher_epochs, seeds=tuple(range(seeds)), processes=processes,
+                       max_steps_per_epoch=max_steps_per_epoch, progress=not quiet)
     print((out / "results.md").read_text())
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s; table {out / 'results.md'}, plot {out / 'accuracy.png'}")
+    print(f"demo finished in {results['seconds']:.0f} s; table {out / 'results.md'}, plot {out / 'accuracy.png'}")
 
 
 class CkaMode(str, Enum):

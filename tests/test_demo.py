@@ -1,18 +1,50 @@
 import json
+import statistics
 
 import pytest
 
 from conftest import run_cli
 
+STUDENTS = ("test_vit", "resmlp_demo")
+METHODS = ("ce", "kd", "ofa")
+
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_writes_its_table_and_plot(tmp_path):
+def test_demo_runs_end_to_end_and_writes_its_table_verdict_and_plot(tmp_path):
+    """The real `demo` command with few steps: every (student, method) over 2 seeds, mean and spread that
+    agree with the per-seed runs, a verdict line per distillation method, and a resume that retrains nothing."""
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--out", out, "--epochs", 1, "--teacher-epochs", 1, "--quiet", check=True, timeout=900)
-    assert "| method | student |" in proc.stdout
+    args = ("demo", "--out", out, "--epochs", 2, "--teacher-epochs", 1, "--max-steps-per-epoch", 3, "--quiet")
+    proc = run_cli(*args, check=True, timeout=900)
     results = json.loads((out / "results.json").read_text())
-    runs = {(r["student"], r["method"]) for r in results["runs"]}
-    assert runs == {(s, m) for s in ("test_vit", "resmlp_tiny_p4") for m in ("ce", "kd", "ofa")}
+
+    assert results["cached_epochs"] == results["epochs"] == 2
+    assert results["seeds"] == [0, 1]
+    runs = sorted((r["student"], r["method"], r["seed"]) for r in results["runs"])
+    assert runs == sorted((s, m, seed) for s in STUDENTS for m in METHODS for seed in (0, 1))
+    assert all(len(r["history"]) == 2 for r in results["runs"])
     assert all(r["teacher_seconds_saved"] > 0 for r in results["runs"] if r["method"] != "ce")
+
+    assert len(results["groups"]) == len(STUDENTS) * len(METHODS)
+    for g in results["groups"]:
+        per_seed = [r["top1"] for r in results["runs"] if (r["student"], r["method"]) == (g["student"], g["method"])]
+        assert g["top1"] == per_seed and g["seeds"] == [0, 1]
+        assert g["top1_mean"] == pytest.approx(statistics.fmean(per_seed))
+        assert g["top1_std"] == pytest.approx(statistics.stdev(per_seed))
+
+    table = (out / "results.md").read_text()
+    assert "| student | method | top-1 (mean ± sd) |" in proc.stdout
+    assert f"| test_resnet (CNN teacher) | ce | {results['teacher_top1']:.2f} |" in table
+    assert len(results["verdict"]) == len(STUDENTS) * (len(METHODS) - 1)
+    for line in results["verdict"]:
+        assert line in proc.stdout and line in table
+        assert " CE: " in line and " pt" in line
     assert (out / "accuracy.png").stat().st_size > 5000
     assert (out / "teacher.zarr" / "zarr.json").exists()
+
+    # resumable: a second invocation reuses the teacher and all 12 student runs and reports the same numbers
+    again = run_cli(*args, check=True, timeout=300)
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["runs_reused"] == 1 + len(results["runs"])
+    assert [r["top1"] for r in resumed["runs"]] == [r["top1"] for r in results["runs"]]
+    assert "finished runs reused" in again.stdout
