@@ -65,9 +65,10 @@ demo: $(STAMP)
 # stage-by-stage CKA between the demo's CNN teacher and its OFA ViT student (run `make demo` first)
 cka: $(STAMP)
 	$(PY) cli.py cka --model-a test_resnet --checkpoint-a runs/demo/teacher/model.safetensors \
-		--model-b test_vit --model-kwargs-b img_size=32 --model-kwargs-b patch_size=4 \
-		--checkpoint-b runs/demo/students/test_vit-ofa/model.safetensors \
-		--data runs/demo/data --recipe digits --samples 360 --out runs/cka $(ARGS)
+		--model-b test_vit --model-kwargs-b img_size=16 --model-kwargs-b patch_size=4 --model-kwargs-b depth=4 \
+		--model-kwargs-b class_token=false --model-kwargs-b global_pool=avg \
+		--checkpoint-b runs/demo/students/test_vit-ofa-s0/model.safetensors \
+		--data runs/demo/data --recipe digits-demo --samples 360 --out runs/cka $(ARGS)
 
 # one-GPU smoke run of both stages with real-size models (ResNet-50 -> DeiT-Tiny at 224 px) on CIFAR-10
 gpu-smoke: $(STAMP)

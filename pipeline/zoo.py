@@ -23,3 +23,13 @@ def resmlp_tiny_p4(pretrained: bool = False, **kwargs) -> MlpMixer:
     args = dict(img_size=32, patch_size=4, num_blocks=8, embed_dim=128, mlp_ratio=4, block_layer=ResBlock,
                 norm_layer=Affine, **kwargs)
     return _create_mixer("resmlp_12_224", pretrained=False, **args)
+
+
+@register_model
+def resmlp_demo(pretrained: bool = False, **kwargs) -> MlpMixer:
+    """ResMLP for the demo: 16x16 input, 4x4 patches (a 4x4 token grid), 4 blocks of width 64.
+
+    Every argument can be overridden (the variants above fix theirs at 32 px)."""
+    args = dict(img_size=16, patch_size=4, num_blocks=4, embed_dim=64, mlp_ratio=4, block_layer=ResBlock,
+                norm_layer=Affine) | kwargs
+    return _create_mixer("resmlp_12_224", pretrained=False, **args)

@@ -22,8 +22,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-from timm.models import register_model
-from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock, _create_mixer
 
 from cache.store import CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
@@ -31,18 +29,6 @@ from pipeline.augment import get_recipe
 from pipeline.shards import make_shards
 from students.task import LossConfig
 from students.train import TrainConfig, train
-
-
-@register_model
-def resmlp_demo(pretrained: bool = False, **kwargs) -> MlpMixer:
-    """ResMLP for the demo: 16x16 input, 4x4 patches (a 4x4 token grid), 4 blocks of width 64.
-
-    Registered here, with overridable arguments (students/zoo.py's variants fix theirs at 32 px):
-    `import students.demo` before `timm.create_model("resmlp_demo", checkpoint_path=...)`."""
-    args = dict(img_size=16, patch_size=4, num_blocks=4, embed_dim=64, mlp_ratio=4, block_layer=ResBlock,
-                norm_layer=Affine) | kwargs
-    return _create_mixer("resmlp_12_224", pretrained=False, **args)
-
 
 RECIPE = "digits-demo"
 TEACHER = "test_resnet"
@@ -154,7 +140,8 @@ def _cpu_seconds() -> float:
 
 
 def _train_student(cfg: TrainConfig) -> dict:
-    """One student run in a worker process (spawned: it imports this module, which registers resmlp_demo)."""
+    """One student run in a worker process (spawned: a fresh interpreter that builds models through
+    pipeline.models, which registers resmlp_demo with timm)."""
     torch.set_num_threads(1)
     return train(cfg)
 

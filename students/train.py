@@ -327,7 +327,7 @@ def train_epoch(task, views: TrainViews, optimizer, scheduler, accelerator, cfg:
             seen += len(batch["label"])
             # reading the loss syncs with the device: only every 25 steps, for the progress bar
             bar.advance(len(batch["label"]) * world,
-                        info=f"loss {float(result['loss']):.3f}" if bar.enabled and i % 25 == 0 else None)
+                        info=f"loss {float(result['loss'].detach()):.3f}" if bar.enabled and i % 25 == 0 else None)
     elapsed = time.perf_counter() - t0
     terms = accelerator.reduce(torch.stack([sums[k] for k in sorted(sums)]) / max(1, micro), reduction="mean")
     return {"epoch": epoch + 1, **{f"train/{k}": float(v) for k, v in zip(sorted(sums), terms.tolist(), strict=True)},
