@@ -28,6 +28,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 RecipeName = Enum("RecipeName", {k.replace("-", "_"): k for k in PRESETS}, type=str)
 
 
+# weights and label-space options, written once; each command names whose weights they are
+CHECKPOINT = "a state dict of exactly this architecture and class count (.safetensors or torch)"
+PRETRAINED = ("timm's pretrained weights of the name (a tag such as convnext_tiny.fb_in1k, or hf-hub:ORG/REPO), "
+              "from the Hugging Face hub")
+PRETRAINED_FILE = "timm's pretrained loader from this local weights file instead of the hub (implies pretrained)"
+TEACHER_CLASSES = ("the teacher's label space, to map the dataset's classes onto its outputs by class id: "
+                   "imagenet-1k (timm's synsets) or a file with one class id per line in output order")
+
+
+def _weights(checkpoint: Path | None, pretrained: bool, pretrained_file: Path | None):
+    from pipeline.models import Weights
+    return Weights(checkpoint, pretrained, pretrained_file)
+
+
 class OnError(str, Enum):
     raise_ = "raise"
     skip = "skip"
@@ -76,7 +90,10 @@ def cache_teacher_cmd(
     out: Annotated[Path, typer.Option(help="output zarr store, e.g. runs/teacher.zarr")],
     epochs: Annotated[int, typer.Option(help="epochs of views to cache")] = 1,
     topk: Annotated[int, typer.Option(help="teacher logits kept per view")] = 10,
-    checkpoint: Annotated[Path | None, typer.Option(help="local teacher weights (.safetensors or torch)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=f"teacher: {CHECKPOINT}")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help=f"teacher: {PRETRAINED}")] = False,
+    pretrained_file: Annotated[Path | None, typer.Option(help=f"teacher: {PRETRAINED_FILE}")] = None,
+    teacher_classes: Annotated[str | None, typer.Option(help=TEACHER_CLASSES)] = None,
     model_kwargs: Annotated[list[str] | None, typer.Option("--model-kwargs", help="teacher timm kwargs, name=value (repeatable)")] = None,
     recipe: Annotated[RecipeName, typer.Option(help="augmentation preset")] = RecipeName.imagenet_cnn,
     view_size: Annotated[int | None, typer.Option(help="override the recipe's view size")] = None,
@@ -94,7 +111,8 @@ def cache_teacher_cmd(
     from pipeline.augment import get_recipe
     from pipeline.models import parse_kwargs
     cfg = CacheConfig(data=data, teacher=teacher, out=out, recipe=get_recipe(recipe.value, view_size),
-                      recipe_name=recipe.value, checkpoint=checkpoint, model_kwargs=parse_kwargs(model_kwargs),
+                      recipe_name=recipe.value, checkpoint=checkpoint, pretrained=pretrained,
+                      pretrained_file=pretrained_file, teacher_classes=teacher_classes, model_kwargs=parse_kwargs(model_kwargs),
                       input_size=input_size, split=split, seed=seed, epochs=epochs, topk=topk,
                       batch_size=batch_size, workers=workers, overwrite=overwrite, on_error=on_error.value,
                       progress=not quiet)
@@ -122,12 +140,15 @@ def verify_cache_cmd(
     store: Annotated[Path, typer.Argument(help="teacher cache store")],
     samples: Annotated[int, typer.Option(help="random views to rebuild and re-run")] = 32,
     data: Annotated[Path | None, typer.Option(help="dataset directory [default: the one recorded]")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="teacher weights [default: the ones recorded]")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=f"teacher: {CHECKPOINT} [default: the weights recorded]")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help=f"teacher: {PRETRAINED}")] = False,
+    pretrained_file: Annotated[Path | None, typer.Option(help=f"teacher: {PRETRAINED_FILE}")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random pick")] = 0,
 ):
     """Rebuild random views, re-run the teacher, check the cache agrees (and is complete and in range)."""
     from cache.inspect import verify_cache
-    r = verify_cache(store, samples=samples, data=data, checkpoint=checkpoint, seed=seed)
+    weights = _weights(checkpoint, pretrained, pretrained_file)
+    r = verify_cache(store, samples=samples, data=data, weights=weights, seed=seed)
     for p in r["problems"]:
         print(f"problem: {p}")
     print(f"{store}: {r['views_checked']} views re-run, max |difference| {r['max_abs_difference']:.4g}: "
@@ -162,7 +183,12 @@ def train_student_cmd(
     cache: Annotated[Path | None, typer.Option(help="teacher cache made by `cache-teacher`")] = None,
     teacher: Annotated[str | None, typer.Option(help="with --cache: the teacher the cache must come from (checked)")] = None,
     teacher_online: Annotated[str | None, typer.Option(help="run this timm teacher in the loop on the same views instead of a cache")] = None,
-    teacher_checkpoint: Annotated[Path | None, typer.Option(help="weights of the online teacher")] = None,
+    teacher_checkpoint: Annotated[Path | None, typer.Option(help=f"online teacher: {CHECKPOINT}")] = None,
+    teacher_pretrained: Annotated[bool, typer.Option("--teacher-pretrained", help=f"online teacher: {PRETRAINED}")] = False,
+    teacher_pretrained_file: Annotated[Path | None, typer.Option(help=f"online teacher: {PRETRAINED_FILE}")] = None,
+    teacher_classes: Annotated[str | None, typer.Option(help=f"{TEACHER_CLASSES} (online teacher; with --cache: checked)")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help=f"student, fine-tuned (timm replaces a classifier of another class count): {PRETRAINED}")] = False,
+    pretrained_file: Annotated[Path | None, typer.Option(help=f"student: {PRETRAINED_FILE}")] = None,
     teacher_model_kwargs: Annotated[list[str] | None, typer.Option("--teacher-model-kwargs", help="online teacher timm kwargs, name=value")] = None,
     teacher_input_size: Annotated[int | None, typer.Option(help="online teacher input size")] = None,
     model_kwargs: Annotated[list[str] | None, typer.Option("--model-kwargs", help="student timm kwargs, name=value (repeatable), e.g. img_size=32")] = None,
@@ -220,6 +246,8 @@ def train_student_cmd(
         raise UserError(f"--ofa-form must be paper or released, got {ofa_form}")
     cfg = TrainConfig(data=data, student=student, out=out, loss=loss, cache=cache, teacher=teacher,
                       teacher_online=teacher_online, teacher_checkpoint=teacher_checkpoint,
+                      teacher_pretrained=teacher_pretrained, teacher_pretrained_file=teacher_pretrained_file,
+                      teacher_classes=teacher_classes, pretrained=pretrained, pretrained_file=pretrained_file,
                       teacher_model_kwargs=parse_kwargs(teacher_model_kwargs), teacher_input_size=teacher_input_size,
                       model_kwargs=parse_kwargs(model_kwargs), input_size=input_size,
                       recipe=recipe.value if recipe else None, view_size=view_size, view_seed=view_seed,
@@ -262,8 +290,12 @@ def cka(
     model_b: Annotated[str, typer.Option(help="timm name of model B")],
     data: Annotated[Path, typer.Option(help="dataset directory made by `shards`")],
     out: Annotated[Path, typer.Option(help="output directory for cka.png, cka.csv, cka.json")] = Path("runs/cka"),
-    checkpoint_a: Annotated[Path | None, typer.Option(help="weights of A")] = None,
-    checkpoint_b: Annotated[Path | None, typer.Option(help="weights of B")] = None,
+    checkpoint_a: Annotated[Path | None, typer.Option(help=f"model A: {CHECKPOINT}")] = None,
+    checkpoint_b: Annotated[Path | None, typer.Option(help=f"model B: {CHECKPOINT}")] = None,
+    pretrained_a: Annotated[bool, typer.Option("--pretrained-a", help=f"model A: {PRETRAINED}")] = False,
+    pretrained_b: Annotated[bool, typer.Option("--pretrained-b", help=f"model B: {PRETRAINED}")] = False,
+    pretrained_file_a: Annotated[Path | None, typer.Option(help=f"model A: {PRETRAINED_FILE}")] = None,
+    pretrained_file_b: Annotated[Path | None, typer.Option(help=f"model B: {PRETRAINED_FILE}")] = None,
     model_kwargs_a: Annotated[list[str] | None, typer.Option("--model-kwargs-a", help="timm kwargs of A, name=value")] = None,
     model_kwargs_b: Annotated[list[str] | None, typer.Option("--model-kwargs-b", help="timm kwargs of B, name=value")] = None,
     split: Annotated[str, typer.Option(help="split to read")] = "val",
@@ -289,8 +321,10 @@ def cka(
     if samples < 4:
         raise UserError(f"--samples must be at least 4, got {samples}")
     C = reader.manifest.num_classes
-    a = stage_model(model_a, C, r.input_size, checkpoint_a, parse_kwargs(model_kwargs_a), every_block)
-    b = stage_model(model_b, C, r.input_size, checkpoint_b, parse_kwargs(model_kwargs_b), every_block)
+    a = stage_model(model_a, C, r.input_size, _weights(checkpoint_a, pretrained_a, pretrained_file_a),
+                    parse_kwargs(model_kwargs_a), every_block)
+    b = stage_model(model_b, C, r.input_size, _weights(checkpoint_b, pretrained_b, pretrained_file_b),
+                    parse_kwargs(model_kwargs_b), every_block)
     n_batches = -(-samples // batch_size)
     loader = DataLoader(EvalViews(reader, r), batch_size=batch_size)
     views = (batch["view"][: samples - i * batch_size] for i, batch in enumerate(islice(loader, n_batches)))
