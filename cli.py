@@ -2,6 +2,7 @@
 
     python cli.py shards SRC OUT [--split NAME] [--shard-size N] [--class-names FILE] [--overwrite]
     python cli.py cache-teacher --data DIR --teacher NAME --epochs E --topk K --out STORE.zarr
+        [--checkpoint PATH | --pretrained | --pretrained-file PATH] [--teacher-classes imagenet-1k|FILE]
     python cli.py inspect-cache STORE.zarr
     python cli.py verify-cache STORE.zarr --samples N
     python cli.py train-student --data DIR --student NAME --method {ce,kd,dkd,ofa} --out RUN_DIR ...

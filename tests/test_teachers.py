@@ -102,14 +102,18 @@ def test_teacher_label_space_refusals(small_digits, teacher_files, tmp_path):
     assert p.returncode == 2 and "not both" in p.stderr, p.stderr
 
 
-def test_pretrained_without_the_hub_names_pretrained_file(small_digits, tmp_path):
+def test_pretrained_without_the_hub_names_pretrained_file(small_digits, teacher_files, tmp_path):
+    offline = {"HF_HUB_OFFLINE": "1"}
     p = run_cli("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--out", tmp_path / "h.zarr",
-                "--recipe", "digits", "--pretrained", "--teacher-classes", "imagenet-1k", "--quiet",
-                env={"HF_HUB_OFFLINE": "1"})
+                "--recipe", "digits", "--pretrained", "--teacher-classes", teacher_files / "classes.txt", "--quiet",
+                env=offline)
     assert p.returncode == 2, p.stderr
     msg = p.stderr.strip().splitlines()
     assert len(msg) == 1 and "--pretrained-file" in msg[0] and "hub" in msg[0], p.stderr
     assert not (tmp_path / "h.zarr").exists()
+    p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--pretrained", "--method", "ce",
+                "--recipe", "digits", "--epochs", 1, "--out", tmp_path / "run", "--quiet", env=offline)
+    assert p.returncode == 2 and "student 'test_resnet'" in p.stderr and "--pretrained-file" in p.stderr, p.stderr
 
 
 def test_other_weights_or_class_map_are_refused(small_digits, teacher_files, mapped_store, tmp_path):
