@@ -19,6 +19,7 @@ from cache.store import ARRAYS
 from cache.teacher import ClassMap
 from conftest import SHARED_DATA, run_cli
 from pipeline.manifest import Manifest, sha256_file
+from pipeline.shards import make_shards
 
 TINY = SHARED_DATA / "tiny-imagenet-200.tar.gz"
 ROWS = [917, 3, 455, 0, 999, 128, 640, 77, 301, 512]  # teacher output of digit class 0..9 in the test label space
@@ -206,32 +207,31 @@ def test_tiny_imagenet_slice_with_a_mapped_imagenet_teacher(teacher_files, tmp_p
     if not TINY.is_file():
         pytest.skip(f"{TINY} is absent")
     src, per_class = tmp_path / "src", {"train": 24, "val": 6}
-    picked: list[str] = []
-    counts: dict[tuple[str, str], int] = {}
-    with tarfile.open(TINY) as tar:  # the first 4 classes met in the archive, 24 train and 6 val images each
+    taken: dict[str, int] = {}
+    with tarfile.open(TINY) as tar:  # the first 4 classes of the archive's train part (grouped by class: fast)
         for m in tar:
-            parts = m.name.split("/")
-            if not m.isfile() or len(parts) < 4 or parts[1] not in per_class:
+            parts = m.name.split("/")  # tiny-imagenet-200/train/<wnid>/<file>.JPEG
+            if not (m.isfile() and len(parts) == 4 and parts[1] == "train"):
                 continue
-            split, wnid = parts[1], parts[2]
-            if wnid not in picked and len(picked) < 4 and split == "train":
-                picked.append(wnid)
-            if wnid in picked and counts.get((split, wnid), 0) < per_class[split]:
-                counts[(split, wnid)] = counts.get((split, wnid), 0) + 1
+            wnid = parts[2]
+            if wnid not in taken and len(taken) == 4:
+                break
+            n = taken[wnid] = taken.get(wnid, 0) + 1
+            if n <= 30:  # 24 to train on, 6 held out as the val split
+                split = "train" if n <= per_class["train"] else "val"
                 (src / split / wnid).mkdir(parents=True, exist_ok=True)
                 (src / split / wnid / parts[-1]).write_bytes(tar.extractfile(m).read())
-            if len(picked) == 4 and sum(counts.values()) == 4 * sum(per_class.values()):
-                break
+    picked = sorted(taken)
     data = tmp_path / "data"
-    for split in per_class:
-        run_cli("shards", src / split, data, "--split", split, "--shard-size", 24, "--quiet", check=True)
+    for split in per_class:  # the class ids in dataset.json are the folder names: wnids
+        make_shards(str(src / split), data, split=split, shard_size=24, progress=False)
     store = tmp_path / "tiny.zarr"
     run_cli("cache-teacher", "--data", data, "--teacher", "test_resnet", "--out", store, "--recipe", "tiny-cnn",
             "--view-size", 32, "--epochs", 1, "--topk", 3, "--workers", 0, "--quiet",
             "--pretrained-file", teacher_files / "full.safetensors", "--teacher-classes", "imagenet-1k", check=True)
     synsets = timm.data.ImageNetInfo("imagenet-1k").label_names()
     classes = json.loads((store / "zarr.json").read_text())["attributes"]["teacher"]["classes"]
-    assert [synsets[i] for i in classes["indices"]] == sorted(picked)
+    assert [synsets[i] for i in classes["indices"]] == picked
     run_cli("train-student", "--data", data, "--student", "test_convnext", "--method", "ofa", "--cache", store,
             "--teacher-classes", "imagenet-1k", "--epochs", 1, "--max-steps-per-epoch", 3, "--batch-size", 16,
             "--workers", 0, "--out", tmp_path / "run", "--quiet", check=True)
