@@ -30,12 +30,12 @@ def teacher_files(tmp_path_factory):
     """A 1000-output test_resnet saved as a pretrained file, the same with its classifier cut to ROWS,
     a label-space file (1000 ids, digits '0'..'9' at ROWS) and another 1000-output file (other weights)."""
     d = tmp_path_factory.mktemp("teachers")
-    torch.manual_seed(0)
+    torch.manual_seed(1234)  # not create_model's init seed (0): loaded weights differ from an unloaded model's
     full = timm.create_model("test_resnet", num_classes=1000).state_dict()
     save_file(full, str(d / "full.safetensors"))
     sliced = {**full, "fc.weight": full["fc.weight"][ROWS].clone(), "fc.bias": full["fc.bias"][ROWS].clone()}
     save_file(sliced, str(d / "sliced.safetensors"))
-    torch.manual_seed(1)
+    torch.manual_seed(4321)
     torch.save(timm.create_model("test_resnet", num_classes=1000).state_dict(), d / "other.pth")
     ids = [f"t{i:04d}" for i in range(1000)]
     for digit, row in enumerate(ROWS):
@@ -190,11 +190,15 @@ def test_student_fine_tunes_from_pretrained_file(small_digits, teacher_files, tm
 
 def test_cka_takes_pretrained_files(small_digits, teacher_files, tmp_path):
     full = teacher_files / "full.safetensors"
-    run_cli("cka", "--model-a", "test_resnet", "--pretrained-file-a", full, "--model-b", "test_resnet",
-            "--pretrained-file-b", full, "--data", small_digits, "--split", "train", "--samples", 16,
-            "--batch-size", 16, "--mode", "full", "--recipe", "digits", "--out", tmp_path / "cka", check=True)
-    m = np.array(json.loads((tmp_path / "cka" / "cka.json").read_text())["matrix"])
-    assert np.allclose(np.diag(m), 1.0, atol=1e-6)  # the same weights on both sides
+
+    def cka(*args, out):
+        run_cli("cka", "--model-a", "test_resnet", "--model-b", "test_resnet", "--data", small_digits, "--split",
+                "train", "--samples", 16, "--batch-size", 16, "--mode", "full", "--recipe", "digits", "--out", out,
+                *args, check=True)
+        return np.diag(json.loads((out / "cka.json").read_text())["matrix"])
+
+    assert np.allclose(cka("--pretrained-file-a", full, "--pretrained-file-b", full, out=tmp_path / "same"), 1.0)
+    assert not np.allclose(cka("--pretrained-file-a", full, out=tmp_path / "init"), 1.0, atol=1e-3)  # vs random init
     p = run_cli("cka", "--model-a", "test_resnet", "--pretrained-file-a", full, "--checkpoint-a", full,
                 "--model-b", "test_resnet", "--data", small_digits, "--split", "train", "--samples", 16,
                 "--recipe", "digits", "--out", tmp_path / "cka2")
