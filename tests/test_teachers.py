@@ -6,6 +6,7 @@ the same timm loader as the hub. Models are timm's tiny `test_*` family; data ar
 """
 
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -115,6 +116,30 @@ def test_pretrained_without_the_hub_names_pretrained_file(small_digits, teacher_
     p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--pretrained", "--method", "ce",
                 "--recipe", "digits", "--epochs", 1, "--out", tmp_path / "run", "--quiet", env=offline)
     assert p.returncode == 2 and "student 'test_resnet'" in p.stderr and "--pretrained-file" in p.stderr, p.stderr
+
+
+def test_hub_weights_are_recorded_and_equal_the_same_file(small_digits, teacher_files, mapped_store, tmp_path):
+    """--pretrained through the Hugging Face cache (offline, so nothing is downloaded): the file timm read is
+    recorded with its sha256, and the cache is the one --pretrained-file makes from the same bytes."""
+    snapshot = tmp_path / "hf" / "models--timm--test_resnet.r160_in1k" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    shutil.copy(teacher_files / "full.safetensors", snapshot / "model.safetensors")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf")}
+    store = tmp_path / "hub.zarr"
+    p = run_cli("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--out", store, "--recipe",
+                "digits", "--epochs", 2, "--topk", 5, "--batch-size", 64, "--workers", 0, "--quiet", "--pretrained",
+                "--teacher-classes", teacher_files / "classes.txt", env=env)
+    assert p.returncode == 0, p.stderr
+    w = json.loads((store / "zarr.json").read_text())["attributes"]["teacher"]["weights"]
+    hub_file = snapshot / "model.safetensors"
+    assert (w["source"], w["tag"], w["hf_hub_id"]) == ("hub", "test_resnet.r160_in1k", "timm/test_resnet.r160_in1k")
+    assert w["file"] == str(hub_file) and w["sha256"] == sha256_file(hub_file)
+    a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(str(mapped_store), mode="r")
+    for name in ARRAYS:
+        assert np.array_equal(a[name][...], b[name][...]), name
+    assert "OK" in run_cli("verify-cache", store, "--samples", 4, env=env, check=True).stdout  # recorded: the hub
 
 
 def test_other_weights_or_class_map_are_refused(small_digits, teacher_files, mapped_store, tmp_path):
