@@ -2,6 +2,7 @@
 
     python cli.py shards SRC OUT [--split NAME] [--shard-size N] [--class-names FILE] [--overwrite]
     python cli.py cache-teacher --data DIR --teacher NAME --epochs E --topk K --out STORE.zarr [--config FILE.yaml]
+        [--checkpoint PATH | --pretrained | --pretrained-file PATH] [--teacher-classes imagenet-1k|FILE]
     python cli.py inspect-cache STORE.zarr
     python cli.py verify-cache STORE.zarr --samples N
     python cli.py train-student --data DIR --student NAME --method {ce,kd,dkd,ofa} --out RUN_DIR ... [--config FILE.yaml]
@@ -32,6 +33,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Cross-architecture distillation (OFA-KD) with an offline, replayable teacher cache.")
 
 RecipeName = Enum("RecipeName", {k.replace("-", "_"): k for k in PRESETS}, type=str)
+
+
+# weights and label-space options, written once; each command names whose weights they are
+CHECKPOINT = "a state dict of exactly this architecture and class count (.safetensors or torch)"
+PRETRAINED = ("timm's pretrained weights of the name (a tag such as convnext_tiny.fb_in1k, or hf-hub:ORG/REPO), "
+              "from the Hugging Face hub")
+PRETRAINED_FILE = "timm's pretrained loader from this local weights file instead of the hub (implies pretrained)"
+TEACHER_CLASSES = ("the teacher's label space, to map the dataset's classes onto its outputs by class id: "
+                   "imagenet-1k (timm's synsets) or a file with one class id per line in output order")
+
+
+def _weights(checkpoint: Path | None, pretrained: bool, pretrained_file: Path | None):
+    from pipeline.models import Weights
+    return Weights(checkpoint, pretrained, pretrained_file)
 
 
 class OnError(str, Enum):
@@ -104,12 +119,15 @@ def verify_cache_cmd(
     store: Annotated[Path, typer.Argument(help="teacher cache store")],
     samples: Annotated[int, typer.Option(help="random views to rebuild and re-run")] = 32,
     data: Annotated[Path | None, typer.Option(help="dataset directory [default: the one recorded]")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="teacher weights [default: the ones recorded]")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help=f"teacher: {CHECKPOINT} [default: the weights recorded]")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help=f"teacher: {PRETRAINED}")] = False,
+    pretrained_file: Annotated[Path | None, typer.Option(help=f"teacher: {PRETRAINED_FILE}")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random pick")] = 0,
 ):
     """Rebuild random views, re-run the teacher, check the cache agrees (and is complete and in range)."""
     from cache.inspect import verify_cache
-    r = verify_cache(store, samples=samples, data=data, checkpoint=checkpoint, seed=seed)
+    weights = _weights(checkpoint, pretrained, pretrained_file)
+    r = verify_cache(store, samples=samples, data=data, weights=weights, seed=seed)
     for p in r["problems"]:
         print(f"problem: {p}")
     print(f"{store}: {r['views_checked']} views re-run, max |difference| {r['max_abs_difference']:.4g}: "
@@ -159,8 +177,12 @@ def cka(
     model_b: Annotated[str, typer.Option(help="timm name of model B")],
     data: Annotated[Path, typer.Option(help="dataset directory made by `shards`")],
     out: Annotated[Path, typer.Option(help="output directory for cka.png, cka.csv, cka.json")] = Path("runs/cka"),
-    checkpoint_a: Annotated[Path | None, typer.Option(help="weights of A")] = None,
-    checkpoint_b: Annotated[Path | None, typer.Option(help="weights of B")] = None,
+    checkpoint_a: Annotated[Path | None, typer.Option(help=f"model A: {CHECKPOINT}")] = None,
+    checkpoint_b: Annotated[Path | None, typer.Option(help=f"model B: {CHECKPOINT}")] = None,
+    pretrained_a: Annotated[bool, typer.Option("--pretrained-a", help=f"model A: {PRETRAINED}")] = False,
+    pretrained_b: Annotated[bool, typer.Option("--pretrained-b", help=f"model B: {PRETRAINED}")] = False,
+    pretrained_file_a: Annotated[Path | None, typer.Option(help=f"model A: {PRETRAINED_FILE}")] = None,
+    pretrained_file_b: Annotated[Path | None, typer.Option(help=f"model B: {PRETRAINED_FILE}")] = None,
     model_kwargs_a: Annotated[list[str] | None, typer.Option("--model-kwargs-a", help="timm kwargs of A, name=value")] = None,
     model_kwargs_b: Annotated[list[str] | None, typer.Option("--model-kwargs-b", help="timm kwargs of B, name=value")] = None,
     split: Annotated[str, typer.Option(help="split to read")] = "val",
@@ -186,8 +208,10 @@ def cka(
     if samples < 4:
         raise UserError(f"--samples must be at least 4, got {samples}")
     C = reader.manifest.num_classes
-    a = stage_model(model_a, C, r.input_size, checkpoint_a, parse_kwargs(model_kwargs_a), every_block)
-    b = stage_model(model_b, C, r.input_size, checkpoint_b, parse_kwargs(model_kwargs_b), every_block)
+    a = stage_model(model_a, C, r.input_size, _weights(checkpoint_a, pretrained_a, pretrained_file_a),
+                    parse_kwargs(model_kwargs_a), every_block)
+    b = stage_model(model_b, C, r.input_size, _weights(checkpoint_b, pretrained_b, pretrained_file_b),
+                    parse_kwargs(model_kwargs_b), every_block)
     n_batches = -(-samples // batch_size)
     loader = DataLoader(EvalViews(reader, r), batch_size=batch_size)
     views = (batch["view"][: samples - i * batch_size] for i, batch in enumerate(islice(loader, n_batches)))

@@ -27,7 +27,7 @@ from cache.targets import CachedTeacher
 from cache.teacher import Teacher
 from cache.teacher_pass import CacheConfig, cache_teacher
 from pipeline.augment import get_recipe
-from pipeline.models import create_model, model_input, parse_kwargs
+from pipeline.models import Weights, create_model, model_input, parse_kwargs
 from pipeline.reader import ShardReader
 from students.losses import kd_loss, ofa_loss, target_class
 
@@ -47,8 +47,8 @@ def add_pair_args(ap: argparse.ArgumentParser, recipe: str, shards: int) -> None
 
 def load_pair(args, num_classes: int, view_size: int):
     """(the stage-one Teacher, student, its ModelInput), both in eval mode."""
-    teacher = Teacher.build(args.teacher, num_classes, view_size, checkpoint=args.checkpoint)
-    student = create_model(args.student, num_classes, checkpoint=args.student_checkpoint,
+    teacher = Teacher.build(args.teacher, num_classes, view_size, weights=Weights(checkpoint=args.checkpoint))
+    student = create_model(args.student, num_classes, weights=Weights(checkpoint=args.student_checkpoint),
                            model_kwargs=parse_kwargs(args.student_kwargs), role="student").eval()
     return teacher, student, model_input(student, view_size)
 

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from cache.store import CacheStore
-from cache.teacher import Teacher
+from cache.teacher import ClassMap, Teacher
 from cache.teacher_pass import summarize
 from pipeline.augment import Recipe
 from pipeline.errors import UserError
-from pipeline.models import file_sha256
+from pipeline.models import Weights, file_sha256
 from pipeline.reader import ShardReader
 from pipeline.views import shard_views, views_digest
 
@@ -36,6 +36,9 @@ def inspect_cache(path: Path) -> dict:
     mass = topk_mass(store, done)
     return {
         "store": str(path), "teacher": a["teacher"]["name"], "checkpoint_sha256": a["teacher"]["checkpoint_sha256"],
+        "teacher_weights": a["teacher"].get("weights"),
+        "teacher_classes": a["teacher"].get("classes", {}) and {k: a["teacher"]["classes"][k]
+                                                                 for k in ("source", "num_outputs")},
         "teacher_input": f"{a['teacher']['input_size']}px mean={a['teacher']['mean']} std={a['teacher']['std']}",
         "dataset": f"{a['dataset']['name']}/{a['dataset']['split']} ({a['dataset']['num_samples']} samples, "
                    f"{a['num_classes']} classes, manifest {a['dataset']['manifest_hash'][:12]})",
@@ -74,9 +77,21 @@ def check_ranges(store: CacheStore) -> list[str]:
     return problems
 
 
-def verify_cache(path: Path, samples: int = 32, data: Path | None = None, checkpoint: Path | None = None,
+def recorded_weights(teacher: dict) -> Weights:
+    """The teacher weights a store recorded, as a request: the same checkpoint or pretrained file, or the hub."""
+    rec = teacher.get("weights") or {"source": "checkpoint" if teacher.get("checkpoint") else "init",
+                                     "file": teacher.get("checkpoint")}  # stores from before pretrained weights
+    source, file = rec.get("source"), rec.get("file")
+    if source == "checkpoint":
+        return Weights(checkpoint=Path(file))
+    if source == "file":
+        return Weights(pretrained_file=Path(file))
+    return Weights(pretrained=source in ("hub", "url"))
+
+
+def verify_cache(path: Path, samples: int = 32, data: Path | None = None, weights: Weights | None = None,
                  seed: int = 0, atol: float = 0.02, rtol: float = 0.01) -> dict:
-    """Rebuild `samples` random views, rerun the teacher, compare with the cache."""
+    """Rebuild `samples` random views, rerun the teacher (`weights`; default: those recorded), compare."""
     store = CacheStore(path)
     a = store.attrs
     problems = []
@@ -89,12 +104,18 @@ def verify_cache(path: Path, samples: int = 32, data: Path | None = None, checkp
     if reader.manifest.split_hash(a["dataset"]["split"]) != a["dataset"]["manifest_hash"]:
         raise UserError(f"dataset {data} is not the one cache {path} was made from (manifest hash differs); "
                         f"pass the right --data")
-    ckpt = checkpoint or a["teacher"].get("checkpoint")
-    if file_sha256(ckpt) != a["teacher"]["checkpoint_sha256"]:
-        raise UserError(f"teacher checkpoint {ckpt} is not the one cache {path} was made with; pass the right "
-                        f"--checkpoint")
-    teacher = Teacher.build(a["teacher"]["name"], store.num_classes, a["recipe"]["input_size"], checkpoint=ckpt,
+    if weights is None or not (weights.checkpoint or weights.from_timm):
+        weights = recorded_weights(a["teacher"])
+    if weights.checkpoint and file_sha256(weights.checkpoint) != a["teacher"]["checkpoint_sha256"]:  # before building
+        raise UserError(f"teacher checkpoint {weights.checkpoint} is not the one cache {path} was made with; pass the "
+                        f"right --checkpoint")
+    teacher = Teacher.build(a["teacher"]["name"], store.num_classes, a["recipe"]["input_size"], weights=weights,
+                            class_map=ClassMap.from_dict(a["teacher"].get("classes")),
                             model_kwargs=a["teacher"]["model_kwargs"], input_size=a["teacher"]["input_size"])
+    if teacher.checkpoint_sha256 != a["teacher"]["checkpoint_sha256"]:
+        raise UserError(f"teacher weights {teacher.weights.get('file') or teacher.weights.get('source')} are not the "
+                        f"ones cache {path} was made with (sha256 {a['teacher']['checkpoint_sha256']}); pass the right "
+                        f"--checkpoint or --pretrained-file")
     recipe = Recipe.from_dict(a["recipe"])
     rng = np.random.default_rng(seed)
     done = sorted(store.done_units())

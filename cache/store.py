@@ -57,7 +57,10 @@ FILL = {"partner": -1, "lam": 1.0}
 # what training compares against its own request; description key path -> readable name
 CHECKED = {
     ("teacher", "name"): "teacher",
-    ("teacher", "checkpoint_sha256"): "teacher checkpoint",
+    ("teacher", "checkpoint_sha256"): "teacher weights (sha256 of the file loaded)",
+    ("teacher", "weights", "tag"): "teacher pretrained tag",
+    ("teacher", "classes", "num_outputs"): "teacher outputs",
+    ("teacher", "classes", "indices"): "teacher class map",
     ("dataset", "manifest_hash"): "dataset",
     ("dataset", "split"): "dataset split",
     ("recipe",): "augmentation recipe",

@@ -125,6 +125,10 @@ class CachedTeacher:
         self.seed, self.epochs, self.num_classes = int(a["seed"]), self.store.epochs, self.store.num_classes
         self.split, self.on_error = a["dataset"]["split"], a.get("on_error", "raise")
         self.teacher = a["teacher"]
+        classes = self.teacher.get("classes")  # the teacher's label space, already restricted to the dataset's
+        if classes and len(classes["indices"]) != self.num_classes:
+            raise UserError(f"cache {self.path} maps {len(classes['indices'])} classes onto its teacher but holds "
+                            f"{self.num_classes}; the store is damaged: rebuild it with `cli.py cache-teacher`")
         self.join = CacheJoin(self.store)
 
     def reader(self, data: str | Path, on_error: str | None = None) -> ShardReader:

@@ -31,9 +31,10 @@ from cache.store import (
     index_dtype,
     raw_bytes_per_view,
 )
-from cache.teacher import Teacher
+from cache.teacher import ClassMap, Teacher
 from pipeline.augment import Recipe, get_recipe
 from pipeline.errors import UserError
+from pipeline.models import Weights
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader
 from pipeline.views import UnitViews, library_versions, views_digest
@@ -55,7 +56,13 @@ class CacheConfig:
     view_size: int | None = None
     """Override the recipe's view size."""
     checkpoint: Path | None = None
-    """Local teacher weights (.safetensors or torch state dict); none = timm's random init."""
+    """Local teacher weights of exactly this model (.safetensors or a torch state dict); none = timm's random init."""
+    pretrained: bool = False
+    """timm's pretrained weights of the teacher name (tag or hf-hub: name), from the hub."""
+    pretrained_file: Path | None = None
+    """timm's pretrained loader from this local file instead of the hub."""
+    teacher_classes: str | None = None
+    """The teacher's label space (imagenet-1k or a file of class ids): map the dataset's classes onto it."""
     model_kwargs: dict = field(default_factory=dict)
     """timm keyword arguments of the teacher."""
     input_size: int | None = None
@@ -96,8 +103,16 @@ class CacheConfig:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             problems.append(f"--workers must be >= 0, got {self.workers}")
+        try:
+            _ = self.weights  # conflicting weight sources
+        except UserError as e:
+            problems.append(str(e))
         if problems:
             raise UserError("; ".join(problems))
+
+    @property
+    def weights(self) -> Weights:
+        return Weights(self.checkpoint, self.pretrained, self.pretrained_file)
 
 
 def versions() -> dict:
@@ -114,7 +129,8 @@ def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher) -> dict:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "teacher": {"name": cfg.teacher, "checkpoint_sha256": teacher.checkpoint_sha256,
-                    "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
+                    "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "weights": teacher.weights,
+                    "classes": teacher.class_map.to_dict() if teacher.class_map else None,
                     "model_kwargs": cfg.model_kwargs, "input_size": minput.size, "mean": list(minput.mean),
                     "std": list(minput.std), "num_features": teacher.num_features},
         "dataset": {"name": m.name, "split": cfg.split, "path": str(Path(cfg.data).resolve()),
@@ -180,7 +196,8 @@ def cache_teacher(cfg: CacheConfig) -> dict:
     if cfg.recipe.mixes and reader.split.samples_per_shard < 2:
         raise UserError("mixing recipes need at least 2 samples per shard; recreate the shards with a "
                         "larger --shard-size")
-    teacher = Teacher.build(cfg.teacher, C, cfg.recipe.input_size, checkpoint=cfg.checkpoint,
+    class_map = ClassMap.resolve(cfg.teacher_classes, reader.manifest) if cfg.teacher_classes else None
+    teacher = Teacher.build(cfg.teacher, C, cfg.recipe.input_size, weights=cfg.weights, class_map=class_map,
                             model_kwargs=cfg.model_kwargs, input_size=cfg.input_size, device=device)
     desc = describe(cfg, reader, teacher)
 

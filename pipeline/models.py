@@ -1,4 +1,5 @@
-"""Building timm models (teachers and students) from a name, keyword arguments and local weights.
+"""Building timm models (teachers and students) from a name, keyword arguments and weights: a local
+state dict of exactly the model, or timm's own pretrained loader (hub tags, hf-hub: names, local files).
 
 Both stages build models here, so neither imports the other; importing this module also registers
 the small MLP students of `pipeline.zoo` with timm.
@@ -7,6 +8,10 @@ the small MLP students of `pipeline.zoo` with timm.
 from __future__ import annotations
 
 import ast
+import logging
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -57,28 +62,176 @@ def _check_state(state: dict, model: torch.nn.Module, name: str, num_classes: in
         parts.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+    hint = (" (a teacher trained on other classes: map the dataset's classes with --teacher-classes)"
+            if role == "teacher" and bad_shape else "")
     raise UserError(f"{role} checkpoint {path} does not match {name} ({'; '.join(parts)}); pass the "
-                    f"checkpoint of this architecture, class count and --model-kwargs")
+                    f"checkpoint of this architecture, class count and --model-kwargs{hint}")
 
 
-def create_model(name: str, num_classes: int, *, checkpoint: str | Path | None = None,
+@dataclass(frozen=True)
+class Weights:
+    """Where a model's weights come from: at most one of a local state dict of exactly this model
+    (`checkpoint`) and timm's pretrained loader (`pretrained`: the hub; `pretrained_file`: a local
+    file through the same loader). Neither: timm's random init, seeded."""
+
+    checkpoint: Path | None = None
+    """A state dict of exactly this architecture, class count and model kwargs (strict load)."""
+    pretrained: bool = False
+    """timm.create_model(name, pretrained=True): the name's pretrained tag (or hf-hub: name) from the hub."""
+    pretrained_file: Path | None = None
+    """timm's pretrained loader from this local file (pretrained_cfg_overlay=dict(file=...)); implies pretrained."""
+
+    def __post_init__(self):
+        if self.checkpoint and (self.pretrained or self.pretrained_file):
+            raise UserError("weights come from a checkpoint (a state dict of exactly this model) or from timm's "
+                            "pretrained loader (--pretrained / --pretrained-file), not both; drop one of the two")
+
+    @property
+    def from_timm(self) -> bool:
+        """True when timm's pretrained loader decides the weights (and, by default, the class count)."""
+        return bool(self.pretrained or self.pretrained_file)
+
+
+def _classifier_key(name: str) -> str | None:
+    """The state-dict key of the classifier weight of a timm name, from its pretrained config."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # hf-hub: names and unregistered models have no local config
+        cfg = None
+    clf = getattr(cfg, "classifier", None)
+    if isinstance(clf, tuple | list):
+        clf = clf[0] if clf else None
+    return f"{clf}.weight" if clf else None
+
+
+def _file_num_classes(name: str, path: Path) -> int | None:
+    """Outputs of the classifier stored in a weights file, None when it cannot be told."""
+    key = _classifier_key(name)
+    if key is None:
+        return None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:  # reads the header only
+            return int(f.get_slice(key).get_shape()[0]) if key in f.keys() else None
+    state = timm.models.load_state_dict(str(path), use_ema=False)
+    return int(state[key].shape[0]) if key in state else None
+
+
+def _hub_file(cfg: dict) -> Path | None:
+    """The local file timm's pretrained loader read for a model built with pretrained=True: the Hugging
+    Face cache entry it downloaded (safetensors first, as timm tries them), else torch's url cache."""
+    from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives, hf_split
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+        repo, revision = hf_split(cfg["hf_hub_id"])
+        filename = cfg.get("hf_hub_filename") or HF_WEIGHTS_NAME
+        names = [filename] if filename.endswith(".safetensors") else [*_get_safe_alternatives(filename), filename]
+        for fn in names:
+            hit = try_to_load_from_cache(repo, fn, revision=revision)
+            if isinstance(hit, str):
+                return Path(hit)
+    if cfg.get("url"):
+        from urllib.parse import urlparse
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg["url"]).path).name
+        return path if path.is_file() else None
+    return None
+
+
+@contextmanager
+def _load_report():
+    """Collect what timm's pretrained loader reports about the keys it did not load (it logs them, and with
+    a replaced classifier it loads non-strictly, so a file of another architecture would load nothing)."""
+    keys = {"missing": [], "unexpected": []}
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            m = re.match(r"(Missing|Unexpected) keys \((.*)\) (discovered|found) while loading", record.getMessage())
+            if m:
+                keys[m.group(1).lower()] += [k for k in m.group(2).split(", ") if k]
+
+    log = logging.getLogger("timm.models._builder")
+    handler, level, propagate = Collect(logging.INFO), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # our one sentence replaces timm's page of keys
+    try:
+        yield keys
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _pretrained(name: str, weights: Weights, kwargs: dict, role: str) -> torch.nn.Module:
+    """timm's pretrained loader, from the hub or (pretrained_file) a local file. A file's own class count
+    goes into the overlay, so that a file fine-tuned to N classes keeps its classifier at N classes."""
+    overlay = None
+    where = "from the hub"
+    if weights.pretrained_file:
+        path = Path(weights.pretrained_file)
+        where = f"file {path}"
+        if not path.is_file():
+            raise UserError(f"{role} pretrained file {path} does not exist; pass a timm weights file "
+                            f"(.safetensors, .pth or .bin)")
+        overlay = {"file": str(path)}
+        n = _file_num_classes(name, path)
+        if n is not None:
+            overlay["num_classes"] = n
+    try:
+        with _load_report() as keys:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except TypeError:
+        raise
+    except Exception as e:  # torch, safetensors, huggingface_hub and network errors all end here
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        if weights.pretrained_file:
+            raise UserError(f"{role} pretrained {where} cannot be loaded into {name} ({why}); pass timm weights "
+                            f"of this architecture and --model-kwargs") from e
+        raise UserError(f"{role} '{name}': timm could not load its pretrained weights from the hub ({why}); "
+                        f"without the hub, download the weights file elsewhere and pass --pretrained-file PATH") from e
+    clf = model.pretrained_cfg.get("classifier") or ()
+    replaced = {f"{c}.{p}" for c in ((clf,) if isinstance(clf, str) else clf) for p in ("weight", "bias")}
+    missing = [k for k in keys["missing"] if k not in replaced]
+    if missing or keys["unexpected"]:
+        what = (f"{len(missing)} model keys are not in the weights (e.g. {missing[0]})" if missing else
+                f"{len(keys['unexpected'])} keys of the weights are not in the model (e.g. {keys['unexpected'][0]})")
+        raise UserError(f"{role} pretrained {where} does not fit {name}: {what}; pass weights of this "
+                        f"architecture and --model-kwargs")
+    return model
+
+
+def create_model(name: str, num_classes: int | None, *, weights: Weights | None = None,
                  model_kwargs: dict | None = None, role: str = "model", init_seed: int = 0) -> torch.nn.Module:
-    """timm model with `num_classes` outputs and, if given, local weights that must match exactly."""
-    if not timm.is_model(name):
+    """timm model with `num_classes` outputs and its weights (see `Weights`).
+
+    With timm's pretrained weights, timm replaces the classifier when `num_classes` differs from the
+    weights' (fine-tuning); `num_classes=None` keeps the weights' own classifier. The model's
+    `loaded_weights` records what was loaded: source, tag, file and the sha256 of that file.
+    """
+    weights = weights or Weights()
+    if num_classes is None and not weights.from_timm:
+        raise ValueError("num_classes=None (the weights' own classes) needs pretrained weights")
+    if not name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise UserError(f"{role} '{name}' is not a timm model name{hint}; see timm.list_models()")
+    kwargs = {**(model_kwargs or {}), **({"num_classes": num_classes} if num_classes is not None else {})}
     try:
-        # without a checkpoint the weights are timm's random init, made reproducible by a fixed seed
-        # (so that a cache from an untrained teacher can still be verified), without touching global RNG
+        # the weights timm does not load (all of them at random init, a replaced classifier when fine-tuning)
+        # are made reproducible by a fixed seed, without touching the global RNG
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
+            if weights.from_timm:
+                model = _pretrained(name, weights, kwargs, role)
+            else:
+                model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
         raise UserError(f"{role} '{name}' does not accept the keyword arguments {model_kwargs} ({e}); "
                         f"fix --model-kwargs") from e
-    if checkpoint:
-        path = Path(checkpoint)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    tag = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("architecture") and cfg.get("tag") else None
+    if weights.checkpoint:
+        path = Path(weights.checkpoint)
         if not path.is_file():
             raise UserError(f"{role} checkpoint {path} does not exist; pass a .safetensors or torch file")
         try:  # timm's loader: safetensors or torch, 'state_dict'/'model' wrappers, 'module.' prefixes
@@ -88,6 +241,19 @@ def create_model(name: str, num_classes: int, *, checkpoint: str | Path | None =
                             f"torch state dict") from e
         _check_state(state, model, name, num_classes, path, role)
         model.load_state_dict(state, strict=True)
+        record = {"source": "checkpoint", "file": str(path), "sha256": file_sha256(path)}
+    elif weights.pretrained_file:
+        record = {"source": "file", "tag": tag, "file": str(weights.pretrained_file),
+                  "sha256": file_sha256(weights.pretrained_file)}
+    elif weights.pretrained:
+        hub = _hub_file(cfg)
+        record = {"source": "hub" if cfg.get("hf_hub_id") else "url", "tag": tag, "hf_hub_id": cfg.get("hf_hub_id"),
+                  "file": str(hub) if hub else None, "sha256": file_sha256(hub)}
+    else:
+        record = {"source": "init", "init_seed": init_seed}
+    if weights.from_timm:  # the classes of the loaded classifier; differs from num_classes when timm replaced it
+        record["weights_num_classes"] = cfg.get("num_classes")
+    model.loaded_weights = record
     return model
 
 

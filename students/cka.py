@@ -86,11 +86,13 @@ class StageModel:
         return [f.flatten(1).float() for f in feats]
 
 
-def stage_model(name: str, num_classes: int, view_size: int, checkpoint=None, model_kwargs=None,
+def stage_model(name: str, num_classes: int, view_size: int, weights=None, model_kwargs=None,
                 every_block: bool = False, input_size: int | None = None) -> StageModel:
+    """`weights` (pipeline.models.Weights): pretrained ones keep their own classifier (the stages are what count)."""
     from pipeline.models import create_model, model_input
     from students.heads import feature_levels
-    model = create_model(name, num_classes, checkpoint=checkpoint, model_kwargs=model_kwargs).eval()
+    pretrained = weights is not None and weights.from_timm
+    model = create_model(name, None if pretrained else num_classes, weights=weights, model_kwargs=model_kwargs).eval()
     levels, isotropic = feature_levels(model)
     if every_block and isotropic:
         idx = list(range(len(model.feature_info)))

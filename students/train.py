@@ -30,12 +30,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from cache.targets import CachedTeacher
-from cache.teacher import Teacher
+from cache.teacher import ClassMap, Teacher
 from pipeline.augment import ModelInput, Recipe, get_recipe
 from pipeline.config import strip_optional
 from pipeline.errors import UserError
 from pipeline.manifest import write_atomic
-from pipeline.models import create_model, file_sha256, model_input
+from pipeline.models import Weights, create_model, model_input
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader, assign_shards, shard_order
 from pipeline.views import EvalViews, TrainViews
@@ -61,11 +61,23 @@ class TrainConfig:
     teacher_online: str | None = None
     """Run this timm teacher in the loop on the same views instead of reading a cache."""
     teacher_checkpoint: Path | None = None
-    """Weights of the online teacher (.safetensors or torch state dict)."""
+    """Online teacher: a state dict of exactly this model."""
+    teacher_pretrained: bool = False
+    """Online teacher: timm's pretrained weights of its name, from the hub."""
+    teacher_pretrained_file: Path | None = None
+    """Online teacher: timm's pretrained loader from this local file."""
+    teacher_classes: str | None = None
+    """The teacher's label space (imagenet-1k or a file of class ids) the dataset's classes are mapped onto:
+    used by the online teacher; with a cache, checked against the map the cache was made with."""
     teacher_model_kwargs: dict = field(default_factory=dict)
     """timm keyword arguments of the online teacher."""
     teacher_input_size: int | None = None
     """Online teacher input size [default: its fixed size, else the view size]."""
+    pretrained: bool = False
+    """Student: start from timm's pretrained weights of its name (fine-tuning; timm replaces the classifier
+    when the class count differs)."""
+    pretrained_file: Path | None = None
+    """Student: timm's pretrained loader from this local file."""
     model_kwargs: dict = field(default_factory=dict)
     """timm keyword arguments of the student, e.g. img_size=32."""
     input_size: int | None = None
@@ -142,6 +154,18 @@ class TrainConfig:
             problems.append(f"method '{self.loss.method}' needs a teacher: pass --cache STORE or --teacher-online NAME")
         if self.cache and self.teacher_online:
             problems.append("pass either --cache or --teacher-online, not both")
+        if not self.teacher_online and (self.teacher_checkpoint or self.teacher_pretrained
+                                        or self.teacher_pretrained_file):
+            problems.append("--teacher-checkpoint, --teacher-pretrained and --teacher-pretrained-file are the weights "
+                            "of --teacher-online; pass --teacher-online NAME or drop them")
+        if self.teacher_classes and not (self.cache or self.teacher_online):
+            problems.append("--teacher-classes maps the dataset onto a teacher's outputs; pass --cache or "
+                            "--teacher-online, or drop it")
+        for weights in ("weights", "teacher_weights"):
+            try:
+                getattr(self, weights)
+            except UserError as e:
+                problems.append(str(e))
         for name in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -160,6 +184,13 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
+    @property
+    def weights(self) -> Weights:
+        return Weights(None, self.pretrained, self.pretrained_file)
+
+    @property
+    def teacher_weights(self) -> Weights:
+        return Weights(self.teacher_checkpoint, self.teacher_pretrained, self.teacher_pretrained_file)
 
 
 
@@ -190,9 +221,11 @@ def open_data(cfg: TrainConfig, say=print) -> Data:
     if cached is None:
         return Data(train_reader, val_reader, get_recipe(cfg.recipe or "imagenet-cnn", cfg.view_size),
                     cfg.view_seed if cfg.view_seed is not None else 0, cfg.view_epochs, None)
+    class_map = ClassMap.resolve(cfg.teacher_classes, train_reader.manifest) if cfg.teacher_classes else None
     want = {"dataset": {"manifest_hash": train_reader.manifest.split_hash(cfg.train_split), "split": cfg.train_split},
             "recipe": get_recipe(cfg.recipe, cfg.view_size).to_dict() if cfg.recipe else None,
-            "seed": cfg.view_seed, "teacher": {"name": cfg.teacher}}
+            "seed": cfg.view_seed,
+            "teacher": {"name": cfg.teacher, "classes": class_map.to_dict() if class_map else None}}
     cached.store.check_request(want, only_given=True)
     if cfg.view_epochs and cfg.view_epochs != cached.epochs:
         raise UserError(f"--view-epochs {cfg.view_epochs} differs from the cache's {cached.epochs} epochs; omit it")
@@ -204,21 +237,27 @@ def open_data(cfg: TrainConfig, say=print) -> Data:
 
 def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
     """Student + heads, the teacher source (cache or online) and the loss."""
-    C, teacher, teacher_width = data.num_classes, None, 0
+    C, teacher, teacher_width, about_teacher = data.num_classes, None, 0, None
     if cfg.teacher_online:
-        t = Teacher.build(cfg.teacher_online, C, data.recipe.input_size, checkpoint=cfg.teacher_checkpoint,
-                          model_kwargs=cfg.teacher_model_kwargs, input_size=cfg.teacher_input_size, device=device)
+        class_map = ClassMap.resolve(cfg.teacher_classes, data.train.manifest) if cfg.teacher_classes else None
+        t = Teacher.build(cfg.teacher_online, C, data.recipe.input_size, weights=cfg.teacher_weights,
+                          class_map=class_map, model_kwargs=cfg.teacher_model_kwargs,
+                          input_size=cfg.teacher_input_size, device=device)
         teacher, teacher_width = online(t), t.num_features
+        about_teacher = {"name": t.name, "weights": t.weights, "classes": class_map.to_dict() if class_map else None}
     elif data.cached is not None:
         teacher, teacher_width = data.cached.logits, int(data.cached.teacher.get("num_features", 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        bare = create_model(cfg.student, C, model_kwargs=cfg.model_kwargs, role="student", init_seed=cfg.seed)
+        bare = create_model(cfg.student, C, weights=cfg.weights, model_kwargs=cfg.model_kwargs, role="student",
+                            init_seed=cfg.seed)
         s_input = model_input(bare, data.recipe.input_size, cfg.input_size)
         student = StudentWithHeads(bare, C, s_input.size, teacher_width=teacher_width, stages=cfg.stages,
                                    block_indices=cfg.block_indices, head_kind=cfg.head_kind,
                                    with_heads=cfg.loss.method == "ofa")
-    return DistillationTask(student, s_input, cfg.loss, C, teacher)
+    task = DistillationTask(student, s_input, cfg.loss, C, teacher)
+    task.provenance = {"student_weights": bare.loaded_weights, "online_teacher": about_teacher}  # for config.json
+    return task
 
 
 def steps_per_epoch(reader: ShardReader, seed: int, epoch: int, world: int, workers: int, batch: int) -> int:
@@ -427,7 +466,7 @@ def train(cfg: TrainConfig) -> dict:
                 "num_classes": data.num_classes, "student_input": dataclasses.asdict(s_input), "heads": student.names,
                 "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T}, "processes": world,
                 "mixed_precision": mp, "cache_teacher": data.cached.teacher if data.cached else None,
-                "teacher_checkpoint_sha256": file_sha256(cfg.teacher_checkpoint)}
+                **accelerator.unwrap_model(task).provenance}
     start, history = open_run(cfg, accelerator, resolved)
     if cfg.log_with:
         accelerator.init_trackers(Path(cfg.out).name, config=flat_hparams({**cfg.to_dict(), "processes": world}))
