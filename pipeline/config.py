@@ -6,7 +6,8 @@ attribute docstring, written once where the field is declared), plus `--config F
 File keys follow the dataclass structure (nested dataclasses are nested mappings, as in a run's
 `config.json`, which is therefore a valid `--config`); unknown keys are refused, naming them. A file
 may instead hold one section per command (`cache-teacher:`, `train-student:`), so one file describes
-a whole setup (the shipped `configs/`).
+a whole setup (the shipped `configs/`). On the command line, `null` clears an optional option that
+the file sets (e.g. `--teacher-classes null`).
 
 Hand-written because typer builds commands from function signatures only; this turns a dataclass
 into such a signature (jsonargparse does the same for argparse, but the CLI here is typer).
@@ -132,6 +133,9 @@ def _parse_list(text, item, option: str) -> list:
 def _convert(flag: Flag, value, source: str):
     """A value from the command line or a file -> the field's type; bad values name the option."""
     if value is None:
+        return None
+    optional = strip_optional(flag.tp) is not flag.tp
+    if source == "flag" and optional and value == "null":  # a flag that clears what the file set
         return None
     option = f"--{flag.name.replace('_', '-')}" if source == "flag" else f"'{'.'.join(flag.path)}' in {source}"
     tp = strip_optional(flag.tp)

@@ -104,7 +104,8 @@ def test_shipped_configs_run_one_step_on_the_digits(path, digits, tmp_path):
     weights = tmp_path / "teacher.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), str(weights))
     store, run = tmp_path / "t.zarr", tmp_path / "run"
-    run_cli("cache-teacher", "--config", path, "--data", digits, "--teacher", "test_resnet", "--checkpoint", weights,
+    run_cli("cache-teacher", "--config", path, "--data", digits, "--teacher", "test_resnet", "--no-pretrained",
+            "--teacher-classes", "null", "--checkpoint", weights,
             "--out", store, "--view-size", 32, "--epochs", 1, "--topk", 5, "--batch-size", 128, "--workers", 0,
             "--quiet", check=True)
     vit = "deit" in path.stem or "resmlp" in path.stem
