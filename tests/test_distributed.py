@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache.store import ARRAYS, CacheStore
-from cache.teacher_pass import CacheConfig, cache_teacher, teacher_logits
+from cache.teacher_pass import teacher_logits
 from conftest import ROOT, launch_cmd, launch_env
 from pipeline.augment import get_recipe, view_seed
 from pipeline.reader import ShardReader
@@ -101,19 +101,20 @@ def teacher_ckpt(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def ref_store(small_digits, teacher_ckpt, tmp_path_factory):
-    """The one-process reference store: 2 epochs of digits-mix views, top-4."""
-    out = tmp_path_factory.mktemp("ref") / "teacher.zarr"
-    cache_teacher(CacheConfig(data=small_digits, teacher="test_resnet", checkpoint=teacher_ckpt, out=out,
-                              recipe=get_recipe(RECIPE), recipe_name=RECIPE, epochs=2, topk=4, batch_size=40,
-                              workers=0, progress=False))
-    return out
-
-
 def cache_args(data, ckpt, out) -> list:
     return ["cache-teacher", "--data", data, "--teacher", "test_resnet", "--checkpoint", ckpt, "--out", out,
             "--recipe", RECIPE, "--epochs", 2, "--topk", 4, "--batch-size", 40, "--workers", 0, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ref_store(small_digits, teacher_ckpt, tmp_path_factory):
+    """The one-process reference store (2 epochs of digits-mix views, top-4), made by the same CLI in the
+    same environment as the 2-rank runs."""
+    root = tmp_path_factory.mktemp("ref")
+    proc = run_ranks(1, root / "probe", *cache_args(small_digits, teacher_ckpt, root / "teacher.zarr"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["world"] for r in ranks_seen(root / "probe")] == [1]
+    return root / "teacher.zarr"
 
 
 @pytest.mark.slow
