@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from cache.inspect import inspect_cache, verify_cache
 from cache.store import ARRAYS, CacheStore, raw_bytes_per_view
 from cache.teacher_pass import CacheConfig, cache_teacher, teacher_logits
-from conftest import accelerate_cli, run_cli
+from conftest import run_cli
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.reader import ShardReader
@@ -102,19 +102,6 @@ def test_interrupted_pass_resumes_to_identical_arrays(small_digits, reference, t
     a, b = _arrays(reference), _arrays(out)
     for name in ARRAYS:
         assert np.array_equal(a[name], b[name]), name
-
-
-@pytest.mark.slow
-def test_two_processes_give_the_same_store(small_digits, reference, tmp_path):
-    out = tmp_path / "two.zarr"
-    proc = accelerate_cli(2, "cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--out", out,
-                          "--recipe", RECIPE, "--epochs", 2, "--topk", 4, "--batch-size", 40, "--workers", 0,
-                          "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _arrays(reference), _arrays(out)
-    for name in ARRAYS:
-        assert np.array_equal(a[name], b[name]), name
-    assert CacheStore(out).done_units() == set(range(6))
 
 
 def test_rerun_skips_done_units_and_refuses_another_request(small_digits, reference, tmp_path):
