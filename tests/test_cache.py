@@ -159,3 +159,24 @@ def test_bad_requests_fail_cleanly(small_digits, tmp_path):
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
     proc = run_cli("cache-teacher", "--data", tmp_path / "nodata", "--teacher", "test_resnet", "--out", tmp_path / "z")
     assert proc.returncode == 2 and "nodata" in proc.stderr
+
+
+def test_another_view_seed_is_refused_by_both_stages(small_digits, reference, tmp_path):
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(reference, out)
+    with pytest.raises(UserError, match="seed is 0, requested 1"):
+        cache_teacher(_cfg(small_digits, out, seed=1))
+    assert _arrays(out)["view_seed"].tobytes() == _arrays(reference)["view_seed"].tobytes()  # untouched
+    p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd", "--cache",
+                reference, "--view-seed", 1, "--out", tmp_path / "run")
+    assert p.returncode == 2 and "view seed is 0, requested 1" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_loader_workers_do_not_change_the_store(small_digits, reference, tmp_path):
+    out = tmp_path / "w2.zarr"
+    cache_teacher(_cfg(small_digits, out, workers=2))
+    a, b = _arrays(reference), _arrays(out)
+    for name in ARRAYS:
+        assert np.array_equal(a[name], b[name]), name

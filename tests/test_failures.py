@@ -70,7 +70,7 @@ def test_incomplete_cache_is_refused_for_training_and_reads(small_digits, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(_cfg(small_digits, out))
     store = CacheStore(out)  # a reader of a store still being written sees only complete units
-    assert store.done_units() == {0, 1} or len(store.done_units()) == 2
+    assert store.done_units() == {0, 1}  # one process, workers 0: units in order, the third died
     missing = (set(range(store.num_units)) - store.done_units()).pop()
     with pytest.raises(UserError, match=f"data shard {missing}"):
         store.read_epoch(0, missing)
@@ -94,7 +94,9 @@ def test_checkpoint_with_another_class_count(tmp_path, small_digits):
     from safetensors.torch import save_file
     ckpt = tmp_path / "hundred.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=100).state_dict(), str(ckpt))
-    with pytest.raises(UserError, match="100.*10 classes|10 classes"):
+    # the README promises the mismatching tensor by name
+    with pytest.raises(UserError, match=r"shape of fc\.weight is \(100, \d+\) in the file, \(10, \d+\) in test_resnet"
+                                        r" with 10 classes"):
         cache_teacher(_cfg(small_digits, tmp_path / "c.zarr", checkpoint=ckpt))
     assert not (tmp_path / "c.zarr").exists()
 

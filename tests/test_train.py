@@ -139,6 +139,8 @@ def test_training_refuses_bad_requests(digits, tmp_path):
                 "--teacher-online", "test_resnet", "--teacher-checkpoint", tmp_path / "nope.safetensors",
                 "--recipe", "digits", "--out", tmp_path / "e")
     assert p.returncode == 2 and "nope.safetensors" in p.stderr
+    for run in "abde":  # a refused request leaves nothing behind, not even the run directory
+        assert not (tmp_path / run).exists(), run
 
 
 @pytest.fixture(scope="module")
