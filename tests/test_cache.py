@@ -176,7 +176,8 @@ def test_another_view_seed_is_refused_by_both_stages(small_digits, reference, tm
 @pytest.mark.slow
 def test_loader_workers_do_not_change_the_store(small_digits, reference, tmp_path):
     out = tmp_path / "w2.zarr"
-    cache_teacher(_cfg(small_digits, out, workers=2))
+    summary = cache_teacher(_cfg(small_digits, out, workers=2))
+    assert summary["views_written"] == 2 * 270  # every view once, across both workers
     a, b = _arrays(reference), _arrays(out)
     for name in ARRAYS:
         assert np.array_equal(a[name], b[name]), name
