@@ -180,3 +180,54 @@ def test_online_teacher_trains_to_the_weights_of_a_full_cache(small_digits, full
     assert dist("cached", "online") < 1e-5  # fp16 rounding of the cached logits (measured 5e-7)
     assert dist("online", "other") > 100 * dist("cached", "online")  # another teacher moves the weights far more
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_learning_rate_schedule_warms_up_then_follows_the_cosine_to_min_lr():
+    from students.train import _lr_lambda
+    f = _lr_lambda(total=10, warmup=2, base_lr=0.1, min_lr=0.01)
+    lrs = [0.1 * f(s) for s in range(11)]
+    assert lrs[:3] == pytest.approx([0.05, 0.1, 0.1])  # linear warmup, then the cosine starts at the peak
+    assert lrs[6] == pytest.approx(0.055)  # half-way through the cosine: the mean of peak and floor
+    assert lrs[10] == pytest.approx(0.01) and all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+
+
+def _ce_run(data, out, *extra):
+    run_cli("train-student", "--data", data, "--student", "test_vit", *VIT, "--method", "ce", "--recipe", "digits",
+            "--epochs", 1, "--max-steps-per-epoch", 3, "--workers", 0, "--lr", 0.05, "--min-lr", 0.005,
+            "--weight-decay", 0, "--out", out, "--quiet", *extra, check=True)
+    return load_file(out / "model.safetensors"), json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_larger_batch_and_the_schedule_ends_at_min_lr(small_digits, tmp_path):
+    """3 steps of 2 x 16 accumulated = 3 steps of 32 (a LayerNorm student: no batch statistics)."""
+    big, m_big = _ce_run(small_digits, tmp_path / "b32", "--batch-size", 32)
+    acc, m_acc = _ce_run(small_digits, tmp_path / "b16x2", "--batch-size", 16, "--grad-accum", 2)
+    assert all(torch.allclose(big[k], acc[k], atol=1e-6, rtol=1e-5) for k in big)
+    assert max((big[k] - acc[k]).abs().max().item() for k in big) < 1e-5
+    for m in (m_big, m_acc):  # the cosine reached its floor after the 3 optimizer steps, not 6
+        assert m["history"][0]["lr"] == pytest.approx(0.005)
+
+
+@pytest.mark.slow
+def test_ema_is_updated_exported_and_evaluated(small_digits, tmp_path):
+    from students.models import create_model
+    w, m = _ce_run(small_digits, tmp_path / "ema", "--batch-size", 16, "--ema-decay", 0.5)
+    ema = load_file(tmp_path / "ema" / "model_ema.safetensors")
+    torch.manual_seed(0)
+    w0 = create_model("test_vit", 10, model_kwargs={"img_size": 32, "patch_size": 4}, role="student",
+                      init_seed=0).state_dict()
+
+    def dist(a, b):
+        return sum((a[k].float() - b[k].float()).norm() ** 2 for k in a) ** 0.5
+    # between the initial and the final weights, nearer the final ones (decay 0.5 over 3 steps)
+    assert 0 < dist(ema, w) < dist(ema, w0) + dist(w, w0) and 0 < dist(ema, w0) < dist(w, w0)
+    model = timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=4).eval()
+    model.load_state_dict(ema)
+    recipe = get_recipe("digits")
+    correct = n = 0
+    with torch.no_grad():
+        for b in DataLoader(EvalViews(ShardReader(small_digits, "val"), recipe), batch_size=48):
+            correct += (model(model_input(model, recipe.input_size)(b["view"])).argmax(1) == b["label"]).sum().item()
+            n += len(b["label"])
+    assert n == 96 and 100.0 * correct / n == pytest.approx(m["ema_top1"], abs=1e-6)
