@@ -6,7 +6,8 @@ check the result is bit-identical to an uninterrupted run.
 Stage one: each round starts the teacher pass, kills it `--kills` times at random moments (with
 writes slowed by OFAKD_CHAOS_SLOW_WRITES so that kills land inside unit writes), then lets it finish
 and compares every array and every completion marker with an uninterrupted reference. With
-`--processes 2` the pass runs under `accelerate launch` and one of its two workers is killed.
+`--processes 2` the pass runs on two real CPU ranks (torchrun, bench/launch.py), one rank is killed
+(torchrun stops the other), and the number of rank processes running at each kill is recorded and checked.
 Stage two: kills `train-student` mid-epoch, reruns with `--resume`, compares the exported weights
 and metrics with an uninterrupted run.
 """
@@ -32,6 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from cache.store import ARRAYS, CacheStore  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from launch import launch_cmd, launch_env  # noqa: E402
+
 
 def make_data(root: Path) -> Path:
     from pipeline.shards import digits_source, write_split
@@ -43,16 +47,13 @@ def make_data(root: Path) -> Path:
 
 
 def cli_cmd(processes: int, *args) -> list[str]:
-    if processes == 1:
-        return [sys.executable, str(ROOT / "bench" / "chaos_cli.py"), *map(str, args)]
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(29600 + os.getpid() % 300), str(ROOT / "bench" / "chaos_cli.py"),
-            *map(str, args)]
+    """The CLI (with fault injection: bench/chaos_cli.py) on `processes` real CPU ranks (bench/launch.py;
+    `accelerate launch --cpu` would start one)."""
+    return launch_cmd(processes, ROOT / "bench" / "chaos_cli.py", *args)
 
 
 def env(slow: float = 0.0) -> dict:
-    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    e = launch_env()
     if slow:
         e["OFAKD_CHAOS_SLOW_WRITES"] = str(slow)
     return e
@@ -88,20 +89,35 @@ def newest_data_write(path: Path) -> float:
     return max(times, default=0.0)
 
 
-def kill_tree(proc: subprocess.Popen, victim: str) -> None:
-    if victim == "one-worker":  # under accelerate: kill one rank, the launcher tears the others down
-        kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        if kids:
-            os.kill(int(random.choice(kids)), signal.SIGKILL)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of the launcher's rank processes (from each child's RANK variable)."""
+    out = {}
+    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        try:
+            env = dict(v.split(b"=", 1) for v in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        if b"RANK" in env:
+            out[int(env[b"RANK"])] = int(pid)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen, victim: str) -> int:
+    """SIGKILL the job ("all") or one random rank of it ("one-worker"; torchrun then stops the others).
+    Returns how many rank processes were running at the kill (the evidence that N ranks ran)."""
+    ranks = rank_pids(proc) if victim == "one-worker" else {}
+    if ranks:
+        os.kill(ranks[random.choice(sorted(ranks))], signal.SIGKILL)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the job
     except ProcessLookupError:
         pass
     proc.wait()
+    return len(ranks)
 
 
 def compare_stores(a: Path, b: Path) -> list[str]:
@@ -128,10 +144,15 @@ def chaos_stage_one(data: Path, work: Path, kills: int, processes: int, ref: Pat
             time.sleep(0.02)
         time.sleep(random.uniform(0.0, 0.6))
         finished = proc.poll() is not None
+        ranks = 0
         if not finished:
-            kill_tree(proc, "one-worker" if processes > 1 else "all")
+            ranks = kill_tree(proc, "one-worker" if processes > 1 else "all")
+            if processes > 1 and ranks != processes:
+                return {"ok": False, "error": f"{ranks} rank processes were running, expected {processes}",
+                        "kill_points": points}
         state = store_state(out, since=t0)
-        points.append({"after_s": round(time.time() - t0, 2), "killed": not finished, **state})
+        points.append({"after_s": round(time.time() - t0, 2), "killed": not finished, "ranks_running": ranks,
+                       **state})
         if finished or state["done"] == CacheStore(out).num_units:
             break
     done = subprocess.run(cli_cmd(processes, *cache_args(data, out)), env=env(), capture_output=True, text=True)

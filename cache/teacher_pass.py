@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from cache.store import (
     ARRAYS,
@@ -182,6 +182,26 @@ class _UnitBuffer:
         return Unit(self.shard, self.first, self.count, self.data, skipped, digests)
 
 
+class UnitBatches(IterableDataset):
+    """Teacher batches that never straddle a (unit, epoch). A row's float32 logits can depend on its
+    position in the batch (CPU kernels treat the rows of a tail block differently, 1 ulp), so batches are
+    cut per (unit, epoch): their contents, and the stored arrays, are then the same whatever the number
+    of processes or data-loader workers."""
+
+    def __init__(self, views: IterableDataset, batch_size: int):
+        self.views, self.batch_size = views, batch_size
+
+    def __iter__(self):
+        buf: list[dict] = []
+        for v in self.views:
+            if buf and (len(buf) == self.batch_size or (v["shard"], v["epoch"]) != (buf[0]["shard"], buf[0]["epoch"])):
+                yield default_collate(buf)
+                buf = []
+            buf.append(v)
+        if buf:
+            yield default_collate(buf)
+
+
 def cache_teacher(cfg: CacheConfig) -> dict:
     """Run (or resume) the teacher pass; returns a summary dict."""
     from accelerate import Accelerator
@@ -211,7 +231,7 @@ def cache_teacher(cfg: CacheConfig) -> dict:
     mine = todo[accelerator.process_index::accelerator.num_processes]
 
     stream = UnitViews(reader, cfg.recipe, cfg.seed, cfg.epochs, mine)
-    loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=min(cfg.workers, len(mine)),
+    loader = DataLoader(UnitBatches(stream, cfg.batch_size), batch_size=None, num_workers=min(cfg.workers, len(mine)),
                         pin_memory=device.type == "cuda")
     total_views = sum(reader.split.shards[u].count for u in mine) * cfg.epochs
     buffers: dict[int, _UnitBuffer] = {}

@@ -10,6 +10,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from launch import free_port, launch_cmd, launch_env  # noqa: E402  (bench/launch.py)
+
+__all__ = ["free_port", "launch_cmd", "launch_env"]
 
 
 def run_cli(*args, check=False, timeout=600, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -22,13 +27,10 @@ def run_cli(*args, check=False, timeout=600, env=None, cwd=ROOT) -> subprocess.C
     return proc
 
 
-def accelerate_cli(n: int, *args, timeout=600) -> subprocess.CompletedProcess:
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    launcher = Path(sys.executable).with_name("accelerate")
-    cmd = [str(launcher), "launch", "--cpu", "--num_processes", str(n), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
-           str(ROOT / "cli.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+def launch_cli(n: int, *args, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """The real CLI on n real CPU ranks (bench/launch.py: torchrun with ACCELERATE_USE_CPU)."""
+    return subprocess.run(launch_cmd(n, ROOT / "cli.py", *args), capture_output=True, text=True, timeout=timeout,
+                          env=launch_env(env), cwd=ROOT)
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class=7, size=(20, 16), seed=0) -> Path:

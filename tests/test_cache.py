@@ -10,7 +10,7 @@ from cache.inspect import inspect_cache, verify_cache
 from cache.store import ARRAYS, CacheStore, raw_bytes_per_view
 from cache.teacher import Teacher
 from cache.teacher_pass import CacheConfig, cache_teacher
-from conftest import accelerate_cli, run_cli
+from conftest import run_cli
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.models import create_model
@@ -104,19 +104,6 @@ def test_interrupted_pass_resumes_to_identical_arrays(small_digits, reference, t
         assert np.array_equal(a[name], b[name]), name
 
 
-@pytest.mark.slow
-def test_two_processes_give_the_same_store(small_digits, reference, tmp_path):
-    out = tmp_path / "two.zarr"
-    proc = accelerate_cli(2, "cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--out", out,
-                          "--recipe", RECIPE, "--epochs", 2, "--topk", 4, "--batch-size", 40, "--workers", 0,
-                          "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _arrays(reference), _arrays(out)
-    for name in ARRAYS:
-        assert np.array_equal(a[name], b[name]), name
-    assert CacheStore(out).done_units() == set(range(6))
-
-
 def test_rerun_skips_done_units_and_refuses_another_request(small_digits, reference, tmp_path):
     out = tmp_path / "copy.zarr"
     shutil.copytree(reference, out)
@@ -172,3 +159,25 @@ def test_bad_requests_fail_cleanly(small_digits, tmp_path):
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
     proc = run_cli("cache-teacher", "--data", tmp_path / "nodata", "--teacher", "test_resnet", "--out", tmp_path / "z")
     assert proc.returncode == 2 and "nodata" in proc.stderr
+
+
+def test_another_view_seed_is_refused_by_both_stages(small_digits, reference, tmp_path):
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(reference, out)
+    with pytest.raises(UserError, match="seed is 0, requested 1"):
+        cache_teacher(_cfg(small_digits, out, seed=1))
+    assert _arrays(out)["view_seed"].tobytes() == _arrays(reference)["view_seed"].tobytes()  # untouched
+    p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd", "--cache",
+                reference, "--view-seed", 1, "--out", tmp_path / "run")
+    assert p.returncode == 2 and "view seed is 0, requested 1" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_loader_workers_do_not_change_the_store(small_digits, reference, tmp_path):
+    out = tmp_path / "w2.zarr"
+    summary = cache_teacher(_cfg(small_digits, out, workers=2))
+    assert summary["views_written"] == 2 * 270  # every view once, across both workers
+    a, b = _arrays(reference), _arrays(out)
+    for name in ARRAYS:
+        assert np.array_equal(a[name], b[name]), name

@@ -7,7 +7,10 @@ import torch
 from conftest import run_cli
 from students.cka import MinibatchCKA, linear_cka, unbiased_hsic
 
-torch.manual_seed(0)
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)  # per test: a statistical test's inputs must not depend on test order
 
 
 def naive_cka(x, y):

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from cache.targets import reconstruct_logits
 from students.losses import dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class
 
-torch.manual_seed(0)
 B, C = 6, 12
 
 
@@ -51,6 +50,11 @@ def _naive_dkd(s, t, target, alpha, beta, T):
         nckd = sum(pt[i] * math.log(pt[i] / qs[i]) for i in range(len(qs)))
         total += alpha * tckd + beta * nckd
     return total / len(q) * T * T
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)  # per test: inputs do not depend on which tests ran before
 
 
 @pytest.fixture
@@ -175,3 +179,50 @@ def test_task_composes_named_terms_for_each_form():
     assert rel["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     kd = distill_losses({"logits": s, "heads": {}}, t, batch, LossConfig("kd"), 5)
     assert kd["loss"].item() == pytest.approx((soft_ce(s, y) + kd_loss(s, t, 4.0)).item(), rel=1e-6)
+
+
+def test_reconstruction_at_high_temperature_with_k_below_classes():
+    """KD's default T = 4 with k < C: exact when the tail is flat (what the reconstruction assumes); otherwise
+    the error shrinks as k grows and vanishes at k = C."""
+    t = torch.randn(B, C) * 3
+    y = torch.randint(0, C, (B,))
+    labels = torch.stack([y, y.roll(1)], 1)
+    s = torch.randn(B, C)
+    flat = t.clone()
+    order = t.argsort(1, descending=True)
+    tail = order[:, 4:]
+    flat.scatter_(1, tail, flat.gather(1, tail).mean(1, keepdim=True).expand_as(tail).contiguous())
+    flat.scatter_(1, labels, t.gather(1, labels))  # label classes stay exact (stored in float32)
+    vals, idx = flat.topk(4, 1)
+    z = reconstruct_logits(vals, idx, torch.logsumexp(flat, 1), labels, flat.gather(1, labels), C)
+    assert kd_loss(s, z, 4.0).item() == pytest.approx(kd_loss(s, flat, 4.0).item(), rel=1e-4)
+    errors = []
+    for k in (2, 6, C):
+        vals, idx = t.topk(k, 1)
+        z = reconstruct_logits(vals, idx, torch.logsumexp(t, 1), labels, t.gather(1, labels), C)
+        errors.append(abs(kd_loss(s, z, 4.0).item() - kd_loss(s, t, 4.0).item()))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
+
+
+def test_task_composes_dkd_label_smoothing_per_head_gamma_and_stage_weights():
+    from students.task import LossConfig, distill_losses
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    heads = {"stage1": torch.randn(4, 5), "stage2": torch.randn(4, 5)}
+    batch = {"label": torch.tensor([0, 1, 2, 3]), "partner_label": torch.tensor([1, 1, 0, 4]),
+             "lam": torch.tensor([1.0, 0.7, 0.2, 1.0])}
+    c = torch.tensor([0, 1, 0, 3])
+    y_smooth = soft_target(batch["label"], batch["partner_label"], batch["lam"], 5, smoothing=0.2)
+    dkd = distill_losses({"logits": s, "heads": {}}, t, batch, LossConfig("dkd", label_smoothing=0.2), 5)
+    assert set(dkd) == {"loss", "ce", "dkd/final"}
+    assert dkd["ce"].item() == pytest.approx(soft_ce(s, y_smooth).item(), rel=1e-6)
+    assert dkd["dkd/final"].item() == pytest.approx(dkd_loss(s, t, c, 1.0, 8.0, 4.0).item(), rel=1e-6)
+    assert dkd["loss"].item() == pytest.approx((soft_ce(s, y_smooth) + dkd_loss(s, t, c, 1.0, 8.0, 4.0)).item(),
+                                               rel=1e-6)
+    # one gamma per head plus the final logits' own, and per-head weights times w_ofa
+    cfg = LossConfig("ofa", gamma=[1.2, 1.7, 2.5], stage_weights=[0.5, 3.0], w_ofa=0.4, w_kd=2.0, temperature=2.0)
+    out = distill_losses({"logits": s, "heads": heads}, t, batch, cfg, 5)
+    assert out["ofa/stage1"].item() == pytest.approx(ofa_loss(heads["stage1"], t, c, 1.2, 2.0).item(), rel=1e-6)
+    assert out["ofa/stage2"].item() == pytest.approx(ofa_loss(heads["stage2"], t, c, 1.7, 2.0).item(), rel=1e-6)
+    assert out["ofa/final"].item() == pytest.approx(ofa_loss(s, t, c, 2.5, 2.0).item(), rel=1e-6)
+    want = 2.0 * out["ofa/final"] + 0.4 * (0.5 * out["ofa/stage1"] + 3.0 * out["ofa/stage2"])
+    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)

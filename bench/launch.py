@@ -1,0 +1,38 @@
+"""Start N real CPU ranks of a script: the one launcher of the multi-process tests and bench/chaos.py.
+
+`accelerate launch --cpu --num_processes N` starts ONE process with accelerate 1.15 (the simple
+launcher ignores --num_processes under --cpu). torchrun with ACCELERATE_USE_CPU=true starts N ranks
+that accelerate sees as DistributedType.MULTI_CPU:
+
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node N --master_port PORT cli.py ...
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port the OS says is free now (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(processes: int, script: str | Path, *args) -> list[str]:
+    """Command line that runs `script args` on `processes` CPU ranks (a plain interpreter for 1)."""
+    if processes == 1:
+        return [sys.executable, str(script), *map(str, args)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--nnodes", "1",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args)]
+
+
+def launch_env(extra: dict | None = None) -> dict:
+    """Environment for launch_cmd: CPU ranks, one thread each (the machine's cores are shared)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+            "COLUMNS": "200", **(extra or {})}

@@ -1,0 +1,79 @@
+"""`cli.py` with recorders, for the multi-process tests: run it as the script that bench/launch.py starts.
+
+    PROBE_DIR=DIR [PROBE_BATCHES=1] [PROBE_STALL=EPOCH,STEP] python tests/probe_cli.py COMMAND ARGS...
+
+At exit each rank writes DIR/rank-<rank>.json: the rank, world size and distributed type accelerate
+saw, and the cache units this rank wrote. PROBE_BATCHES=1 also saves every training batch this rank
+stepped on (views, joined cache targets, indices) to DIR/batches-<rank>.pt. PROBE_STALL=E,S makes
+training step S of epoch E touch DIR/stalled-<rank> and sleep, so that a test can kill it mid-epoch.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import chaos_cli  # noqa: E402,F401  (OFAKD_CHAOS_SLOW_WRITES: slowed zarr writes, for kills mid-unit)
+import torch  # noqa: E402
+
+import cli  # noqa: E402
+import students.task as task_mod  # noqa: E402
+from cache.store import CacheStore  # noqa: E402
+from cache.targets import TEACHER_KEY  # noqa: E402
+from pipeline.views import TrainViews  # noqa: E402
+
+OUT = Path(os.environ["PROBE_DIR"])
+RANK = int(os.environ.get("RANK", "0"))
+state = {"units": [], "epoch": None, "step": 0, "batches": []}
+
+real_write, real_set_epoch, real_losses = CacheStore.write_unit, TrainViews.set_epoch, task_mod.distill_losses
+
+
+def write_unit(self, unit):
+    real_write(self, unit)
+    state["units"].append(int(unit.shard))
+
+
+def set_epoch(self, epoch):
+    state["epoch"], state["step"] = epoch, 0
+    real_set_epoch(self, epoch)
+
+
+def distill_losses(out, teacher_logits, batch, cfg, num_classes):
+    stall = os.environ.get("PROBE_STALL")
+    if stall and [int(v) for v in stall.split(",")] == [state["epoch"], state["step"]]:
+        (OUT / f"stalled-{RANK}").touch()
+        time.sleep(600)
+    if os.environ.get("PROBE_BATCHES"):
+        keep = ("view", "label", "partner_label", "lam", "index", "view_seed", "partner")
+        rec = {"epoch": state["epoch"], **{k: batch[k].cpu().clone() for k in keep if k in batch}}
+        if TEACHER_KEY in batch:  # the cached targets joined to these views
+            t = batch[TEACHER_KEY]
+            rec |= {"t_values": t.values.cpu().clone(), "t_indices": t.indices.cpu().clone(),
+                    "t_lse": t.lse.cpu().clone(), "t_label_logits": t.label_logits.cpu().clone()}
+        state["batches"].append(rec)
+    state["step"] += 1
+    return real_losses(out, teacher_logits, batch, cfg, num_classes)
+
+
+CacheStore.write_unit, TrainViews.set_epoch, task_mod.distill_losses = write_unit, set_epoch, distill_losses
+
+if __name__ == "__main__":
+    OUT.mkdir(parents=True, exist_ok=True)
+    sys.argv = [str(ROOT / "cli.py"), *sys.argv[1:]]
+    try:
+        cli.main()
+    finally:
+        from accelerate.state import PartialState
+        s = PartialState()
+        record = {"rank": s.process_index, "world": s.num_processes, "distributed_type": str(s.distributed_type),
+                  "env_rank": RANK, "units_written": state["units"], "pid": os.getpid()}
+        (OUT / f"rank-{s.process_index}.json").write_text(json.dumps(record))
+        if state["batches"]:
+            torch.save(state["batches"], OUT / f"batches-{s.process_index}.pt")

@@ -1,0 +1,270 @@
+"""Two real CPU ranks (torchrun + ACCELERATE_USE_CPU, see bench/launch.py): the teacher pass, training,
+kills of one rank, and the pairing of every shuffled training view with its cached teacher target.
+
+Every test here asserts how many ranks actually ran (tests/probe_cli.py records what accelerate saw)."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cache.store import ARRAYS, CacheStore
+from cache.teacher import Teacher
+from conftest import ROOT, launch_cmd, launch_env, run_cli
+from pipeline.augment import get_recipe, view_seed
+from pipeline.models import Weights, create_model
+from pipeline.reader import ShardReader
+from pipeline.views import TrainViews
+
+RECIPE = "digits-mix"
+PROBE = ROOT / "tests" / "probe_cli.py"
+
+
+def run_ranks(n: int, probe: "os.PathLike", *args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(launch_cmd(n, PROBE, *args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=launch_env({"PROBE_DIR": str(probe), **(env or {})}))
+
+
+def start_ranks(n: int, probe, *args, env=None) -> subprocess.Popen:
+    return subprocess.Popen(launch_cmd(n, PROBE, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, start_new_session=True,
+                            env=launch_env({"PROBE_DIR": str(probe), **(env or {})}))
+
+
+def ranks_seen(probe) -> list[dict]:
+    """What each rank's accelerate reported (one record per rank that exited normally)."""
+    return [json.loads(p.read_text()) for p in sorted(probe.glob("rank-*.json"))]
+
+
+def assert_two_ranks(probe) -> list[dict]:
+    seen = ranks_seen(probe)
+    assert [(r["rank"], r["world"], r["distributed_type"]) for r in seen] == \
+        [(0, 2, "DistributedType.MULTI_CPU"), (1, 2, "DistributedType.MULTI_CPU")], seen
+    assert seen[0]["pid"] != seen[1]["pid"]
+    return seen
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int, timeout=120) -> int:
+    """The pid of one rank among the launcher's children (read from the child's RANK variable)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        kids = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        for pid in map(int, kids):
+            try:
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"rank {rank} never started")
+
+
+def kill_rank(launcher: subprocess.Popen, rank: int) -> int:
+    """SIGKILL one rank; torchrun then tears the other down. Returns the launcher's exit status."""
+    os.kill(rank_pid(launcher, rank), signal.SIGKILL)
+    try:
+        return launcher.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)  # nothing of this job may outlive the test
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(cond, proc: subprocess.Popen, timeout=300) -> None:
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, f"run ended before the kill point: {proc.stderr.read()[-3000:]}"
+        assert time.time() - t0 < timeout, "kill point never reached"
+        time.sleep(0.05)
+
+
+def _arrays(path) -> dict[str, np.ndarray]:
+    store = CacheStore(path)
+    return {name: store.read_all(name) for name in ARRAYS}
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(small_digits, tmp_path_factory):
+    """A briefly CE-trained test_resnet in a file: its top-k differs from view to view (a random one ranks the
+    classes the same way for every input, and index checks would prove nothing)."""
+    root = tmp_path_factory.mktemp("teacher")
+    run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "ce", "--recipe",
+            "digits", "--epochs", 3, "--batch-size", 32, "--lr", 0.1, "--workers", 0, "--out", root, "--quiet",
+            check=True)
+    return root / "model.safetensors"
+
+
+def cache_args(data, ckpt, out) -> list:
+    return ["cache-teacher", "--data", data, "--teacher", "test_resnet", "--checkpoint", ckpt, "--out", out,
+            "--recipe", RECIPE, "--epochs", 2, "--topk", 4, "--batch-size", 40, "--workers", 0, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ref_store(small_digits, teacher_ckpt, tmp_path_factory):
+    """The one-process reference store (2 epochs of digits-mix views, top-4), made by the same CLI in the
+    same environment as the 2-rank runs."""
+    root = tmp_path_factory.mktemp("ref")
+    proc = run_ranks(1, root / "probe", *cache_args(small_digits, teacher_ckpt, root / "teacher.zarr"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["world"] for r in ranks_seen(root / "probe")] == [1]
+    return root / "teacher.zarr"
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_store_and_split_the_units(small_digits, teacher_ckpt, ref_store, tmp_path):
+    out, probe = tmp_path / "two.zarr", tmp_path / "probe"
+    proc = run_ranks(2, probe, *cache_args(small_digits, teacher_ckpt, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = assert_two_ranks(probe)
+    # units are dealt rank::world: each rank wrote its own half, and nobody wrote a unit twice
+    assert [sorted(r["units_written"]) for r in seen] == [[0, 2, 4], [1, 3, 5]]
+    a, b = _arrays(ref_store), _arrays(out)
+    for name in ARRAYS:
+        assert np.array_equal(a[name], b[name]), name
+    assert CacheStore(out).done_units() == set(range(6))
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_rank_mid_pass_then_rerun_gives_identical_arrays(small_digits, teacher_ckpt, ref_store,
+                                                                        tmp_path):
+    out = tmp_path / "killed.zarr"
+    # slow unit writes (fault injection of cache/store.py) so the kill lands while both ranks have units left
+    proc = start_ranks(2, tmp_path / "p1", *cache_args(small_digits, teacher_ckpt, out),
+                       env={"OFAKD_CHAOS_SLOW_WRITES": "0.25"})
+    wait_for(lambda: (out / "_units").is_dir() and any((out / "_units").glob("shard-*.json")), proc)
+    status = kill_rank(proc, 1)
+    assert status != 0  # the launcher saw its rank die
+    done = CacheStore(out).done_units()
+    assert 0 < len(done) < 6, done  # killed mid-pass: some units marked, some not
+    assert not ranks_seen(tmp_path / "p1")  # no rank exited normally
+    rerun = run_ranks(2, tmp_path / "p2", *cache_args(small_digits, teacher_ckpt, out))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    seen = assert_two_ranks(tmp_path / "p2")
+    redone = sorted(u for r in seen for u in r["units_written"])
+    assert redone == sorted(set(range(6)) - done)  # the rerun redid exactly the unmarked units
+    a, b = _arrays(ref_store), _arrays(out)
+    for name in ARRAYS:
+        assert np.array_equal(a[name], b[name]), name
+
+
+def train_args(data, store, out, *extra) -> list:
+    return ["train-student", "--data", data, "--student", "test_resnet", "--method", "ofa", "--cache", store,
+            "--epochs", 2, "--batch-size", 16, "--max-steps-per-epoch", 3, "--workers", 1, "--lr", 0.05,
+            "--out", out, "--quiet", *extra]
+
+
+@pytest.mark.slow
+def test_two_rank_training_killed_mid_epoch_resumes_to_the_same_weights(small_digits, ref_store, tmp_path):
+    full = tmp_path / "full"
+    proc = run_ranks(2, tmp_path / "pf", *train_args(small_digits, ref_store, full))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_two_ranks(tmp_path / "pf")
+    assert json.loads((full / "config.json").read_text())["resolved"]["processes"] == 2
+    m = json.loads((full / "metrics.json").read_text())
+    assert [h["val_samples"] for h in m["history"]] == [96, 96]  # both ranks' val shards, each counted once
+
+    cut, probe = tmp_path / "cut", tmp_path / "pc"
+    # step 1 of epoch 2 stalls on both ranks (after epoch 1 was saved): the kill lands mid-epoch
+    run = start_ranks(2, probe, *train_args(small_digits, ref_store, cut), env={"PROBE_STALL": "1,1"})
+    wait_for(lambda: (probe / "stalled-1").exists(), run)
+    assert kill_rank(run, 1) != 0
+    assert json.loads((cut / "progress.json").read_text())["epoch"] == 0
+    assert not (cut / "model.safetensors").exists() and not (cut / "metrics.json").exists()
+    resumed = run_ranks(2, tmp_path / "pr", *train_args(small_digits, ref_store, cut, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_two_ranks(tmp_path / "pr")
+    assert "resuming" in resumed.stdout
+    a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    mb = json.loads((cut / "metrics.json").read_text())
+    assert [h["train/loss"] for h in m["history"]] == [h["train/loss"] for h in mb["history"]]
+    assert m["top1"] == mb["top1"]
+
+
+def _topk_agree(cached_vals, cached_idx, logits, k) -> torch.Tensor:
+    """Per row: the cached top-k is the teacher's top-k on this view, to fp16 (indices may swap only at
+    fp16 ties, i.e. where the cached values of the swapped positions are equal)."""
+    vals, idx = logits.topk(k, dim=1)
+    close = torch.isclose(cached_vals, vals.half().float(), atol=2e-3, rtol=1e-3).all(1)
+    swapped = cached_idx != idx
+    tie = (~swapped | (cached_vals == vals.half().float())).all(1)
+    same_set = (cached_idx.sort(1).values == idx.sort(1).values).all(1)
+    return close & tie & same_set
+
+
+@pytest.mark.slow
+def test_every_shuffled_view_is_paired_with_its_own_teacher_target(small_digits, teacher_ckpt, ref_store, tmp_path):
+    """2 ranks x 2 workers, digits-mix, 3 epochs from a 2-epoch cache: each stepped view's cached top-k,
+    log-sum-exp and label logits are the teacher's on that exact view; epoch 3 replays cached epoch 1."""
+    probe = tmp_path / "probe"
+    proc = run_ranks(2, probe, "train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd",
+                     "--cache", ref_store, "--epochs", 3, "--batch-size", 12, "--max-steps-per-epoch", 3,
+                     "--workers", 2, "--out", tmp_path / "run", "--quiet", env={"PROBE_BATCHES": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_two_ranks(probe)
+    assert proc.stdout.count("replays cached epoch e mod 2") == 1
+    teacher = Teacher(create_model("test_resnet", 10, weights=Weights(checkpoint=teacher_ckpt), role="teacher"),
+                      get_recipe(RECIPE).input_size)
+    reader = ShardReader(small_digits)
+    first = [s.first for s in reader.split.shards]
+    shard_of = lambda i: int(np.searchsorted(first, i, side="right") - 1)  # noqa: E731
+    seen, top1s = {}, set()
+    for rank in (0, 1):
+        batches = torch.load(probe / f"batches-{rank}.pt")
+        assert [b["epoch"] for b in batches] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        for b in batches:
+            e, idx = b["epoch"], b["index"]
+            # the views of training epoch e are those of cached epoch e mod 2, so e = 2 replays epoch 0
+            want = torch.tensor([view_seed(0, e % 2, int(i)) for i in idx], dtype=b["view_seed"].dtype)
+            assert torch.equal(b["view_seed"], want)
+            logits = teacher(b["view"])
+            top1s.update(logits.argmax(1).tolist())
+            ok = _topk_agree(b["t_values"], b["t_indices"], logits, 4)
+            assert ok.all(), f"rank {rank} epoch {e}: views {idx[~ok].tolist()} carry another view's target"
+            # the check can fail: the same targets one row off do not match
+            assert (~_topk_agree(b["t_values"].roll(1, 0), b["t_indices"].roll(1, 0), logits, 4)).float().mean() > .5
+            assert torch.allclose(b["t_lse"], torch.logsumexp(logits, 1), atol=1e-4)
+            labels = torch.stack([b["label"], b["partner_label"]], 1)
+            assert torch.allclose(b["t_label_logits"], logits.gather(1, labels), atol=1e-4)
+            seen.setdefault((rank, e), []).append(b)
+    assert len(top1s) >= 5  # the teacher ranks classes differently from view to view
+    for e in range(3):
+        idx = [torch.cat([b["index"] for b in seen[(r, e)]]) for r in (0, 1)]
+        assert not set(idx[0].tolist()) & set(idx[1].tolist())  # the ranks read disjoint shards
+        for r in (0, 1):
+            bs = seen[(r, e)]
+            # shuffled within shards, and batches from both workers' shards
+            assert any(not torch.equal(b["index"], b["index"].sort().values) for b in bs)
+            views = TrainViews(reader, get_recipe(RECIPE), 0, r, 2, order_seed=0)
+            views.set_epoch(e)
+            by_worker = [set(views.shards_for(w, 2)) for w in (0, 1)]
+            shards = {shard_of(int(i)) for b in bs for i in b["index"]}
+            assert shards & by_worker[0] and shards & by_worker[1], (shards, by_worker)
+            assert any((b["lam"] < 1).any() and (b["partner"] != b["index"]).any() for b in bs)  # mixed views
+
+
+def test_a_tampered_replay_record_is_refused(small_digits, ref_store, tmp_path):
+    import shutil
+
+    for name, delta in (("view_seed", 1), ("partner", 1)):
+        bad = tmp_path / f"{name}.zarr"
+        shutil.copytree(ref_store, bad)
+        arr = CacheStore(bad, mode="r+")._open()[name]
+        vals = arr[...]
+        first_of_shard0 = 0
+        vals[0, first_of_shard0 + 5] = vals[0, first_of_shard0 + 5] + delta  # epoch 0, sample 5
+        arr[...] = vals
+        p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd", "--cache",
+                    bad, "--epochs", 1, "--batch-size", 48, "--workers", 0, "--out", tmp_path / f"run-{name}",
+                    "--quiet")
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert "replay record mismatch" in p.stderr and "sample 5 of epoch 0" in p.stderr, p.stderr[-2000:]
+        assert not (tmp_path / f"run-{name}" / "model.safetensors").exists()
