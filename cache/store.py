@@ -64,7 +64,7 @@ CHECKED = {
     ("dataset", "manifest_hash"): "dataset",
     ("dataset", "split"): "dataset split",
     ("recipe",): "augmentation recipe",
-    ("seed",): "seed",
+    ("seed",): "view seed",
     ("topk",): "top-k",
 }
 

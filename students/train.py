@@ -274,7 +274,6 @@ def steps_per_epoch(reader: ShardReader, seed: int, epoch: int, world: int, work
 def build_optimization(cfg: TrainConfig, task: DistillationTask, data: Data, world: int):
     """Optimizer (timm's factory: no weight decay on norms and biases), per-step schedule, steps per epoch."""
     import timm.optim
-    import timm.scheduler
     per_epoch = [steps_per_epoch(data.train, cfg.seed, e, world, cfg.workers, cfg.batch_size) // cfg.grad_accum
                  for e in range(cfg.epochs)]
     if cfg.max_steps_per_epoch:
@@ -285,13 +284,17 @@ def build_optimization(cfg: TrainConfig, task: DistillationTask, data: Data, wor
                         f"workers")
     optimizer = timm.optim.create_optimizer_v2(task.student, opt=cfg.optimizer, lr=cfg.lr,
                                                weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    return optimizer, build_scheduler(cfg, optimizer, max(1, round(sum(per_epoch) / cfg.epochs))), per_epoch
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, updates_per_epoch: int):
+    """timm's scheduler factory, stepped per optimizer update (`step_update(n)` after update n)."""
+    import timm.scheduler
     scheduler = timm.scheduler.create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
         min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, step_on_epochs=False,
-        updates_per_epoch=max(1, round(sum(per_epoch) / cfg.epochs)))
-    if isinstance(scheduler, tuple):  # some timm versions also return the epoch count
-        scheduler = scheduler[0]
-    return optimizer, scheduler, per_epoch
+        updates_per_epoch=updates_per_epoch)
+    return scheduler[0] if isinstance(scheduler, tuple) else scheduler  # some timm versions add the epoch count
 
 
 def trackers(log_with: str | None) -> list[str] | None:

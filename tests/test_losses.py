@@ -221,8 +221,11 @@ def test_task_composes_dkd_label_smoothing_per_head_gamma_and_stage_weights():
     # one gamma per head plus the final logits' own, and per-head weights times w_ofa
     cfg = LossConfig("ofa", gamma=[1.2, 1.7, 2.5], stage_weights=[0.5, 3.0], w_ofa=0.4, w_kd=2.0, temperature=2.0)
     out = distill_losses({"logits": s, "heads": heads}, t, batch, cfg, 5)
-    assert out["ofa/stage1"].item() == pytest.approx(ofa_loss(heads["stage1"], t, c, 1.2, 2.0).item(), rel=1e-6)
-    assert out["ofa/stage2"].item() == pytest.approx(ofa_loss(heads["stage2"], t, c, 1.7, 2.0).item(), rel=1e-6)
-    assert out["ofa/final"].item() == pytest.approx(ofa_loss(s, t, c, 2.5, 2.0).item(), rel=1e-6)
+    y = soft_target(batch["label"], batch["partner_label"], batch["lam"], 5)  # the paper form's label term
+    assert out["ofa/stage1"].item() == pytest.approx(ofa_loss(heads["stage1"], t, c, 1.2, 2.0, label=y).item(),
+                                                     rel=1e-6)
+    assert out["ofa/stage2"].item() == pytest.approx(ofa_loss(heads["stage2"], t, c, 1.7, 2.0, label=y).item(),
+                                                     rel=1e-6)
+    assert out["ofa/final"].item() == pytest.approx(ofa_loss(s, t, c, 2.5, 2.0, label=y).item(), rel=1e-6)
     want = 2.0 * out["ofa/final"] + 0.4 * (0.5 * out["ofa/stage1"] + 3.0 * out["ofa/stage2"])
     assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)

@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -185,13 +186,30 @@ def test_online_teacher_trains_to_the_weights_of_a_full_cache(small_digits, full
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
 
 
+def _lrs(updates: int, **cfg) -> list[float]:
+    """The learning rate of each optimizer update under the schedule training builds (build_scheduler)."""
+    from students.train import TrainConfig, build_scheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.get("lr", 0.1))
+    sched = build_scheduler(TrainConfig("d", "s", "o", **cfg), opt, updates)
+    lrs = []
+    for n in range(updates * cfg["epochs"]):
+        lrs.append(opt.param_groups[0]["lr"])  # the rate update n + 1 is taken with
+        sched.step_update(num_updates=n + 1)
+    return lrs + [opt.param_groups[0]["lr"]]
+
+
 def test_learning_rate_schedule_warms_up_then_follows_the_cosine_to_min_lr():
-    from students.train import _lr_lambda
-    f = _lr_lambda(total=10, warmup=2, base_lr=0.1, min_lr=0.01)
-    lrs = [0.1 * f(s) for s in range(11)]
-    assert lrs[:3] == pytest.approx([0.05, 0.1, 0.1])  # linear warmup, then the cosine starts at the peak
-    assert lrs[6] == pytest.approx(0.055)  # half-way through the cosine: the mean of peak and floor
-    assert lrs[10] == pytest.approx(0.01) and all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+    lrs = _lrs(5, epochs=2, lr=0.1, warmup_epochs=0.4, warmup_lr=0.0, min_lr=0.01)
+    assert lrs[:2] == pytest.approx([0.0, 0.05])  # linear warm-up over 2 updates from warmup_lr
+    # then timm's cosine over all 10 updates (warm-up included, as timm's train.py does) down to min_lr
+    assert lrs[2:] == pytest.approx([0.01 + 0.5 * 0.09 * (1 + math.cos(math.pi * t / 10)) for t in range(2, 11)])
+    assert lrs[-1] == pytest.approx(0.01)
+
+
+def test_step_schedule_decays_by_the_rate_every_decay_epochs():
+    lrs = _lrs(4, epochs=3, lr=0.1, sched="step", decay_epochs=1, decay_rate=0.5)
+    assert lrs[:4] == pytest.approx([0.1] * 4) and lrs[4:8] == pytest.approx([0.05] * 4)
+    assert lrs[8:12] == pytest.approx([0.025] * 4)
 
 
 def _ce_run(data, out, *extra):
