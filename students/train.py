@@ -485,8 +485,9 @@ def train(cfg: TrainConfig) -> dict:
                           f"{metrics['top5']:.2f} ({metrics['images_per_second']:.0f} img/s)")
         accelerator.log(metrics, step=epoch + 1)  # no-op without --log-with
         save_epoch(Path(cfg.out), epoch, history, accelerator)
-    accelerator.end_training()
-    return finish(cfg, history, student.model, ema, accelerator)
+    summary = finish(cfg, history, student.model, ema, accelerator)
+    accelerator.end_training()  # closes the trackers (and the process group): last
+    return summary
 
 
 def finish(cfg: TrainConfig, history: list[dict], model, ema, accelerator) -> dict:
