@@ -66,7 +66,7 @@ def _print_table(title: str, rows: dict) -> None:
 @app.command()
 def shards(
     src: Annotated[str, typer.Argument(help="ImageFolder tree SRC/<class>/<image>, or 'digits' for the embedded default")],
-    out: Annotated[Path, typer.Argument(help="dataset directory (can hold several splits)")],
+    out: Annotated[str, typer.Argument(help="dataset directory or URL, e.g. s3://bucket/data (can hold several splits)")],
     split: Annotated[str, typer.Option(help="split name written by this call (digits writes train and val)")] = "train",
     shard_size: Annotated[int | None, typer.Option(help="samples per shard [default: 1000, digits 200]")] = None,
     class_names: Annotated[Path | None, typer.Option(help="'id<TAB>name' lines (e.g. Tiny-ImageNet words.txt) or one name per line")] = None,
@@ -103,7 +103,7 @@ app.command("cache-teacher")(command_from(CacheConfig, _cache_teacher, "cache-te
 
 
 @app.command("inspect-cache")
-def inspect_cache_cmd(store: Annotated[Path, typer.Argument(help="teacher cache store")],
+def inspect_cache_cmd(store: Annotated[str, typer.Argument(help="teacher cache store (path or URL)")],
                       json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False):
     """Describe a cache: teacher, data, recipe, completion, size, top-k probability mass."""
     from cache.inspect import inspect_cache
@@ -116,9 +116,9 @@ def inspect_cache_cmd(store: Annotated[Path, typer.Argument(help="teacher cache 
 
 @app.command("verify-cache")
 def verify_cache_cmd(
-    store: Annotated[Path, typer.Argument(help="teacher cache store")],
+    store: Annotated[str, typer.Argument(help="teacher cache store (path or URL)")],
     samples: Annotated[int, typer.Option(help="random views to rebuild and re-run")] = 32,
-    data: Annotated[Path | None, typer.Option(help="dataset directory [default: the one recorded]")] = None,
+    data: Annotated[str | None, typer.Option(help="dataset directory or URL [default: the one recorded]")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help=f"teacher: {CHECKPOINT} [default: the weights recorded]")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained", help=f"teacher: {PRETRAINED}")] = False,
     pretrained_file: Annotated[Path | None, typer.Option(help=f"teacher: {PRETRAINED_FILE}")] = None,

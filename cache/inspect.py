@@ -27,7 +27,7 @@ def topk_mass(store: CacheStore, units: list[int]) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def inspect_cache(path: Path) -> dict:
+def inspect_cache(path: str | Path) -> dict:
     store = CacheStore(path)
     a = store.attrs
     done = sorted(store.done_units())
@@ -89,7 +89,8 @@ def recorded_weights(teacher: dict) -> Weights:
     return Weights(pretrained=source in ("hub", "url"))
 
 
-def verify_cache(path: Path, samples: int = 32, data: Path | None = None, weights: Weights | None = None,
+def verify_cache(path: str | Path, samples: int = 32, data: str | Path | None = None,
+                 weights: Weights | None = None,
                  seed: int = 0, atol: float = 0.02, rtol: float = 0.01) -> dict:
     """Rebuild `samples` random views, rerun the teacher (`weights`; default: those recorded), compare."""
     store = CacheStore(path)
@@ -99,7 +100,7 @@ def verify_cache(path: Path, samples: int = 32, data: Path | None = None, weight
     if missing:
         problems.append(f"{missing} of {store.num_units} units are not complete")
     problems += check_ranges(store)
-    data = Path(data or a["dataset"]["path"])
+    data = data or a["dataset"]["path"]  # a path or URL
     reader = ShardReader(data, a["dataset"]["split"], on_error=a.get("on_error", "raise"))
     if reader.manifest.split_hash(a["dataset"]["split"]) != a["dataset"]["manifest_hash"]:
         raise UserError(f"dataset {data} is not the one cache {path} was made from (manifest hash differs); "

@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from pipeline.errors import UserError
-from pipeline.manifest import fsync_dir, write_atomic
+from pipeline.location import Location, fsync_dir, storage_errors
 
 FORMAT = "ofakd-teacher-cache"
 FORMAT_VERSION = 1
@@ -124,13 +126,16 @@ class Unit:
 class CacheStore:
     """Open (or create) a store; writes whole units; reads epochs of units."""
 
-    def __init__(self, path: str | Path, mode: str = "r"):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | Location, mode: str = "r"):
+        self.loc = Location(path)  # a local path or an fsspec URL
+        self.path = self.loc.local or self.loc.url  # what messages and summaries show
         self._group = None
         self._pid = None
         self._arrays = {}
+        self._units_seen: dict[int, dict] = {}  # marker contents read so far (a marker never changes)
+        self._pool, self._pool_pid = None, None
         self.mode = mode
-        if not (self.path / "zarr.json").is_file():
+        if not (self.loc / "zarr.json").isfile():
             raise UserError(f"cache {self.path} does not exist or is not a zarr store; create it with "
                             f"`cli.py cache-teacher --out {self.path}`")
         self.attrs = self._open().attrs.asdict()
@@ -144,10 +149,17 @@ class CacheStore:
     # zarr keeps an event-loop thread per process; reopen after fork (data-loader workers)
     def _open(self):
         if self._group is None or self._pid != os.getpid():
-            self._group = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+")
+            self._group = zarr.open_group(self._zarr_store(), mode="r" if self.mode == "r" else "r+")
             self._pid = os.getpid()
             self._arrays = {}
         return self._group
+
+    def _zarr_store(self):
+        """Local: a directory path (zarr's LocalStore). URL: zarr's own fsspec store on the same URL."""
+        if self.loc.local is not None:
+            return str(self.loc.local)
+        with storage_errors(self.loc.url):
+            return zarr.storage.FsspecStore.from_url(self.loc.url, read_only=self.mode == "r")
 
     def array(self, name: str):
         """Array handle, opened once per process (opening costs a metadata read)."""
@@ -157,7 +169,7 @@ class CacheStore:
         return self._arrays[name]
 
     def __getstate__(self):
-        return {**self.__dict__, "_group": None, "_pid": None, "_arrays": {}}
+        return {**self.__dict__, "_group": None, "_pid": None, "_arrays": {}, "_pool": None, "_pool_pid": None}
 
     # ------------------------------------------------------------------ description
     @property
@@ -182,90 +194,129 @@ class CacheStore:
 
     # ------------------------------------------------------------------ creation
     @staticmethod
-    def create(path: str | Path, description: dict, *, overwrite: bool = False) -> CacheStore:
-        """Create a new store, or return the existing one if it was made by the same request."""
-        path = Path(path)
-        if path.exists():
-            if (path / "zarr.json").is_file() and not overwrite:
-                store = CacheStore(path, mode="r+")
-                problems = mismatches(store.attrs, description,
-                                      {**CHECKED, ("epochs",): "epochs", ("num_classes",): "classes"})
-                if problems:
-                    raise UserError(f"cache {path} was made by another request ({'; '.join(problems)}); "
-                                    f"choose another --out or pass --overwrite to replace it")
-                return store
-            if not overwrite and (not path.is_dir() or any(path.iterdir())):
-                raise UserError(f"output {path} already exists and is not a teacher cache; choose another "
-                                f"--out or pass --overwrite")
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        d = description
-        E, N, k, S = d["epochs"], d["dataset"]["num_samples"], d["topk"], d["dataset"]["samples_per_shard"]
-        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    def create(path: str | Path | Location, description: dict, *, overwrite: bool = False) -> CacheStore:
+        """Create a new store, or return the existing one if it was made by the same request.
+
+        The store appears whole or not at all: its metadata is built in a temporary folder, then renamed
+        into place (local) or uploaded with the group's zarr.json last (object stores have no rename; a
+        store without its root zarr.json is not a store, so a creation killed half-way is retried)."""
+        loc = Location(path)
+        loc.check_writable_root()
+        if (loc / "zarr.json").isfile() and not overwrite:
+            store = CacheStore(loc, mode="r+")
+            problems = mismatches(store.attrs, description,
+                                  {**CHECKED, ("epochs",): "epochs", ("num_classes",): "classes"})
+            if problems:
+                raise UserError(f"cache {loc} was made by another request ({'; '.join(problems)}); "
+                                f"choose another --out or pass --overwrite to replace it")
+            return store
+        if loc.isfile() and not overwrite:
+            raise UserError(f"output {loc} already exists and is not a teacher cache; choose another "
+                            f"--out or pass --overwrite")
+        names = set(loc.listdir())
+        # leftovers of a creation killed before its root zarr.json landed (object stores) may go
+        if names - set(ARRAYS) - {UNITS_DIR} and not overwrite:
+            raise UserError(f"output {loc} already exists and is not a teacher cache; choose another "
+                            f"--out or pass --overwrite")
+        if names or loc.isfile():
+            loc.rm(recursive=True)
+        local = loc.local
+        tmp = (local.with_name(f".{local.name}.creating-{os.getpid()}") if local is not None
+               else Path(tempfile.mkdtemp(prefix="ofakd-store-")) / "store.zarr")
         try:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            group = zarr.open_group(str(tmp), mode="w")
-            compressor = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
-            for name, (dtype, trail) in ARRAYS.items():
-                t = trail(k)
-                group.create_array(name, shape=(E, N, *t), chunks=(1, S, *t), shards=(E, S, *t),
-                                   dtype=dtype or index_dtype(d["num_classes"]), compressors=compressor,
-                                   fill_value=FILL.get(name, 0))
-            group.attrs.update(d)
-            (tmp / UNITS_DIR).mkdir()
-            os.replace(tmp, path)  # the store appears whole or not at all
-            fsync_dir(path.parent)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            CacheStore._build(tmp, description)
+            if local is not None:
+                os.replace(tmp, local)  # the store appears whole or not at all
+                fsync_dir(local.parent)
+            else:
+                files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+                for rel in sorted(files, key=lambda r: r == "zarr.json"):  # the group's zarr.json last
+                    (loc / rel).write_atomic((tmp / rel).read_bytes())
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"cannot create the cache at {path} ({e.strerror or e}); choose a writable --out") from e
-        return CacheStore(path, mode="r+")
+            raise UserError(f"cannot create the cache at {loc} ({e.strerror or e}); choose a writable --out") from e
+        finally:
+            if local is None:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
+            elif tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return CacheStore(loc, mode="r+")
+
+    @staticmethod
+    def _build(where: Path, d: dict) -> None:
+        """The empty store's metadata (no chunks: every array starts as its fill value) in a local folder."""
+        E, N, k, S = d["epochs"], d["dataset"]["num_samples"], d["topk"], d["dataset"]["samples_per_shard"]
+        group = zarr.open_group(str(where), mode="w")
+        compressor = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+        for name, (dtype, trail) in ARRAYS.items():
+            t = trail(k)
+            group.create_array(name, shape=(E, N, *t), chunks=(1, S, *t), shards=(E, S, *t),
+                               dtype=dtype or index_dtype(d["num_classes"]), compressors=compressor,
+                               fill_value=FILL.get(name, 0))
+        group.attrs.update(d)
+        (where / UNITS_DIR).mkdir()
 
     # ------------------------------------------------------------------ units
-    def marker(self, shard: int) -> Path:
-        return self.path / UNITS_DIR / f"shard-{shard:06d}.json"
+    def marker(self, shard: int) -> Location:
+        return self.loc / UNITS_DIR / f"shard-{shard:06d}.json"
 
     def done_units(self) -> set[int]:
-        d = self.path / UNITS_DIR
-        if not d.is_dir():
-            return set()
-        return {int(p.stem.split("-")[1]) for p in d.glob("shard-*.json")}
+        """Units with a completion marker (listed afresh: other processes add markers)."""
+        return {int(n[len("shard-"):-len(".json")]) for n in (self.loc / UNITS_DIR).listdir()
+                if n.startswith("shard-") and n.endswith(".json")}
 
     def unit_info(self, shard: int) -> dict:
-        return json.loads(self.marker(shard).read_text())
+        """The unit's completion marker (FileNotFoundError: not complete). Remembered once read: a marker is
+        written once, after its data, so re-reading it per epoch would only cost a request to an object store."""
+        if shard not in self._units_seen:
+            self._units_seen[shard] = json.loads(self.marker(shard).read_text())
+        return dict(self._units_seen[shard])
 
     def write_unit(self, unit: Unit) -> None:
-        """Write every array's zarr shard for this unit, make it durable, then mark the unit done."""
+        """Write every array's zarr shard for this unit, make it durable, then mark the unit done.
+
+        Local disk: fsync of each shard file and its folder before the marker. Object store: zarr returns
+        only after each shard's PUT has completed, and a PUT is atomic, so the marker (one more PUT) is
+        written after data that is already whole; no fsync exists or is needed there."""
         group = self._open()
         sl = slice(unit.first, unit.first + unit.count)
-        for name in ARRAYS:
-            arr = group[name]
-            arr[:, sl] = unit.data[name]
-            key = arr.metadata.encode_chunk_key((0, unit.shard) + (0,) * (arr.ndim - 2))
-            f = self.path / name / key
-            if f.exists():  # an all-fill shard may be elided by zarr
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                fsync_dir(f.parent)
+        with storage_errors(self.loc.url):
+            for name in ARRAYS:
+                arr = group[name]
+                arr[:, sl] = unit.data[name]
+                if self.loc.local is None:
+                    continue
+                key = arr.metadata.encode_chunk_key((0, unit.shard) + (0,) * (arr.ndim - 2))
+                f = self.loc.local / name / key
+                if f.exists():  # an all-fill shard may be elided by zarr
+                    fd = os.open(f, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    fsync_dir(f.parent)
         info = {"shard": unit.shard, "first": unit.first, "count": unit.count, "skipped": unit.skipped,
                 "view_digests": unit.view_digests}
-        write_atomic(self.marker(unit.shard), json.dumps(info).encode())
+        self.marker(unit.shard).write_atomic(json.dumps(info).encode())
 
     def read_epoch(self, epoch: int, shard: int, names=tuple(ARRAYS)) -> dict[str, np.ndarray]:
         """One cached epoch of one unit: name -> [count, ...]. Refuses units that are not complete."""
-        if not self.marker(shard).is_file():
+        if shard not in self._units_seen and not self.marker(shard).isfile():
             raise UserError(f"cache {self.path} has no complete data for data shard {shard}; finish it with "
                             f"the same `cli.py cache-teacher` command (it resumes)")
         S = self.samples_per_shard
         n = int(self.attrs["dataset"]["num_samples"])
         sl = slice(shard * S, min((shard + 1) * S, n))
-        return {name: self.array(name)[epoch, sl] for name in names}
+        if self.loc.local is not None:
+            return {name: self.array(name)[epoch, sl] for name in names}
+        # an object store answers each array's two requests (shard index, chunk) with a round trip of
+        # latency: issue the arrays' reads together (zarr runs them concurrently on its event loop)
+        arrays = [self.array(name) for name in names]
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=len(ARRAYS)), os.getpid()
+        return dict(zip(names, self._pool.map(lambda a: a[epoch, sl], arrays), strict=True))
 
     def read_all(self, name: str) -> np.ndarray:
         return self.array(name)[...]
@@ -284,7 +335,7 @@ class CacheStore:
         return out
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return self.loc.du()
 
     def check_request(self, want: dict, only_given: bool = False) -> None:
         """Refuse with one message listing every mismatch between the store and the request

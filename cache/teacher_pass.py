@@ -34,6 +34,7 @@ from cache.store import (
 from cache.teacher import ClassMap, Teacher
 from pipeline.augment import Recipe, get_recipe
 from pipeline.errors import UserError
+from pipeline.location import Location
 from pipeline.models import Weights
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader
@@ -44,12 +45,12 @@ from pipeline.views import UnitViews, library_versions, views_digest
 class CacheConfig:
     """Every option of `cache-teacher` (flags, --config files and help text come from here)."""
 
-    data: Path
-    """Dataset directory made by `shards`."""
+    data: str | Path
+    """Dataset directory or fsspec URL (s3://, gs://, ...) made by `shards`."""
     teacher: str
     """timm model name of the teacher."""
-    out: Path
-    """Output zarr store, e.g. runs/teacher.zarr."""
+    out: str | Path
+    """Output zarr store (a directory or fsspec URL), e.g. runs/teacher.zarr or s3://bucket/teacher.zarr."""
     recipe: Recipe | str = "imagenet-cnn"
     """Augmentation preset (or, in a config file, the recipe's fields)."""
     recipe_name: str = field(default="custom", metadata={"cli": False})
@@ -133,7 +134,7 @@ def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher) -> dict:
                     "classes": teacher.class_map.to_dict() if teacher.class_map else None,
                     "model_kwargs": cfg.model_kwargs, "input_size": minput.size, "mean": list(minput.mean),
                     "std": list(minput.std), "num_features": teacher.num_features},
-        "dataset": {"name": m.name, "split": cfg.split, "path": str(Path(cfg.data).resolve()),
+        "dataset": {"name": m.name, "split": cfg.split, "path": Location(cfg.data).resolved(),
                     "manifest_hash": m.split_hash(cfg.split),
                     "num_samples": split.count, "num_shards": len(split.shards),
                     "samples_per_shard": split.samples_per_shard, "classes": m.classes},

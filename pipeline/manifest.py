@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.location import Location, fsync_dir, write_local_atomic  # noqa: F401 (fsync_dir: re-export)
 
 FORMAT_VERSION = 1
 MANIFEST = "dataset.json"
@@ -83,12 +84,13 @@ class Manifest:
                         class_ids=d.get("class_ids"), format_version=d.get("format_version", 1))
 
 
-def load_manifest(root: str | os.PathLike) -> Manifest:
-    root = Path(root)
+def load_manifest(root: str | os.PathLike | Location) -> Manifest:
+    """`root/dataset.json`; `root` is a local path or an fsspec URL."""
+    root = Location(root)
     path = root / MANIFEST
-    if not root.is_dir():
+    if not root.isdir():
         raise UserError(f"dataset directory {root} does not exist; create it with `cli.py shards SRC {root}`")
-    if not path.is_file():
+    if not path.isfile():
         raise UserError(f"{path} is missing, so {root} is not a dataset directory; "
                         f"create one with `cli.py shards SRC {root}`")
     try:
@@ -104,22 +106,8 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` durably: temp file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write `data` to the local `path` durably: temp file, fsync, rename, fsync of the directory."""
+    write_local_atomic(path, data)
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:

@@ -12,6 +12,7 @@ the sample and reports its key to `on_skip`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -25,7 +26,8 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.manifest import Manifest, load_manifest, sha256_file
+from pipeline.location import Location, storage_errors
+from pipeline.manifest import Manifest, load_manifest
 
 ErrorPolicy = Literal["raise", "skip"]
 IMAGE_KEYS = ("jpg", "png", "jpeg")
@@ -75,7 +77,7 @@ class ShardReader:
                  manifest: Manifest | None = None):
         if on_error not in ("raise", "skip"):
             raise UserError(f"error policy '{on_error}' is not one of: raise, skip")
-        self.root = Path(root)
+        self.root = Location(root)  # a local path or an fsspec URL; shards are streamed from it
         self.manifest = manifest or load_manifest(self.root)
         self.split_name = split
         self.split = self.manifest.split(split)
@@ -86,19 +88,34 @@ class ShardReader:
         return len(self.split.shards)
 
     def check_files(self, verify: bool | None = None) -> None:
-        """Every listed shard exists (and matches its checksum when `verify`)."""
+        """Every listed shard exists (and matches its checksum when `verify`: a full read of each)."""
         for info in self.split.shards:
-            self._check_shard_file(info, self.verify if verify is None else verify)
+            loc = self._check_shard_file(info)
+            if self.verify if verify is None else verify:
+                with self._open_verified(loc, info) as f:
+                    f.finish()
 
-    def _check_shard_file(self, info, verify: bool) -> Path:
-        path = self.root / info.name
-        if not path.is_file():
-            raise UserError(f"shard {path} listed in {self.root / 'dataset.json'} is missing; restore it "
-                            f"or recreate the split with `cli.py shards ... --overwrite`")
-        if verify and sha256_file(path) != info.sha256:
-            raise UserError(f"shard {path} does not match its checksum in dataset.json (corrupted or "
-                            f"replaced); restore it or recreate the split with `cli.py shards ... --overwrite`")
-        return path
+    def _check_shard_file(self, info) -> Location:
+        loc = self.root / info.name
+        if not loc.isfile():
+            raise self._missing(loc)
+        return loc
+
+    def _missing(self, loc: Location) -> UserError:
+        return UserError(f"shard {loc} listed in {self.root / 'dataset.json'} is missing; restore it "
+                         f"or recreate the split with `cli.py shards ... --overwrite`")
+
+    def _open(self, info) -> tuple[Location, object]:
+        """Open a shard for streaming (no separate existence check: one request fewer per shard remotely)."""
+        loc = self.root / info.name
+        try:
+            f = loc.open("rb", block_size=1 << 22) if loc.is_url else loc.open("rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise self._missing(loc) from None
+        return loc, (_HashingReader(f, loc, info.sha256) if self.verify else f)
+
+    def _open_verified(self, loc: Location, info) -> _HashingReader:
+        return _HashingReader(loc.open("rb", block_size=1 << 22) if loc.is_url else loc.open("rb"), loc, info.sha256)
 
     def _fail(self, shard: Path, key: str, why: str) -> None:
         if self.on_error == "raise":
@@ -108,29 +125,32 @@ class ShardReader:
             self.on_skip(key, why)
 
     def read_shard(self, shard_id: int) -> Iterator[Sample]:
-        """All samples of one shard in stored order; the count and keys are checked against the manifest."""
+        """All samples of one shard in stored order, streamed; the count and keys are checked against the
+        manifest, and with `verify` the sha256 of the bytes read (the error comes at the shard's end)."""
         info = self.split.shards[shard_id]
-        path = self._check_shard_file(info, self.verify)
+        path, f = self._open(info)
         expected = range(info.first, info.first + info.count)
         seen = 0
         try:
-            stream = wds.tarfile_to_samples(handler=wds.reraise_exception)([{"url": str(path)}])
-            for raw in stream:
-                key = raw["__key__"]
-                seen += 1
-                try:
-                    index = int(key)
-                    if index not in expected:
-                        raise ValueError(f"key outside [{expected.start}, {expected.stop})")
-                    img_key = next((k for k in IMAGE_KEYS if k in raw), None)
-                    if img_key is None or "cls" not in raw:
-                        raise ValueError("missing image or .cls member")
-                    label = int(raw["cls"])
-                    image = decode_image(raw[img_key])
-                except Exception as e:  # decoding errors come in many types; policy decides
-                    self._fail(path, key, str(e))
-                    continue
-                yield Sample(image, label, index, shard_id)
+            with f, storage_errors(path.url):
+                for raw in _tar_samples(f, path.url):
+                    key = raw["__key__"]
+                    seen += 1
+                    try:
+                        index = int(key)
+                        if index not in expected:
+                            raise ValueError(f"key outside [{expected.start}, {expected.stop})")
+                        img_key = next((k for k in IMAGE_KEYS if k in raw), None)
+                        if img_key is None or "cls" not in raw:
+                            raise ValueError("missing image or .cls member")
+                        label = int(raw["cls"])
+                        image = decode_image(raw[img_key])
+                    except Exception as e:  # decoding errors come in many types; policy decides
+                        self._fail(path, key, str(e))
+                        continue
+                    yield Sample(image, label, index, shard_id)
+                if self.verify:
+                    f.finish()
         except UserError:
             raise
         except Exception as e:  # tarfile / webdataset errors on a damaged archive
@@ -150,6 +170,40 @@ class ShardReader:
 
     def source_of(self, shard_id: int) -> dict[str, str]:
         """index -> original relative path, for error messages and audits."""
-        path = self._check_shard_file(self.split.shards[shard_id], False)
-        stream = wds.tarfile_to_samples(handler=wds.reraise_exception)([{"url": str(path)}])
-        return {raw["__key__"]: json.loads(raw["json"])["src"] for raw in stream if "json" in raw}
+        path = self._check_shard_file(self.split.shards[shard_id])
+        with path.open("rb") as f:
+            return {raw["__key__"]: json.loads(raw["json"])["src"]
+                    for raw in _tar_samples(f, path.url) if "json" in raw}
+
+
+def _tar_samples(stream, url: str) -> Iterator[dict]:
+    """webdataset's tar expansion over a stream we opened (webdataset's own opener knows only local
+    files, pipes and http; fsspec opens everything else)."""
+    files = wds.tariterators.tar_file_expander([{"stream": stream, "url": url}], handler=wds.reraise_exception)
+    return wds.tariterators.group_by_keys(files, handler=wds.reraise_exception)
+
+
+class _HashingReader:
+    """A file object that hashes what passes through it, so a streamed shard is checked without a
+    second read. `finish()` reads what the tar reader left (end-of-archive padding) and compares."""
+
+    def __init__(self, f, loc: Location, sha256: str):
+        self.f, self.loc, self.want, self.h = f, loc, sha256, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+    def finish(self) -> None:
+        while self.read(1 << 20):
+            pass
+        if self.h.hexdigest() != self.want:
+            raise UserError(f"shard {self.loc} does not match its checksum in dataset.json (corrupted or "
+                            f"replaced); restore it or recreate the split with `cli.py shards ... --overwrite`")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()

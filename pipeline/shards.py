@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import UserError
+from pipeline.location import Location
 from pipeline.manifest import (
     MANIFEST,
     Manifest,
@@ -28,7 +30,6 @@ from pipeline.manifest import (
     SplitInfo,
     load_manifest,
     sha256_file,
-    write_atomic,
 )
 from pipeline.progress import Bar
 
@@ -142,17 +143,18 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _prepare_out(out: Path, split: str, classes: list[str], overwrite: bool) -> Manifest | None:
+def _prepare_out(out: Location, split: str, classes: list[str], overwrite: bool) -> Manifest | None:
     """Refuse to clobber anything we did not write; return the existing manifest to extend, if any."""
-    if out.exists() and not out.is_dir():
+    if out.isfile():
         raise UserError(f"output {out} exists and is not a folder; choose another OUT")
-    if not out.exists():
+    names = [n for n in out.listdir() if not n.startswith(".")]
+    if not names:
         return None
     existing = None
-    if (out / MANIFEST).exists():
+    if MANIFEST in names:
         existing = load_manifest(out)
     if existing is None:
-        foreign = [p.name for p in out.iterdir() if not SHARD_RE.match(p.name) and not p.name.startswith(".")]
+        foreign = [n for n in names if not SHARD_RE.match(n)]
         if foreign and not overwrite:
             raise UserError(f"output folder {out} already holds other data ({foreign[0]}, ...); choose an "
                             f"empty or new folder, or pass --overwrite")
@@ -169,43 +171,47 @@ def _prepare_out(out: Path, split: str, classes: list[str], overwrite: bool) -> 
     return existing
 
 
-def write_split(out: Path, split: str, classes: list[str], samples: list[SourceImage], *,
+def write_split(out: str | os.PathLike | Location, split: str, classes: list[str], samples: list[SourceImage], *,
                 name: str, shard_size: int = DEFAULT_SHARD_SIZE, order_seed: int | None = 0,
                 class_ids: list[str] | None = None, overwrite: bool = False,
                 progress: bool = True) -> Manifest:
-    """Write one split as shards and record it in `out/dataset.json` (written last, atomically)."""
+    """Write one split as shards and record it in `out/dataset.json` (written last, atomically).
+    `out` is a local folder or an fsspec URL: each shard is built in a local temporary file, then renamed
+    into place (local) or uploaded in one PUT (object store), so a shard appears whole or not at all."""
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise UserError(f"split name '{split}' must be letters, digits or '_'")
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     if not samples:
         raise UserError(f"no images found for split '{split}'")
+    out = Location(out)
+    out.check_writable_root()
     manifest = _prepare_out(out, split, classes, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir()
     if manifest is None:
         # a fresh dataset: forget shards of any earlier dataset here (their manifest is gone/replaced)
-        for p in out.iterdir():
-            if SHARD_RE.match(p.name):
-                p.unlink()
+        stale = [n for n in out.listdir() if SHARD_RE.match(n)]
         manifest = Manifest(name=name, classes=classes, class_ids=class_ids)
     else:
-        for p in out.glob(f"{split}-*.tar"):
-            if SHARD_RE.match(p.name):
-                p.unlink()
+        stale = [n for n in out.listdir() if SHARD_RE.match(n) and n.startswith(f"{split}-")]
         manifest.splits.pop(split, None)
-        write_atomic(out / MANIFEST, manifest.to_json().encode())
+        (out / MANIFEST).write_atomic(manifest.to_json().encode())
+    for n in stale:
+        (out / n).rm()
 
     order = np.arange(len(samples))
     if order_seed is not None:
         order = np.random.default_rng(order_seed).permutation(len(samples))
     ordered = [samples[i] for i in order]
 
+    # local: the partial file sits next to its final name (same filesystem, so the rename is atomic)
+    tmp_dir = out.local or Path(tempfile.mkdtemp(prefix="ofakd-shards-"))
     shards, class_counts = [], [0] * len(classes)
     with Bar(progress, len(ordered), f"shards {split}") as bar:
         for num, first in enumerate(range(0, len(ordered), shard_size)):
             chunk = ordered[first:first + shard_size]
             final = out / shard_name(split, num)
-            tmp = out / f".{final.name}.partial"
+            tmp = tmp_dir / f".{final.name}.partial"
             with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for j, s in enumerate(chunk):
                     data = s.read()
@@ -216,22 +222,23 @@ def write_split(out: Path, split: str, classes: list[str], samples: list[SourceI
                     _tar_member(tar, f"{key}.json", json.dumps({"src": s.src}).encode())
                     class_counts[s.label] += 1
                     bar.advance(1)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            shards.append(ShardInfo(final.name, first, len(chunk), sha256_file(final), final.stat().st_size))
+            digest, size = sha256_file(tmp), tmp.stat().st_size
+            final.put_file(tmp)
+            shards.append(ShardInfo(final.name, first, len(chunk), digest, size))
+    if out.local is None:
+        tmp_dir.rmdir()
     manifest.splits[split] = SplitInfo(count=len(ordered), samples_per_shard=shard_size,
                                        class_counts=class_counts, shards=shards, order_seed=order_seed)
-    write_atomic(out / MANIFEST, manifest.to_json().encode())
+    (out / MANIFEST).write_atomic(manifest.to_json().encode())
     return manifest
 
 
 # ------------------------------------------------------------------------------------- entry point
 
-def make_shards(src: str, out: Path, *, split: str = "train", shard_size: int | None = None,
+def make_shards(src: str, out: str | os.PathLike, *, split: str = "train", shard_size: int | None = None,
                 class_names: Path | None = None, name: str | None = None, order_seed: int | None = 0,
                 overwrite: bool = False, progress: bool = True) -> Manifest:
-    """`src` is an ImageFolder path or the word 'digits' (writes train and val)."""
+    """`src` is an ImageFolder path or the word 'digits' (writes train and val); `out` a folder or fsspec URL."""
     if src == "digits":
         classes, splits = digits_source()
         manifest = None

@@ -47,15 +47,16 @@ from students.task import DistillationTask, LossConfig, online
 class TrainConfig:
     """Every option of `train-student` (flags, --config files and help text come from here)."""
 
-    data: Path
-    """Dataset directory made by `shards` (train and val splits)."""
+    data: str | Path
+    """Dataset directory or fsspec URL made by `shards` (train and val splits)."""
     student: str
     """timm model name of the student."""
     out: Path
     """Run directory: config.json, metrics.csv/jsonl/json, state/, model.safetensors."""
     loss: LossConfig = field(default_factory=LossConfig)
-    cache: Path | None = None
-    """Teacher cache made by `cache-teacher`; needed by kd/dkd/ofa unless --teacher-online."""
+    cache: str | Path | None = None
+    """Teacher cache made by `cache-teacher` (path or URL); needed by kd/dkd/ofa
+    unless --teacher-online."""
     teacher: str | None = None
     """With --cache: the teacher the cache must come from (checked)."""
     teacher_online: str | None = None

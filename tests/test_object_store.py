@@ -1,0 +1,316 @@
+"""Shards and the teacher cache on an object store: a real S3-compatible server (moto's standalone server)
+on 127.0.0.1, started and stopped here, with fake credentials; no traffic beyond loopback."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from cache.inspect import inspect_cache, verify_cache
+from cache.store import ARRAYS, CacheStore
+from cache.teacher_pass import CacheConfig, cache_teacher
+from conftest import ROOT, accelerate_cli, run_cli
+from pipeline.augment import get_recipe
+from pipeline.errors import UserError
+from pipeline.location import Location
+from pipeline.reader import ShardReader
+from pipeline.shards import digits_source, write_split
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+RECIPE = "digits-mix"
+TEACHER = ["--teacher", "test_resnet", "--recipe", RECIPE, "--epochs", "2", "--topk", "4", "--batch-size", "40",
+           "--workers", "0", "--quiet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    """moto's S3 server on a free loopback port; yields the environment a client needs to reach it."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           # nothing from this machine's own AWS set-up may leak in
+           "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull,
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    unset = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE")
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError("moto server exited; see its log") from None
+                time.sleep(0.1)
+        saved = {k: os.environ.get(k) for k in (*env, *unset)}
+        os.environ.update(env)
+        for k in unset:
+            os.environ.pop(k, None)
+        yield env
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def bucket(s3_env, request):
+    """A fresh bucket per test: s3://<name>."""
+    import s3fs
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def local_ref(small_digits, tmp_path_factory):
+    """The clean local store every remote one must equal."""
+    out = tmp_path_factory.mktemp("ref") / "teacher.zarr"
+    cache_teacher(_cfg(small_digits, out))
+    return out
+
+
+def _cfg(data, out, **kw) -> CacheConfig:
+    base = dict(data=data, teacher="test_resnet", out=out, recipe=get_recipe(RECIPE), recipe_name=RECIPE,
+                epochs=2, topk=4, batch_size=40, workers=0, progress=False)
+    return CacheConfig(**{**base, **kw})
+
+
+def _upload_small_digits(small_digits, url: str) -> str:
+    """The small_digits dataset written to `url` by the shard writer itself."""
+    classes, splits = digits_source()
+    write_split(url, "train", classes, splits["train"][:270], name="digits-small", shard_size=48, progress=False)
+    write_split(url, "val", classes, splits["val"][:96], name="digits-small", shard_size=48, progress=False)
+    return url
+
+
+def _assert_same_store(a, b) -> None:
+    sa, sb = CacheStore(a), CacheStore(b)
+    assert sa.done_units() == sb.done_units() == set(range(sa.num_units))
+    for name in ARRAYS:
+        x, y = sa.read_all(name), sb.read_all(name)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes(), name  # bit for bit
+    for u in range(sa.num_units):
+        assert sa.unit_info(u) == sb.unit_info(u)
+
+
+def _env(s3_env, **kw) -> dict:
+    return {**s3_env, **kw}
+
+
+# ----------------------------------------------------------------------------------------- shards
+
+def test_shards_in_a_bucket_read_back_equal_to_local(small_digits, bucket):
+    url = _upload_small_digits(small_digits, f"{bucket}/data")
+    local = Location(small_digits)
+    remote = Location(url)
+    assert remote.child("dataset.json").read_bytes() == local.child("dataset.json").read_bytes()
+    for name in local.listdir():
+        assert remote.child(name).read_bytes() == local.child(name).read_bytes(), name  # byte for byte
+    r, l_ = ShardReader(url, verify=True), ShardReader(small_digits)
+    r.check_files()
+    for s in range(r.num_shards):
+        a, b = list(r.read_shard(s)), list(l_.read_shard(s))
+        assert [(x.index, x.label) for x in a] == [(x.index, x.label) for x in b]
+        assert all((x.image == y.image).all() for x, y in zip(a, b, strict=True))
+    # an object altered in place (a byte of a member's content: the tar still reads) fails the checksum
+    shard = remote.child(r.split.shards[1].name)
+    shard.write_atomic(shard.read_bytes().replace(b"digits/", b"digitz/", 1))
+    with pytest.raises(UserError, match="checksum"):
+        list(ShardReader(url, verify=True).read_shard(1))
+
+
+def test_any_fsspec_protocol_holds_shards_and_a_store(tmp_path):
+    """memory:// (no bucket, no async client: zarr wraps it) and file:// (local: fsync and rename apply)."""
+    from cache.store import Unit
+    classes, splits = digits_source()
+    for root in ("memory://ofakd-test", f"file://{tmp_path}"):
+        write_split(f"{root}/ds", "train", classes, splits["train"][:60], name="m", shard_size=30, progress=False)
+        assert len(list(ShardReader(f"{root}/ds", verify=True).read_shard(1))) == 30
+        desc = {"format": "ofakd-teacher-cache", "format_version": 1, "epochs": 1, "topk": 2, "num_classes": 10,
+                "dataset": {"num_samples": 60, "samples_per_shard": 30, "num_shards": 2}}
+        store = CacheStore.create(f"{root}/t.zarr", desc)
+        data = {n: np.full((1, 30, *store.array(n).shape[2:]), 3, dtype=store.array(n).dtype) for n in ARRAYS}
+        store.write_unit(Unit(1, 30, 30, data, [], None))
+        again = CacheStore(f"{root}/t.zarr")
+        assert again.done_units() == {1} and (again.read_epoch(0, 1)["lse"] == 3).all()
+        with pytest.raises(UserError, match="no complete data for data shard 0"):
+            again.read_epoch(0, 0)
+    assert (tmp_path / "t.zarr" / "_units" / "shard-000001.json").is_file()  # file:// is the local disk
+
+
+# ----------------------------------------------------------------------------------------- store
+
+def test_store_in_a_bucket_equals_the_local_one_bit_for_bit(small_digits, local_ref, bucket):
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    s = cache_teacher(_cfg(data, out))
+    assert s["views_written"] == 2 * 270
+    _assert_same_store(out, local_ref)
+    assert CacheStore(out).attrs["dataset"]["path"] == data  # a URL is recorded as given
+    again = cache_teacher(_cfg(data, out))  # a rerun finds every unit done
+    assert again["views_written"] == 0 and again["units_skipped_as_done"] == 6
+    info = inspect_cache(out)
+    assert info["complete"] and info["units_done"] == "6/6" and info["disk_bytes"] > 0
+    r = verify_cache(out, samples=6)
+    assert r["ok"], r["problems"]
+
+
+@pytest.mark.slow
+def test_killed_teacher_pass_resumes_to_the_clean_store_and_is_refused_meanwhile(small_digits, local_ref, bucket,
+                                                                                s3_env, tmp_path):
+    import s3fs
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    units = f"{out}/_units"
+    # slowed zarr writes (bench/chaos_cli.py) so that the kill lands inside a unit's writes
+    cmd = [sys.executable, str(ROOT / "bench" / "chaos_cli.py"), "cache-teacher", "--data", data, "--out", out,
+           *TEACHER]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OFAKD_CHAOS_SLOW_WRITES": "0.25"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        fs.invalidate_cache()
+        if fs.exists(units) and len(fs.ls(units)) >= 1:
+            break
+        time.sleep(0.2)
+    time.sleep(0.6)  # into the next unit's array writes (8 arrays x 0.25 s)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = CacheStore(out).done_units()
+    assert 1 <= len(done) < 6
+
+    p = run_cli("train-student", "--data", data, "--student", "test_resnet", "--method", "kd", "--cache", out,
+                "--out", tmp_path / "run", "--epochs", "1", "--workers", "0", "--quiet")
+    assert p.returncode != 0 and "incomplete" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+    run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, check=True)
+    _assert_same_store(out, local_ref)
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_store_in_the_bucket_and_lose_nothing(small_digits, local_ref, bucket, tmp_path):
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "--log-dir", str(logs), "--redirects", "3", str(ROOT / "cli.py"), "cache-teacher", "--data", data,
+           "--out", out, *TEACHER]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true",
+                            # torchrun would set 1; the reference was computed with torch's default thread
+                            # count, and CPU kernels may round differently with another one
+                            "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    ranks = sorted(f.parent.name for f in logs.rglob("stdout.log"))
+    assert p.returncode == 0, p.stderr[-3000:] + "".join(f.read_text()[-2000:] for f in logs.rglob("std*.log"))
+    assert ranks == ["0", "1"]  # two ranks ran
+    assert any("540 views written" in f.read_text() for f in logs.rglob("stdout.log"))  # summed over both
+    _assert_same_store(out, local_ref)
+
+
+# ----------------------------------------------------------------------------------------- training
+
+@pytest.mark.slow
+def test_training_from_the_bucket_ends_with_the_same_weights_as_from_local_disk(small_digits, local_ref, bucket,
+                                                                                tmp_path):
+    from safetensors.numpy import load_file
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    # the store's bytes copied as they are: training must read the same cache from both places
+    for f in local_ref.rglob("*"):
+        if f.is_file():
+            Location(out).child(f.relative_to(local_ref).as_posix()).write_atomic(f.read_bytes())
+    args = ["--student", "test_resnet", "--method", "ofa", "--epochs", "1", "--max-steps-per-epoch", "3",
+            "--batch-size", "32", "--workers", "1", "--mixed-precision", "no", "--quiet"]
+    weights = []
+    for d, c, run in ((small_digits, local_ref, tmp_path / "local"), (data, out, tmp_path / "s3")):
+        run_cli("train-student", "--data", d, "--cache", c, "--out", run, *args, check=True)
+        weights.append(load_file(str(run / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        assert np.array_equal(weights[0][k], weights[1][k]), k
+
+
+@pytest.mark.slow
+def test_two_process_training_from_the_bucket_matches_local(small_digits, local_ref, bucket, tmp_path):
+    from safetensors.numpy import load_file
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    for f in local_ref.rglob("*"):
+        if f.is_file():
+            Location(out).child(f.relative_to(local_ref).as_posix()).write_atomic(f.read_bytes())
+    args = ["--student", "test_resnet", "--method", "kd", "--epochs", "1", "--max-steps-per-epoch", "2",
+            "--batch-size", "16", "--workers", "1", "--mixed-precision", "no", "--quiet"]
+    weights = []
+    for d, c, run in ((small_digits, local_ref, tmp_path / "local"), (data, out, tmp_path / "s3")):
+        p = accelerate_cli(2, "train-student", "--data", d, "--cache", c, "--out", run, *args)
+        assert p.returncode == 0, p.stderr[-3000:]
+        weights.append(load_file(str(run / "model.safetensors")))
+    for k in weights[0]:
+        assert np.array_equal(weights[0][k], weights[1][k]), k
+
+
+# ----------------------------------------------------------------------------------------- bad inputs
+
+def _one_sentence(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode != 0
+    err = p.stderr.strip()
+    assert "Traceback" not in err, err[-3000:]
+    for n in needles:
+        assert n in err, err[-3000:]
+
+
+def test_a_protocol_without_its_client_names_the_extra(tmp_path):
+    with pytest.raises(UserError, match=r"pip install ofakd-cache\[gcs\]"):
+        Location("gs://some-bucket/data")  # gcsfs is not a dev dependency
+    # the CLI in a process where s3fs cannot be imported, as if `.[s3]` were not installed
+    code = "import sys; sys.modules['s3fs'] = None; import cli; sys.argv = ['cli.py', *sys.argv[1:]]; cli.main()"
+    p = subprocess.run([sys.executable, "-c", code, "shards", "digits", "s3://any-bucket/data", "--quiet"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _one_sentence(p, "s3://any-bucket/data", "pip install ofakd-cache[s3]")
+
+
+def test_missing_bucket_and_missing_credentials_are_one_sentence_and_write_nothing(small_digits, bucket, s3_env,
+                                                                                   tmp_path):
+    classes, splits = digits_source()
+    with pytest.raises(UserError, match="bucket 'no-such-bucket' of s3://no-such-bucket/data does not exist"):
+        write_split("s3://no-such-bucket/data", "train", classes, splits["train"][:10], name="x", progress=False)
+    with pytest.raises(UserError, match="bucket 'no-such-bucket'"):
+        CacheStore.create("s3://no-such-bucket/t.zarr", {})
+    with pytest.raises(UserError, match="does not exist or is not a zarr store"):
+        CacheStore(f"{bucket}/nothing-here.zarr")
+
+    no_creds = {**s3_env, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    env = {k: v for k, v in {**os.environ, **no_creds}.items() if v != ""}
+    p = subprocess.run([sys.executable, str(ROOT / "cli.py"), "cache-teacher", "--data", f"{bucket}/data", "--out",
+                        f"{bucket}/teacher.zarr", *TEACHER], capture_output=True, text=True, timeout=300,
+                       env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    _one_sentence(p, "no credentials", "AWS_ACCESS_KEY_ID")
+    assert not Location(f"{bucket}/teacher.zarr").exists()  # nothing created, nothing marked
