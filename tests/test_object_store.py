@@ -1,6 +1,7 @@
 """Shards and the teacher cache on an object store: a real S3-compatible server (moto's standalone server)
 on 127.0.0.1, started and stopped here, with fake credentials; no traffic beyond loopback."""
 
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import torch
 from cache.inspect import inspect_cache, verify_cache
 from cache.store import ARRAYS, CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
-from conftest import ROOT, accelerate_cli, run_cli
+from conftest import ROOT, launch_cli, run_cli
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.location import Location
@@ -269,8 +270,9 @@ def test_two_process_training_from_the_bucket_matches_local(small_digits, local_
             "--batch-size", "16", "--workers", "1", "--mixed-precision", "no", "--quiet"]
     weights = []
     for d, c, run in ((small_digits, local_ref, tmp_path / "local"), (data, out, tmp_path / "s3")):
-        p = accelerate_cli(2, "train-student", "--data", d, "--cache", c, "--out", run, *args)
+        p = launch_cli(2, "train-student", "--data", d, "--cache", c, "--out", run, *args)
         assert p.returncode == 0, p.stderr[-3000:]
+        assert json.loads((run / "config.json").read_text())["resolved"]["processes"] == 2  # two ranks ran
         weights.append(load_file(str(run / "model.safetensors")))
     for k in weights[0]:
         assert np.array_equal(weights[0][k], weights[1][k]), k
