@@ -124,7 +124,9 @@ def summary(out: dict) -> str:
               "ImageNet-size teacher (`stage_one`) the pass keeps >= 0.9 of the bare teacher.",
               "- Likewise the loader ratio on digits (views that cost 0.3 ms) is below 0.95 because reading one cache "
               "unit per shard (6 small zarr reads) is a visible fraction of so little work; on 64 px JPEG views "
-              "(`loader_tiny`) it is above 0.95.",
+              "(`loader_tiny`) it was 0.97 before the redesign of 2026-11-29 and is 0.93 after it (not yet "
+              "explained: the join now also checks each unit's pixel fingerprint and builds one TeacherTargets "
+              "per view).",
               "- Step-time ratios are medians of per-round ratios over interleaved, rotated rounds on the same "
               "batches."]
     return "\n".join(lines) + "\n"

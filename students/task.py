@@ -49,6 +49,8 @@ class LossConfig:
     """DKD: weight of the target-class term."""
     dkd_beta: float = 8.0
     """DKD: weight of the non-target term."""
+    dkd_warmup_epochs: float = 0.0
+    """DKD: ramp the DKD term's weight linearly from 0 over this many epochs (the DKD paper uses 20)."""
     label_smoothing: float = 0.0
     """Label smoothing of the label term (CE, or the paper OFA form's label term)."""
 
@@ -94,8 +96,10 @@ def per_output(values: list[float], heads: list[str], option: str) -> list[float
 
 
 def distill_losses(out: dict, teacher_logits: torch.Tensor | None, batch: dict, cfg: LossConfig,
-                   num_classes: int) -> dict:
-    """out: {"logits": [B, C], "heads": {name: [B, C]}} -> {"loss": total, "ce": ..., "kd/final": ...}."""
+                   num_classes: int, progress: float = float("inf")) -> dict:
+    """out: {"logits": [B, C], "heads": {name: [B, C]}} -> {"loss": total, "ce": ..., "kd/final": ...}.
+
+    `progress`: epochs of training done (fractional), for the DKD warm-up."""
     logits = out["logits"]
     y = soft_target(batch["label"], batch["partner_label"], batch["lam"], num_classes, cfg.label_smoothing)
     c = target_class(batch["label"], batch["partner_label"], batch["lam"])
@@ -109,7 +113,8 @@ def distill_losses(out: dict, teacher_logits: torch.Tensor | None, batch: dict, 
         total = total + cfg.w_kd * terms["kd/final"]
     elif cfg.method == "dkd":
         terms["dkd/final"] = dkd_loss(logits, teacher_logits, c, cfg.dkd_alpha, cfg.dkd_beta, cfg.T)
-        total = total + cfg.w_kd * terms["dkd/final"]
+        ramp = min(1.0, progress / cfg.dkd_warmup_epochs) if cfg.dkd_warmup_epochs > 0 else 1.0
+        total = total + cfg.w_kd * ramp * terms["dkd/final"]
     elif cfg.method == "ofa":
         heads = out["heads"]
         gammas = per_output(cfg.gamma, list(heads), "--gamma")
@@ -138,6 +143,7 @@ class DistillationTask(nn.Module):
             raise UserError(f"method '{loss.method}' needs a teacher: pass --cache STORE or --teacher-online NAME")
         self.student, self.student_input, self.loss, self.num_classes = student, student_input, loss, num_classes
         self.teacher_source = teacher if loss.needs_teacher else None
+        self.progress = float("inf")  # epochs done (fractional); the training loop keeps it current
         if loss.method == "ofa":  # refuse per-head lists of the wrong length now, not at the first step
             per_output(loss.gamma, student.names, "--gamma")
             if loss.stage_weights is not None and len(loss.stage_weights) != len(student.names):
@@ -149,4 +155,5 @@ class DistillationTask(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         out = self.student(self.student_input(batch["view"]))
-        return distill_losses(out, self.teacher_logits(batch), batch, self.loss, self.num_classes)
+        return distill_losses(out, self.teacher_logits(batch), batch, self.loss, self.num_classes,
+                              progress=self.progress)

@@ -359,6 +359,7 @@ def train_epoch(task, views: TrainViews, optimizer, scheduler, accelerator, cfg:
         for i, batch in enumerate(loader):
             if i >= micro:
                 break
+            accelerator.unwrap_model(task).progress = epoch + i / micro  # for loss warm-ups (DKD)
             result = train_step(task, to_device(batch, device), optimizer, accelerator, cfg.clip_grad)
             if accelerator.sync_gradients:
                 update += 1

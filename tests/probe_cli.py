@@ -45,7 +45,7 @@ def set_epoch(self, epoch):
     real_set_epoch(self, epoch)
 
 
-def distill_losses(out, teacher_logits, batch, cfg, num_classes):
+def distill_losses(out, teacher_logits, batch, cfg, num_classes, **kw):
     stall = os.environ.get("PROBE_STALL")
     if stall and [int(v) for v in stall.split(",")] == [state["epoch"], state["step"]]:
         (OUT / f"stalled-{RANK}").touch()
@@ -59,7 +59,7 @@ def distill_losses(out, teacher_logits, batch, cfg, num_classes):
                     "t_lse": t.lse.cpu().clone(), "t_label_logits": t.label_logits.cpu().clone()}
         state["batches"].append(rec)
     state["step"] += 1
-    return real_losses(out, teacher_logits, batch, cfg, num_classes)
+    return real_losses(out, teacher_logits, batch, cfg, num_classes, **kw)
 
 
 CacheStore.write_unit, TrainViews.set_epoch, task_mod.distill_losses = write_unit, set_epoch, distill_losses

@@ -229,3 +229,16 @@ def test_task_composes_dkd_label_smoothing_per_head_gamma_and_stage_weights():
     assert out["ofa/final"].item() == pytest.approx(ofa_loss(s, t, c, 2.5, 2.0, label=y).item(), rel=1e-6)
     want = 2.0 * out["ofa/final"] + 0.4 * (0.5 * out["ofa/stage1"] + 3.0 * out["ofa/stage2"])
     assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_dkd_warm_up_ramps_the_dkd_term_linearly():
+    from students.task import LossConfig, distill_losses
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    batch = {"label": torch.tensor([0, 1, 2, 3]), "partner_label": torch.tensor([0, 1, 2, 3]),
+             "lam": torch.ones(4)}
+    cfg = LossConfig("dkd", dkd_warmup_epochs=2.0)
+    for progress, ramp in ((0.0, 0.0), (0.5, 0.25), (1.0, 0.5), (3.0, 1.0)):
+        out = distill_losses({"logits": s, "heads": {}}, t, batch, cfg, 5, progress=progress)
+        assert out["loss"].item() == pytest.approx((out["ce"] + ramp * out["dkd/final"]).item(), rel=1e-6)
+    no_ramp = distill_losses({"logits": s, "heads": {}}, t, batch, LossConfig("dkd"), 5, progress=0.0)
+    assert no_ramp["loss"].item() == pytest.approx((no_ramp["ce"] + no_ramp["dkd/final"]).item(), rel=1e-6)
