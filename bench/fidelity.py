@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from cache.targets import CachedTeacher
 from cache.teacher import Teacher
 from cache.teacher_pass import CacheConfig, cache_teacher
+from commands.options import build
 from pipeline.augment import get_recipe
 from pipeline.models import Weights, create_model, model_input, parse_kwargs
 from pipeline.reader import ShardReader
@@ -69,8 +70,8 @@ def main(argv=None) -> dict:
         stores = {}
         for k in args.topk:
             stores[k] = tmp / f"k{k}.zarr"
-            cache_teacher(CacheConfig(data=data, teacher=args.teacher, checkpoint=args.checkpoint, out=stores[k],
-                                      recipe=recipe, recipe_name=args.recipe, epochs=1, topk=k, batch_size=250,
+            cache_teacher(build(CacheConfig, data=data, teacher=args.teacher, checkpoint=args.checkpoint, out=stores[k],
+                                      recipe=args.recipe, view_size=args.view_size, epochs=1, topk=k, batch_size=250,
                                       workers=1, progress=False))
         sums = {k: {} for k in args.topk}
         n = 0

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from cache.targets import CachedTeacher
 from cache.teacher_pass import CacheConfig, cache_teacher
-from pipeline.augment import get_recipe
+from commands.options import build
 from pipeline.location import Location
 
 
@@ -85,9 +85,8 @@ def main(argv=None) -> dict:
     os.environ.update(env)
     try:
         store = tmp / "t.zarr"
-        cache_teacher(CacheConfig(data=data, teacher=args.teacher, out=store, recipe=get_recipe(args.recipe),
-                                  recipe_name=args.recipe, epochs=1, topk=args.topk, batch_size=128, workers=1,
-                                  progress=False))
+        cache_teacher(build(CacheConfig, data=data, teacher=args.teacher, out=store, recipe=args.recipe, epochs=1,
+                            topk=args.topk, batch_size=128, workers=1, progress=False))
         Location("s3://bench").fs.mkdir("bench")
         upload(data, "s3://bench/data")
         upload(store, "s3://bench/t.zarr")

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from cache.store import CacheStore
 from cache.targets import CachedTeacher
 from cache.teacher_pass import CacheConfig, cache_teacher
+from commands.options import build
 from pipeline.augment import get_recipe
 from pipeline.manifest import Manifest, load_manifest, write_atomic
 from pipeline.reader import ShardReader
@@ -66,9 +67,9 @@ def main(argv=None) -> dict:
             C = reader.manifest.num_classes
             for k in args.topk:
                 store_path = tmp / f"s{shards}-k{k}.zarr"
-                s = cache_teacher(CacheConfig(data=data, teacher=args.teacher, out=store_path, recipe=recipe,
-                                              recipe_name=args.recipe, epochs=args.epochs, topk=k, batch_size=125,
-                                              workers=1, progress=False))
+                s = cache_teacher(build(CacheConfig, data=data, teacher=args.teacher, out=store_path,
+                                        recipe=args.recipe, view_size=args.view_size, epochs=args.epochs, topk=k,
+                                        batch_size=125, workers=1, progress=False))
                 store = CacheStore(store_path)
                 cached = CachedTeacher(store_path)
                 logits = torch.randn(125, C)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from cache.store import CacheStore
 from cache.teacher import Teacher
 from cache.teacher_pass import CacheConfig, cache_teacher
+from commands.options import build
 from pipeline.augment import get_recipe
 from pipeline.reader import ShardReader
 from pipeline.shards import make_shards
@@ -65,9 +66,9 @@ def main(argv=None) -> dict:
         for r in range(args.repeats):
             bare_s = min(bare_s, timed(bare, 1))
             store = tmp / f"t{r}.zarr"
-            s = cache_teacher(CacheConfig(data=data, teacher=args.teacher, out=store, recipe=recipe,
-                                          recipe_name=args.recipe, epochs=args.epochs, topk=args.topk,
-                                          batch_size=args.batch_size, workers=args.workers, progress=False))
+            s = cache_teacher(build(CacheConfig, data=data, teacher=args.teacher, out=store, recipe=args.recipe,
+                                    epochs=args.epochs, topk=args.topk, batch_size=args.batch_size,
+                                    workers=args.workers, progress=False))
             pass_s = min(pass_s, s["seconds"])
         cs = CacheStore(store)
         disk = cs.disk_bytes()

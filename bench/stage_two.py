@@ -33,6 +33,7 @@ import pipeline.views
 from cache.targets import CachedTeacher
 from cache.teacher import Teacher
 from cache.teacher_pass import CacheConfig, cache_teacher
+from commands.options import build
 from pipeline.augment import get_recipe
 from pipeline.models import create_model, model_input
 from pipeline.reader import ShardReader
@@ -96,9 +97,8 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-s2-"))
     try:
         store_path = tmp / "t.zarr"
-        cache_teacher(CacheConfig(data=data, teacher=args.teacher, out=store_path, recipe=recipe,
-                                  recipe_name=args.recipe, epochs=1, topk=args.topk, batch_size=128, workers=1,
-                                  progress=False))
+        cache_teacher(build(CacheConfig, data=data, teacher=args.teacher, out=store_path, recipe=args.recipe,
+                            epochs=1, topk=args.topk, batch_size=128, workers=1, progress=False))
         cached = CachedTeacher(store_path)
         res = {"recipe": args.recipe, "view_size": recipe.input_size, "samples": reader.split.count,
                **loader_rates(reader, recipe, cached, args.rounds, args.batch_size)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,33 @@ from pipeline.augment import Recipe
 from pipeline.errors import UserError
 from pipeline.models import Weights, file_sha256
 from pipeline.reader import ShardReader
+from pipeline.spec import argument, group
 from pipeline.views import shard_views, views_digest
+
+
+@dataclass
+class InspectConfig:
+    """The options of `inspect-cache`."""
+
+    store: str = field(metadata=argument())
+    """Teacher cache store (path or URL)."""
+    json_out: bool = field(default=False, metadata={"flags": ("--json",)})
+    """Print JSON."""
+
+
+@dataclass
+class VerifyConfig:
+    """The options of `verify-cache`."""
+
+    store: str = field(metadata=argument())
+    """Teacher cache store (path or URL)."""
+    samples: int = 32
+    """Random views to rebuild and re-run."""
+    data: str | None = None
+    """Dataset directory or URL [default: the one recorded]."""
+    weights: Weights = field(default_factory=Weights, metadata=group(about="teacher [default: the weights recorded]"))
+    seed: int = 0
+    """Seed of the random pick."""
 
 
 def topk_mass(store: CacheStore, units: list[int]) -> np.ndarray:

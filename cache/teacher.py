@@ -20,7 +20,17 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest
-from pipeline.models import Weights, create_model, model_input
+from pipeline.models import ModelSpec, Weights, create_model, model_input
+
+
+@dataclass
+class TeacherSpec(ModelSpec):
+    """A teacher as a command names it: a model (`ModelSpec`) and the label space of its outputs
+    (used by cache-teacher, verify-cache's recorded teacher and train-student's --teacher-online)."""
+
+    classes: str | None = None
+    """The teacher's label space, to map the dataset's classes onto its outputs by class id: imagenet-1k
+    (timm's synsets) or a file with one class id per line in output order."""
 
 
 def teacher_class_ids(spec: str) -> list[str]:
@@ -145,6 +155,13 @@ class Teacher:
         t = cls(model.to(device), view_size, input_size, class_map)
         t.name = name
         return t
+
+    @classmethod
+    def from_spec(cls, spec: TeacherSpec, manifest: Manifest, view_size: int, device="cpu") -> Teacher:
+        """The teacher a spec names, over the classes of a dataset (`spec.classes` maps them)."""
+        class_map = ClassMap.resolve(spec.classes, manifest) if spec.classes else None
+        return cls.build(spec.name, manifest.num_classes, view_size, weights=spec.weights, class_map=class_map,
+                         model_kwargs=spec.model_kwargs, input_size=spec.input_size, device=device)
 
     @property
     def num_features(self) -> int:

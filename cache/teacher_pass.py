@@ -11,7 +11,6 @@ Killed at any moment, a rerun skips the marked units and redoes the rest; unmark
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,47 +30,30 @@ from cache.store import (
     index_dtype,
     raw_bytes_per_view,
 )
-from cache.teacher import ClassMap, Teacher
-from pipeline.augment import Recipe, get_recipe
+from cache.teacher import Teacher, TeacherSpec
+from pipeline.augment import Recipe, ViewSpec
 from pipeline.errors import UserError
 from pipeline.location import Location
-from pipeline.models import Weights
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader
+from pipeline.spec import choice_problems, group, mounted
 from pipeline.views import UnitViews, library_versions, views_digest
 
 
 @dataclass
 class CacheConfig:
-    """Every option of `cache-teacher` (flags, --config files and help text come from here)."""
+    """Every option of `cache-teacher`, in groups (flags, --config files and help text come from here)."""
 
     data: str | Path
     """Dataset directory or fsspec URL (s3://, gs://, ...) made by `shards`."""
-    teacher: str
-    """timm model name of the teacher."""
     out: str | Path
     """Output zarr store (a directory or fsspec URL), e.g. runs/teacher.zarr or s3://bucket/teacher.zarr."""
-    recipe: Recipe | str = "imagenet-cnn"
-    """Augmentation preset (or, in a config file, the recipe's fields)."""
-    recipe_name: str = field(default="custom", metadata={"cli": False})
-    view_size: int | None = None
-    """Override the recipe's view size."""
-    checkpoint: Path | None = None
-    """Local teacher weights of exactly this model (.safetensors or a torch state dict); none = timm's random init."""
-    pretrained: bool = False
-    """timm's pretrained weights of the teacher name (tag or hf-hub: name), from the hub."""
-    pretrained_file: Path | None = None
-    """timm's pretrained loader from this local file instead of the hub."""
-    teacher_classes: str | None = None
-    """The teacher's label space (imagenet-1k or a file of class ids): map the dataset's classes onto it."""
-    model_kwargs: dict = field(default_factory=dict)
-    """timm keyword arguments of the teacher."""
-    input_size: int | None = None
-    """Teacher input size [default: its fixed size, else the view size]."""
+    teacher: TeacherSpec = field(default_factory=TeacherSpec, metadata=group(
+        names={"name": "teacher", "classes": "teacher-classes"}, required=("name",), about="teacher",
+        help={"name": "timm model name of the teacher."}))
+    views: ViewSpec = mounted(ViewSpec, recipe="imagenet-cnn", seed=0)
     split: str = "train"
     """Split to cache."""
-    seed: int = 0
-    """Run seed of the views."""
     epochs: int = 1
     """Epochs of views to cache."""
     topk: int = 10
@@ -88,14 +70,11 @@ class CacheConfig:
     """Progress bars."""
 
     def __post_init__(self):
-        if isinstance(self.recipe, str):  # a preset name (command line, config file)
-            self.recipe, self.recipe_name = get_recipe(self.recipe, self.view_size), self.recipe
-        elif isinstance(self.recipe, dict):  # a config file's own recipe
-            size = {"input_size": self.view_size} if self.view_size else {}
-            self.recipe = Recipe.from_dict({**self.recipe, **size})
-        elif self.view_size:
-            self.recipe = dataclasses.replace(self.recipe, input_size=self.view_size)
         problems = []
+        if not self.teacher.name:
+            problems.append("missing required option --teacher (the timm model name of the teacher)")
+        if self.views.get() is None or self.views.seed is None:
+            problems.append("cache-teacher needs a recipe and a view seed (--recipe, --seed)")
         if self.epochs < 1:
             problems.append(f"--epochs must be at least 1, got {self.epochs}")
         if self.topk < 1:
@@ -104,16 +83,14 @@ class CacheConfig:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             problems.append(f"--workers must be >= 0, got {self.workers}")
-        try:
-            _ = self.weights  # conflicting weight sources
-        except UserError as e:
-            problems.append(str(e))
+        problems += choice_problems(self)
         if problems:
             raise UserError("; ".join(problems))
 
     @property
-    def weights(self) -> Weights:
-        return Weights(self.checkpoint, self.pretrained, self.pretrained_file)
+    def recipe(self) -> Recipe:
+        """The recipe of the views, at their size."""
+        return self.views.get()
 
 
 def versions() -> dict:
@@ -126,20 +103,20 @@ def versions() -> dict:
 
 
 def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher) -> dict:
-    m, split, minput = reader.manifest, reader.split, teacher.input
+    m, split, minput, ckpt = reader.manifest, reader.split, teacher.input, cfg.teacher.weights.checkpoint
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "teacher": {"name": cfg.teacher, "checkpoint_sha256": teacher.checkpoint_sha256,
-                    "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "weights": teacher.weights,
+        "teacher": {"name": cfg.teacher.name, "checkpoint_sha256": teacher.checkpoint_sha256,
+                    "checkpoint": str(ckpt) if ckpt else None, "weights": teacher.weights,
                     "classes": teacher.class_map.to_dict() if teacher.class_map else None,
-                    "model_kwargs": cfg.model_kwargs, "input_size": minput.size, "mean": list(minput.mean),
+                    "model_kwargs": cfg.teacher.model_kwargs, "input_size": minput.size, "mean": list(minput.mean),
                     "std": list(minput.std), "num_features": teacher.num_features},
         "dataset": {"name": m.name, "split": cfg.split, "path": Location(cfg.data).resolved(),
                     "manifest_hash": m.split_hash(cfg.split),
                     "num_samples": split.count, "num_shards": len(split.shards),
                     "samples_per_shard": split.samples_per_shard, "classes": m.classes},
-        "num_classes": m.num_classes, "topk": cfg.topk, "epochs": cfg.epochs, "seed": cfg.seed,
-        "recipe": cfg.recipe.to_dict(), "recipe_name": cfg.recipe_name, "on_error": cfg.on_error,
+        "num_classes": m.num_classes, "topk": cfg.topk, "epochs": cfg.epochs, "seed": cfg.views.seed,
+        "recipe": cfg.recipe.to_dict(), "recipe_name": cfg.views.name, "on_error": cfg.on_error,
         "index_dtype": index_dtype(m.num_classes),
         "raw_bytes_per_view": raw_bytes_per_view(cfg.topk, m.num_classes),
         "versions": versions(),
@@ -217,9 +194,7 @@ def cache_teacher(cfg: CacheConfig) -> dict:
     if cfg.recipe.mixes and reader.split.samples_per_shard < 2:
         raise UserError("mixing recipes need at least 2 samples per shard; recreate the shards with a "
                         "larger --shard-size")
-    class_map = ClassMap.resolve(cfg.teacher_classes, reader.manifest) if cfg.teacher_classes else None
-    teacher = Teacher.build(cfg.teacher, C, cfg.recipe.input_size, weights=cfg.weights, class_map=class_map,
-                            model_kwargs=cfg.model_kwargs, input_size=cfg.input_size, device=device)
+    teacher = Teacher.from_spec(cfg.teacher, reader.manifest, cfg.recipe.input_size, device=device)
     desc = describe(cfg, reader, teacher)
 
     if accelerator.is_main_process:
@@ -231,14 +206,14 @@ def cache_teacher(cfg: CacheConfig) -> dict:
     accelerator.wait_for_everyone()  # everyone has read the same `done` before anyone marks more
     mine = todo[accelerator.process_index::accelerator.num_processes]
 
-    stream = UnitViews(reader, cfg.recipe, cfg.seed, cfg.epochs, mine)
+    stream = UnitViews(reader, cfg.recipe, cfg.views.seed, cfg.epochs, mine)
     loader = DataLoader(UnitBatches(stream, cfg.batch_size), batch_size=None, num_workers=min(cfg.workers, len(mine)),
                         pin_memory=device.type == "cuda")
     total_views = sum(reader.split.shards[u].count for u in mine) * cfg.epochs
     buffers: dict[int, _UnitBuffer] = {}
     written, t0 = 0, time.perf_counter()
     bar = Bar(cfg.progress and accelerator.is_local_main_process and total_views > 0, total_views,
-               f"teacher {cfg.teacher} [{len(done)}/{store.num_units} units done before]", unit="views")
+               f"teacher {cfg.teacher.name} [{len(done)}/{store.num_units} units done before]", unit="views")
     with bar:
         for batch in loader:
             views = batch["view"].to(device, non_blocking=True)

@@ -32,7 +32,8 @@ from torchvision.transforms import InterpolationMode
 
 from pipeline.errors import UserError
 
-STAGE_CROP, STAGE_FLIP, STAGE_AUTO, STAGE_JITTER, STAGE_ERASE, STAGE_MIX = range(6)
+# one independent random stream per augmentation step of a view, keyed (view seed, step)
+DRAW_CROP, DRAW_FLIP, DRAW_AUTO, DRAW_JITTER, DRAW_ERASE, DRAW_MIX = range(6)
 MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
 
 
@@ -112,9 +113,6 @@ class Recipe:
             raise UserError(f"unknown recipe fields: {', '.join(sorted(unknown))}")
         return Recipe(**d)
 
-    def canonical(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
 
 PRESETS: dict[str, Recipe] = {
     # CIFAR-style: pad 4 + random 32x32 crop + flip (the paper's CIFAR-100 recipe)
@@ -146,6 +144,37 @@ def get_recipe(name: str, input_size: int | None = None) -> Recipe:
     return dataclasses.replace(r, input_size=input_size) if input_size else r
 
 
+@dataclass
+class ViewSpec:
+    """Which views a command makes (the option group behind --recipe, --view-size and the view seed)."""
+
+    recipe: str | Recipe | None = None
+    """Augmentation preset (or, in a config file, the recipe's fields)."""
+    view_size: int | None = None
+    """Override the recipe's view size."""
+    seed: int | None = None
+    """Seed of the views (with the recipe, it decides every view)."""
+
+    def __post_init__(self):
+        self.get()  # an unknown preset or a bad recipe is refused now, not at the first view
+
+    def get(self) -> Recipe | None:
+        """The recipe (None when none is named), at --view-size when given."""
+        r = self.recipe
+        if r is None:
+            return None
+        if isinstance(r, str):
+            return get_recipe(r, self.view_size)
+        if isinstance(r, dict):
+            r = Recipe.from_dict(r)
+        return dataclasses.replace(r, input_size=self.view_size) if self.view_size else r
+
+    @property
+    def name(self) -> str:
+        """The preset's name, or 'custom' for a recipe given by its fields."""
+        return self.recipe if isinstance(self.recipe, str) else "custom"
+
+
 # ----------------------------------------------------------------------------------- random keys
 
 def view_seed(seed: int, epoch: int, index: int) -> int:
@@ -153,8 +182,9 @@ def view_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint32)[0])
 
 
-def stage_rng(vseed: int, stage: int) -> np.random.Generator:
-    return np.random.default_rng([vseed, stage])
+def draw_rng(vseed: int, step: int) -> np.random.Generator:
+    """The random stream of one augmentation step (`DRAW_*`) of the view with seed `vseed`."""
+    return np.random.default_rng([vseed, step])
 
 
 # -------------------------------------------------------------------------------- auto-augment ops
@@ -250,7 +280,7 @@ def base_view(image: torch.Tensor, recipe: Recipe, vseed: int) -> BaseView:
     """Geometric and photometric augmentation of one decoded image [3, H, W] uint8."""
     S = recipe.input_size
     h, w = image.shape[-2:]
-    rng = stage_rng(vseed, STAGE_CROP)
+    rng = draw_rng(vseed, DRAW_CROP)
     if recipe.crop == "rrc":
         top, left, ch, cw = _rrc_params(rng, h, w, recipe.scale, recipe.ratio)
         img = TF.resized_crop(image, top, left, ch, cw, [S, S], interpolation=_interp(recipe), antialias=True)
@@ -262,10 +292,10 @@ def base_view(image: torch.Tensor, recipe: Recipe, vseed: int) -> BaseView:
             img = F.pad(img, (p, p, p, p))
             top, left = int(rng.integers(0, 2 * p + 1)), int(rng.integers(0, 2 * p + 1))
             img = img[:, top:top + S, left:left + S]
-    if recipe.hflip > 0 and stage_rng(vseed, STAGE_FLIP).random() < recipe.hflip:
+    if recipe.hflip > 0 and draw_rng(vseed, DRAW_FLIP).random() < recipe.hflip:
         img = img.flip(-1)
     if recipe.auto_augment != "none":
-        rng = stage_rng(vseed, STAGE_AUTO)
+        rng = draw_rng(vseed, DRAW_AUTO)
         if recipe.auto_augment == "randaugment":
             for _ in range(recipe.ra_n):
                 img = _op(img, AUG_OPS[int(rng.integers(len(AUG_OPS)))], recipe.ra_m / 10.0, rng)
@@ -273,13 +303,13 @@ def base_view(image: torch.Tensor, recipe: Recipe, vseed: int) -> BaseView:
             name = AUG_OPS[int(rng.integers(len(AUG_OPS)))]
             img = _op(img, name, int(rng.integers(0, 31)) / 30.0, rng)
     if recipe.color_jitter > 0:
-        rng = stage_rng(vseed, STAGE_JITTER)
+        rng = draw_rng(vseed, DRAW_JITTER)
         lo, hi = max(0.0, 1 - recipe.color_jitter), 1 + recipe.color_jitter
         b, c, s = (float(rng.uniform(lo, hi)) for _ in range(3))
         img = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
     erase = None
     if recipe.erase_prob > 0:
-        rng = stage_rng(vseed, STAGE_ERASE)
+        rng = draw_rng(vseed, DRAW_ERASE)
         if rng.random() < recipe.erase_prob:
             for _ in range(10):
                 area = S * S * rng.uniform(0.02, 1 / 3)
@@ -292,7 +322,7 @@ def base_view(image: torch.Tensor, recipe: Recipe, vseed: int) -> BaseView:
     return BaseView(img.contiguous(), erase)
 
 
-def finish(base: BaseView) -> torch.Tensor:
+def to_view(base: BaseView) -> torch.Tensor:
     """uint8 base view -> float [3, S, S] in [0, 1], with its random-erasing box filled."""
     x = base.image.to(torch.float32) / 255.0
     if base.erase is not None:
@@ -307,7 +337,7 @@ def mix_record(recipe: Recipe, vseed: int, index: int, first: int, count: int) -
     rec = MixRecord(vseed)
     if not recipe.mixes or count < 2:
         return rec
-    rng = stage_rng(vseed, STAGE_MIX)
+    rng = draw_rng(vseed, DRAW_MIX)
     if rng.random() >= recipe.mix_prob:
         return rec
     use_cutmix = recipe.cutmix_alpha > 0 and (recipe.mixup_alpha == 0 or rng.random() < recipe.switch_prob)

@@ -3,3 +3,4 @@
 
 class UserError(Exception):
     """Bad input or options: the message names the input and the fix."""
+

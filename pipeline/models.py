@@ -11,7 +11,7 @@ import ast
 import logging
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -75,11 +75,12 @@ class Weights:
     file through the same loader). Neither: timm's random init, seeded."""
 
     checkpoint: Path | None = None
-    """A state dict of exactly this architecture, class count and model kwargs (strict load)."""
+    """A state dict of exactly this architecture, class count and model kwargs (.safetensors or torch; strict load)."""
     pretrained: bool = False
-    """timm.create_model(name, pretrained=True): the name's pretrained tag (or hf-hub: name) from the hub."""
+    """timm's pretrained weights of the name (a tag such as convnext_tiny.fb_in1k, or hf-hub:ORG/REPO), from the
+    Hugging Face hub."""
     pretrained_file: Path | None = None
-    """timm's pretrained loader from this local file (pretrained_cfg_overlay=dict(file=...)); implies pretrained."""
+    """timm's pretrained loader from this local weights file instead of the hub (implies pretrained)."""
 
     def __post_init__(self):
         if self.checkpoint and (self.pretrained or self.pretrained_file):
@@ -90,6 +91,20 @@ class Weights:
     def from_timm(self) -> bool:
         """True when timm's pretrained loader decides the weights (and, by default, the class count)."""
         return bool(self.pretrained or self.pretrained_file)
+
+
+@dataclass
+class ModelSpec:
+    """A timm model as a command names it: the name, where its weights come from, its keyword arguments
+    and input size (the option group behind --student, --teacher, --model-a, ...)."""
+
+    name: str | None = None
+    """timm model name."""
+    weights: Weights = field(default_factory=Weights)
+    model_kwargs: dict = field(default_factory=dict)
+    """timm keyword arguments, e.g. img_size=32."""
+    input_size: int | None = None
+    """Input size [default: the model's fixed size, else the view size]."""
 
 
 def _classifier_key(name: str) -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +92,7 @@ class ShardReader:
             loc = self._check_shard_file(info)
             if self.verify if verify is None else verify:
                 with self._open_verified(loc, info) as f:
-                    f.finish()
+                    f.check_digest()
 
     def _check_shard_file(self, info) -> Location:
         loc = self.root / info.name
@@ -150,7 +149,7 @@ class ShardReader:
                         continue
                     yield Sample(image, label, index, shard_id)
                 if self.verify:
-                    f.finish()
+                    f.check_digest()
         except UserError:
             raise
         except Exception as e:  # tarfile / webdataset errors on a damaged archive
@@ -168,13 +167,6 @@ class ShardReader:
         for shard_id in assign_shards(shard_order(self.num_shards, seed, epoch), rank, world, worker, workers):
             yield from self.read_shard(shard_id)
 
-    def source_of(self, shard_id: int) -> dict[str, str]:
-        """index -> original relative path, for error messages and audits."""
-        path = self._check_shard_file(self.split.shards[shard_id])
-        with path.open("rb") as f:
-            return {raw["__key__"]: json.loads(raw["json"])["src"]
-                    for raw in _tar_samples(f, path.url) if "json" in raw}
-
 
 def _tar_samples(stream, url: str) -> Iterator[dict]:
     """webdataset's tar expansion over a stream we opened (webdataset's own opener knows only local
@@ -185,7 +177,7 @@ def _tar_samples(stream, url: str) -> Iterator[dict]:
 
 class _HashingReader:
     """A file object that hashes what passes through it, so a streamed shard is checked without a
-    second read. `finish()` reads what the tar reader left (end-of-archive padding) and compares."""
+    second read. `check_digest()` reads what the tar reader left (end-of-archive padding) and compares."""
 
     def __init__(self, f, loc: Location, sha256: str):
         self.f, self.loc, self.want, self.h = f, loc, sha256, hashlib.sha256()
@@ -195,7 +187,7 @@ class _HashingReader:
         self.h.update(data)
         return data
 
-    def finish(self) -> None:
+    def check_digest(self) -> None:
         while self.read(1 << 20):
             pass
         if self.h.hexdigest() != self.want:

@@ -15,7 +15,7 @@ import re
 import tarfile
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from pipeline.manifest import (
     sha256_file,
 )
 from pipeline.progress import Bar
+from pipeline.spec import argument
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 DEFAULT_SHARD_SIZE = 1000
@@ -234,6 +235,30 @@ def write_split(out: str | os.PathLike | Location, split: str, classes: list[str
 
 
 # ------------------------------------------------------------------------------------- entry point
+
+@dataclass
+class ShardsConfig:
+    """The options of `shards`."""
+
+    src: str = field(metadata=argument())
+    """ImageFolder tree SRC/<class>/<image>, or 'digits' for the embedded default."""
+    out: str = field(metadata=argument())
+    """Dataset directory or URL, e.g. s3://bucket/data (can hold several splits)."""
+    split: str = "train"
+    """Split name written by this call (digits writes train and val)."""
+    shard_size: int | None = None
+    """Samples per shard [default: 1000, digits 200]."""
+    class_names: Path | None = None
+    """'id<TAB>name' lines (e.g. Tiny-ImageNet words.txt) or one name per line."""
+    name: str | None = None
+    """Dataset name recorded in dataset.json."""
+    order_seed: int = 0
+    """Seed of the fixed sample order (mixes classes within shards)."""
+    overwrite: bool = False
+    """Replace the split if it exists."""
+    progress: bool = field(default=True, metadata={"flags": ("--progress/--quiet",)})
+    """Progress bar."""
+
 
 def make_shards(src: str, out: str | os.PathLike, *, split: str = "train", shard_size: int | None = None,
                 class_names: Path | None = None, name: str | None = None, order_seed: int | None = 0,

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.augment import MIX_NONE, Recipe, base_view, eval_view, finish, mix, mix_record, view_seed
+from pipeline.augment import MIX_NONE, Recipe, base_view, eval_view, mix, mix_record, to_view, view_seed
 from pipeline.reader import Sample, ShardReader, assign_shards, current_worker, shard_order
 
 Join = Callable[[int, int, int, list[dict]], list[dict]]
@@ -58,37 +58,61 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
             rec.partner = first + (rec.partner - first + 1) % count
             if rec.partner == s.index:
                 rec.partner, rec.lam, rec.mode = -1, 1.0, MIX_NONE
-        own = finish(bases[s.index])
+        own = to_view(bases[s.index])
         mixed = rec.mode != MIX_NONE
-        view = mix(own, finish(bases[rec.partner]) if mixed else None, rec)
+        view = mix(own, to_view(bases[rec.partner]) if mixed else None, rec)
         yield {"view": view, "label": s.label, "partner_label": labels[rec.partner] if mixed else s.label,
                "lam": rec.lam, "index": s.index, "view_seed": rec.view_seed,
                "partner": rec.partner, "mix_mode": rec.mode, "digest": view_digest(view)}
 
 
-class UnitViews(IterableDataset):
+class ShardStream(IterableDataset):
+    """The one per-shard loop under every view stream: this rank's and data-loader worker's shards, each
+    read once and turned into items by `items(shard, samples)`."""
+
+    reader: ShardReader
+
+    def shards(self, worker: int, workers: int) -> list[int]:
+        raise NotImplementedError
+
+    def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def __iter__(self):
+        worker, workers = current_worker()
+        for shard in self.shards(worker, workers):
+            yield from self.items(shard, self.reader.read_shard(shard))
+
+
+class UnitViews(ShardStream):
     """Stage one: for each assigned unit (data shard), every epoch's views, decoding the shard once."""
 
     def __init__(self, reader: ShardReader, recipe: Recipe, seed: int, epochs: int, units: list[int]):
         self.reader, self.recipe, self.seed, self.epochs, self.units = reader, recipe, seed, epochs, units
 
-    def __iter__(self):
-        worker, workers = current_worker()
-        for shard in self.units[worker::workers]:
-            info = self.reader.split.shards[shard]
-            samples = list(self.reader.read_shard(shard))
-            for epoch in range(self.epochs):
-                for v in shard_views(samples, self.recipe, self.seed, epoch, info.first, info.count):
-                    yield {**v, "shard": shard, "epoch": epoch, "n_valid": len(samples)}
+    def shards(self, worker: int, workers: int) -> list[int]:
+        return self.units[worker::workers]
+
+    def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
+        info, samples = self.reader.split.shards[shard], list(samples)
+        for epoch in range(self.epochs):
+            for v in shard_views(samples, self.recipe, self.seed, epoch, info.first, info.count):
+                yield {**v, "shard": shard, "epoch": epoch, "n_valid": len(samples)}
 
 
-class TrainViews(IterableDataset):
+class TrainViews(ShardStream):
     """Stage two: this rank's views of one training epoch, optionally joined with per-view extras.
 
-    `set_epoch(e)` before iterating. Views are a function of the view seed `seed`; the order (shards,
-    then a permutation within each shard) is a function of (order_seed, epoch), so students with
-    different seeds see the same views in different orders. The views are those of `view_epoch`
-    (= epoch modulo `view_epochs`), so they match what a teacher cache of that many epochs saw.
+    `set_epoch(e)` before iterating (or take `loader(e, ...)`). Views are a function of the view seed
+    `seed`; the order (shards, then a permutation within each shard) is a function of (order_seed,
+    epoch), so students with different seeds see the same views in different orders. The views are
+    those of `view_epoch` (= epoch modulo `view_epochs`), so they match what a teacher cache of that
+    many epochs saw.
+
+    Every rank must take the same number of steps (a collective waits otherwise), and a view must not
+    depend on how batches are split: the stream owns both rules. Shards are assigned to ranks and
+    workers explicitly (`pipeline.reader.assign_shards`), and `steps(epoch, ...)` is the number of
+    full batches every rank can make.
 
     `join(view_epoch, shard, first, views) -> [dict per view]` adds data to each view of a shard
     before shuffling (the teacher cache's targets: `cache.targets.CacheJoin`); the pipeline does not
@@ -110,32 +134,52 @@ class TrainViews(IterableDataset):
     def view_epoch(self) -> int:
         return self.epoch % self.view_epochs if self.view_epochs else self.epoch
 
-    def shards_for(self, worker: int, workers: int) -> list[int]:
-        order = shard_order(self.reader.num_shards, self.order_seed, self.epoch)
-        return assign_shards(order, self.rank, self.world, worker, workers)
+    def _order(self, epoch: int) -> list[int]:
+        return shard_order(self.reader.num_shards, self.order_seed, epoch)
 
-    def __iter__(self):
-        worker, workers = current_worker()
-        ve = self.view_epoch
-        for shard in self.shards_for(worker, workers):
-            info = self.reader.split.shards[shard]
-            samples = list(self.reader.read_shard(shard))
-            views = list(shard_views(samples, self.recipe, self.seed, ve, info.first, info.count))
-            if self.join is not None:
-                views = [v | extra for v, extra in zip(views, self.join(ve, shard, info.first, views), strict=True)]
-            perm = np.random.default_rng([self.order_seed, self.epoch, shard, 0x7E]).permutation(len(views))
-            for i in perm:
-                yield views[i]
+    def workers_for(self, epoch: int, workers: int, rank: int | None = None) -> int:
+        """Data-loader workers a rank uses in an epoch: no more than it has shards (0: in-process)."""
+        rank = self.rank if rank is None else rank
+        return max(0, min(workers, len(self._order(epoch)[rank::self.world])))
+
+    def steps(self, epoch: int, batch_size: int, workers: int) -> int:
+        """Full batches every rank can make in this epoch (each worker batches its own shards)."""
+        counts = [s.count for s in self.reader.split.shards]
+        order, per_rank = self._order(epoch), []
+        for r in range(self.world):
+            w = max(1, self.workers_for(epoch, workers, r))
+            per_rank.append(sum(sum(counts[s] for s in assign_shards(order, r, self.world, k, w)) // batch_size
+                                for k in range(w)))
+        return min(per_rank)
+
+    def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+        """This rank's batches of one epoch (full batches only; take `steps(...)` of them on every rank)."""
+        self.set_epoch(epoch)
+        return DataLoader(self, batch_size=batch_size, num_workers=self.workers_for(epoch, workers),
+                          drop_last=True, pin_memory=pin_memory)
+
+    def shards(self, worker: int, workers: int) -> list[int]:
+        return assign_shards(self._order(self.epoch), self.rank, self.world, worker, workers)
+
+    def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
+        info, samples, ve = self.reader.split.shards[shard], list(samples), self.view_epoch
+        views = list(shard_views(samples, self.recipe, self.seed, ve, info.first, info.count))
+        if self.join is not None:
+            views = [v | extra for v, extra in zip(views, self.join(ve, shard, info.first, views), strict=True)]
+        perm = np.random.default_rng([self.order_seed, self.epoch, shard, 0x7E]).permutation(len(views))
+        for i in perm:
+            yield views[i]
 
 
-class EvalViews(IterableDataset):
-    """Deterministic evaluation views of this rank's shards (no augmentation)."""
+class EvalViews(ShardStream):
+    """Deterministic evaluation views of this rank's shards (no augmentation), read one image at a time."""
 
     def __init__(self, reader: ShardReader, recipe: Recipe, rank: int = 0, world: int = 1):
         self.reader, self.recipe, self.rank, self.world = reader, recipe, rank, world
 
-    def __iter__(self):
-        worker, workers = current_worker()
-        for shard in assign_shards(list(range(self.reader.num_shards)), self.rank, self.world, worker, workers):
-            for s in self.reader.read_shard(shard):
-                yield {"view": eval_view(s.image, self.recipe), "label": s.label, "index": s.index}
+    def shards(self, worker: int, workers: int) -> list[int]:
+        return assign_shards(list(range(self.reader.num_shards)), self.rank, self.world, worker, workers)
+
+    def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
+        for s in samples:
+            yield {"view": eval_view(s.image, self.recipe), "label": s.label, "index": s.index}

@@ -19,6 +19,7 @@ Heads (training only; the exported student is the bare timm model):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -29,6 +30,18 @@ from pipeline.errors import UserError
 
 HeadKind = Literal["auto", "conv", "token"]
 TOKEN_BLOCKS = (3, 2, 1, 1)
+
+
+@dataclass
+class HeadsConfig:
+    """Where the OFA heads go and what they are (an option group of train-student)."""
+
+    stages: list[int] | None = None
+    """OFA stages among 1-4, e.g. 1,2,3,4 [default: all]."""
+    block_indices: list[int] | None = None
+    """Explicit forward_intermediates indices for the heads, e.g. 1,3,9,11."""
+    head_kind: HeadKind = "auto"
+    """auto: token heads for transformers and MLPs, conv heads otherwise."""
 
 
 def is_transformer(model: nn.Module) -> bool:

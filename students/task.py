@@ -6,6 +6,7 @@ whether the teacher is cached or online.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -129,26 +130,54 @@ def distill_losses(out: dict, teacher_logits: torch.Tensor | None, batch: dict, 
 
 
 class DistillationTask(nn.Module):
-    """The training step's model: student + heads, a teacher source and the loss.
+    """The training step's model: student + heads, a teacher source and the loss (timm-style).
 
     `forward(batch) -> {"loss": total, "ce": ..., "ofa/stage1": ..., "ofa/final": ...}`: the loop
     backpropagates "loss" and logs the rest. The teacher source is kept out of the module tree: it is
-    frozen, so it belongs to neither DDP's gradient sync nor the training checkpoints.
+    frozen, so it belongs to neither DDP's gradient sync nor the training checkpoints (the task's state
+    is the student's and its heads').
+
+    What the loop needs besides the step is asked of the task, never read from inside it: the model to
+    evaluate, EMA and export (`eval_model`, `predict`), the parameters to optimise (`trainable`), the
+    training progress for loss warm-ups (`set_progress`) and what to record about the run (`describe`).
     """
 
     def __init__(self, student: StudentWithHeads, student_input: ModelInput, loss: LossConfig, num_classes: int,
-                 teacher: TeacherSource | None = None):
+                 teacher: TeacherSource | None = None, provenance: dict | None = None):
         super().__init__()
         if loss.needs_teacher and teacher is None:
             raise UserError(f"method '{loss.method}' needs a teacher: pass --cache STORE or --teacher-online NAME")
         self.student, self.student_input, self.loss, self.num_classes = student, student_input, loss, num_classes
         self.teacher_source = teacher if loss.needs_teacher else None
-        self.progress = float("inf")  # epochs done (fractional); the training loop keeps it current
+        self.provenance = dict(provenance or {})  # where the weights came from, for the run's config.json
+        self.progress = float("inf")  # epochs done (fractional); `set_progress` keeps it current
         if loss.method == "ofa":  # refuse per-head lists of the wrong length now, not at the first step
             per_output(loss.gamma, student.names, "--gamma")
             if loss.stage_weights is not None and len(loss.stage_weights) != len(student.names):
                 raise UserError(f"--stage-weights has {len(loss.stage_weights)} values for the "
                                 f"{len(student.names)} heads ({', '.join(student.names)}); give one per head")
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The bare student (no heads): what is evaluated, averaged by EMA and exported."""
+        return self.student.model
+
+    def trainable(self) -> nn.Module:
+        """The module whose parameters the optimizer updates: the student with its heads."""
+        return self.student
+
+    def predict(self, views: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """Class logits of `eval_model` (or of `model`, e.g. its EMA) for a batch of views."""
+        return (model if model is not None else self.eval_model)(self.student_input(views))
+
+    def set_progress(self, epochs_done: float) -> None:
+        """Training progress in epochs (fractional), for loss warm-ups (DKD)."""
+        self.progress = epochs_done
+
+    def describe(self) -> dict:
+        """What a run records about its task: the student's input, heads and weights, the online teacher."""
+        return {"student_input": dataclasses.asdict(self.student_input), "heads": self.student.names,
+                **self.provenance}
 
     def teacher_logits(self, batch: dict) -> torch.Tensor | None:
         return self.teacher_source(batch) if self.teacher_source is not None else None

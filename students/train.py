@@ -21,82 +21,31 @@ import json
 import os
 import shutil
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
 
 from cache.targets import CachedTeacher
-from cache.teacher import ClassMap, Teacher
-from pipeline.augment import ModelInput, Recipe, get_recipe
-from pipeline.config import strip_optional
+from cache.teacher import ClassMap, Teacher, TeacherSpec
+from pipeline.augment import Recipe, ViewSpec, get_recipe
 from pipeline.errors import UserError
 from pipeline.manifest import write_atomic
-from pipeline.models import Weights, create_model, model_input
+from pipeline.models import ModelSpec, Weights, create_model, model_input
 from pipeline.progress import Bar
-from pipeline.reader import ShardReader, assign_shards, shard_order
+from pipeline.reader import ShardReader
+from pipeline.spec import choice_problems, flag_name, group
 from pipeline.views import EvalViews, TrainViews
-from students.heads import StudentWithHeads
+from students.heads import HeadsConfig, StudentWithHeads
 from students.task import DistillationTask, LossConfig, online
 
 
 @dataclass
-class TrainConfig:
-    """Every option of `train-student` (flags, --config files and help text come from here)."""
+class OptimConfig:
+    """The optimizer (an option group of train-student)."""
 
-    data: str | Path
-    """Dataset directory or fsspec URL made by `shards` (train and val splits)."""
-    student: str
-    """timm model name of the student."""
-    out: Path
-    """Run directory: config.json, metrics.csv/jsonl/json, state/, model.safetensors."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    cache: str | Path | None = None
-    """Teacher cache made by `cache-teacher` (path or URL); needed by kd/dkd/ofa
-    unless --teacher-online."""
-    teacher: str | None = None
-    """With --cache: the teacher the cache must come from (checked)."""
-    teacher_online: str | None = None
-    """Run this timm teacher in the loop on the same views instead of reading a cache."""
-    teacher_checkpoint: Path | None = None
-    """Online teacher: a state dict of exactly this model."""
-    teacher_pretrained: bool = False
-    """Online teacher: timm's pretrained weights of its name, from the hub."""
-    teacher_pretrained_file: Path | None = None
-    """Online teacher: timm's pretrained loader from this local file."""
-    teacher_classes: str | None = None
-    """The teacher's label space (imagenet-1k or a file of class ids) the dataset's classes are mapped onto:
-    used by the online teacher; with a cache, checked against the map the cache was made with."""
-    teacher_model_kwargs: dict = field(default_factory=dict)
-    """timm keyword arguments of the online teacher."""
-    teacher_input_size: int | None = None
-    """Online teacher input size [default: its fixed size, else the view size]."""
-    pretrained: bool = False
-    """Student: start from timm's pretrained weights of its name (fine-tuning; timm replaces the classifier
-    when the class count differs)."""
-    pretrained_file: Path | None = None
-    """Student: timm's pretrained loader from this local file."""
-    model_kwargs: dict = field(default_factory=dict)
-    """timm keyword arguments of the student, e.g. img_size=32."""
-    input_size: int | None = None
-    """Student input size [default: its fixed size, else the view size]."""
-    recipe: str | None = None
-    """Augmentation preset [default: the cache's, else imagenet-cnn]."""
-    view_size: int | None = None
-    """Override the recipe's view size."""
-    view_seed: int | None = None
-    """Seed of the views [default: the cache's, else 0]."""
-    view_epochs: int | None = None
-    """Online/ce: cycle the views every N epochs (to match a cache) [default: the cache's epochs]."""
-    seed: int = 0
-    """Student seed: initialisation and data order."""
-    epochs: int = 10
-    """Training epochs."""
-    batch_size: int = 128
-    """Batch size per process."""
     optimizer: Literal["sgd", "adamw", "lamb"] = "sgd"
     """timm optimizer (sgd is SGD with Nesterov momentum, as in timm)."""
     lr: float = 0.05
@@ -105,6 +54,16 @@ class TrainConfig:
     """Weight decay (not on norms and biases)."""
     momentum: float = 0.9
     """SGD momentum."""
+    clip_grad: float | None = None
+    """Clip the gradient norm to this value."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate schedule, stepped per optimizer update (timm's scheduler factory)."""
+
     sched: Literal["cosine", "step"] = "cosine"
     """Learning-rate schedule, stepped per optimizer update (timm's scheduler factory)."""
     warmup_epochs: float = 0.0
@@ -117,20 +76,49 @@ class TrainConfig:
     """Step: multiply the learning rate by --decay-rate every this many epochs."""
     decay_rate: float = 0.1
     """Step: the decay factor."""
-    clip_grad: float | None = None
-    """Clip the gradient norm to this value."""
-    grad_accum: int = 1
-    """Gradient accumulation steps."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `train-student`, in groups (flags, --config files and help text come from here)."""
+
+    data: str | Path
+    """Dataset directory or fsspec URL made by `shards` (train and val splits)."""
+    out: Path
+    """Run directory: config.json, metrics.csv/jsonl/json, state/, model.safetensors."""
+    student: ModelSpec = field(default_factory=ModelSpec, metadata=group(
+        names={"name": "student"}, required=("name",), about="student",
+        help={"name": "timm model name of the student (timm's pretrained weights fine-tune it: timm replaces the "
+                      "classifier when the class count differs)."}))
+    loss: LossConfig = field(default_factory=LossConfig, metadata=group())
+    cache: str | Path | None = None
+    """Teacher cache made by `cache-teacher` (path or URL); needed by kd/dkd/ofa unless --teacher-online."""
+    cache_teacher: str | None = field(default=None, metadata=flag_name("teacher"))
+    """With --cache: the teacher the cache must come from (checked)."""
+    teacher: TeacherSpec = field(default_factory=TeacherSpec, metadata=group(
+        prefix="teacher-", names={"name": "teacher-online"}, about="online teacher",
+        help={"name": "Run this timm teacher in the loop on the same views instead of reading a cache.",
+              "classes": "The teacher's label space (imagenet-1k or a file of class ids) the dataset's classes are "
+                         "mapped onto: used by the online teacher; with a cache, checked against the map the cache "
+                         "was made with."}))
+    views: ViewSpec = field(default_factory=ViewSpec, metadata=group(
+        names={"seed": "view-seed"}, help={"recipe": "Augmentation preset [default: the cache's, else imagenet-cnn].",
+                                           "seed": "Seed of the views [default: the cache's, else 0]."}))
+    view_epochs: int | None = None
+    """Online/ce: cycle the views every N epochs (to match a cache) [default: the cache's epochs]."""
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata=group())
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata=group())
+    heads: HeadsConfig = field(default_factory=HeadsConfig, metadata=group())
+    seed: int = 0
+    """Student seed: initialisation and data order."""
+    epochs: int = 10
+    """Training epochs."""
+    batch_size: int = 128
+    """Batch size per process."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 on CUDA, none on CPU."""
     ema_decay: float = 0.0
     """EMA of the student weights (0 = off); evaluated and exported as model_ema.safetensors."""
-    stages: list[int] | None = None
-    """OFA stages among 1-4, e.g. 1,2,3,4 [default: all]."""
-    block_indices: list[int] | None = None
-    """Explicit forward_intermediates indices for the heads, e.g. 1,3,9,11."""
-    head_kind: Literal["auto", "conv", "token"] = "auto"
-    """auto: token heads for transformers and MLPs, conv heads otherwise."""
     workers: int = 2
     """Data-loader workers per process."""
     train_split: str = "train"
@@ -149,50 +137,37 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     """Cap optimizer steps per epoch (smoke runs, benchmarks)."""
 
-    def check(self) -> None:
+    def __post_init__(self):
+        self.out = Path(self.out)
         problems = []
-        if self.loss.needs_teacher and not (self.cache or self.teacher_online):
+        if self.loss.needs_teacher and not (self.cache or self.teacher.name):
             problems.append(f"method '{self.loss.method}' needs a teacher: pass --cache STORE or --teacher-online NAME")
-        if self.cache and self.teacher_online:
+        if self.cache and self.teacher.name:
             problems.append("pass either --cache or --teacher-online, not both")
-        if not self.teacher_online and (self.teacher_checkpoint or self.teacher_pretrained
-                                        or self.teacher_pretrained_file):
-            problems.append("--teacher-checkpoint, --teacher-pretrained and --teacher-pretrained-file are the weights "
-                            "of --teacher-online; pass --teacher-online NAME or drop them")
-        if self.teacher_classes and not (self.cache or self.teacher_online):
+        t = self.teacher
+        if not t.name and (t.weights != Weights() or t.model_kwargs or t.input_size):
+            problems.append("--teacher-checkpoint, --teacher-pretrained, --teacher-pretrained-file, "
+                            "--teacher-model-kwargs and --teacher-input-size describe --teacher-online; pass "
+                            "--teacher-online NAME or drop them")
+        if t.classes and not (self.cache or t.name):
             problems.append("--teacher-classes maps the dataset onto a teacher's outputs; pass --cache or "
                             "--teacher-online, or drop it")
-        for weights in ("weights", "teacher_weights"):
-            try:
-                getattr(self, weights)
-            except UserError as e:
-                problems.append(str(e))
-        for name in ("epochs", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            problems.append(f"--lr must be > 0, got {self.lr}")
-        for name in ("optimizer", "sched", "mixed_precision", "head_kind", "on_error", "log_with"):
-            choices = typing.get_args(strip_optional(typing.get_type_hints(TrainConfig)[name]))
-            if getattr(self, name) is not None and getattr(self, name) not in choices:
-                problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                f"got {getattr(self, name)!r}")
+        if self.cache_teacher and not self.cache:
+            problems.append("--teacher names the teacher a cache must come from; pass --cache or drop it")
+        for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size),
+                            ("grad_accum", self.optim.grad_accum)):
+            if value < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.optim.lr <= 0:
+            problems.append(f"--lr must be > 0, got {self.optim.lr}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        problems += choice_problems(self)
         if problems:
             raise UserError("; ".join(problems))
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
-
-    @property
-    def weights(self) -> Weights:
-        return Weights(None, self.pretrained, self.pretrained_file)
-
-    @property
-    def teacher_weights(self) -> Weights:
-        return Weights(self.teacher_checkpoint, self.teacher_pretrained, self.teacher_pretrained_file)
-
 
 
 @dataclass
@@ -220,13 +195,16 @@ def open_data(cfg: TrainConfig, say=print) -> Data:
     train_reader.check_files()
     val_reader.check_files()
     if cached is None:
-        return Data(train_reader, val_reader, get_recipe(cfg.recipe or "imagenet-cnn", cfg.view_size),
-                    cfg.view_seed if cfg.view_seed is not None else 0, cfg.view_epochs, None)
-    class_map = ClassMap.resolve(cfg.teacher_classes, train_reader.manifest) if cfg.teacher_classes else None
+        recipe = cfg.views.get() or get_recipe("imagenet-cnn", cfg.views.view_size)
+        seed = cfg.views.seed if cfg.views.seed is not None else 0
+        return Data(train_reader, val_reader, recipe, seed, cfg.view_epochs, None)
+    classes = cfg.teacher.classes
+    class_map = ClassMap.resolve(classes, train_reader.manifest) if classes else None
+    recipe = cfg.views.get()
     want = {"dataset": {"manifest_hash": train_reader.manifest.split_hash(cfg.train_split), "split": cfg.train_split},
-            "recipe": get_recipe(cfg.recipe, cfg.view_size).to_dict() if cfg.recipe else None,
-            "seed": cfg.view_seed,
-            "teacher": {"name": cfg.teacher, "classes": class_map.to_dict() if class_map else None}}
+            "recipe": recipe.to_dict() if recipe else None,
+            "seed": cfg.views.seed,
+            "teacher": {"name": cfg.cache_teacher, "classes": class_map.to_dict() if class_map else None}}
     cached.store.check_request(want, only_given=True)
     if cfg.view_epochs and cfg.view_epochs != cached.epochs:
         raise UserError(f"--view-epochs {cfg.view_epochs} differs from the cache's {cached.epochs} epochs; omit it")
@@ -239,62 +217,51 @@ def open_data(cfg: TrainConfig, say=print) -> Data:
 def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
     """Student + heads, the teacher source (cache or online) and the loss."""
     C, teacher, teacher_width, about_teacher = data.num_classes, None, 0, None
-    if cfg.teacher_online:
-        class_map = ClassMap.resolve(cfg.teacher_classes, data.train.manifest) if cfg.teacher_classes else None
-        t = Teacher.build(cfg.teacher_online, C, data.recipe.input_size, weights=cfg.teacher_weights,
-                          class_map=class_map, model_kwargs=cfg.teacher_model_kwargs,
-                          input_size=cfg.teacher_input_size, device=device)
+    if cfg.teacher.name:
+        t = Teacher.from_spec(cfg.teacher, data.train.manifest, data.recipe.input_size, device=device)
         teacher, teacher_width = online(t), t.num_features
-        about_teacher = {"name": t.name, "weights": t.weights, "classes": class_map.to_dict() if class_map else None}
+        about_teacher = {"name": t.name, "weights": t.weights,
+                         "classes": t.class_map.to_dict() if t.class_map else None}
     elif data.cached is not None:
         teacher, teacher_width = data.cached.logits, int(data.cached.teacher.get("num_features", 0))
+    spec = cfg.student
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        bare = create_model(cfg.student, C, weights=cfg.weights, model_kwargs=cfg.model_kwargs, role="student",
+        bare = create_model(spec.name, C, weights=spec.weights, model_kwargs=spec.model_kwargs, role="student",
                             init_seed=cfg.seed)
-        s_input = model_input(bare, data.recipe.input_size, cfg.input_size)
-        student = StudentWithHeads(bare, C, s_input.size, teacher_width=teacher_width, stages=cfg.stages,
-                                   block_indices=cfg.block_indices, head_kind=cfg.head_kind,
+        s_input = model_input(bare, data.recipe.input_size, spec.input_size)
+        student = StudentWithHeads(bare, C, s_input.size, teacher_width=teacher_width, stages=cfg.heads.stages,
+                                   block_indices=cfg.heads.block_indices, head_kind=cfg.heads.head_kind,
                                    with_heads=cfg.loss.method == "ofa")
-    task = DistillationTask(student, s_input, cfg.loss, C, teacher)
-    task.provenance = {"student_weights": bare.loaded_weights, "online_teacher": about_teacher}  # for config.json
-    return task
+    return DistillationTask(student, s_input, cfg.loss, C, teacher,
+                            provenance={"student_weights": bare.loaded_weights, "online_teacher": about_teacher})
 
 
-def steps_per_epoch(reader: ShardReader, seed: int, epoch: int, world: int, workers: int, batch: int) -> int:
-    """Full batches every rank can make this epoch (ranks must take the same number of steps)."""
-    counts = [s.count for s in reader.split.shards]
-    order = shard_order(reader.num_shards, seed, epoch)
-    per_rank = []
-    for r in range(world):
-        w = max(1, min(workers, len(order[r::world])))
-        per_rank.append(sum(sum(counts[s] for s in assign_shards(order, r, world, k, w)) // batch for k in range(w)))
-    return min(per_rank)
-
-
-def build_optimization(cfg: TrainConfig, task: DistillationTask, data: Data, world: int):
-    """Optimizer (timm's factory: no weight decay on norms and biases), per-step schedule, steps per epoch."""
+def build_optimization(cfg: TrainConfig, task: DistillationTask, views: TrainViews):
+    """Optimizer (timm's factory: no weight decay on norms and biases), per-update schedule, and the
+    optimizer steps of each epoch (every rank takes the same number: see `TrainViews.steps`)."""
     import timm.optim
-    per_epoch = [steps_per_epoch(data.train, cfg.seed, e, world, cfg.workers, cfg.batch_size) // cfg.grad_accum
-                 for e in range(cfg.epochs)]
+    o = cfg.optim
+    per_epoch = [views.steps(e, cfg.batch_size, cfg.workers) // o.grad_accum for e in range(cfg.epochs)]
     if cfg.max_steps_per_epoch:
         per_epoch = [min(s, cfg.max_steps_per_epoch) for s in per_epoch]
     if min(per_epoch) < 1:
-        raise UserError(f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} is larger than what each of "
-                        f"{world} process(es) x {cfg.workers} worker(s) reads per epoch; lower the batch size or "
-                        f"workers")
-    optimizer = timm.optim.create_optimizer_v2(task.student, opt=cfg.optimizer, lr=cfg.lr,
-                                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    return optimizer, build_scheduler(cfg, optimizer, max(1, round(sum(per_epoch) / cfg.epochs))), per_epoch
+        raise UserError(f"--batch-size {cfg.batch_size} x --grad-accum {o.grad_accum} is larger than what each of "
+                        f"{views.world} process(es) x {cfg.workers} worker(s) reads per epoch; lower the batch size "
+                        f"or workers")
+    optimizer = timm.optim.create_optimizer_v2(task.trainable(), opt=o.optimizer, lr=o.lr,
+                                               weight_decay=o.weight_decay, momentum=o.momentum)
+    updates_per_epoch = max(1, round(sum(per_epoch) / cfg.epochs))
+    return optimizer, build_scheduler(cfg.schedule, cfg.epochs, optimizer, updates_per_epoch), per_epoch
 
 
-def build_scheduler(cfg: TrainConfig, optimizer, updates_per_epoch: int):
+def build_scheduler(sched: ScheduleConfig, epochs: int, optimizer, updates_per_epoch: int):
     """timm's scheduler factory, stepped per optimizer update (`step_update(n)` after update n)."""
     import timm.scheduler
     scheduler = timm.scheduler.create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch)
+        optimizer, sched=sched.sched, num_epochs=epochs, warmup_epochs=sched.warmup_epochs,
+        warmup_lr=sched.warmup_lr, min_lr=sched.min_lr, decay_epochs=sched.decay_epochs, decay_rate=sched.decay_rate,
+        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     return scheduler[0] if isinstance(scheduler, tuple) else scheduler  # some timm versions add the epoch count
 
 
@@ -329,6 +296,28 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
+@dataclass
+class Run:
+    """What the loop works with, set up once by `train`."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    task: DistillationTask  # prepared (DDP-wrapped on several processes)
+    optimizer: Any
+    scheduler: Any
+    views: TrainViews
+    eval_loader: DataLoader
+    steps: list[int]  # optimizer steps of each epoch, equal on every rank
+    data: Data
+    mixed_precision: str
+    ema: Any = None  # timm ModelEmaV3 of the evaluated model, or None
+
+    @property
+    def model(self) -> DistillationTask:
+        """The task itself, without DDP's wrapper."""
+        return self.accelerator.unwrap_model(self.task)
+
+
 def train_step(task, batch: dict, optimizer, accelerator, clip_grad: float | None = None) -> dict:
     """One (micro-)step exactly as the loop runs it; returns the task's loss terms (on the device)."""
     with accelerator.accumulate(task):
@@ -341,31 +330,28 @@ def train_step(task, batch: dict, optimizer, accelerator, clip_grad: float | Non
     return result
 
 
-def train_epoch(task, views: TrainViews, optimizer, scheduler, accelerator, cfg: TrainConfig, epoch: int,
-                steps: int, step0: int, ema=None) -> dict:
-    """One epoch of `steps` optimizer steps; returns the epoch's mean loss terms and throughput."""
+def train_epoch(run: Run, epoch: int) -> dict:
+    """One epoch of `run.steps[epoch]` optimizer steps; returns the epoch's mean loss terms and throughput."""
+    cfg, accelerator = run.cfg, run.accelerator
     world, device = accelerator.num_processes, accelerator.device
     torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + accelerator.process_index)  # dropout: f(seed, epoch)
-    views.set_epoch(epoch)
-    shards = assign_shards(shard_order(views.reader.num_shards, cfg.seed, epoch), views.rank, views.world)
-    loader = DataLoader(views, batch_size=cfg.batch_size, num_workers=max(0, min(cfg.workers, len(shards))),
-                        drop_last=True, pin_memory=device.type == "cuda")
-    task.train()
-    micro = steps * cfg.grad_accum
+    loader = run.views.loader(epoch, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
+    run.task.train()
+    micro = run.steps[epoch] * cfg.optim.grad_accum
     sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync in the step
-    seen, update, t0 = 0, step0, time.perf_counter()
+    seen, update, t0 = 0, sum(run.steps[:epoch]), time.perf_counter()
     with Bar(cfg.progress and accelerator.is_local_main_process, micro * cfg.batch_size * world,
              f"epoch {epoch + 1}/{cfg.epochs} {cfg.loss.method}") as bar:
         for i, batch in enumerate(loader):
             if i >= micro:
                 break
-            accelerator.unwrap_model(task).progress = epoch + i / micro  # for loss warm-ups (DKD)
-            result = train_step(task, to_device(batch, device), optimizer, accelerator, cfg.clip_grad)
+            run.model.set_progress(epoch + i / micro)  # for loss warm-ups (DKD)
+            result = train_step(run.task, to_device(batch, device), run.optimizer, accelerator, cfg.optim.clip_grad)
             if accelerator.sync_gradients:
                 update += 1
-                scheduler.step_update(num_updates=update)
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(task).student.model)
+                run.scheduler.step_update(num_updates=update)
+                if run.ema is not None:
+                    run.ema.update(run.model.eval_model)
             for k, v in result.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
             seen += len(batch["label"])
@@ -375,18 +361,21 @@ def train_epoch(task, views: TrainViews, optimizer, scheduler, accelerator, cfg:
     elapsed = time.perf_counter() - t0
     terms = accelerator.reduce(torch.stack([sums[k] for k in sorted(sums)]) / max(1, micro), reduction="mean")
     return {"epoch": epoch + 1, **{f"train/{k}": float(v) for k, v in zip(sorted(sums), terms.tolist(), strict=True)},
-            "lr": optimizer.param_groups[0]["lr"], "train_seconds": elapsed,
+            "lr": run.optimizer.param_groups[0]["lr"], "train_seconds": elapsed,
             "images_per_second": seen * world / elapsed if elapsed > 0 else 0.0}
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, minput: ModelInput, accelerator) -> dict:
-    """Top-1/top-5 of the bare student (no heads) over this rank's val shards, summed over ranks."""
+def evaluate(run: Run, model: torch.nn.Module | None = None) -> dict:
+    """Top-1/top-5 of the evaluated model (the bare student, or `model`: its EMA) over this rank's val
+    shards, summed over ranks."""
+    accelerator, task = run.accelerator, run.model
+    model = model if model is not None else task.eval_model
     model.eval()
     sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # top-1 hits, top-5 hits, count
-    for batch in loader:
+    for batch in run.eval_loader:
         x, y = batch["view"].to(accelerator.device), batch["label"].to(accelerator.device)
-        logits = model(minput(x))
+        logits = task.predict(x, model)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums[0] += (top5[:, 0] == y).sum()  # accumulated on the device: no sync per batch
         sums[1] += (top5 == y[:, None]).any(1).sum()
@@ -396,9 +385,9 @@ def evaluate(model: torch.nn.Module, loader, minput: ModelInput, accelerator) ->
     return {"top1": 100.0 * sums[0].item() / n, "top5": 100.0 * sums[1].item() / n, "val_samples": int(sums[2].item())}
 
 
-def export(student: torch.nn.Module, path: Path) -> None:
+def export(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
-    state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(path)
@@ -406,7 +395,7 @@ def export(student: torch.nn.Module, path: Path) -> None:
 
 def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[dict]]:
     """Start or resume the run directory -> (first epoch to run, metrics history so far)."""
-    out = Path(cfg.out)
+    out = cfg.out
     progress = out / "progress.json"
     if cfg.resume and progress.is_file():
         prog = json.loads(progress.read_text())
@@ -442,67 +431,71 @@ def save_epoch(out: Path, epoch: int, history: list[dict], accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def train(cfg: TrainConfig) -> dict:
+def set_up(cfg: TrainConfig) -> Run:
+    """Accelerator, data, task, optimizer and schedule, one `accelerator.prepare`, loaders."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    cfg.check()
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp,
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum, mixed_precision=mp,
                               log_with=trackers(cfg.log_with), project_dir=str(cfg.out))
     rank, world = accelerator.process_index, accelerator.num_processes
     data = open_data(cfg, accelerator.print)
     set_seed(cfg.seed)
     task = build_task(cfg, data, accelerator.device)
-    optimizer, scheduler, per_epoch = build_optimization(cfg, task, data, world)
-    task, optimizer = accelerator.prepare(task, optimizer)
-    student = accelerator.unwrap_model(task).student
+    views = TrainViews(data.train, data.recipe, data.view_seed, rank, world, view_epochs=data.view_epochs,
+                       order_seed=cfg.seed, join=data.cached.join if data.cached else None)
+    optimizer, scheduler, steps = build_optimization(cfg, task, views)
+    prepared, optimizer = accelerator.prepare(task, optimizer)
     ema = None
     if cfg.ema_decay:
         from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(student.model, decay=cfg.ema_decay).to(accelerator.device)
+        ema = ModelEmaV3(task.eval_model, decay=cfg.ema_decay).to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    views = TrainViews(data.train, data.recipe, data.view_seed, rank, world, view_epochs=data.view_epochs,
-                       order_seed=cfg.seed, join=data.cached.join if data.cached else None)
     eval_loader = DataLoader(EvalViews(data.val, data.recipe, rank, world), batch_size=cfg.batch_size,
                              num_workers=min(cfg.workers, max(1, len(data.val.split.shards) // world)))
-    s_input = accelerator.unwrap_model(task).student_input
+    return Run(cfg, accelerator, prepared, optimizer, scheduler, views, eval_loader, steps, data, mp, ema)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Set up, then the canonical loop: an epoch of steps, evaluation, a saved state; then the export."""
+    run = set_up(cfg)
+    accelerator, data = run.accelerator, run.data
     resolved = {"recipe": data.recipe.to_dict(), "view_seed": data.view_seed, "view_epochs": data.view_epochs,
-                "num_classes": data.num_classes, "student_input": dataclasses.asdict(s_input), "heads": student.names,
-                "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T}, "processes": world,
-                "mixed_precision": mp, "cache_teacher": data.cached.teacher if data.cached else None,
-                **accelerator.unwrap_model(task).provenance}
+                "num_classes": data.num_classes, "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T},
+                "processes": accelerator.num_processes, "mixed_precision": run.mixed_precision,
+                "cache_teacher": data.cached.teacher if data.cached else None, **run.model.describe()}
     start, history = open_run(cfg, accelerator, resolved)
     if cfg.log_with:
-        accelerator.init_trackers(Path(cfg.out).name, config=flat_hparams({**cfg.to_dict(), "processes": world}))
-
+        accelerator.init_trackers(cfg.out.name, config=flat_hparams({**cfg.to_dict(),
+                                                                     "processes": accelerator.num_processes}))
     for epoch in range(start, cfg.epochs):
-        metrics = train_epoch(task, views, optimizer, scheduler, accelerator, cfg, epoch, per_epoch[epoch],
-                              sum(per_epoch[:epoch]), ema)
-        metrics |= evaluate(student.model, eval_loader, s_input, accelerator)
-        if ema is not None:
-            metrics |= {f"ema_{k}": v for k, v in evaluate(ema.module, eval_loader, s_input, accelerator).items()}
+        metrics = train_epoch(run, epoch)
+        metrics |= evaluate(run)
+        if run.ema is not None:
+            metrics |= {f"ema_{k}": v for k, v in evaluate(run, run.ema.module).items()}
         history.append(metrics)
         accelerator.print(f"epoch {epoch + 1}: loss {metrics['train/loss']:.4f} top1 {metrics['top1']:.2f} top5 "
                           f"{metrics['top5']:.2f} ({metrics['images_per_second']:.0f} img/s)")
         accelerator.log(metrics, step=epoch + 1)  # no-op without --log-with
-        save_epoch(Path(cfg.out), epoch, history, accelerator)
-    summary = finish(cfg, history, student.model, ema, accelerator)
+        save_epoch(cfg.out, epoch, history, accelerator)
+    summary = export_run(run, history)
     accelerator.end_training()  # closes the trackers (and the process group): last
     return summary
 
 
-def finish(cfg: TrainConfig, history: list[dict], model, ema, accelerator) -> dict:
-    """Export the bare student (and its EMA) and the run's summary."""
-    out, final = Path(cfg.out), history[-1] if history else {}
-    summary = {"student": cfg.student, "method": cfg.loss.method, "epochs": cfg.epochs,
+def export_run(run: Run, history: list[dict]) -> dict:
+    """Export the evaluated model (and its EMA) and the run's summary."""
+    cfg, accelerator, ema = run.cfg, run.accelerator, run.ema
+    out, final = cfg.out, history[-1] if history else {}
+    summary = {"student": cfg.student.name, "method": cfg.loss.method, "epochs": cfg.epochs,
                "top1": final.get("top1"), "top5": final.get("top5"),
                "best_top1": max((h["top1"] for h in history), default=None),
                "train_seconds": sum(h["train_seconds"] for h in history), "history": history}
     if ema is not None:
         summary |= {"ema_top1": final.get("ema_top1"), "ema_top5": final.get("ema_top5")}
     if accelerator.is_main_process:
-        export(model, out / "model.safetensors")
+        export(run.model.eval_model, out / "model.safetensors")
         if ema is not None:
             export(ema.module, out / "model_ema.safetensors")
         write_atomic(out / "metrics.json", json.dumps(summary, indent=1).encode())

@@ -10,6 +10,7 @@ from cache.inspect import inspect_cache, verify_cache
 from cache.store import ARRAYS, CacheStore, raw_bytes_per_view
 from cache.teacher import Teacher
 from cache.teacher_pass import CacheConfig, cache_teacher
+from commands.options import build
 from conftest import run_cli
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
@@ -21,9 +22,9 @@ RECIPE = "digits-mix"
 
 
 def _cfg(data, out, **kw) -> CacheConfig:
-    base = dict(data=data, teacher="test_resnet", out=out, recipe=get_recipe(RECIPE), recipe_name=RECIPE,
+    base = dict(data=data, teacher="test_resnet", out=out, recipe=RECIPE,
                 epochs=2, topk=4, batch_size=40, workers=0, progress=False)
-    return CacheConfig(**{**base, **kw})
+    return build(CacheConfig, **{**base, **kw})
 
 
 def _arrays(path) -> dict[str, np.ndarray]:

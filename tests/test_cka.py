@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from commands.cka import MinibatchCKA, linear_cka, unbiased_hsic
 from conftest import run_cli
-from students.cka import MinibatchCKA, linear_cka, unbiased_hsic
 
 
 @pytest.fixture(autouse=True)

@@ -9,34 +9,103 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from cache.teacher_pass import CacheConfig
+import cli
+from commands.options import field_docs, flags_of
 from conftest import ROOT, run_cli
-from pipeline.config import field_docs, flags_of
-from students.task import LossConfig
-from students.train import TrainConfig, trackers
+from students.train import OptimConfig, ScheduleConfig, TrainConfig, trackers
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
+# every flag of the release before options were grouped (issue 19): users' scripts keep working
+STABLE_FLAGS = {
+    "shards": "--class-names --name --order-seed --overwrite --quiet --shard-size --split",
+    "cache-teacher": "--batch-size --checkpoint --config --data --epochs --input-size --model-kwargs --no-overwrite "
+                     "--no-pretrained --on-error --out --overwrite --pretrained --pretrained-file --print-config "
+                     "--progress --quiet --recipe --seed --split --teacher --teacher-classes --topk --view-size "
+                     "--workers",
+    "inspect-cache": "--json",
+    "verify-cache": "--checkpoint --data --pretrained --pretrained-file --samples --seed",
+    "train-student": "--batch-size --block-indices --cache --clip-grad --config --data --decay-epochs --decay-rate "
+                     "--dkd-alpha --dkd-beta --dkd-warmup-epochs --ema-decay --epochs --gamma --grad-accum --head-kind "
+                     "--input-size --label-smoothing --log-with --lr --max-steps-per-epoch --method --min-lr "
+                     "--mixed-precision --model-kwargs --momentum --no-pretrained --no-resume --no-teacher-pretrained "
+                     "--ofa-form --on-error --optimizer --out --pretrained --pretrained-file --print-config --progress "
+                     "--quiet --recipe --resume --sched --seed --stage-weights --stages --student --teacher "
+                     "--teacher-checkpoint --teacher-classes --teacher-input-size --teacher-model-kwargs "
+                     "--teacher-online --teacher-pretrained --teacher-pretrained-file --temperature --train-split "
+                     "--val-split --view-epochs --view-seed --view-size --w-ce --w-kd --w-ofa --warmup-epochs "
+                     "--warmup-lr --weight-decay --workers",
+    "demo": "--epochs --max-steps-per-epoch --out --processes --quiet --seeds --teacher-epochs",
+    "cka": "--batch-size --checkpoint-a --checkpoint-b --data --every-block --mode --model-a --model-b "
+           "--model-kwargs-a --model-kwargs-b --out --pretrained-a --pretrained-b --pretrained-file-a "
+           "--pretrained-file-b --recipe --samples --split --view-size",
+}
 
-@pytest.mark.parametrize("command,cls", [("train-student", TrainConfig), ("cache-teacher", CacheConfig)])
-def test_every_option_is_documented_once_and_offered_as_a_flag(command, cls):
+
+def test_every_command_is_built_from_one_configuration():
+    assert set(cli.COMMANDS) == set(STABLE_FLAGS)
+    for command, (config, _) in cli.COMMANDS.items():
+        assert dataclasses.is_dataclass(config), command
+
+
+@pytest.mark.parametrize("command", sorted(STABLE_FLAGS))
+def test_every_option_is_documented_once_and_offered_as_a_flag(command):
     help_text = run_cli(command, "--help", check=True, env={"COLUMNS": "400"}).stdout
-    for flag in flags_of(cls):
-        spelling = (flag.decls[0] if flag.decls else f"--{flag.name.replace('_', '-')}").split("/")[0]
-        assert spelling in help_text, spelling
-        owner = LossConfig if flag.path[0] == "loss" else cls
-        assert field_docs(owner).get(flag.name), f"{flag.name} has no docstring in {owner.__name__}"
+    words = set(help_text.replace("/", " ").split())  # whole flags, not substrings of longer ones
+    for flag in flags_of(cli.COMMANDS[command][0]):
+        if flag.argument:
+            assert flag.dest.upper() in words, flag.dest
+            continue
+        spelling = (flag.decls[0] if flag.decls else f"--{flag.dest.replace('_', '-')}").split("/")[0]
+        assert spelling in words, spelling
+        assert field_docs(flag.owner).get(flag.path[-1]), f"{flag.path} has no docstring in {flag.owner.__name__}"
+    missing = [f for f in STABLE_FLAGS[command].split() if f not in words]
+    assert not missing, f"{command} lost flags {missing}"
+
+
+def test_a_group_is_declared_once_and_reused_under_other_flags():
+    """The weight options live in one dataclass; each command mounts them under its own flag names."""
+    from pipeline.models import Weights
+    where = {c: [f for f in flags_of(cfg) if f.owner is Weights] for c, (cfg, _) in cli.COMMANDS.items()}
+    spelled = {c: sorted(f.dest for f in fl) for c, fl in where.items() if fl}
+    assert spelled == {
+        "cache-teacher": ["checkpoint", "pretrained", "pretrained_file"],
+        "verify-cache": ["checkpoint", "pretrained", "pretrained_file"],
+        "train-student": ["checkpoint", "pretrained", "pretrained_file", "teacher_checkpoint", "teacher_pretrained",
+                          "teacher_pretrained_file"],
+        "cka": ["checkpoint_a", "checkpoint_b", "pretrained_a", "pretrained_b", "pretrained_file_a",
+                "pretrained_file_b"]}
+    # and a change to a field's docstring shows everywhere it is mounted
+    doc = field_docs(Weights)["pretrained_file"]
+    for fl in where.values():
+        assert all(doc[1:] in f.help for f in fl if f.path[-1] == "pretrained_file")
 
 
 def test_print_config_takes_flags_over_the_file_over_defaults(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump({"data": "d", "student": "test_resnet", "out": "o", "epochs": 3, "lr": 0.2,
-                                 "loss": {"method": "kd", "temperature": 2.0}}))
+    f.write_text(yaml.safe_dump({"data": "d", "student": {"name": "test_resnet"}, "out": "o", "epochs": 3, "cache": "c",
+                                 "optim": {"lr": 0.2}, "loss": {"method": "kd", "temperature": 2.0}}))
     p = run_cli("train-student", "--config", f, "--epochs", 5, "--gamma", "1,1.5", "--print-config", check=True)
     got = yaml.safe_load(p.stdout)
-    assert got["epochs"] == 5 and got["lr"] == 0.2 and got["batch_size"] == TrainConfig.batch_size
+    assert got["epochs"] == 5 and got["optim"]["lr"] == 0.2 and got["batch_size"] == TrainConfig.batch_size
+    assert got["student"]["name"] == "test_resnet"
     assert got["loss"]["method"] == "kd" and got["loss"]["temperature"] == 2.0 and got["loss"]["gamma"] == [1.0, 1.5]
     assert not (tmp_path / "o").exists()  # printing runs nothing
+
+
+def test_a_flat_file_of_flag_names_reads_as_the_nested_one(tmp_path):
+    """config.json files written before options were grouped keep working: flat keys are flag names."""
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text(yaml.safe_dump({"data": "d", "student": "test_resnet", "out": "o", "lr": 0.2, "sched": "step",
+                                    "teacher_online": "test_convnext", "teacher_pretrained_file": "t.pth",
+                                    "view_seed": 3, "teacher": None, "loss": {"method": "kd"}, "resolved": {}}))
+    nested.write_text(yaml.safe_dump({"data": "d", "student": {"name": "test_resnet"}, "out": "o",
+                                      "optim": {"lr": 0.2}, "schedule": {"sched": "step"},
+                                      "teacher": {"name": "test_convnext", "weights": {"pretrained_file": "t.pth"}},
+                                      "views": {"seed": 3}, "loss": {"method": "kd"}}))
+    a = run_cli("train-student", "--config", flat, "--print-config", check=True).stdout
+    b = run_cli("train-student", "--config", nested, "--print-config", check=True).stdout
+    assert a == b and yaml.safe_load(a)["teacher"]["weights"]["pretrained_file"] == "t.pth"
 
 
 def test_unknown_keys_and_bad_values_are_refused_naming_them(tmp_path):
@@ -116,7 +185,12 @@ def test_shipped_configs_run_one_step_on_the_digits(path, digits, tmp_path):
             check=True)
     cfg = json.loads((run / "config.json").read_text())
     file_cfg = yaml.safe_load(path.read_text())["train-student"]
-    for key in ("optimizer", "lr", "weight_decay", "sched", "warmup_epochs", "clip_grad", "ema_decay"):
-        assert cfg[key] == file_cfg.get(key, dataclasses.asdict(TrainConfig("d", "s", "o"))[key]), key
+    defaults = {"optim": dataclasses.asdict(OptimConfig()), "schedule": dataclasses.asdict(ScheduleConfig()),
+                "ema_decay": TrainConfig.ema_decay}
+    for group, key in (("optim", "optimizer"), ("optim", "lr"), ("optim", "weight_decay"), ("schedule", "sched"),
+                       ("schedule", "warmup_epochs"), ("optim", "clip_grad"), (None, "ema_decay")):
+        want, have, default = (file_cfg.get(group, {}), cfg[group], defaults[group]) if group else \
+            (file_cfg, cfg, defaults)
+        assert have[key] == want.get(key, default[key]), (group, key)
     assert cfg["loss"]["w_ofa"] == file_cfg["loss"]["w_ofa"] and cfg["loss"]["label_smoothing"] == 0.1
     assert json.loads((run / "metrics.json").read_text())["history"][0]["train/ofa/stage1"] > 0

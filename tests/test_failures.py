@@ -12,17 +12,17 @@ import pytest
 
 from cache.store import ARRAYS, CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
+from commands.options import build
 from conftest import ROOT, make_image_folder, run_cli
-from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.manifest import sha256_file
 from pipeline.shards import make_shards
 
 
 def _cfg(data, out, **kw):
-    base = dict(data=data, teacher="test_resnet", out=out, recipe=get_recipe("digits-mix"), recipe_name="digits-mix",
+    base = dict(data=data, teacher="test_resnet", out=out, recipe="digits-mix",
                 epochs=1, topk=3, batch_size=64, workers=0, progress=False)
-    return CacheConfig(**{**base, **kw})
+    return build(CacheConfig, **{**base, **kw})
 
 
 def _fail_on_write(monkeypatch, n: int, exc: BaseException):
@@ -84,7 +84,7 @@ def test_fewer_cached_epochs_are_reused_in_order_and_said_once(small_digits, tmp
     """E = 2 cached epochs, 3 training epochs: the note once, and 3 epochs trained. Which views each epoch
     replays (0, 1, 0) is checked view by view in test_every_shuffled_view_is_paired_with_its_own_teacher_target."""
     store = tmp_path / "two.zarr"
-    cache_teacher(_cfg(small_digits, store, recipe=get_recipe("digits"), recipe_name="digits", epochs=2))
+    cache_teacher(_cfg(small_digits, store, recipe="digits", epochs=2))
     p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd", "--cache",
                 store, "--epochs", 3, "--batch-size", 32, "--max-steps-per-epoch", 2, "--workers", 0,
                 "--out", tmp_path / "run", "--quiet", check=True)
@@ -121,15 +121,15 @@ def test_skip_policy_records_skipped_samples_and_training_excludes_them(tmp_path
             t.addfile(info, io.BytesIO(blob))
     key = int(victim.split(".")[0])
     with pytest.raises(UserError, match="train-000001.tar does not match its checksum"):
-        cache_teacher(_cfg(data, tmp_path / "sum.zarr", recipe=get_recipe("cifar"), recipe_name="cifar"))
+        cache_teacher(_cfg(data, tmp_path / "sum.zarr", recipe="cifar"))
     # a shard whose bad sample predates its checksum (made by another tool): the error policy decides
     manifest = json.loads((data / "dataset.json").read_text())
     manifest["splits"]["train"]["shards"][1]["sha256"] = sha256_file(shard)
     (data / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=f"{key:09d}"):  # default policy: stop, naming the sample
-        cache_teacher(_cfg(data, tmp_path / "stop.zarr", recipe=get_recipe("cifar"), recipe_name="cifar"))
+        cache_teacher(_cfg(data, tmp_path / "stop.zarr", recipe="cifar"))
     out = tmp_path / "skip.zarr"
-    cache_teacher(_cfg(data, out, recipe=get_recipe("cifar"), recipe_name="cifar", on_error="skip"))
+    cache_teacher(_cfg(data, out, recipe="cifar", on_error="skip"))
     store = CacheStore(out)
     store.check_complete()
     assert store.skipped() == {key}

@@ -17,8 +17,8 @@ import torch
 from cache.inspect import inspect_cache, verify_cache
 from cache.store import ARRAYS, CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
+from commands.options import build
 from conftest import ROOT, launch_cli, run_cli
-from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.location import Location
 from pipeline.reader import ShardReader
@@ -97,9 +97,9 @@ def local_ref(small_digits, tmp_path_factory):
 
 
 def _cfg(data, out, **kw) -> CacheConfig:
-    base = dict(data=data, teacher="test_resnet", out=out, recipe=get_recipe(RECIPE), recipe_name=RECIPE,
+    base = dict(data=data, teacher="test_resnet", out=out, recipe=RECIPE,
                 epochs=2, topk=4, batch_size=40, workers=0, progress=False)
-    return CacheConfig(**{**base, **kw})
+    return build(CacheConfig, **{**base, **kw})
 
 
 def _upload_small_digits(small_digits, url: str) -> str:

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from cache.teacher_pass import CacheConfig, cache_teacher
+from commands.options import build
 from conftest import ROOT
-from pipeline.augment import get_recipe
 
 
 def readme_example() -> str:
@@ -21,8 +21,8 @@ def readme_example() -> str:
 @pytest.mark.slow
 def test_readme_training_loop_runs_on_a_real_cache(small_digits, tmp_path):
     store = tmp_path / "teacher.zarr"
-    cache_teacher(CacheConfig(data=small_digits, teacher="test_resnet", out=store, recipe=get_recipe("digits-mix"),
-                              recipe_name="digits-mix", epochs=2, topk=4, batch_size=64, workers=0, progress=False))
+    cache_teacher(build(CacheConfig, data=small_digits, teacher="test_resnet", out=store, recipe="digits-mix",
+                        epochs=2, topk=4, batch_size=64, workers=0, progress=False))
     code = readme_example()
     assert 'CachedTeacher("runs/demo/teacher.zarr")' in code and '"runs/demo/data"' in code
     # the same code; only the demo's paths become this test's store and data, and a smaller timm model
@@ -39,8 +39,8 @@ def test_cached_teacher_refuses_another_dataset(small_digits, digits, tmp_path):
     from cache.targets import CachedTeacher
     from pipeline.errors import UserError
     store = tmp_path / "t.zarr"
-    cache_teacher(CacheConfig(data=small_digits, teacher="test_resnet", out=store, recipe=get_recipe("digits"),
-                              recipe_name="digits", epochs=1, topk=3, batch_size=64, workers=0, progress=False))
+    cache_teacher(build(CacheConfig, data=small_digits, teacher="test_resnet", out=store, recipe="digits", epochs=1,
+                        topk=3, batch_size=64, workers=0, progress=False))
     with pytest.raises(UserError, match="dataset is"):
         CachedTeacher(store).views(digits, 0)
 
@@ -48,8 +48,8 @@ def test_cached_teacher_refuses_another_dataset(small_digits, digits, tmp_path):
 @pytest.fixture(scope="module")
 def one_epoch_store(small_digits, tmp_path_factory):
     store = tmp_path_factory.mktemp("fp") / "t.zarr"
-    cache_teacher(CacheConfig(data=small_digits, teacher="test_resnet", out=store, recipe=get_recipe("digits-mix"),
-                              recipe_name="digits-mix", epochs=1, topk=3, batch_size=64, workers=0, progress=False))
+    cache_teacher(build(CacheConfig, data=small_digits, teacher="test_resnet", out=store, recipe="digits-mix",
+                        epochs=1, topk=3, batch_size=64, workers=0, progress=False))
     return store
 
 
@@ -67,14 +67,14 @@ def test_views_whose_pixels_changed_are_refused_naming_shard_and_versions(small_
     from pipeline.errors import UserError
     assert all(CacheStore(one_epoch_store).unit_info(u)["view_digests"][0] for u in range(6))
     assert sum(len(b) for b in _read_all(CachedTeacher(one_epoch_store).views(small_digits, 0))) == 270
-    real = pipeline.views.finish
+    real = pipeline.views.to_view
 
     def drifted(base):
         v = real(base).clone()
         v[0, 0, 0] = (v[0, 0, 0] + 1 / 255).clamp(0, 1) if v[0, 0, 0] < 0.5 else v[0, 0, 0] - 1 / 255
         return v
 
-    monkeypatch.setattr(pipeline.views, "finish", drifted)
+    monkeypatch.setattr(pipeline.views, "to_view", drifted)
     with pytest.raises(UserError) as e:
         _read_all(CachedTeacher(one_epoch_store).views(small_digits, 0))
     msg = str(e.value)

@@ -183,11 +183,11 @@ def test_online_teacher_logits_match_the_cache(small_digits, teacher_files, mapp
     from torch.utils.data import DataLoader
 
     from cache.targets import CachedTeacher
-    from students.task import LossConfig
+    from commands.options import build
     from students.train import TrainConfig, build_task, open_data
-    cfg = TrainConfig(data=small_digits, student="test_convnext", out=tmp_path / "x", loss=LossConfig("kd"),
-                      teacher_online="test_resnet", teacher_pretrained_file=teacher_files / "full.safetensors",
-                      teacher_classes=str(teacher_files / "classes.txt"), recipe="digits", view_epochs=2, workers=0)
+    cfg = build(TrainConfig, data=small_digits, student="test_convnext", out=tmp_path / "x", method="kd",
+                teacher_online="test_resnet", teacher_pretrained_file=teacher_files / "full.safetensors",
+                teacher_classes=str(teacher_files / "classes.txt"), recipe="digits", view_epochs=2, workers=0)
     task = build_task(cfg, open_data(cfg), "cpu")
     views = CachedTeacher(mapped_store).views(small_digits, 0)
     batch = next(iter(DataLoader(views, batch_size=32)))

@@ -78,10 +78,10 @@ RESUME_SCRIPT = r"""
 import sys, json
 from pathlib import Path
 import students.train as T
-from students.task import LossConfig
-cfg = T.TrainConfig(data=Path(sys.argv[1]), student="test_convnext", out=Path(sys.argv[2]), loss=LossConfig("ofa"),
-                    cache=Path(sys.argv[3]), epochs=2, batch_size=64, lr=0.05, workers=1, progress=False,
-                    max_steps_per_epoch=6, resume=sys.argv[4] == "resume")
+from commands.options import build
+cfg = build(T.TrainConfig, data=Path(sys.argv[1]), student="test_convnext", out=Path(sys.argv[2]), method="ofa",
+            cache=Path(sys.argv[3]), epochs=2, batch_size=64, lr=0.05, workers=1, progress=False,
+            max_steps_per_epoch=6, resume=sys.argv[4] == "resume")
 if sys.argv[4] == "die":
     real, calls = T.evaluate, []
     def evaluate(*a, **k):
@@ -151,13 +151,14 @@ def test_training_refuses_bad_requests(digits, tmp_path):
 def full_cache(small_digits, tmp_path_factory):
     """A seeded random teacher in a file, and its cache with k = C = 10 (nothing left to reconstruct)."""
     from cache.teacher_pass import CacheConfig, cache_teacher
+    from commands.options import build
     root = tmp_path_factory.mktemp("full")
     for seed in (1, 2):
         torch.manual_seed(seed)
         save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), str(root / f"t{seed}.safetensors"))
-    cache_teacher(CacheConfig(data=small_digits, teacher="test_resnet", checkpoint=root / "t1.safetensors",
-                              out=root / "k10.zarr", recipe=get_recipe("digits-mix"), recipe_name="digits-mix",
-                              epochs=1, topk=10, batch_size=48, workers=0, progress=False))
+    cache_teacher(build(CacheConfig, data=small_digits, teacher="test_resnet", checkpoint=root / "t1.safetensors",
+                        out=root / "k10.zarr", recipe="digits-mix", epochs=1, topk=10, batch_size=48, workers=0,
+                        progress=False))
     return root
 
 
@@ -188,9 +189,10 @@ def test_online_teacher_trains_to_the_weights_of_a_full_cache(small_digits, full
 
 def _lrs(updates: int, **cfg) -> list[float]:
     """The learning rate of each optimizer update under the schedule training builds (build_scheduler)."""
-    from students.train import TrainConfig, build_scheduler
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.get("lr", 0.1))
-    sched = build_scheduler(TrainConfig("d", "s", "o", **cfg), opt, updates)
+    from students.train import ScheduleConfig, build_scheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.pop("lr", 0.1))
+    sched = build_scheduler(ScheduleConfig(**{k: v for k, v in cfg.items() if k != "epochs"}), cfg["epochs"], opt,
+                            updates)
     lrs = []
     for n in range(updates * cfg["epochs"]):
         lrs.append(opt.param_groups[0]["lr"])  # the rate update n + 1 is taken with

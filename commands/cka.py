@@ -12,11 +12,48 @@ full-batch value as the number of batches grows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+
+from pipeline.augment import ViewSpec
+from pipeline.errors import UserError
+from pipeline.models import ModelSpec
+from pipeline.spec import group
+
+
+@dataclass
+class CkaConfig:
+    """The options of `cka`: two models (each a `ModelSpec`), the images, and the estimator."""
+
+    data: Path
+    """Dataset directory made by `shards`."""
+    model_a: ModelSpec = field(default_factory=ModelSpec, metadata=group(
+        suffix="-a", names={"name": "model-a"}, required=("name",), about="model A"))
+    model_b: ModelSpec = field(default_factory=ModelSpec, metadata=group(
+        suffix="-b", names={"name": "model-b"}, required=("name",), about="model B"))
+    out: Path = Path("runs/cka")
+    """Output directory for cka.png, cka.csv, cka.json."""
+    split: str = "val"
+    """Split to read."""
+    samples: int = 512
+    """Number of images."""
+    batch_size: int = 64
+    """Minibatch size (minibatch CKA averages over these)."""
+    mode: Literal["minibatch", "full"] = "minibatch"
+    """minibatch (memory O(batch^2)) or full (exact, memory O(n^2))."""
+    every_block: bool = False
+    """Isotropic models: every block, not 4 depth fractions."""
+    views: ViewSpec = field(default_factory=lambda: ViewSpec("imagenet-cnn"), metadata=group(
+        exclude=("seed",), defaults={"recipe": "imagenet-cnn"},
+        help={"recipe": "Evaluation view size and crop from this preset."}))
+
+    def __post_init__(self):
+        if self.samples < 4:
+            raise UserError(f"--samples must be at least 4, got {self.samples}")
 
 # ------------------------------------------------------------------------------------------ math
 
@@ -154,3 +191,37 @@ def save_outputs(matrix: np.ndarray, a: StageModel, b: StageModel, out: Path, me
     fig.savefig(out / "cka.png", dpi=110)
     plt.close(fig)
     return {"png": str(out / "cka.png"), "csv": str(out / "cka.csv"), "json": str(out / "cka.json")}
+
+
+def run_cka(cfg: CkaConfig) -> dict:
+    """CKA of the two models on the same evaluation views; writes the outputs, prints the table."""
+    from itertools import islice
+
+    from torch.utils.data import DataLoader
+
+    from pipeline.reader import ShardReader
+    from pipeline.views import EvalViews
+    r = cfg.views.get()
+    reader = ShardReader(cfg.data, cfg.split)
+    C = reader.manifest.num_classes
+    a, b = (stage_model(m.name, C, r.input_size, m.weights, m.model_kwargs, cfg.every_block, m.input_size)
+            for m in (cfg.model_a, cfg.model_b))
+    n_batches = -(-cfg.samples // cfg.batch_size)
+    loader = DataLoader(EvalViews(reader, r), batch_size=cfg.batch_size)
+    views = (batch["view"][: cfg.samples - i * cfg.batch_size] for i, batch in enumerate(islice(loader, n_batches)))
+    matrix = compute_cka(a, b, views, cfg.mode)
+    n = min(cfg.samples, reader.split.count)
+    files = save_outputs(matrix, a, b, cfg.out, {"model_a": cfg.model_a.name, "model_b": cfg.model_b.name,
+                                                 "mode": cfg.mode, "samples": n, "batch_size": cfg.batch_size,
+                                                 "split": cfg.split})
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"linear CKA ({cfg.mode}, n={n}): rows {cfg.model_a.name}, columns {cfg.model_b.name}")
+    t.add_column("")
+    for c in b.labels:
+        t.add_column(c, justify="right")
+    for label, row in zip(a.labels, matrix, strict=True):
+        t.add_row(label, *[f"{v:.3f}" for v in row])
+    Console().print(t)
+    print(f"wrote {files['png']}, {files['csv']}, {files['json']}")
+    return files

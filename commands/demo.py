@@ -19,15 +19,17 @@ import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from cache.store import CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
+from commands.options import build
 from pipeline.augment import get_recipe
+from pipeline.errors import UserError
 from pipeline.shards import make_shards
-from students.task import LossConfig
 from students.train import TrainConfig, train
 
 RECIPE = "digits-demo"
@@ -41,6 +43,32 @@ STUDENTS = {
 }
 METHODS = ("ce", "kd", "ofa")
 SEEDS = (0, 1)
+
+
+@dataclass
+class DemoConfig:
+    """The options of `demo`."""
+
+    out: Path = Path("runs/demo")
+    """Run directory."""
+    epochs: int = 12
+    """Student epochs (= cached epochs)."""
+    teacher_epochs: int = 10
+    """Epochs of the CE teacher."""
+    seeds: int = 2
+    """Seeds per (student, method)."""
+    processes: int = 2
+    """Student runs trained at once (one thread each)."""
+    max_steps_per_epoch: int | None = None
+    """Cap steps per epoch (smoke tests)."""
+    progress: bool = field(default=True, metadata={"flags": ("--progress/--quiet",)})
+    """Progress bars."""
+
+    def __post_init__(self):
+        problems = [f"--{name} must be at least 1, got {getattr(self, name)}" for name in ("seeds", "processes")
+                    if getattr(self, name) < 1]
+        if problems:
+            raise UserError("; ".join(problems))
 
 
 def run_demo(out: Path, epochs: int = 12, teacher_epochs: int = 10, topk: int = 5, batch_size: int = 32,
@@ -66,22 +94,22 @@ def _run(out, epochs, teacher_epochs, topk, batch_size, seeds, processes, max_st
     if not (data / "dataset.json").exists():
         make_shards("digits", data, progress=progress)
     common = dict(data=data, recipe=RECIPE, batch_size=batch_size, workers=0, progress=progress, resume=True,
-                  max_steps_per_epoch=max_steps)
+                  max_steps_per_epoch=max_steps)  # flag names (commands.options.build)
     reused = 0
 
     teacher_dir = out / "teacher"
     if (teacher_dir / "metrics.json").exists():
         reused += 1
     else:
-        train(TrainConfig(student=TEACHER, out=teacher_dir, loss=LossConfig("ce"), epochs=teacher_epochs, lr=0.1,
-                          **common))
+        train(build(TrainConfig, student=TEACHER, out=teacher_dir, method="ce", epochs=teacher_epochs, lr=0.1,
+                    **common))
     teacher = json.loads((teacher_dir / "metrics.json").read_text())
 
     # the cache holds exactly the epochs the students train: every epoch's views are new ones
     store, timing_file = out / "teacher.zarr", out / "teacher_pass.json"
-    cache = cache_teacher(CacheConfig(data=data, teacher=TEACHER, out=store, recipe=get_recipe(RECIPE),
-                                      recipe_name=RECIPE, checkpoint=teacher_dir / "model.safetensors",
-                                      epochs=epochs, topk=topk, batch_size=256, workers=1, progress=progress))
+    cache = cache_teacher(build(CacheConfig, data=data, teacher=TEACHER, out=store, recipe=RECIPE,
+                                checkpoint=teacher_dir / "model.safetensors", epochs=epochs, topk=topk,
+                                batch_size=256, workers=1, progress=progress))
     if cache["views_written"]:
         timing_file.write_text(json.dumps({"seconds": cache["seconds"], "views": cache["views_written"]}))
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else None
@@ -96,9 +124,9 @@ def _run(out, epochs, teacher_epochs, topk, batch_size, seeds, processes, max_st
             reused += 1
             continue
         _, kwargs, lr = STUDENTS[student]
-        todo.append(TrainConfig(student=student, out=run_dir, model_kwargs=kwargs, loss=LossConfig(method),
-                                cache=None if method == "ce" else store, seed=seed, epochs=epochs, optimizer="adamw",
-                                lr=lr, weight_decay=0.05, warmup_epochs=1.0, **(common | {"progress": False})))
+        todo.append(build(TrainConfig, student=student, out=run_dir, model_kwargs=kwargs, method=method,
+                          cache=None if method == "ce" else store, seed=seed, epochs=epochs, optimizer="adamw",
+                          lr=lr, weight_decay=0.05, warmup_epochs=1.0, **(common | {"progress": False})))
     todo.sort(key=lambda c: c.loss.method != "ofa")  # the longest (OFA heads) first: the two processes end together
     if todo:
         with ProcessPoolExecutor(min(processes, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -1,0 +1,1 @@
+"""The command line's own code: options from configuration dataclasses, and the demo and CKA commands."""

@@ -1,0 +1,63 @@
+"""How a configuration dataclass declares its options: field metadata for groups, flag names and
+positional arguments (read by `commands.options`, which builds the command line from them), and the
+choice check a configuration built in Python gets too.
+
+A configuration is a plain dataclass of the library (`CacheConfig`, `TrainConfig`, ...): its fields
+are options or groups (nested dataclasses declared once and reused, such as `ModelSpec`), each with
+its help text as the attribute docstring under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+
+
+def group(prefix: str = "", suffix: str = "", names: dict[str, str] | None = None, about: str = "",
+          help: dict[str, str] | None = None, required: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+          defaults: dict | None = None) -> dict:
+    """Field metadata mounting a nested dataclass (a group) in a configuration.
+
+    Its fields' flags are `--{prefix}{field}{suffix}` (underscores as dashes), except those `names`
+    spells out (without the dashes); `about` prefixes their help ("teacher: ..."), `help` replaces a
+    field's help here, `required` makes fields required here, `exclude` leaves fields out here, and
+    `defaults` replaces fields' defaults here (the field's own default_factory must agree: `mounted`)."""
+    return {"group": {"prefix": prefix, "suffix": suffix, "names": dict(names or {}), "about": about,
+                      "help": dict(help or {}), "required": tuple(required), "exclude": tuple(exclude),
+                      "defaults": dict(defaults or {})}}
+
+
+def mounted(cls, **defaults) -> dataclasses.Field:
+    """A group field of type `cls` with other defaults than its class's, in one place:
+    `views: ViewSpec = mounted(ViewSpec, recipe="imagenet-cnn", seed=0)`."""
+    return dataclasses.field(default_factory=lambda: cls(**defaults), metadata=group(defaults=defaults))
+
+
+def flag_name(name: str) -> dict:
+    """Field metadata giving an option's flag another name than its field (e.g. 'teacher')."""
+    return {"flag": name}
+
+
+def argument() -> dict:
+    """Field metadata: a positional command-line argument instead of a --flag."""
+    return {"argument": True}
+
+
+def choice_problems(obj) -> list[str]:
+    """Fields of a configuration dataclass (nested ones included) typed `Literal[...]` whose value is not
+    one of the choices: a configuration built in Python gets the check the command line makes."""
+    problems = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            if value is None and type(None) in typing.get_args(tp):
+                continue
+            tp = next((a for a in typing.get_args(tp) if typing.get_origin(a) is typing.Literal), tp)
+        if typing.get_origin(tp) is typing.Literal and value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            problems.append(f"--{f.name.replace('_', '-')} must be one of {choices}, got {value!r}")
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            problems += choice_problems(value)
+    return problems
