@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader
 
+from cache.format import CacheRequest
 from cache.targets import CachedTeacher
 from cache.teacher import ClassMap, Teacher
 from pipeline.augment import ModelInput, Recipe, get_recipe
@@ -223,11 +224,11 @@ def open_data(cfg: TrainConfig, say=print) -> Data:
         return Data(train_reader, val_reader, get_recipe(cfg.recipe or "imagenet-cnn", cfg.view_size),
                     cfg.view_seed if cfg.view_seed is not None else 0, cfg.view_epochs, None)
     class_map = ClassMap.resolve(cfg.teacher_classes, train_reader.manifest) if cfg.teacher_classes else None
-    want = {"dataset": {"manifest_hash": train_reader.manifest.split_hash(cfg.train_split), "split": cfg.train_split},
-            "recipe": get_recipe(cfg.recipe, cfg.view_size).to_dict() if cfg.recipe else None,
-            "seed": cfg.view_seed,
-            "teacher": {"name": cfg.teacher, "classes": class_map.to_dict() if class_map else None}}
-    cached.store.check_request(want, only_given=True)
+    request = CacheRequest(manifest_hash=train_reader.manifest.split_hash(cfg.train_split), split=cfg.train_split,
+                           recipe=get_recipe(cfg.recipe, cfg.view_size).to_dict() if cfg.recipe else None,
+                           seed=cfg.view_seed, teacher=cfg.teacher,
+                           classes=class_map.to_dict() if class_map else None)
+    cached.store.check_request(request)
     if cfg.view_epochs and cfg.view_epochs != cached.epochs:
         raise UserError(f"--view-epochs {cfg.view_epochs} differs from the cache's {cached.epochs} epochs; omit it")
     if cfg.epochs > cached.epochs:
