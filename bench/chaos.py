@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cache.store import ARRAYS, CacheStore  # noqa: E402
+from cache.format import NAMES  # noqa: E402
+from cache.store import CacheStore  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from launch import launch_cmd, launch_env  # noqa: E402
@@ -73,7 +74,7 @@ def store_state(path: Path, since: float = 0.0) -> dict:
     done = store.done_units()
     mid = False
     group = store._open()
-    for name in ARRAYS:
+    for name in NAMES:
         arr = group[name]
         for u in set(range(store.num_units)) - done:
             f = path / name / arr.metadata.encode_chunk_key((0, u) + (0,) * (arr.ndim - 2))
@@ -122,7 +123,7 @@ def kill_tree(proc: subprocess.Popen, victim: str) -> int:
 
 def compare_stores(a: Path, b: Path) -> list[str]:
     sa, sb = CacheStore(a), CacheStore(b)
-    problems = [f"array {n} differs" for n in ARRAYS if not np.array_equal(sa.read_all(n), sb.read_all(n))]
+    problems = [f"array {n} differs" for n in NAMES if not np.array_equal(sa.read_all(n), sb.read_all(n))]
     if sa.done_units() != sb.done_units():
         problems.append("completion markers differ")
     for u in sa.done_units() & sb.done_units():

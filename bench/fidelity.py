@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
                 row[f"{name}_rel_error"] = abs(cache_v - full_v) / abs(full_v)
             row["tv_T1"], row["tv_T4"] = acc["tv_T1"] / n, acc["tv_T4"] / n
             row["topk_mass_mean"] = float(mass[:, min(k, C) - 1].mean())
-            row["raw_bytes_per_view"] = cs.attrs["raw_bytes_per_view"]
+            row["raw_bytes_per_view"] = cs.description.raw_bytes_per_view
             row["disk_bytes_per_view"] = cs.disk_bytes() / n
             rows.append(row)
     finally:

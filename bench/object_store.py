@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
         Location("s3://bench").fs.mkdir("bench")
         upload(data, "s3://bench/data")
         upload(store, "s3://bench/t.zarr")
-        res = {"samples": CachedTeacher(str(store)).store.attrs["dataset"]["num_samples"],
+        res = {"samples": CachedTeacher(str(store)).store.description.dataset.num_samples,
                "shards": CachedTeacher(str(store)).store.num_units, "batch_size": args.batch_size,
                "rounds": args.rounds,
                "server": "moto standalone S3 server on 127.0.0.1, on the same cores as the loader (loopback: "

@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
                 s2 = time.perf_counter() - t0
                 rows.append({"samples": reader.split.count, "shards": shards, "topk": k, "epochs": args.epochs,
                              "stage_one_s": s["seconds"], "stage_one_views_per_s": s["views_per_second"],
-                             "raw_bytes_per_view": store.attrs["raw_bytes_per_view"],
+                             "raw_bytes_per_view": store.description.raw_bytes_per_view,
                              "disk_bytes_per_view": store.disk_bytes() / (reader.split.count * args.epochs),
                              "stage_two_cache_side_s": s2, "stage_two_cache_side_ms_per_view": 1000 * s2 / n})
                 print(json.dumps(rows[-1]))

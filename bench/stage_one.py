@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
             pass_s = min(pass_s, s["seconds"])
         cs = CacheStore(store)
         disk = cs.disk_bytes()
-        raw = cs.attrs["raw_bytes_per_view"]
+        raw = cs.description.raw_bytes_per_view
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"teacher": args.teacher, "views": n_views, "batch_size": args.batch_size, "workers": args.workers,

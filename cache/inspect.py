@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache.format import LABEL_LOGITS, LSE, PARTNER, TOPK_INDICES, TOPK_VALUES, VIEW_SEED, TeacherRecord
 from cache.store import CacheStore
 from cache.teacher import ClassMap, Teacher
 from cache.teacher_pass import summarize
@@ -49,31 +50,30 @@ def topk_mass(store: CacheStore, units: list[int]) -> np.ndarray:
     out = []
     for u in units:
         for e in range(store.epochs):
-            d = store.read_epoch(e, u, names=("topk_values", "lse"))
-            out.append(np.exp(d["topk_values"].astype(np.float64) - d["lse"][:, None]).sum(1))
+            d = store.read_epoch(e, u, names=(TOPK_VALUES.name, LSE.name))
+            out.append(np.exp(d[TOPK_VALUES.name].astype(np.float64) - d[LSE.name][:, None]).sum(1))
     return np.concatenate(out) if out else np.zeros(0)
 
 
 def inspect_cache(path: str | Path) -> dict:
     store = CacheStore(path)
-    a = store.attrs
+    d, t, ds = store.description, store.description.teacher, store.description.dataset
     done = sorted(store.done_units())
-    n_done = sum(store.unit_info(u)["count"] for u in done)
+    n_done = sum(store.unit_info(u).count for u in done)
     disk = store.disk_bytes()
     mass = topk_mass(store, done)
     return {
-        "store": str(path), "teacher": a["teacher"]["name"], "checkpoint_sha256": a["teacher"]["checkpoint_sha256"],
-        "teacher_weights": a["teacher"].get("weights"),
-        "teacher_classes": a["teacher"].get("classes", {}) and {k: a["teacher"]["classes"][k]
-                                                                 for k in ("source", "num_outputs")},
-        "teacher_input": f"{a['teacher']['input_size']}px mean={a['teacher']['mean']} std={a['teacher']['std']}",
-        "dataset": f"{a['dataset']['name']}/{a['dataset']['split']} ({a['dataset']['num_samples']} samples, "
-                   f"{a['num_classes']} classes, manifest {a['dataset']['manifest_hash'][:12]})",
-        "recipe": f"{a['recipe_name']}: {a['recipe']}", "seed": a["seed"], "epochs": a["epochs"], "topk": a["topk"],
-        "format_version": a["format_version"], "versions": a["versions"],
+        "store": str(path), "teacher": t.name, "checkpoint_sha256": t.checkpoint_sha256,
+        "teacher_weights": t.weights,
+        "teacher_classes": t.classes and {k: t.classes[k] for k in ("source", "num_outputs")},
+        "teacher_input": f"{t.input_size}px mean={t.mean} std={t.std}",
+        "dataset": f"{ds.name}/{ds.split} ({ds.num_samples} samples, {d.num_classes} classes, "
+                   f"manifest {ds.manifest_hash[:12]})",
+        "recipe": f"{d.recipe_name}: {d.recipe}", "seed": d.seed, "epochs": d.epochs, "topk": d.topk,
+        "format_version": d.format_version, "versions": d.versions,
         "units_done": f"{len(done)}/{store.num_units}", "complete": len(done) == store.num_units,
         "skipped_samples": len(store.skipped()),
-        "disk_bytes": disk, "raw_bytes_per_view": a["raw_bytes_per_view"],
+        "disk_bytes": disk, "raw_bytes_per_view": d.raw_bytes_per_view,
         "disk_bytes_per_view": disk / max(1, n_done * store.epochs),
         "topk_mass_mean": float(mass.mean()) if mass.size else float("nan"),
         "topk_mass_p5": float(np.percentile(mass, 5)) if mass.size else float("nan"),
@@ -89,26 +89,24 @@ def check_ranges(store: CacheStore) -> list[str]:
         first = u * S
         for e in range(store.epochs):
             d = store.read_epoch(e, u)
-            n = len(d["lse"])
+            n = len(d[LSE.name])
             ok = np.array([first + i not in skipped for i in range(n)], dtype=bool)
-            idx, val = d["topk_indices"][ok], d["topk_values"][ok].astype(np.float32)
+            idx, val = d[TOPK_INDICES.name][ok], d[TOPK_VALUES.name][ok].astype(np.float32)
             if idx.size and (idx.min() < 0 or idx.max() >= C):
                 problems.append(f"unit {u} epoch {e}: class index outside [0, {C})")
             if idx.size and store.topk > 1 and (np.diff(val, axis=1) > 0).any():
                 problems.append(f"unit {u} epoch {e}: top-k values are not in descending order")
-            p = d["partner"][ok]
+            p = d[PARTNER.name][ok]
             if ((p != -1) & ((p < first) | (p >= first + n))).any():
                 problems.append(f"unit {u} epoch {e}: mixing partner outside the unit's data shard")
-            if not np.isfinite(d["lse"][ok]).all():
+            if not np.isfinite(d[LSE.name][ok]).all():
                 problems.append(f"unit {u} epoch {e}: non-finite log-sum-exp")
     return problems
 
 
-def recorded_weights(teacher: dict) -> Weights:
+def recorded_weights(teacher: TeacherRecord) -> Weights:
     """The teacher weights a store recorded, as a request: the same checkpoint or pretrained file, or the hub."""
-    rec = teacher.get("weights") or {"source": "checkpoint" if teacher.get("checkpoint") else "init",
-                                     "file": teacher.get("checkpoint")}  # stores from before pretrained weights
-    source, file = rec.get("source"), rec.get("file")
+    source, file = teacher.weights["source"], teacher.weights.get("file")  # init and hub record no file
     if source == "checkpoint":
         return Weights(checkpoint=Path(file))
     if source == "file":
@@ -121,45 +119,44 @@ def verify_cache(path: str | Path, samples: int = 32, data: str | Path | None = 
                  seed: int = 0, atol: float = 0.02, rtol: float = 0.01) -> dict:
     """Rebuild `samples` random views, rerun the teacher (`weights`; default: those recorded), compare."""
     store = CacheStore(path)
-    a = store.attrs
+    d, t, ds = store.description, store.description.teacher, store.description.dataset
     problems = []
     missing = store.num_units - len(store.done_units())
     if missing:
         problems.append(f"{missing} of {store.num_units} units are not complete")
     problems += check_ranges(store)
-    data = data or a["dataset"]["path"]  # a path or URL
-    reader = ShardReader(data, a["dataset"]["split"], on_error=a.get("on_error", "raise"))
-    if reader.manifest.split_hash(a["dataset"]["split"]) != a["dataset"]["manifest_hash"]:
+    data = data or ds.path  # a path or URL
+    reader = ShardReader(data, ds.split, on_error=d.on_error)
+    if reader.manifest.split_hash(ds.split) != ds.manifest_hash:
         raise UserError(f"dataset {data} is not the one cache {path} was made from (manifest hash differs); "
                         f"pass the right --data")
     if weights is None or not (weights.checkpoint or weights.from_timm):
-        weights = recorded_weights(a["teacher"])
-    if weights.checkpoint and file_sha256(weights.checkpoint) != a["teacher"]["checkpoint_sha256"]:  # before building
+        weights = recorded_weights(t)
+    if weights.checkpoint and file_sha256(weights.checkpoint) != t.checkpoint_sha256:  # before building
         raise UserError(f"teacher checkpoint {weights.checkpoint} is not the one cache {path} was made with; pass the "
                         f"right --checkpoint")
-    teacher = Teacher.build(a["teacher"]["name"], store.num_classes, a["recipe"]["input_size"], weights=weights,
-                            class_map=ClassMap.from_dict(a["teacher"].get("classes")),
-                            model_kwargs=a["teacher"]["model_kwargs"], input_size=a["teacher"]["input_size"])
-    if teacher.checkpoint_sha256 != a["teacher"]["checkpoint_sha256"]:
+    teacher = Teacher.build(t.name, store.num_classes, d.recipe["input_size"], weights=weights,
+                            class_map=ClassMap.from_dict(t.classes), model_kwargs=t.model_kwargs,
+                            input_size=t.input_size)
+    if teacher.checkpoint_sha256 != t.checkpoint_sha256:
         raise UserError(f"teacher weights {teacher.weights.get('file') or teacher.weights.get('source')} are not the "
-                        f"ones cache {path} was made with (sha256 {a['teacher']['checkpoint_sha256']}); pass the right "
+                        f"ones cache {path} was made with (sha256 {t.checkpoint_sha256}); pass the right "
                         f"--checkpoint or --pretrained-file")
-    recipe = Recipe.from_dict(a["recipe"])
+    recipe = Recipe.from_dict(d.recipe)
     rng = np.random.default_rng(seed)
     done = sorted(store.done_units())
     picks: dict[tuple[int, int], list[int]] = {}
     for _ in range(samples if done else 0):
         u = int(rng.choice(done))
         e = int(rng.integers(store.epochs))
-        picks.setdefault((u, e), []).append(int(rng.integers(store.unit_info(u)["count"])))
+        picks.setdefault((u, e), []).append(int(rng.integers(store.unit_info(u).count)))
     checked, worst = 0, 0.0
     skipped = store.skipped()
     for (u, e), positions in sorted(picks.items()):
         info = reader.split.shards[u]
         samples_u = list(reader.read_shard(u))
-        views = {v["index"]: v for v in shard_views(samples_u, recipe, int(a["seed"]), e, info.first, info.count)}
-        recorded = (store.unit_info(u).get("view_digests") or [None] * store.epochs)[e]
-        if recorded is not None and views_digest([v["digest"] for v in views.values()]) != recorded:
+        views = {v["index"]: v for v in shard_views(samples_u, recipe, d.seed, e, info.first, info.count)}
+        if views_digest([v["digest"] for v in views.values()]) != store.unit_info(u).view_digests[e]:
             problems.append(f"unit {u} epoch {e}: the rebuilt views differ pixel for pixel from those the teacher saw")
         idx = [info.first + p for p in sorted(set(positions)) if info.first + p not in skipped]
         if not idx:
@@ -170,7 +167,7 @@ def verify_cache(path: str | Path, samples: int = 32, data: str | Path | None = 
                           torch.tensor([v["partner_label"] for v in batch]), store.topk)
         cached = store.read_epoch(e, u)
         pos = np.array(idx) - info.first
-        for name in ("topk_values", "lse", "label_logits"):
+        for name in (TOPK_VALUES.name, LSE.name, LABEL_LOGITS.name):
             want, got = fresh[name].astype(np.float32), cached[name][pos].astype(np.float32)
             err = np.abs(want - got) - rtol * np.abs(want)
             worst = max(worst, float(np.abs(want - got).max()))
@@ -179,12 +176,12 @@ def verify_cache(path: str | Path, samples: int = 32, data: str | Path | None = 
                                 f"(max abs difference {np.abs(want - got).max():.4g})")
         # indices may legitimately swap where two logits tie within fp16; compare as sets of near-ties
         for j in range(len(pos)):
-            fi, ci = fresh["topk_indices"][j], cached["topk_indices"][pos[j]]
+            fi, ci = fresh[TOPK_INDICES.name][j], cached[TOPK_INDICES.name][pos[j]]
             if not np.array_equal(fi, ci):
                 fv = logits[j].float().cpu().numpy()
                 if np.abs(np.sort(fv[fi]) - np.sort(fv[ci.astype(np.int64)])).max() > atol + rtol * np.abs(fv).max():
                     problems.append(f"unit {u} epoch {e} sample {idx[j]}: cached top-k classes differ")
-        for name in ("view_seed", "partner"):
+        for name in (VIEW_SEED.name, PARTNER.name):  # a view's fields are named as the replay arrays
             want = np.array([v[name] for v in batch])
             if not np.array_equal(want, cached[name][pos]):
                 problems.append(f"unit {u} epoch {e}: cached replay record '{name}' differs from the rebuilt view")

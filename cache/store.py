@@ -1,20 +1,7 @@
-"""The zarr v3 teacher cache: layout, creation, durable unit writes and the reading side.
+"""The zarr v3 teacher cache: creation, durable unit writes and the reading side.
 
-Layout (E = cached epochs, N = samples in the split, k = top-k)::
-
-    STORE.zarr/zarr.json        group attributes: the full description (see `describe`)
-    topk_values   [E, N, k] float16    teacher logits of the k largest classes, descending
-    topk_indices  [E, N, k] int16|int32  their class indices (never float)
-    lse           [E, N]    float32    log-sum-exp of all C logits (T = 1)
-    label_logits  [E, N, 2] float32    teacher logit of the view's label and of its mixing partner's label
-    view_seed     [E, N]    uint32     the replay record: view seed ...
-    partner       [E, N]    int32      ... mixing partner's global index (-1: not mixed)
-    lam           [E, N]    float16    ... weight of the sample's own label
-    mix_mode      [E, N]    uint8      ... 0 none, 1 mixup, 2 cutmix
-    _units/shard-NNNNNN.json           completion marker of one unit, written after its data is durable;
-                                       it also holds the fingerprint of the unit's views in each epoch
-
-Raw bytes per (epoch, sample) = 2k + 2k + 4 + 8 + 4 + 4 + 2 + 1 = 4k + 23.
+What a store holds (arrays, attributes, unit markers) is defined once in `cache.format` and listed in the
+README's "Cache format reference"; this module only stores and fetches it.
 
 A *unit* is one data shard over all cached epochs. Every array is zarr-sharded with shard shape
 [E, samples_per_shard, ...] so that a unit is exactly one zarr shard per array: each writer owns
@@ -36,79 +23,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from cache.format import ARRAYS, NAMES, UNITS_DIR, CacheDescription, CacheRequest, UnitRecord
 from pipeline.errors import UserError
 from pipeline.location import Location, fsync_dir, storage_errors
-
-FORMAT = "ofakd-teacher-cache"
-FORMAT_VERSION = 1
-UNITS_DIR = "_units"
-
-# name -> (dtype or None for the index dtype, trailing shape as a function of k)
-ARRAYS: dict[str, tuple[str | None, callable]] = {
-    "topk_values": ("float16", lambda k: (k,)),
-    "topk_indices": (None, lambda k: (k,)),
-    "lse": ("float32", lambda k: ()),
-    "label_logits": ("float32", lambda k: (2,)),
-    "view_seed": ("uint32", lambda k: ()),
-    "partner": ("int32", lambda k: ()),
-    "lam": ("float16", lambda k: ()),
-    "mix_mode": ("uint8", lambda k: ()),
-}
-FILL = {"partner": -1, "lam": 1.0}
-
-# what training compares against its own request; description key path -> readable name
-CHECKED = {
-    ("teacher", "name"): "teacher",
-    ("teacher", "checkpoint_sha256"): "teacher weights (sha256 of the file loaded)",
-    ("teacher", "weights", "tag"): "teacher pretrained tag",
-    ("teacher", "classes", "num_outputs"): "teacher outputs",
-    ("teacher", "classes", "indices"): "teacher class map",
-    ("dataset", "manifest_hash"): "dataset",
-    ("dataset", "split"): "dataset split",
-    ("recipe",): "augmentation recipe",
-    ("seed",): "view seed",
-    ("topk",): "top-k",
-}
-
-
-def index_dtype(num_classes: int) -> str:
-    return "int16" if num_classes <= np.iinfo(np.int16).max else "int32"
-
-
-def raw_bytes_per_view(k: int, num_classes: int) -> int:
-    total = 0
-    for dtype, trail in ARRAYS.values():
-        dt = np.dtype(dtype or index_dtype(num_classes))
-        total += dt.itemsize * int(np.prod(trail(k), dtype=np.int64))
-    return total
-
-
-def _get(d: dict, path: tuple[str, ...]):
-    for p in path:
-        if not isinstance(d, dict) or p not in d:
-            return None
-        d = d[p]
-    return d
-
-
-def _show(v) -> str:
-    s = json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else str(v)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def mismatches(have: dict, want: dict, keys=CHECKED) -> list[str]:
-    """Every checked field where the store's description differs from the request."""
-    out = []
-    for path, label in keys.items():
-        a, b = _get(have, path), _get(want, path)
-        if a != b:
-            if path == ("recipe",) and isinstance(a, dict) and isinstance(b, dict):
-                diff = [f"{k}: {_show(a.get(k))} != {_show(b.get(k))}" for k in sorted(set(a) | set(b))
-                        if a.get(k) != b.get(k)]
-                out.append(f"{label} differs ({'; '.join(diff)})")
-            else:
-                out.append(f"{label} is {_show(a)}, requested {_show(b)}")
-    return out
 
 
 @dataclass
@@ -118,9 +35,12 @@ class Unit:
     shard: int
     first: int
     count: int
-    data: dict[str, np.ndarray]  # name -> [E, count, ...]
+    data: dict[str, np.ndarray]  # array name -> [E, count, ...]
     skipped: list[int]  # global indices the error policy skipped
-    view_digests: list[str] | None = None  # per epoch: pipeline.views.views_digest of the unit's views
+    view_digests: list[str]  # per epoch: pipeline.views.views_digest of the unit's views
+
+    def record(self) -> UnitRecord:
+        return UnitRecord(self.shard, self.first, self.count, self.skipped, self.view_digests)
 
 
 class CacheStore:
@@ -132,19 +52,14 @@ class CacheStore:
         self._group = None
         self._pid = None
         self._arrays = {}
-        self._units_seen: dict[int, dict] = {}  # marker contents read so far (a marker never changes)
+        self._units_seen: dict[int, UnitRecord] = {}  # marker contents read so far (a marker never changes)
         self._pool, self._pool_pid = None, None
         self.mode = mode
         if not (self.loc / "zarr.json").isfile():
             raise UserError(f"cache {self.path} does not exist or is not a zarr store; create it with "
                             f"`cli.py cache-teacher --out {self.path}`")
-        self.attrs = self._open().attrs.asdict()
-        if self.attrs.get("format") != FORMAT:
-            raise UserError(f"{self.path} is a zarr store but not a teacher cache (no '{FORMAT}' format "
-                            f"attribute); point --cache at a store made by `cli.py cache-teacher`")
-        if self.attrs.get("format_version", 0) > FORMAT_VERSION:
-            raise UserError(f"cache {self.path} has format version {self.attrs['format_version']}, newer "
-                            f"than this tool reads ({FORMAT_VERSION}); upgrade the tool")
+        self.attrs = self._open().attrs.asdict()  # the description as stored (JSON), for display
+        self.description = CacheDescription.from_attrs(self.attrs, f"cache {self.path}")
 
     # zarr keeps an event-loop thread per process; reopen after fork (data-loader workers)
     def _open(self):
@@ -174,27 +89,27 @@ class CacheStore:
     # ------------------------------------------------------------------ description
     @property
     def epochs(self) -> int:
-        return int(self.attrs["epochs"])
+        return self.description.epochs
 
     @property
     def topk(self) -> int:
-        return int(self.attrs["topk"])
+        return self.description.topk
 
     @property
     def num_classes(self) -> int:
-        return int(self.attrs["num_classes"])
+        return self.description.num_classes
 
     @property
     def num_units(self) -> int:
-        return int(self.attrs["dataset"]["num_shards"])
+        return self.description.dataset.num_shards
 
     @property
     def samples_per_shard(self) -> int:
-        return int(self.attrs["dataset"]["samples_per_shard"])
+        return self.description.dataset.samples_per_shard
 
     # ------------------------------------------------------------------ creation
     @staticmethod
-    def create(path: str | Path | Location, description: dict, *, overwrite: bool = False) -> CacheStore:
+    def create(path: str | Path | Location, description: CacheDescription, *, overwrite: bool = False) -> CacheStore:
         """Create a new store, or return the existing one if it was made by the same request.
 
         The store appears whole or not at all: its metadata is built in a temporary folder, then renamed
@@ -204,8 +119,7 @@ class CacheStore:
         loc.check_writable_root()
         if (loc / "zarr.json").isfile() and not overwrite:
             store = CacheStore(loc, mode="r+")
-            problems = mismatches(store.attrs, description,
-                                  {**CHECKED, ("epochs",): "epochs", ("num_classes",): "classes"})
+            problems = store.description.mismatches(description.request(), every=True)
             if problems:
                 raise UserError(f"cache {loc} was made by another request ({'; '.join(problems)}); "
                                 f"choose another --out or pass --overwrite to replace it")
@@ -215,7 +129,7 @@ class CacheStore:
                             f"--out or pass --overwrite")
         names = set(loc.listdir())
         # leftovers of a creation killed before its root zarr.json landed (object stores) may go
-        if names - set(ARRAYS) - {UNITS_DIR} and not overwrite:
+        if names - set(NAMES) - {UNITS_DIR} and not overwrite:
             raise UserError(f"output {loc} already exists and is not a teacher cache; choose another "
                             f"--out or pass --overwrite")
         if names or loc.isfile():
@@ -245,17 +159,16 @@ class CacheStore:
         return CacheStore(loc, mode="r+")
 
     @staticmethod
-    def _build(where: Path, d: dict) -> None:
+    def _build(where: Path, d: CacheDescription) -> None:
         """The empty store's metadata (no chunks: every array starts as its fill value) in a local folder."""
-        E, N, k, S = d["epochs"], d["dataset"]["num_samples"], d["topk"], d["dataset"]["samples_per_shard"]
+        E, N, k, S = d.epochs, d.dataset.num_samples, d.topk, d.dataset.samples_per_shard
         group = zarr.open_group(str(where), mode="w")
         compressor = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
-        for name, (dtype, trail) in ARRAYS.items():
-            t = trail(k)
-            group.create_array(name, shape=(E, N, *t), chunks=(1, S, *t), shards=(E, S, *t),
-                               dtype=dtype or index_dtype(d["num_classes"]), compressors=compressor,
-                               fill_value=FILL.get(name, 0))
-        group.attrs.update(d)
+        for a in ARRAYS:
+            t = a.trailing_shape(k)
+            group.create_array(a.name, shape=(E, N, *t), chunks=(1, S, *t), shards=(E, S, *t),
+                               dtype=a.dtype_for(d.num_classes), compressors=compressor, fill_value=a.fill)
+        group.attrs.update(d.to_attrs())
         (where / UNITS_DIR).mkdir()
 
     # ------------------------------------------------------------------ units
@@ -267,12 +180,14 @@ class CacheStore:
         return {int(n[len("shard-"):-len(".json")]) for n in (self.loc / UNITS_DIR).listdir()
                 if n.startswith("shard-") and n.endswith(".json")}
 
-    def unit_info(self, shard: int) -> dict:
+    def unit_info(self, shard: int) -> UnitRecord:
         """The unit's completion marker (FileNotFoundError: not complete). Remembered once read: a marker is
         written once, after its data, so re-reading it per epoch would only cost a request to an object store."""
         if shard not in self._units_seen:
-            self._units_seen[shard] = json.loads(self.marker(shard).read_text())
-        return dict(self._units_seen[shard])
+            self._units_seen[shard] = UnitRecord.from_attrs(json.loads(self.marker(shard).read_text()),
+                                                            f"the completion marker of data shard {shard} of "
+                                                            f"cache {self.path}")
+        return self._units_seen[shard]
 
     def write_unit(self, unit: Unit) -> None:
         """Write every array's zarr shard for this unit, make it durable, then mark the unit done.
@@ -283,7 +198,7 @@ class CacheStore:
         group = self._open()
         sl = slice(unit.first, unit.first + unit.count)
         with storage_errors(self.loc.url):
-            for name in ARRAYS:
+            for name in NAMES:
                 arr = group[name]
                 arr[:, sl] = unit.data[name]
                 if self.loc.local is None:
@@ -297,17 +212,15 @@ class CacheStore:
                     finally:
                         os.close(fd)
                     fsync_dir(f.parent)
-        info = {"shard": unit.shard, "first": unit.first, "count": unit.count, "skipped": unit.skipped,
-                "view_digests": unit.view_digests}
-        self.marker(unit.shard).write_atomic(json.dumps(info).encode())
+        self.marker(unit.shard).write_atomic(json.dumps(unit.record().to_attrs()).encode())
 
-    def read_epoch(self, epoch: int, shard: int, names=tuple(ARRAYS)) -> dict[str, np.ndarray]:
+    def read_epoch(self, epoch: int, shard: int, names=NAMES) -> dict[str, np.ndarray]:
         """One cached epoch of one unit: name -> [count, ...]. Refuses units that are not complete."""
         if shard not in self._units_seen and not self.marker(shard).isfile():
             raise UserError(f"cache {self.path} has no complete data for data shard {shard}; finish it with "
                             f"the same `cli.py cache-teacher` command (it resumes)")
         S = self.samples_per_shard
-        n = int(self.attrs["dataset"]["num_samples"])
+        n = self.description.dataset.num_samples
         sl = slice(shard * S, min((shard + 1) * S, n))
         if self.loc.local is not None:
             return {name: self.array(name)[epoch, sl] for name in names}
@@ -315,7 +228,7 @@ class CacheStore:
         # latency: issue the arrays' reads together (zarr runs them concurrently on its event loop)
         arrays = [self.array(name) for name in names]
         if self._pool is None or self._pool_pid != os.getpid():
-            self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=len(ARRAYS)), os.getpid()
+            self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=len(NAMES)), os.getpid()
         return dict(zip(names, self._pool.map(lambda a: a[epoch, sl], arrays), strict=True))
 
     def read_all(self, name: str) -> np.ndarray:
@@ -331,17 +244,16 @@ class CacheStore:
     def skipped(self) -> set[int]:
         out: set[int] = set()
         for s in self.done_units():
-            out.update(self.unit_info(s).get("skipped", []))
+            out.update(self.unit_info(s).skipped)
         return out
 
     def disk_bytes(self) -> int:
         return self.loc.du()
 
-    def check_request(self, want: dict, only_given: bool = False) -> None:
-        """Refuse with one message listing every mismatch between the store and the request
-        (`only_given`: compare just the fields the request names, e.g. a training run's options)."""
-        keys = {p: label for p, label in CHECKED.items() if _get(want, p) is not None} if only_given else CHECKED
-        problems = mismatches(self.attrs, want, keys)
+    def check_request(self, request: CacheRequest, every: bool = False) -> None:
+        """Refuse with one message listing every mismatch between the store and the request (the fields the
+        request gives, e.g. a training run's options; `every`: all checked fields, see `mismatches`)."""
+        problems = self.description.mismatches(request, every)
         if problems:
             raise UserError(f"cache {self.path} does not match this run: " + "; ".join(problems)
                             + "; make a matching cache with `cli.py cache-teacher` or fix the options")

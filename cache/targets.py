@@ -1,4 +1,4 @@
-"""The read side of the teacher cache for training loops: the only code that knows its array names.
+"""The read side of the teacher cache for training loops (what the store holds is defined in cache.format).
 
     teacher = CachedTeacher("runs/demo/teacher.zarr")           # checks the store is complete
     views = teacher.views("runs/demo/data", epoch=0)            # the exact views the teacher saw
@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from cache.format import LABEL_LOGITS, LSE, PARTNER, TEACHER_OUTPUTS, TOPK_INDICES, TOPK_VALUES, VIEW_SEED, CacheRequest
 from cache.store import CacheStore
 from pipeline.augment import Recipe
 from pipeline.errors import UserError
@@ -34,7 +35,6 @@ from pipeline.reader import ShardReader
 from pipeline.views import TrainViews, library_versions, views_digest
 
 TEACHER_KEY = "teacher"
-_NAMES = ("topk_values", "topk_indices", "lse", "label_logits")  # the arrays a training view needs
 
 
 def reconstruct_logits(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
@@ -80,29 +80,28 @@ class CacheJoin:
 
     def __call__(self, epoch: int, shard: int, first: int, views: list[dict]) -> list[dict]:
         store = self.store
-        t = store.read_epoch(epoch, shard, names=(*_NAMES, "view_seed", "partner"))
+        t = store.read_epoch(epoch, shard, names=tuple(a.name for a in (*TEACHER_OUTPUTS, VIEW_SEED, PARTNER)))
         pos = np.array([v["index"] for v in views]) - first
-        seeds = np.array([v["view_seed"] for v in views], dtype=np.uint32)
-        partners = np.array([v["partner"] for v in views], dtype=np.int32)
-        bad = np.flatnonzero((t["view_seed"][pos] != seeds) | (t["partner"][pos] != partners))
+        # the replay record as the views rebuilt here have it (a view's fields are named as the arrays)
+        seeds = np.array([v[VIEW_SEED.name] for v in views], dtype=VIEW_SEED.dtype)
+        partners = np.array([v[PARTNER.name] for v in views], dtype=PARTNER.dtype)
+        bad = np.flatnonzero((t[VIEW_SEED.name][pos] != seeds) | (t[PARTNER.name][pos] != partners))
         if bad.size:
             raise UserError(
                 f"cache {store.path} holds a different view for sample {views[bad[0]]['index']} of epoch "
                 f"{epoch} than this run rebuilds (replay record mismatch: another seed, recipe or tool version "
                 f"made it); rebuild the cache with this version")
         self._check_pixels(epoch, shard, views)
-        values = torch.from_numpy(t["topk_values"][pos].astype(np.float32))
-        indices = torch.from_numpy(t["topk_indices"][pos].astype(np.int64))
-        lse = torch.from_numpy(t["lse"][pos].astype(np.float32))
-        label_logits = torch.from_numpy(t["label_logits"][pos].astype(np.float32))
+        values = torch.from_numpy(t[TOPK_VALUES.name][pos].astype(np.float32))
+        indices = torch.from_numpy(t[TOPK_INDICES.name][pos].astype(np.int64))  # what scatter/gather index with
+        lse = torch.from_numpy(t[LSE.name][pos].astype(np.float32))
+        label_logits = torch.from_numpy(t[LABEL_LOGITS.name][pos].astype(np.float32))
         return [{TEACHER_KEY: TeacherTargets(*row)} for row in zip(values, indices, lse, label_logits, strict=True)]
 
     def _check_pixels(self, epoch: int, shard: int, views: list[dict]) -> None:
-        recorded = (self.store.unit_info(shard).get("view_digests") or [None] * (epoch + 1))[epoch]
-        if recorded is None:  # a store written before fingerprints existed: the replay record was checked
-            return
+        recorded = self.store.unit_info(shard).view_digests[epoch]
         if views_digest([v["digest"] for v in views]) != recorded:
-            then = {k: v for k, v in self.store.attrs.get("versions", {}).items() if k in library_versions()}
+            then = {k: v for k, v in self.store.description.versions.items() if k in library_versions()}
             raise UserError(
                 f"the views of data shard {shard}, epoch {epoch}, rebuilt here differ pixel for pixel from those the "
                 f"teacher saw in cache {self.store.path} (libraries then: {then}; installed: {library_versions()}); "
@@ -119,13 +118,12 @@ class CachedTeacher:
     def __init__(self, path: str | Path):
         self.store = CacheStore(path)
         self.store.check_complete()
-        a = self.store.attrs
+        self.description = d = self.store.description
         self.path = self.store.path
-        self.recipe = Recipe.from_dict(a["recipe"])
-        self.seed, self.epochs, self.num_classes = int(a["seed"]), self.store.epochs, self.store.num_classes
-        self.split, self.on_error = a["dataset"]["split"], a.get("on_error", "raise")
-        self.teacher = a["teacher"]
-        classes = self.teacher.get("classes")  # the teacher's label space, already restricted to the dataset's
+        self.recipe = Recipe.from_dict(d.recipe)
+        self.seed, self.epochs, self.num_classes = d.seed, d.epochs, d.num_classes
+        self.split, self.on_error = d.dataset.split, d.on_error
+        classes = d.teacher.classes  # the teacher's label space, already restricted to the dataset's
         if classes and len(classes["indices"]) != self.num_classes:
             raise UserError(f"cache {self.path} maps {len(classes['indices'])} classes onto its teacher but holds "
                             f"{self.num_classes}; the store is damaged: rebuild it with `cli.py cache-teacher`")
@@ -134,8 +132,7 @@ class CachedTeacher:
     def reader(self, data: str | Path, on_error: str | None = None) -> ShardReader:
         """The training split of `data`, refused unless it is the dataset the cache was made from."""
         reader = ShardReader(data, self.split, on_error=on_error or self.on_error)
-        self.store.check_request({"dataset": {"manifest_hash": reader.manifest.split_hash(self.split)}},
-                                 only_given=True)
+        self.store.check_request(CacheRequest(manifest_hash=reader.manifest.split_hash(self.split)))
         return reader
 
     def views(self, data: str | Path | ShardReader, epoch: int = 0, *, rank: int = 0, world: int = 1,

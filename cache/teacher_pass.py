@@ -20,16 +20,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
-from cache.store import (
+from cache.format import (
     ARRAYS,
-    FILL,
-    FORMAT,
-    FORMAT_VERSION,
-    CacheStore,
-    Unit,
-    index_dtype,
-    raw_bytes_per_view,
+    LABEL_LOGITS,
+    LSE,
+    REPLAY,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    CacheDescription,
+    DatasetRecord,
+    TeacherRecord,
 )
+from cache.store import CacheStore, Unit
 from cache.teacher import Teacher, TeacherSpec
 from pipeline.augment import Recipe, ViewSpec
 from pipeline.errors import UserError
@@ -102,34 +104,31 @@ def versions() -> dict:
             "numcodecs": numcodecs.__version__}
 
 
-def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher) -> dict:
+def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher) -> CacheDescription:
     m, split, minput, ckpt = reader.manifest, reader.split, teacher.input, cfg.teacher.weights.checkpoint
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "teacher": {"name": cfg.teacher.name, "checkpoint_sha256": teacher.checkpoint_sha256,
-                    "checkpoint": str(ckpt) if ckpt else None, "weights": teacher.weights,
-                    "classes": teacher.class_map.to_dict() if teacher.class_map else None,
-                    "model_kwargs": cfg.teacher.model_kwargs, "input_size": minput.size, "mean": list(minput.mean),
-                    "std": list(minput.std), "num_features": teacher.num_features},
-        "dataset": {"name": m.name, "split": cfg.split, "path": Location(cfg.data).resolved(),
-                    "manifest_hash": m.split_hash(cfg.split),
-                    "num_samples": split.count, "num_shards": len(split.shards),
-                    "samples_per_shard": split.samples_per_shard, "classes": m.classes},
-        "num_classes": m.num_classes, "topk": cfg.topk, "epochs": cfg.epochs, "seed": cfg.views.seed,
-        "recipe": cfg.recipe.to_dict(), "recipe_name": cfg.views.name, "on_error": cfg.on_error,
-        "index_dtype": index_dtype(m.num_classes),
-        "raw_bytes_per_view": raw_bytes_per_view(cfg.topk, m.num_classes),
-        "versions": versions(),
-    }
+    return CacheDescription(
+        teacher=TeacherRecord(name=cfg.teacher.name, checkpoint_sha256=teacher.checkpoint_sha256,
+                              checkpoint=str(ckpt) if ckpt else None, weights=teacher.weights,
+                              classes=teacher.class_map.to_dict() if teacher.class_map else None,
+                              model_kwargs=cfg.teacher.model_kwargs, input_size=minput.size, mean=list(minput.mean),
+                              std=list(minput.std), num_features=teacher.num_features),
+        dataset=DatasetRecord(name=m.name, split=cfg.split, path=Location(cfg.data).resolved(),
+                              manifest_hash=m.split_hash(cfg.split), num_samples=split.count,
+                              num_shards=len(split.shards), samples_per_shard=split.samples_per_shard,
+                              classes=m.classes),
+        num_classes=m.num_classes, topk=cfg.topk, epochs=cfg.epochs, seed=cfg.views.seed, recipe=cfg.recipe.to_dict(),
+        recipe_name=cfg.views.name, on_error=cfg.on_error, versions=versions())
 
 
 def summarize(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, k: int) -> dict:
-    """logits [B, C] -> what the cache keeps of them (numpy, cache dtypes)."""
+    """logits [B, C] -> what the cache keeps of them: array name -> numpy in the array's dtype (cast in torch,
+    so that a float16 rounds as the pass has always rounded it)."""
+    C = logits.shape[1]
     values, indices = logits.topk(k, dim=1)  # sorted, descending
     label_logits = torch.stack([logits.gather(1, labels[:, None])[:, 0],
                                 logits.gather(1, partner_labels[:, None])[:, 0]], dim=1)
-    return {"topk_values": values.half().cpu().numpy(), "topk_indices": indices.cpu().numpy(),
-            "lse": torch.logsumexp(logits, dim=1).cpu().numpy(), "label_logits": label_logits.cpu().numpy()}
+    out = {TOPK_VALUES: values, TOPK_INDICES: indices, LSE: torch.logsumexp(logits, dim=1), LABEL_LOGITS: label_logits}
+    return {a.name: t.to(getattr(torch, a.dtype_for(C))).cpu().numpy() for a, t in out.items()}
 
 
 class _UnitBuffer:
@@ -138,9 +137,8 @@ class _UnitBuffer:
     def __init__(self, shard: int, first: int, count: int, epochs: int, k: int, num_classes: int):
         self.shard, self.first, self.count, self.epochs = shard, first, count, epochs
         self.data = {}
-        for name, (dtype, trail) in ARRAYS.items():
-            dt = dtype or index_dtype(num_classes)
-            self.data[name] = np.full((epochs, count, *trail(k)), FILL.get(name, 0), dtype=dt)
+        for a in ARRAYS:
+            self.data[a.name] = np.full((epochs, count, *a.trailing_shape(k)), a.fill, dtype=a.dtype_for(num_classes))
         self.seen = np.zeros((epochs, count), dtype=bool)
         self.digests = np.zeros((epochs, count), dtype=np.int64)
         self.expected = None
@@ -219,10 +217,7 @@ def cache_teacher(cfg: CacheConfig) -> dict:
             views = batch["view"].to(device, non_blocking=True)
             logits = teacher(views)
             out = summarize(logits, batch["label"].to(device), batch["partner_label"].to(device), cfg.topk)
-            out |= {"view_seed": batch["view_seed"].numpy().astype(np.uint32),
-                    "partner": batch["partner"].numpy().astype(np.int32),
-                    "lam": batch["lam"].numpy().astype(np.float16),
-                    "mix_mode": batch["mix_mode"].numpy().astype(np.uint8)}
+            out |= {a.name: batch[a.name].numpy().astype(a.dtype) for a in REPLAY}  # the views' replay record
             shards = batch["shard"].numpy()
             for shard in np.unique(shards):
                 sel = shards == shard
@@ -252,6 +247,6 @@ def cache_teacher(cfg: CacheConfig) -> dict:
     return {"store": str(cfg.out), "views_written": total, "units_skipped_as_done": len(done),
             "units_total": store.num_units, "seconds": elapsed,
             "views_per_second": total / elapsed if elapsed > 0 else 0.0,
-            "disk_bytes_per_view": store.disk_bytes() / max(1, store.epochs * int(desc["dataset"]["num_samples"])),
-            "raw_bytes_per_view": desc["raw_bytes_per_view"], "is_main": accelerator.is_main_process}
+            "disk_bytes_per_view": store.disk_bytes() / max(1, store.epochs * desc.dataset.num_samples),
+            "raw_bytes_per_view": desc.raw_bytes_per_view, "is_main": accelerator.is_main_process}
 

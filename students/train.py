@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
+from cache.format import CacheRequest
 from cache.targets import CachedTeacher
 from cache.teacher import ClassMap, Teacher, TeacherSpec
 from pipeline.augment import Recipe, ViewSpec, get_recipe
@@ -201,11 +202,10 @@ def open_data(cfg: TrainConfig, say=print) -> Data:
     classes = cfg.teacher.classes
     class_map = ClassMap.resolve(classes, train_reader.manifest) if classes else None
     recipe = cfg.views.get()
-    want = {"dataset": {"manifest_hash": train_reader.manifest.split_hash(cfg.train_split), "split": cfg.train_split},
-            "recipe": recipe.to_dict() if recipe else None,
-            "seed": cfg.views.seed,
-            "teacher": {"name": cfg.cache_teacher, "classes": class_map.to_dict() if class_map else None}}
-    cached.store.check_request(want, only_given=True)
+    request = CacheRequest(manifest_hash=train_reader.manifest.split_hash(cfg.train_split), split=cfg.train_split,
+                           recipe=recipe.to_dict() if recipe else None, seed=cfg.views.seed, teacher=cfg.cache_teacher,
+                           classes=class_map.to_dict() if class_map else None)
+    cached.store.check_request(request)
     if cfg.view_epochs and cfg.view_epochs != cached.epochs:
         raise UserError(f"--view-epochs {cfg.view_epochs} differs from the cache's {cached.epochs} epochs; omit it")
     if cfg.epochs > cached.epochs:
@@ -223,7 +223,7 @@ def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
         about_teacher = {"name": t.name, "weights": t.weights,
                          "classes": t.class_map.to_dict() if t.class_map else None}
     elif data.cached is not None:
-        teacher, teacher_width = data.cached.logits, int(data.cached.teacher.get("num_features", 0))
+        teacher, teacher_width = data.cached.logits, data.cached.description.teacher.num_features
     spec = cfg.student
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -464,7 +464,8 @@ def train(cfg: TrainConfig) -> dict:
     resolved = {"recipe": data.recipe.to_dict(), "view_seed": data.view_seed, "view_epochs": data.view_epochs,
                 "num_classes": data.num_classes, "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T},
                 "processes": accelerator.num_processes, "mixed_precision": run.mixed_precision,
-                "cache_teacher": data.cached.teacher if data.cached else None, **run.model.describe()}
+                "cache_teacher": data.cached.description.teacher.to_attrs() if data.cached else None,
+                **run.model.describe()}
     start, history = open_run(cfg, accelerator, resolved)
     if cfg.log_with:
         accelerator.init_trackers(cfg.out.name, config=flat_hparams({**cfg.to_dict(),

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from cache.format import NAMES, raw_bytes_per_view
 from cache.inspect import inspect_cache, verify_cache
-from cache.store import ARRAYS, CacheStore, raw_bytes_per_view
+from cache.store import CacheStore
 from cache.teacher import Teacher
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
@@ -29,7 +31,7 @@ def _cfg(data, out, **kw) -> CacheConfig:
 
 def _arrays(path) -> dict[str, np.ndarray]:
     store = CacheStore(path)
-    return {name: store.read_all(name) for name in ARRAYS}
+    return {name: store.read_all(name) for name in NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def test_interrupted_pass_resumes_to_identical_arrays(small_digits, reference, t
     monkeypatch.setattr(CacheStore, "write_unit", real)
     cache_teacher(_cfg(small_digits, out))
     a, b = _arrays(reference), _arrays(out)
-    for name in ARRAYS:
+    for name in NAMES:
         assert np.array_equal(a[name], b[name]), name
 
 
@@ -117,13 +119,11 @@ def test_rerun_skips_done_units_and_refuses_another_request(small_digits, refere
 
 def test_opening_for_another_request_names_every_mismatch(reference):
     store = CacheStore(reference)
-    want = json.loads(json.dumps(store.attrs))
-    want["teacher"]["name"] = "vit_base_patch16_224"
-    want["dataset"]["manifest_hash"] = "0" * 64
-    want["recipe"]["mixup_alpha"] = 0.2
-    want["topk"] = 20
+    same = store.description.request()
+    want = dataclasses.replace(same, teacher="vit_base_patch16_224", manifest_hash="0" * 64,
+                               recipe={**same.recipe, "mixup_alpha": 0.2}, topk=20)
     with pytest.raises(UserError) as e:
-        store.check_request(want)
+        store.check_request(want, every=True)
     msg = str(e.value)
     for needle in ("teacher is test_resnet, requested vit_base_patch16_224", "dataset is", "mixup_alpha",
                    "top-k is 4, requested 20"):
@@ -180,5 +180,5 @@ def test_loader_workers_do_not_change_the_store(small_digits, reference, tmp_pat
     summary = cache_teacher(_cfg(small_digits, out, workers=2))
     assert summary["views_written"] == 2 * 270  # every view once, across both workers
     a, b = _arrays(reference), _arrays(out)
-    for name in ARRAYS:
+    for name in NAMES:
         assert np.array_equal(a[name], b[name]), name

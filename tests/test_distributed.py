@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cache.store import ARRAYS, CacheStore
+from cache.format import NAMES
+from cache.store import CacheStore
 from cache.teacher import Teacher
 from conftest import ROOT, launch_cmd, launch_env, run_cli
 from pipeline.augment import get_recipe, view_seed
@@ -88,7 +89,7 @@ def wait_for(cond, proc: subprocess.Popen, timeout=300) -> None:
 
 def _arrays(path) -> dict[str, np.ndarray]:
     store = CacheStore(path)
-    return {name: store.read_all(name) for name in ARRAYS}
+    return {name: store.read_all(name) for name in NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,7 @@ def test_two_ranks_give_the_same_store_and_split_the_units(small_digits, teacher
     # units are dealt rank::world: each rank wrote its own half, and nobody wrote a unit twice
     assert [sorted(r["units_written"]) for r in seen] == [[0, 2, 4], [1, 3, 5]]
     a, b = _arrays(ref_store), _arrays(out)
-    for name in ARRAYS:
+    for name in NAMES:
         assert np.array_equal(a[name], b[name]), name
     assert CacheStore(out).done_units() == set(range(6))
 
@@ -151,7 +152,7 @@ def test_sigkill_of_one_rank_mid_pass_then_rerun_gives_identical_arrays(small_di
     redone = sorted(u for r in seen for u in r["units_written"])
     assert redone == sorted(set(range(6)) - done)  # the rerun redid exactly the unmarked units
     a, b = _arrays(ref_store), _arrays(out)
-    for name in ARRAYS:
+    for name in NAMES:
         assert np.array_equal(a[name], b[name]), name
 
 

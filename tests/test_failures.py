@@ -10,7 +10,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from cache.store import ARRAYS, CacheStore
+from cache.format import NAMES
+from cache.store import CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
 from conftest import ROOT, make_image_folder, run_cli
@@ -50,7 +51,7 @@ def test_disk_full_during_the_pass_is_a_clear_error_and_resumable(small_digits, 
     cache_teacher(_cfg(small_digits, out))
     ref = tmp_path / "ref.zarr"
     cache_teacher(_cfg(small_digits, ref))
-    for name in ARRAYS:
+    for name in NAMES:
         assert np.array_equal(CacheStore(out).read_all(name), CacheStore(ref).read_all(name)), name
 
 

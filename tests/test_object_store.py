@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from cache.format import NAMES
 from cache.inspect import inspect_cache, verify_cache
-from cache.store import ARRAYS, CacheStore
+from cache.store import CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
 from conftest import ROOT, launch_cli, run_cli
@@ -113,7 +114,7 @@ def _upload_small_digits(small_digits, url: str) -> str:
 def _assert_same_store(a, b) -> None:
     sa, sb = CacheStore(a), CacheStore(b)
     assert sa.done_units() == sb.done_units() == set(range(sa.num_units))
-    for name in ARRAYS:
+    for name in NAMES:
         x, y = sa.read_all(name), sb.read_all(name)
         assert x.dtype == y.dtype and x.shape == y.shape
         assert x.tobytes() == y.tobytes(), name  # bit for bit
@@ -149,16 +150,19 @@ def test_shards_in_a_bucket_read_back_equal_to_local(small_digits, bucket):
 
 def test_any_fsspec_protocol_holds_shards_and_a_store(tmp_path):
     """memory:// (no bucket, no async client: zarr wraps it) and file:// (local: fsync and rename apply)."""
+    from cache.format import CacheDescription, DatasetRecord, TeacherRecord
     from cache.store import Unit
     classes, splits = digits_source()
     for root in ("memory://ofakd-test", f"file://{tmp_path}"):
         write_split(f"{root}/ds", "train", classes, splits["train"][:60], name="m", shard_size=30, progress=False)
         assert len(list(ShardReader(f"{root}/ds", verify=True).read_shard(1))) == 30
-        desc = {"format": "ofakd-teacher-cache", "format_version": 1, "epochs": 1, "topk": 2, "num_classes": 10,
-                "dataset": {"num_samples": 60, "samples_per_shard": 30, "num_shards": 2}}
+        desc = CacheDescription(
+            teacher=TeacherRecord("t", None, None, {"source": "init"}, None, {}, 32, [0.5] * 3, [0.5] * 3, 8),
+            dataset=DatasetRecord("m", "train", f"{root}/ds", "0" * 64, 60, 2, 30, classes),
+            num_classes=10, topk=2, epochs=1, seed=0, recipe={}, recipe_name="custom", on_error="raise", versions={})
         store = CacheStore.create(f"{root}/t.zarr", desc)
-        data = {n: np.full((1, 30, *store.array(n).shape[2:]), 3, dtype=store.array(n).dtype) for n in ARRAYS}
-        store.write_unit(Unit(1, 30, 30, data, [], None))
+        data = {n: np.full((1, 30, *store.array(n).shape[2:]), 3, dtype=store.array(n).dtype) for n in NAMES}
+        store.write_unit(Unit(1, 30, 30, data, [], ["0" * 32]))
         again = CacheStore(f"{root}/t.zarr")
         assert again.done_units() == {1} and (again.read_epoch(0, 1)["lse"] == 3).all()
         with pytest.raises(UserError, match="no complete data for data shard 0"):

@@ -65,7 +65,7 @@ def test_views_whose_pixels_changed_are_refused_naming_shard_and_versions(small_
     from cache.store import CacheStore
     from cache.targets import CachedTeacher
     from pipeline.errors import UserError
-    assert all(CacheStore(one_epoch_store).unit_info(u)["view_digests"][0] for u in range(6))
+    assert all(CacheStore(one_epoch_store).unit_info(u).view_digests[0] for u in range(6))
     assert sum(len(b) for b in _read_all(CachedTeacher(one_epoch_store).views(small_digits, 0))) == 270
     real = pipeline.views.to_view
 
@@ -92,8 +92,7 @@ def test_a_tampered_fingerprint_is_refused(small_digits, one_epoch_store, tmp_pa
     shutil.copytree(one_epoch_store, copy)
     store = CacheStore(copy)
     for u in range(6):
-        info = store.unit_info(u)
-        info["view_digests"] = ["0" * 32]
+        info = {**store.unit_info(u).to_attrs(), "view_digests": ["0" * 32]}
         store.marker(u).write_text(json.dumps(info))
     with pytest.raises(UserError, match="epoch 0"):
         _read_all(CachedTeacher(copy).views(small_digits, 0))

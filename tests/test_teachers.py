@@ -16,7 +16,7 @@ import torch
 import zarr
 from safetensors.torch import load_file, save_file
 
-from cache.store import ARRAYS
+from cache.format import NAMES
 from cache.teacher import ClassMap
 from conftest import SHARED_DATA, run_cli
 from pipeline.manifest import Manifest, sha256_file
@@ -76,7 +76,7 @@ def test_mapped_teacher_cache_is_bit_identical_to_sliced_classifier(small_digits
     sliced = tmp_path / "sliced.zarr"
     _cache(small_digits, sliced, "--pretrained-file", teacher_files / "sliced.safetensors")
     a, b = zarr.open_group(str(mapped_store), mode="r"), zarr.open_group(str(sliced), mode="r")
-    for name in ARRAYS:
+    for name in NAMES:
         x, y = a[name][...], b[name][...]
         assert x.dtype == y.dtype and np.array_equal(x, y), name
     assert int(a["topk_indices"][...].max()) < 10  # dataset class indices, not teacher outputs
@@ -137,7 +137,7 @@ def test_hub_weights_are_recorded_and_equal_the_same_file(small_digits, teacher_
     assert (w["source"], w["tag"], w["hf_hub_id"]) == ("hub", "test_resnet.r160_in1k", "timm/test_resnet.r160_in1k")
     assert w["file"] == str(hub_file) and w["sha256"] == sha256_file(hub_file)
     a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(str(mapped_store), mode="r")
-    for name in ARRAYS:
+    for name in NAMES:
         assert np.array_equal(a[name][...], b[name][...]), name
     assert "OK" in run_cli("verify-cache", store, "--samples", 4, env=env, check=True).stdout  # recorded: the hub
 
