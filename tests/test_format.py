@@ -20,15 +20,16 @@ from cache.format import (
 from cache.store import CacheStore
 from cache.targets import CachedTeacher
 from cache.teacher_pass import CacheConfig, cache_teacher
+from commands.options import build
 from conftest import ROOT
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 
 
 def _cfg(data, out, **kw) -> CacheConfig:
-    base = dict(data=data, teacher="test_resnet", out=out, recipe=get_recipe("digits-mix"), recipe_name="digits-mix",
+    base = dict(data=data, teacher="test_resnet", out=out, recipe="digits-mix",
                 epochs=2, topk=3, batch_size=64, workers=0, progress=False, on_error="skip")
-    return CacheConfig(**{**base, **kw})
+    return build(CacheConfig, **{**base, **kw})
 
 
 @pytest.fixture(scope="module")
