@@ -41,7 +41,11 @@ STUDENTS = {
                  2e-3),
     "resmlp_demo": ("MLP", {}, 3e-3),
 }
-METHODS = ("ce", "kd", "ofa")
+# the demo's arms: name -> (loss method, OFA head kind). "ofa" uses the authors' heads (the default);
+# "ofa-lite" the project's earlier, smaller token heads (`--head-kind token-lite`), which the README
+# compares on these 0.1-0.2M-parameter students
+ARMS = {"ce": ("ce", "auto"), "kd": ("kd", "auto"), "ofa": ("ofa", "auto"), "ofa-lite": ("ofa", "token-lite")}
+METHODS = tuple(ARMS)
 SEEDS = (0, 1)
 
 
@@ -124,9 +128,11 @@ def _run(out, epochs, teacher_epochs, topk, batch_size, seeds, processes, max_st
             reused += 1
             continue
         _, kwargs, lr = STUDENTS[student]
-        todo.append(build(TrainConfig, student=student, out=run_dir, model_kwargs=kwargs, method=method,
-                          cache=None if method == "ce" else store, seed=seed, epochs=epochs, optimizer="adamw",
-                          lr=lr, weight_decay=0.05, warmup_epochs=1.0, **(common | {"progress": False})))
+        loss, heads = ARMS[method]
+        todo.append(build(TrainConfig, student=student, out=run_dir, model_kwargs=kwargs, method=loss,
+                          head_kind=heads, cache=None if method == "ce" else store, seed=seed, epochs=epochs,
+                          optimizer="adamw", lr=lr, weight_decay=0.05, warmup_epochs=1.0,
+                          **(common | {"progress": False})))
     todo.sort(key=lambda c: c.loss.method != "ofa")  # the longest (OFA heads) first: the two processes end together
     if todo:
         with ProcessPoolExecutor(min(processes, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -212,7 +218,8 @@ def _verdict(s: dict) -> list[str]:
             else:
                 word = "beats" if diff > 2 * se else ("is below" if diff < -2 * se else "is within seed noise of")
                 rel = f"{abs(diff) / se:.1f}x the spread of the difference, {se:.2f} pt"
-            lines.append(f"{student} ({family}): {method.upper()} {word} CE: {g['top1_mean']:.2f} vs "
+            name = method.upper().replace("-LITE", " (lite heads)")
+            lines.append(f"{student} ({family}): {name} {word} CE: {g['top1_mean']:.2f} vs "
                          f"{ce['top1_mean']:.2f} ({diff:+.2f} pt, {rel}; {n} seeds)")
     return lines
 
@@ -254,7 +261,8 @@ def _plot(s: dict, path: Path) -> None:
     for g in s["groups"]:
         x = range(1, len(g["history_mean"]) + 1)
         c = colors.get(g["student"], "black")
-        ax.plot(x, g["history_mean"], styles.get(g["method"], "-"), color=c, marker="o", ms=3,
+        ax.plot(x, g["history_mean"], styles.get(g["method"], "-"), color=c, ms=3,
+                marker="s" if g["method"] == "ofa-lite" else "o",
                 label=f"{g['student']} {g['method']}")
         ax.fill_between(x, g["history_min"], g["history_max"], color=c, alpha=0.08)
     ax.axhline(s["teacher_top1"], color="gray", lw=1.0, label=f"teacher {s['teacher']} ({s['teacher_top1']:.1f})")

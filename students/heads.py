@@ -42,7 +42,7 @@ from timm.models.vision_transformer import Block
 
 from pipeline.errors import UserError
 
-HeadKind = Literal["auto", "conv", "token"]
+HeadKind = Literal["auto", "conv", "token", "token-lite"]
 FINAL_GRID = 7  # token heads merge patches down to a 7x7 grid (49 tokens), as the authors' heads do
 TOKEN_HEADS = 4  # attention heads of the token heads' ViT blocks
 
@@ -57,7 +57,7 @@ class HeadsConfig:
     """Explicit forward_intermediates indices for the heads, e.g. 1,3,9,11."""
     head_kind: HeadKind = "auto"
     """auto: the authors' token heads for transformers and MLPs, their conv heads otherwise; conv or
-    token forces one kind."""
+    token forces one kind; token-lite: this project's earlier, smaller token heads (tiny students)."""
 
 
 def is_transformer(model: nn.Module) -> bool:
@@ -179,6 +179,50 @@ class TokenHead(nn.Module):
         return self.fc(x[:, 0] if self.class_token else x.mean(1))
 
 
+class LitePatchMerging(nn.Module):
+    """[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C]: 2x2 neighbours concatenated, LayerNorm, linear back
+    to the same width (no projection to the student's final width)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = nn.functional.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class LiteTokenHead(nn.Module):
+    """`--head-kind token-lite`: this project's token head before it followed the authors' (kept because on
+    the demo's 0.1-0.2M-parameter students it is the one with which OFA beats CE; README, demo). It keeps
+    the stage's width, merges while the grid is 14 or more, uses width/64 attention heads with qkv bias,
+    a final LayerNorm and the token mean, and PyTorch's default initialisation."""
+
+    def __init__(self, dim: int, grid: int, blocks: int, num_classes: int):
+        super().__init__()
+        merges = []
+        while grid >= 14:
+            merges.append(LitePatchMerging(dim))
+            grid = math.ceil(grid / 2)
+        self.merges = nn.Sequential(*merges)
+        heads = max(1, dim // 64)
+        while dim % heads:
+            heads -= 1
+        self.blocks = nn.Sequential(*[Block(dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(blocks)])
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W] patch grid -> [B, num_classes]"""
+        x = self.merges(x.permute(0, 2, 3, 1))
+        x = self.blocks(x.flatten(1, 2))
+        return self.fc(self.norm(x).mean(1))
+
+
 def init_weights(module: nn.Module) -> None:
     """The authors' initialisation of the heads (LayerNorms and conv biases keep PyTorch's defaults)."""
     for m in module.modules():
@@ -229,7 +273,9 @@ class StudentWithHeads(nn.Module):
         for idx, pos, f in zip(self.indices, positions, feats, strict=True):
             name = f"stage{pos + 1}" if not block_indices else f"block{idx}"
             c, h = f.shape[1], f.shape[2]
-            if self.kind == "conv":
+            if self.kind == "token-lite":
+                self.heads[name] = LiteTokenHead(c, h, max(3 - pos, 1), num_classes)
+            elif self.kind == "conv":
                 halvings = round(math.log2(info[levels[-1]]["reduction"] / info[idx]["reduction"]))
                 self.heads[name] = ConvHead(c, halvings, max(final, int(teacher_width or 0)), num_classes)
             else:
@@ -238,7 +284,8 @@ class StudentWithHeads(nn.Module):
                                     f"{final} wide; choose blocks of the final width (--block-indices)")
                 self.heads[name] = TokenHead(c, h, final, max(3 - pos, 1), num_classes, class_token=self.prefix)
             self.names.append(name)
-        init_weights(self.heads)
+        if self.kind != "token-lite":
+            init_weights(self.heads)
 
     def forward(self, x: torch.Tensor, heads: bool = True) -> dict:
         """x: [B, 3, H, W] (already normalised for the student)."""

@@ -235,3 +235,19 @@ def test_final_logits_are_the_plain_forward():
     x = torch.randn(2, 3, 160, 160)
     with torch.no_grad():
         assert torch.allclose(model(x)["logits"], bare(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("test_vit", {"img_size": 16, "patch_size": 4, "depth": 4, "class_token": False, "global_pool": "avg"}),
+    ("resmlp_demo", {})])
+def test_token_lite_heads_are_the_projects_earlier_heads(name, kw):
+    """--head-kind token-lite keeps the heads the demo's students had before the authors' heads became the
+    default: the per-head parameter counts below were printed by the code at 265df4d for these students."""
+    from pipeline.models import create_model
+    torch.manual_seed(0)
+    model = StudentWithHeads(create_model(name, 10, model_kwargs=kw), 10, 16, head_kind="token-lite").train()
+    assert {n: n_params(h) for n, h in model.heads.items()} == {
+        "stage1": 150_730, "stage2": 100_746, "stage3": 50_762, "stage4": 50_762}
+    assert not model.prefix and type(model.heads["stage1"]).__name__ == "LiteTokenHead"
+    out = model(torch.randn(2, 3, 16, 16))
+    assert sorted(out["heads"]) == ["stage1", "stage2", "stage3", "stage4"]
