@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support.launch import free_port, launch_cmd, launch_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT / "bench"))
-
-from launch import free_port, launch_cmd, launch_env  # noqa: E402  (bench/launch.py)
 
 __all__ = ["free_port", "launch_cmd", "launch_env"]
 
@@ -28,7 +27,7 @@ def run_cli(*args, check=False, timeout=600, env=None, cwd=ROOT) -> subprocess.C
 
 
 def launch_cli(n: int, *args, timeout=600, env=None) -> subprocess.CompletedProcess:
-    """The real CLI on n real CPU ranks (bench/launch.py: torchrun with ACCELERATE_USE_CPU)."""
+    """The real CLI on n real CPU ranks (tests/support/launch.py: torchrun with ACCELERATE_USE_CPU)."""
     return subprocess.run(launch_cmd(n, ROOT / "cli.py", *args), capture_output=True, text=True, timeout=timeout,
                           env=launch_env(env), cwd=ROOT)
 

@@ -1,7 +1,7 @@
-"""Two real CPU ranks (torchrun + ACCELERATE_USE_CPU, see bench/launch.py): the teacher pass, training,
+"""Two real CPU ranks (torchrun + ACCELERATE_USE_CPU, see tests/support/launch.py): the teacher pass, training,
 kills of one rank, and the pairing of every shuffled training view with its cached teacher target.
 
-Every test here asserts how many ranks actually ran (tests/probe_cli.py records what accelerate saw)."""
+Every test here asserts how many ranks actually ran (tests/support/probe_cli.py records what accelerate saw)."""
 
 import json
 import os
@@ -23,7 +23,7 @@ from pipeline.reader import ShardReader
 from pipeline.views import TrainViews
 
 RECIPE = "digits-mix"
-PROBE = ROOT / "tests" / "probe_cli.py"
+PROBE = ROOT / "tests" / "support" / "probe_cli.py"
 
 
 def run_ranks(n: int, probe: "os.PathLike", *args, env=None, timeout=600) -> subprocess.CompletedProcess:

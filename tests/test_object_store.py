@@ -191,9 +191,9 @@ def test_killed_teacher_pass_resumes_to_the_clean_store_and_is_refused_meanwhile
     data = _upload_small_digits(small_digits, f"{bucket}/data")
     out = f"{bucket}/teacher.zarr"
     units = f"{out}/_units"
-    # slowed zarr writes (bench/chaos_cli.py) so that the kill lands inside a unit's writes
-    cmd = [sys.executable, str(ROOT / "bench" / "chaos_cli.py"), "cache-teacher", "--data", data, "--out", out,
-           *TEACHER]
+    # slowed zarr writes (tests/support/chaos_cli.py) so that the kill lands inside a unit's writes
+    cmd = [sys.executable, str(ROOT / "tests" / "support" / "chaos_cli.py"), "cache-teacher", "--data", data,
+           "--out", out, *TEACHER]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OFAKD_CHAOS_SLOW_WRITES": "0.25"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
