@@ -1,7 +1,5 @@
 import io
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,21 +7,11 @@ import pytest
 from PIL import Image
 
 from tests.support.launch import free_port, launch_cmd, launch_env
+from tests.support.runner import ROOT, run_cli, run_cli_process
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-__all__ = ["free_port", "launch_cmd", "launch_env"]
-
-
-def run_cli(*args, check=False, timeout=600, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
-    """The real CLI in a subprocess."""
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=e, cwd=cwd)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+__all__ = ["ROOT", "free_port", "launch_cmd", "launch_env", "run_cli", "run_cli_process"]
 
 
 def launch_cli(n: int, *args, timeout=600, env=None) -> subprocess.CompletedProcess:
