@@ -1,3 +1,4 @@
+import hashlib
 import io
 import subprocess
 from pathlib import Path
@@ -37,24 +38,56 @@ def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "src")
 
 
+def tree_digest(root: Path) -> str:
+    """sha256 over every file's relative path and bytes under root."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def shared(root: Path):
+    """Yield a session-wide artifact and check at the end that no test changed it: a test that must
+    change one copies it first (shutil.copytree)."""
+    digest = tree_digest(root)
+    yield root
+    assert tree_digest(root) == digest, f"a test changed the shared {root}; copy it before changing it"
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> Path:
-    """The embedded digits as shards (train 1437, val 360; 200 per shard)."""
+    """The embedded digits as shards (train 1437, val 360; 200 per shard). Shared: read-only."""
     from pipeline.shards import make_shards
     out = tmp_path_factory.mktemp("digits") / "data"
     make_shards("digits", out, progress=False)
-    return out
+    yield from shared(out)
 
 
 @pytest.fixture(scope="session")
 def small_digits(tmp_path_factory) -> Path:
-    """A 6-shard slice of digits (48 per shard) for fast cache tests."""
+    """A 6-shard slice of digits (48 per shard) for fast cache tests. Shared: read-only."""
     from pipeline.shards import digits_source, write_split
     classes, splits = digits_source()
     out = tmp_path_factory.mktemp("small") / "data"
     write_split(out, "train", classes, splits["train"][:270], name="digits-small", shard_size=48, progress=False)
     write_split(out, "val", classes, splits["val"][:96], name="digits-small", shard_size=48, progress=False)
-    return out
+    yield from shared(out)
+
+
+SMALL_STORE = dict(teacher="test_resnet", recipe_name="digits-mix", epochs=2, topk=4, batch_size=40, workers=0)
+
+
+@pytest.fixture(scope="session")
+def small_store(small_digits, tmp_path_factory) -> Path:
+    """The teacher cache of small_digits (SMALL_STORE: a randomly initialised test_resnet, 2 epochs of digits-mix
+    views, top-4) made by cache_teacher in this process: the reference store of test_cache, test_object_store
+    and test_targets. Shared: read-only."""
+    from cache.teacher_pass import CacheConfig, cache_teacher
+    from pipeline.augment import get_recipe
+    out = tmp_path_factory.mktemp("small_store") / "teacher.zarr"
+    cache_teacher(CacheConfig(data=small_digits, out=out, recipe=get_recipe(SMALL_STORE["recipe_name"]),
+                              progress=False, **SMALL_STORE))
+    yield from shared(out)
 
 
 def jpeg_bytes(seed=0) -> bytes:

@@ -17,7 +17,7 @@ import torch
 from cache.inspect import inspect_cache, verify_cache
 from cache.store import ARRAYS, CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
-from conftest import ROOT, launch_cli, run_cli
+from conftest import ROOT, SMALL_STORE, launch_cli, run_cli
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.location import Location
@@ -27,7 +27,7 @@ from pipeline.shards import digits_source, write_split
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-RECIPE = "digits-mix"
+RECIPE = SMALL_STORE["recipe_name"]  # "digits-mix"
 TEACHER = ["--teacher", "test_resnet", "--recipe", RECIPE, "--epochs", "2", "--topk", "4", "--batch-size", "40",
            "--workers", "0", "--quiet"]
 
@@ -88,17 +88,16 @@ def bucket(s3_env, request):
     return f"s3://{name}"
 
 
-@pytest.fixture(scope="module")
-def local_ref(small_digits, tmp_path_factory):
-    """The clean local store every remote one must equal."""
-    out = tmp_path_factory.mktemp("ref") / "teacher.zarr"
-    cache_teacher(_cfg(small_digits, out))
-    return out
+@pytest.fixture
+def local_ref(small_store):
+    """The clean local store every remote one must equal: cache_teacher(_cfg(small_digits, ...)), the session's
+    shared store (conftest), read-only here."""
+    return small_store
 
 
 def _cfg(data, out, **kw) -> CacheConfig:
-    base = dict(data=data, teacher="test_resnet", out=out, recipe=get_recipe(RECIPE), recipe_name=RECIPE,
-                epochs=2, topk=4, batch_size=40, workers=0, progress=False)
+    """The request of the shared small_store (conftest.SMALL_STORE), with `kw` changed."""
+    base = dict(data=data, out=out, recipe=get_recipe(RECIPE), progress=False, **SMALL_STORE)
     return CacheConfig(**{**base, **kw})
 
 
