@@ -15,6 +15,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 __all__ = ["ROOT", "free_port", "launch_cmd", "launch_env", "run_cli", "run_cli_process"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests (end-to-end runs) last, in their collected order: one `pytest` run gives the fast tier's
+    verdict first, and builds each session fixture once for both tiers."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # a stable sort
+
+
 def launch_cli(n: int, *args, timeout=600, env=None) -> subprocess.CompletedProcess:
     """The real CLI on n real CPU ranks (tests/support/launch.py: torchrun with ACCELERATE_USE_CPU)."""
     return subprocess.run(launch_cmd(n, ROOT / "cli.py", *args), capture_output=True, text=True, timeout=timeout,
