@@ -17,7 +17,10 @@ __all__ = ["ROOT", "free_port", "launch_cmd", "launch_env", "run_cli", "run_cli_
 
 def pytest_collection_modifyitems(config, items):
     """Slow tests (end-to-end runs) last, in their collected order: one `pytest` run gives the fast tier's
-    verdict first, and builds each session fixture once for both tiers."""
+    verdict first, and builds each session fixture once for both tiers. A module's fast and slow tests are
+    therefore apart, so the tests' expensive fixtures are session-scoped: a module-scoped one would be torn
+    down after the module's fast tests and built again for its slow ones (and test_object_store's S3 server
+    restarted under the clients fsspec has cached)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # a stable sort
 
 

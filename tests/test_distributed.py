@@ -91,7 +91,7 @@ def _arrays(path) -> dict[str, np.ndarray]:
     return {name: store.read_all(name) for name in ARRAYS}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teacher_ckpt(small_digits, tmp_path_factory):
     """A briefly CE-trained test_resnet in a file: its top-k differs from view to view (a random one ranks the
     classes the same way for every input, and index checks would prove nothing)."""
@@ -107,7 +107,7 @@ def cache_args(data, ckpt, out) -> list:
             "--recipe", RECIPE, "--epochs", 2, "--topk", 4, "--batch-size", 40, "--workers", 0, "--quiet"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ref_store(small_digits, teacher_ckpt, tmp_path_factory):
     """The one-process reference store (2 epochs of digits-mix views, top-4), made by the same CLI in the
     same environment as the 2-rank runs."""

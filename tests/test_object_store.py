@@ -38,9 +38,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_env(tmp_path_factory):
-    """moto's S3 server on a free loopback port; yields the environment a client needs to reach it."""
+    """moto's S3 server on a free loopback port; yields the environment a client needs to reach it. One server
+    and environment for the session: fsspec caches its S3 clients, and this module's slow tests run last."""
     port = _free_port()
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

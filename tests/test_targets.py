@@ -43,7 +43,7 @@ def test_cached_teacher_refuses_another_dataset(small_digits, digits, tmp_path):
         CachedTeacher(store).views(digits, 0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_epoch_store(small_digits, tmp_path_factory):
     store = tmp_path_factory.mktemp("fp") / "t.zarr"
     cache_teacher(CacheConfig(data=small_digits, teacher="test_resnet", out=store, recipe=get_recipe("digits-mix"),

@@ -26,7 +26,7 @@ TINY = SHARED_DATA / "tiny-imagenet-200.tar.gz"
 ROWS = [917, 3, 455, 0, 999, 128, 640, 77, 301, 512]  # teacher output of digit class 0..9 in the test label space
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teacher_files(tmp_path_factory):
     """A 1000-output test_resnet saved as a pretrained file, the same with its classifier cut to ROWS,
     a label-space file (1000 ids, digits '0'..'9' at ROWS) and another 1000-output file (other weights)."""
@@ -50,7 +50,7 @@ def _cache(data, out, *args, check=True):
                    "--epochs", 2, "--topk", 5, "--batch-size", 64, "--workers", 0, "--quiet", *args, check=check)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mapped_store(small_digits, teacher_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("mapped") / "mapped.zarr"
     _cache(small_digits, out, "--pretrained-file", teacher_files / "full.safetensors",
