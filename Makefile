@@ -37,9 +37,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m compileall -q $(VENV) > /dev/null || true
 	touch $(STAMP)
 
+# one run: the fast tier first, then the slow (end-to-end) tests, so the shared fixtures are built once;
+# `$(PY) -m pytest -m "not slow"` alone is the fast tier
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -6,7 +6,7 @@ check the result is bit-identical to an uninterrupted run.
 Stage one: each round starts the teacher pass, kills it `--kills` times at random moments (with
 writes slowed by OFAKD_CHAOS_SLOW_WRITES so that kills land inside unit writes), then lets it finish
 and compares every array and every completion marker with an uninterrupted reference. With
-`--processes 2` the pass runs on two real CPU ranks (torchrun, bench/launch.py), one rank is killed
+`--processes 2` the pass runs on two real CPU ranks (torchrun, tests/support/launch.py), one rank is killed
 (torchrun stops the other), and the number of rank processes running at each kill is recorded and checked.
 Stage two: kills `train-student` mid-epoch, reruns with `--resume`, compares the exported weights
 and metrics with an uninterrupted run.
@@ -33,9 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from cache.format import NAMES  # noqa: E402
 from cache.store import CacheStore  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "bench"))
-from launch import launch_cmd, launch_env  # noqa: E402
+from tests.support.launch import launch_cmd, launch_env  # noqa: E402
 
 
 def make_data(root: Path) -> Path:
@@ -48,9 +46,9 @@ def make_data(root: Path) -> Path:
 
 
 def cli_cmd(processes: int, *args) -> list[str]:
-    """The CLI (with fault injection: bench/chaos_cli.py) on `processes` real CPU ranks (bench/launch.py;
-    `accelerate launch --cpu` would start one)."""
-    return launch_cmd(processes, ROOT / "bench" / "chaos_cli.py", *args)
+    """The CLI (with fault injection: tests/support/chaos_cli.py) on `processes` real CPU ranks
+    (tests/support/launch.py; `accelerate launch --cpu` would start one)."""
+    return launch_cmd(processes, ROOT / "tests" / "support" / "chaos_cli.py", *args)
 
 
 def env(slow: float = 0.0) -> dict:

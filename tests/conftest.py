@@ -1,34 +1,31 @@
+import hashlib
 import io
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.launch import free_port, launch_cmd, launch_env
+from tests.support.runner import ROOT, run_cli, run_cli_process
+
 SHARED_DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT / "bench"))
 
-from launch import free_port, launch_cmd, launch_env  # noqa: E402  (bench/launch.py)
-
-__all__ = ["free_port", "launch_cmd", "launch_env"]
+__all__ = ["ROOT", "free_port", "launch_cmd", "launch_env", "run_cli", "run_cli_process"]
 
 
-def run_cli(*args, check=False, timeout=600, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
-    """The real CLI in a subprocess."""
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=e, cwd=cwd)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cli {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+def pytest_collection_modifyitems(config, items):
+    """Slow tests (end-to-end runs) last, in their collected order: one `pytest` run gives the fast tier's
+    verdict first, and builds each session fixture once for both tiers. A module's fast and slow tests are
+    therefore apart, so the tests' expensive fixtures are session-scoped: a module-scoped one would be torn
+    down after the module's fast tests and built again for its slow ones (and test_object_store's S3 server
+    restarted under the clients fsspec has cached)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # a stable sort
 
 
 def launch_cli(n: int, *args, timeout=600, env=None) -> subprocess.CompletedProcess:
-    """The real CLI on n real CPU ranks (bench/launch.py: torchrun with ACCELERATE_USE_CPU)."""
+    """The real CLI on n real CPU ranks (tests/support/launch.py: torchrun with ACCELERATE_USE_CPU)."""
     return subprocess.run(launch_cmd(n, ROOT / "cli.py", *args), capture_output=True, text=True, timeout=timeout,
                           env=launch_env(env), cwd=ROOT)
 
@@ -50,24 +47,55 @@ def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "src")
 
 
+def tree_digest(root: Path) -> str:
+    """sha256 over every file's relative path and bytes under root."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def shared(root: Path):
+    """Yield a session-wide artifact and check at the end that no test changed it: a test that must
+    change one copies it first (shutil.copytree)."""
+    digest = tree_digest(root)
+    yield root
+    assert tree_digest(root) == digest, f"a test changed the shared {root}; copy it before changing it"
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> Path:
-    """The embedded digits as shards (train 1437, val 360; 200 per shard)."""
+    """The embedded digits as shards (train 1437, val 360; 200 per shard). Shared: read-only."""
     from pipeline.shards import make_shards
     out = tmp_path_factory.mktemp("digits") / "data"
     make_shards("digits", out, progress=False)
-    return out
+    yield from shared(out)
 
 
 @pytest.fixture(scope="session")
 def small_digits(tmp_path_factory) -> Path:
-    """A 6-shard slice of digits (48 per shard) for fast cache tests."""
+    """A 6-shard slice of digits (48 per shard) for fast cache tests. Shared: read-only."""
     from pipeline.shards import digits_source, write_split
     classes, splits = digits_source()
     out = tmp_path_factory.mktemp("small") / "data"
     write_split(out, "train", classes, splits["train"][:270], name="digits-small", shard_size=48, progress=False)
     write_split(out, "val", classes, splits["val"][:96], name="digits-small", shard_size=48, progress=False)
-    return out
+    yield from shared(out)
+
+
+SMALL_STORE = dict(teacher="test_resnet", recipe="digits-mix", epochs=2, topk=4, batch_size=40, workers=0)  # flag names
+
+
+@pytest.fixture(scope="session")
+def small_store(small_digits, tmp_path_factory) -> Path:
+    """The teacher cache of small_digits (SMALL_STORE: a randomly initialised test_resnet, 2 epochs of digits-mix
+    views, top-4) made by cache_teacher in this process: the reference store of test_cache, test_object_store
+    and test_targets. Shared: read-only."""
+    from cache.teacher_pass import CacheConfig, cache_teacher
+    from commands.options import build
+    out = tmp_path_factory.mktemp("small_store") / "teacher.zarr"
+    cache_teacher(build(CacheConfig, data=small_digits, out=out, progress=False, **SMALL_STORE))
+    yield from shared(out)
 
 
 def jpeg_bytes(seed=0) -> bytes:

@@ -13,19 +13,19 @@ from cache.store import CacheStore
 from cache.teacher import Teacher
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
-from conftest import run_cli
+from conftest import SMALL_STORE, run_cli
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.models import create_model
 from pipeline.reader import ShardReader
 from pipeline.views import UnitViews
 
-RECIPE = "digits-mix"
+RECIPE = SMALL_STORE["recipe"]  # "digits-mix"
 
 
 def _cfg(data, out, **kw) -> CacheConfig:
-    base = dict(data=data, teacher="test_resnet", out=out, recipe=RECIPE,
-                epochs=2, topk=4, batch_size=40, workers=0, progress=False)
+    """The request of the shared small_store (conftest.SMALL_STORE), with `kw` changed."""
+    base = dict(data=data, out=out, progress=False, **SMALL_STORE)
     return build(CacheConfig, **{**base, **kw})
 
 
@@ -34,11 +34,10 @@ def _arrays(path) -> dict[str, np.ndarray]:
     return {name: store.read_all(name) for name in NAMES}
 
 
-@pytest.fixture(scope="module")
-def reference(small_digits, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "teacher.zarr"
-    cache_teacher(_cfg(small_digits, out))
-    return out
+@pytest.fixture
+def reference(small_store):
+    """cache_teacher(_cfg(small_digits, ...)): the session's shared store (conftest), read-only here."""
+    return small_store
 
 
 def test_cache_holds_the_teacher_outputs_of_the_replayed_views(small_digits, reference):

@@ -1,7 +1,7 @@
-"""Two real CPU ranks (torchrun + ACCELERATE_USE_CPU, see bench/launch.py): the teacher pass, training,
+"""Two real CPU ranks (torchrun + ACCELERATE_USE_CPU, see tests/support/launch.py): the teacher pass, training,
 kills of one rank, and the pairing of every shuffled training view with its cached teacher target.
 
-Every test here asserts how many ranks actually ran (tests/probe_cli.py records what accelerate saw)."""
+Every test here asserts how many ranks actually ran (tests/support/probe_cli.py records what accelerate saw)."""
 
 import json
 import os
@@ -24,7 +24,7 @@ from pipeline.reader import ShardReader
 from pipeline.views import TrainViews
 
 RECIPE = "digits-mix"
-PROBE = ROOT / "tests" / "probe_cli.py"
+PROBE = ROOT / "tests" / "support" / "probe_cli.py"
 
 
 def run_ranks(n: int, probe: "os.PathLike", *args, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -92,7 +92,7 @@ def _arrays(path) -> dict[str, np.ndarray]:
     return {name: store.read_all(name) for name in NAMES}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teacher_ckpt(small_digits, tmp_path_factory):
     """A briefly CE-trained test_resnet in a file: its top-k differs from view to view (a random one ranks the
     classes the same way for every input, and index checks would prove nothing)."""
@@ -108,7 +108,7 @@ def cache_args(data, ckpt, out) -> list:
             "--recipe", RECIPE, "--epochs", 2, "--topk", 4, "--batch-size", 40, "--workers", 0, "--quiet"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ref_store(small_digits, teacher_ckpt, tmp_path_factory):
     """The one-process reference store (2 epochs of digits-mix views, top-4), made by the same CLI in the
     same environment as the 2-rank runs."""

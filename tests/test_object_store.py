@@ -19,7 +19,7 @@ from cache.inspect import inspect_cache, verify_cache
 from cache.store import CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
-from conftest import ROOT, launch_cli, run_cli
+from conftest import ROOT, SMALL_STORE, launch_cli, run_cli
 from pipeline.errors import UserError
 from pipeline.location import Location
 from pipeline.reader import ShardReader
@@ -28,7 +28,7 @@ from pipeline.shards import digits_source, write_split
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-RECIPE = "digits-mix"
+RECIPE = SMALL_STORE["recipe"]  # "digits-mix"
 TEACHER = ["--teacher", "test_resnet", "--recipe", RECIPE, "--epochs", "2", "--topk", "4", "--batch-size", "40",
            "--workers", "0", "--quiet"]
 
@@ -39,9 +39,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_env(tmp_path_factory):
-    """moto's S3 server on a free loopback port; yields the environment a client needs to reach it."""
+    """moto's S3 server on a free loopback port; yields the environment a client needs to reach it. One server
+    and environment for the session: fsspec caches its S3 clients, and this module's slow tests run last."""
     port = _free_port()
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -89,17 +90,16 @@ def bucket(s3_env, request):
     return f"s3://{name}"
 
 
-@pytest.fixture(scope="module")
-def local_ref(small_digits, tmp_path_factory):
-    """The clean local store every remote one must equal."""
-    out = tmp_path_factory.mktemp("ref") / "teacher.zarr"
-    cache_teacher(_cfg(small_digits, out))
-    return out
+@pytest.fixture
+def local_ref(small_store):
+    """The clean local store every remote one must equal: cache_teacher(_cfg(small_digits, ...)), the session's
+    shared store (conftest), read-only here."""
+    return small_store
 
 
 def _cfg(data, out, **kw) -> CacheConfig:
-    base = dict(data=data, teacher="test_resnet", out=out, recipe=RECIPE,
-                epochs=2, topk=4, batch_size=40, workers=0, progress=False)
+    """The request of the shared small_store (conftest.SMALL_STORE), with `kw` changed."""
+    base = dict(data=data, out=out, progress=False, **SMALL_STORE)
     return build(CacheConfig, **{**base, **kw})
 
 
@@ -195,9 +195,9 @@ def test_killed_teacher_pass_resumes_to_the_clean_store_and_is_refused_meanwhile
     data = _upload_small_digits(small_digits, f"{bucket}/data")
     out = f"{bucket}/teacher.zarr"
     units = f"{out}/_units"
-    # slowed zarr writes (bench/chaos_cli.py) so that the kill lands inside a unit's writes
-    cmd = [sys.executable, str(ROOT / "bench" / "chaos_cli.py"), "cache-teacher", "--data", data, "--out", out,
-           *TEACHER]
+    # slowed zarr writes (tests/support/chaos_cli.py) so that the kill lands inside a unit's writes
+    cmd = [sys.executable, str(ROOT / "tests" / "support" / "chaos_cli.py"), "cache-teacher", "--data", data,
+           "--out", out, *TEACHER]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OFAKD_CHAOS_SLOW_WRITES": "0.25"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240

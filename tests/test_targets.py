@@ -19,10 +19,8 @@ def readme_example() -> str:
 
 
 @pytest.mark.slow
-def test_readme_training_loop_runs_on_a_real_cache(small_digits, tmp_path):
-    store = tmp_path / "teacher.zarr"
-    cache_teacher(build(CacheConfig, data=small_digits, teacher="test_resnet", out=store, recipe="digits-mix",
-                        epochs=2, topk=4, batch_size=64, workers=0, progress=False))
+def test_readme_training_loop_runs_on_a_real_cache(small_digits, small_store):
+    store = small_store  # 2 epochs of digits-mix views, top-4 (conftest), read-only here
     code = readme_example()
     assert 'CachedTeacher("runs/demo/teacher.zarr")' in code and '"runs/demo/data"' in code
     # the same code; only the demo's paths become this test's store and data, and a smaller timm model
@@ -45,7 +43,7 @@ def test_cached_teacher_refuses_another_dataset(small_digits, digits, tmp_path):
         CachedTeacher(store).views(digits, 0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_epoch_store(small_digits, tmp_path_factory):
     store = tmp_path_factory.mktemp("fp") / "t.zarr"
     cache_teacher(build(CacheConfig, data=small_digits, teacher="test_resnet", out=store, recipe="digits-mix",

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from cache.format import NAMES
 from cache.teacher import ClassMap
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, run_cli, run_cli_process
 from pipeline.manifest import Manifest, sha256_file
 from pipeline.shards import make_shards
 
@@ -26,7 +26,7 @@ TINY = SHARED_DATA / "tiny-imagenet-200.tar.gz"
 ROWS = [917, 3, 455, 0, 999, 128, 640, 77, 301, 512]  # teacher output of digit class 0..9 in the test label space
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teacher_files(tmp_path_factory):
     """A 1000-output test_resnet saved as a pretrained file, the same with its classifier cut to ROWS,
     a label-space file (1000 ids, digits '0'..'9' at ROWS) and another 1000-output file (other weights)."""
@@ -50,7 +50,7 @@ def _cache(data, out, *args, check=True):
                    "--epochs", 2, "--topk", 5, "--batch-size", 64, "--workers", 0, "--quiet", *args, check=check)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mapped_store(small_digits, teacher_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("mapped") / "mapped.zarr"
     _cache(small_digits, out, "--pretrained-file", teacher_files / "full.safetensors",
@@ -105,16 +105,17 @@ def test_teacher_label_space_refusals(small_digits, teacher_files, tmp_path):
 
 
 def test_pretrained_without_the_hub_names_pretrained_file(small_digits, teacher_files, tmp_path):
-    offline = {"HF_HUB_OFFLINE": "1"}
-    p = run_cli("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--out", tmp_path / "h.zarr",
-                "--recipe", "digits", "--pretrained", "--teacher-classes", teacher_files / "classes.txt", "--quiet",
-                env=offline)
+    offline = {"HF_HUB_OFFLINE": "1"}  # read when huggingface_hub is imported: a real process
+    p = run_cli_process("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--out",
+                        tmp_path / "h.zarr", "--recipe", "digits", "--pretrained", "--teacher-classes",
+                        teacher_files / "classes.txt", "--quiet", env=offline)
     assert p.returncode == 2, p.stderr
     msg = p.stderr.strip().splitlines()
     assert len(msg) == 1 and "--pretrained-file" in msg[0] and "hub" in msg[0], p.stderr
     assert not (tmp_path / "h.zarr").exists()
-    p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--pretrained", "--method", "ce",
-                "--recipe", "digits", "--epochs", 1, "--out", tmp_path / "run", "--quiet", env=offline)
+    p = run_cli_process("train-student", "--data", small_digits, "--student", "test_resnet", "--pretrained",
+                        "--method", "ce", "--recipe", "digits", "--epochs", 1, "--out", tmp_path / "run", "--quiet",
+                        env=offline)
     assert p.returncode == 2 and "student 'test_resnet'" in p.stderr and "--pretrained-file" in p.stderr, p.stderr
 
 
@@ -126,11 +127,11 @@ def test_hub_weights_are_recorded_and_equal_the_same_file(small_digits, teacher_
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
     shutil.copy(teacher_files / "full.safetensors", snapshot / "model.safetensors")
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf")}
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf")}  # read at import: a real process
     store = tmp_path / "hub.zarr"
-    p = run_cli("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--out", store, "--recipe",
-                "digits", "--epochs", 2, "--topk", 5, "--batch-size", 64, "--workers", 0, "--quiet", "--pretrained",
-                "--teacher-classes", teacher_files / "classes.txt", env=env)
+    p = run_cli_process("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--out", store,
+                        "--recipe", "digits", "--epochs", 2, "--topk", 5, "--batch-size", 64, "--workers", 0, "--quiet",
+                        "--pretrained", "--teacher-classes", teacher_files / "classes.txt", env=env)
     assert p.returncode == 0, p.stderr
     w = json.loads((store / "zarr.json").read_text())["attributes"]["teacher"]["weights"]
     hub_file = snapshot / "model.safetensors"
@@ -139,7 +140,8 @@ def test_hub_weights_are_recorded_and_equal_the_same_file(small_digits, teacher_
     a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(str(mapped_store), mode="r")
     for name in NAMES:
         assert np.array_equal(a[name][...], b[name][...]), name
-    assert "OK" in run_cli("verify-cache", store, "--samples", 4, env=env, check=True).stdout  # recorded: the hub
+    verified = run_cli_process("verify-cache", store, "--samples", 4, env=env, check=True)
+    assert "OK" in verified.stdout  # the weights recorded: the hub file
 
 
 def test_other_weights_or_class_map_are_refused(small_digits, teacher_files, mapped_store, tmp_path):

@@ -18,7 +18,7 @@ from pipeline.views import EvalViews
 VIT = ["--model-kwargs", "img_size=32", "--model-kwargs", "patch_size=4"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teacher_run(digits, tmp_path_factory):
     """A CE-trained CNN teacher and its cache, through the real CLI."""
     root = tmp_path_factory.mktemp("e2e")
@@ -147,7 +147,7 @@ def test_training_refuses_bad_requests(digits, tmp_path):
         assert not (tmp_path / run).exists(), run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def full_cache(small_digits, tmp_path_factory):
     """A seeded random teacher in a file, and its cache with k = C = 10 (nothing left to reconstruct)."""
     from cache.teacher_pass import CacheConfig, cache_teacher

@@ -1,19 +1,15 @@
-"""`cli.py` with slowed zarr writes, for fault injection only (bench/chaos.py and the chaos tests).
+"""`cli.py` with slowed zarr writes, for fault injection only (bench/chaos.py and the kill tests).
 
 With OFAKD_CHAOS_SLOW_WRITES=SECONDS every zarr array write sleeps that long afterwards, which widens
 the window in which a SIGKILL lands inside a unit's writes. The product code has no such hook.
 
-    python bench/chaos_cli.py cache-teacher ...          (or as torchrun's script)
+    PYTHONPATH=. python tests/support/chaos_cli.py cache-teacher ...      (or as torchrun's script)
 """
 
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import zarr  # noqa: E402
+import zarr
 
 delay = float(os.environ.get("OFAKD_CHAOS_SLOW_WRITES", "0"))
 if delay:

@@ -1,11 +1,12 @@
-"""`cli.py` with recorders, for the multi-process tests: run it as the script that bench/launch.py starts.
+"""`cli.py` with recorders, for the multi-process tests: run it as the script that tests/support/launch.py starts.
 
-    PROBE_DIR=DIR [PROBE_BATCHES=1] [PROBE_STALL=EPOCH,STEP] python tests/probe_cli.py COMMAND ARGS...
+    PROBE_DIR=DIR [PROBE_BATCHES=1] [PROBE_STALL=EPOCH,STEP] python tests/support/probe_cli.py COMMAND ARGS...
 
-At exit each rank writes DIR/rank-<rank>.json: the rank, world size and distributed type accelerate
-saw, and the cache units this rank wrote. PROBE_BATCHES=1 also saves every training batch this rank
-stepped on (views, joined cache targets, indices) to DIR/batches-<rank>.pt. PROBE_STALL=E,S makes
-training step S of epoch E touch DIR/stalled-<rank> and sleep, so that a test can kill it mid-epoch.
+(with PYTHONPATH=<repo root>, as launch_env sets it). At exit each rank writes DIR/rank-<rank>.json: the
+rank, world size and distributed type accelerate saw, and the cache units this rank wrote. PROBE_BATCHES=1
+also saves every training batch this rank stepped on (views, joined cache targets, indices) to
+DIR/batches-<rank>.pt. PROBE_STALL=E,S makes training step S of epoch E touch DIR/stalled-<rank> and sleep,
+so that a test can kill it mid-epoch.
 """
 
 import json
@@ -14,20 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-sys.path.insert(0, str(ROOT / "bench"))
+import cli
+import students.task as task_mod
+import tests.support.chaos_cli  # noqa: F401  (OFAKD_CHAOS_SLOW_WRITES: slowed zarr writes, for kills mid-unit)
+from cache.store import CacheStore
+from cache.targets import TEACHER_KEY
+from pipeline.views import TrainViews
 
-import chaos_cli  # noqa: E402,F401  (OFAKD_CHAOS_SLOW_WRITES: slowed zarr writes, for kills mid-unit)
-import torch  # noqa: E402
-
-import cli  # noqa: E402
-import students.task as task_mod  # noqa: E402
-from cache.store import CacheStore  # noqa: E402
-from cache.targets import TEACHER_KEY  # noqa: E402
-from pipeline.views import TrainViews  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ["PROBE_DIR"])
 RANK = int(os.environ.get("RANK", "0"))
 state = {"units": [], "epoch": None, "step": 0, "batches": []}
