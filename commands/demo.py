@@ -1,7 +1,8 @@
 """`make demo`: the whole product on the embedded digits, in one process, in a few minutes on 2 CPU cores.
 
     shards (digits) -> CE-trained CNN teacher -> teacher cache (as many epochs as the students train)
-    -> ViT- and MLP-style students with CE, KD and OFA from the cache, 2 seeds each
+    -> ViT- and MLP-style students with CE, KD and OFA (the authors' heads and the lite ones) from the cache,
+       2 seeds each
     -> table and verdict (results.md, results.json) and accuracy plot (accuracy.png)
 
 The setting is sized so that every student converges in the budget: 16x16 views (`digits-demo`),

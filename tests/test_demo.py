@@ -6,7 +6,7 @@ import pytest
 from conftest import run_cli
 
 STUDENTS = ("test_vit", "resmlp_demo")
-METHODS = ("ce", "kd", "ofa")
+METHODS = ("ce", "kd", "ofa", "ofa-lite")  # ofa: the authors' heads; ofa-lite: --head-kind token-lite
 
 
 @pytest.mark.slow

@@ -175,7 +175,7 @@ def test_online_teacher_trains_to_the_weights_of_a_full_cache(small_digits, full
     run_cli("train-student", *common, *online, "--teacher-checkpoint", full_cache / "t2.safetensors",
             "--out", tmp_path / "other", check=True)
     cfg = json.loads((tmp_path / "online" / "config.json").read_text())
-    assert cfg["teacher_online"] == "test_resnet" and cfg["cache"] is None
+    assert cfg["teacher"]["name"] == "test_resnet" and cfg["cache"] is None
     w = {name: load_file(tmp_path / name / "model.safetensors") for name in ("cached", "online", "other")}
 
     def dist(a, b):
