@@ -5,22 +5,28 @@ normalises it its own way (`ModelInput`). Every random decision for the view of 
 in `epoch` comes from generators keyed by
 
     view_seed = SeedSequence([run seed, epoch, index]) -> uint32
-    stage rng = numpy.default_rng([view_seed, stage])      (stage: crop, flip, auto-aug, jitter, erase, mix)
+    stage rng = numpy.default_rng([view_seed, stage])      (stage: crop, flip, auto-aug, jitter, erase, mix,
+                                                          interpolation)
 
 so rebuilding a view needs the recipe, the seed, the epoch, the index and the shard (mixing
 partners are other samples of the same data shard), nothing else: no dependence on process,
 worker count, batch size or iteration order.
 
-Hand-written on purpose: torchvision's and timm's random transforms draw from the global torch RNG
-(and timm's mixup mixes within a batch), so a view would depend on the worker, the batch and the
-order; here the draws are ours and the pixel operations are torchvision's functional ones.
+Crop, flip, jitter and mixing are drawn here and done with torchvision's functional ops (timm's
+mixup mixes within a batch, and the teacher must see the mixed view). RandAugment and random
+erasing are timm's own transforms, so the pixels are the library's: they draw from the process-global
+`random`, numpy and torch generators, so each call runs inside `seeded_globals`, which seeds those
+from the view's stream and restores them afterwards (a student's dropout and data order do not move).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,13 +34,130 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.auto_augment import (
+    augment_and_mix_transform,
+    auto_augment_transform,
+    posterize,
+    rand_augment_transform,
+)
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import InterpolationMode
 
 from pipeline.errors import UserError
 
-# one independent random stream per augmentation step of a view, keyed (view seed, step)
-DRAW_CROP, DRAW_FLIP, DRAW_AUTO, DRAW_JITTER, DRAW_ERASE, DRAW_MIX = range(6)
+# one independent random stream per augmentation step of a view, keyed (view seed, step); new steps get new
+# numbers so that the streams of the existing ones (and the views of recipes that do not use them) stay put
+DRAW_CROP, DRAW_FLIP, DRAW_AUTO, DRAW_JITTER, DRAW_ERASE, DRAW_MIX, DRAW_INTERP = range(7)
 MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------- random keys
+
+def view_seed(seed: int, epoch: int, index: int) -> int:
+    """The 32-bit seed of one view; stored in the cache's replay record."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint32)[0])
+
+
+def draw_rng(vseed: int, step: int) -> np.random.Generator:
+    """The random stream of one augmentation step (`DRAW_*`) of the view with seed `vseed`."""
+    return np.random.default_rng([vseed, step])
+
+
+# ------------------------------------------------------------------------ timm's ops, replayable
+
+@contextmanager
+def seeded_globals(rng: np.random.Generator):
+    """Run timm's random transforms as a function of `rng`: the global `random`, numpy and torch (CPU)
+    generators they draw from are seeded from it, and restored on exit, whatever happens inside.
+
+    Process-global state: call it from one thread at a time (the views are built in the data-loader workers
+    or the main thread, never in two threads of one process)."""
+    seed = int(rng.integers(0, 2**32))
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA too
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _aa_hparams(recipe: Recipe) -> dict:
+    """The hyper-parameters timm's transform factory gives its auto-augment (transforms_imagenet_train)."""
+    hp = {"translate_const": int(recipe.input_size * 0.45),
+          "img_mean": tuple(min(255, round(255 * x)) for x in recipe.norm_mean)}
+    if recipe.interpolation != "random":  # random: each geometric op picks bilinear or bicubic
+        hp["interpolation"] = str_to_pil_interp(recipe.interpolation)
+    if recipe.auto_augment.startswith("augmix"):
+        hp["translate_pct"] = 0.3
+    return hp
+
+
+def _posterize_0_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, where keeping 0 bits gives a black image as older Pillow did (Pillow 13 refuses 0 bits,
+    which timm's PosterizeIncreasing reaches at magnitude 10, e.g. m9 plus noise: a crash on ~0.4% of views)."""
+    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else posterize(img, bits_to_keep, **kwargs)
+
+
+def pillow_compatible(transform):
+    """Point the Posterize ops of a timm auto-augment transform (its `ops`, or AutoAugment's `policy`) at
+    `_posterize_0_bits`; nothing else changes."""
+    ops = list(getattr(transform, "ops", [])) + [op for sub in getattr(transform, "policy", []) for op in sub]
+    for op in ops:
+        if op.aug_fn is posterize:
+            op.aug_fn = _posterize_0_bits
+    return transform
+
+
+@functools.lru_cache(maxsize=16)
+def _auto_augment(recipe: Recipe):
+    """timm's auto-augment transform (PIL image -> PIL image) for the recipe's config string."""
+    name, hp = recipe.auto_augment, _aa_hparams(recipe)
+    if name.startswith("rand"):
+        return pillow_compatible(rand_augment_transform(name, hp))
+    if name.startswith("augmix"):
+        return pillow_compatible(augment_and_mix_transform(name, hp))
+    return pillow_compatible(auto_augment_transform(name, hp))
+
+
+@functools.lru_cache(maxsize=16)
+def _random_erasing(recipe: Recipe) -> RandomErasing:
+    return RandomErasing(probability=recipe.erase_prob, mode=recipe.erase_mode, device="cpu")
+
+
+def auto_augment(img: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
+    """timm's auto-augment of a uint8 [3, S, S] view, drawn from the view's DRAW_AUTO stream (the uint8 <-> PIL
+    round trip is exact, so the pixels are the ones timm's transform makes of this image)."""
+    pil = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))
+    with seeded_globals(draw_rng(vseed, DRAW_AUTO)):
+        pil = _auto_augment(recipe)(pil)
+    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def erase(view: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
+    """timm's RandomErasing of a float view [3, S, S] in [0, 1], drawn from the view's DRAW_ERASE stream.
+
+    timm erases the normalised tensor; here it erases a NaN canvas, so that the box and its noise are exactly
+    timm's while the pixels outside the box stay bit for bit; the noise z is mapped back to the view's space
+    as norm_mean + norm_std * z (a model normalising by (norm_mean, norm_std) sees z again, to float rounding).
+    Erased pixels may fall outside [0, 1], as they do in timm."""
+    if recipe.erase_prob <= 0:
+        return view
+    canvas = torch.full_like(view, float("nan"))
+    with seeded_globals(draw_rng(vseed, DRAW_ERASE)):
+        _random_erasing(recipe)(canvas)
+    box = ~canvas.isnan()
+    if not box.any():
+        return view
+    mean = torch.tensor(recipe.norm_mean, dtype=view.dtype).view(3, 1, 1)
+    std = torch.tensor(recipe.norm_std, dtype=view.dtype).view(3, 1, 1)
+    return torch.where(box, mean + std * canvas, view)
 
 
 @dataclass(frozen=True)
@@ -50,22 +173,33 @@ class Recipe:
     padding: int = 4
     hflip: float = 0.5
     """Probability of a horizontal flip."""
-    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
-    ra_n: int = 2
-    """RandAugment: operations per view."""
-    ra_m: int = 9
-    """RandAugment: magnitude out of 10."""
+    auto_augment: str = "none"
+    """timm's auto-augment config string, run by timm (e.g. "rand-m9-mstd0.5-inc1": RandAugment, 2 ops each
+    applied with probability 0.5, magnitude 9 with noise of std 0.5, the increasing op set; "original", "v0":
+    AutoAugment policies; "augmix-..."), or "none"."""
     color_jitter: float = 0.0
     """Brightness, contrast and saturation factors uniform in [1 - x, 1 + x]."""
     erase_prob: float = 0.0
-    """Random erasing probability (one box filled with uniform noise)."""
+    """Random erasing probability (timm's RandomErasing `re_prob`, one box), applied after mixing as timm's
+    loader does it (on the batch, after the collate's mixup)."""
+    erase_mode: Literal["pixel", "rand", "const"] | None = None
+    """timm's `re_mode`, required when erase_prob > 0: pixel: per-pixel N(0, 1) noise, rand: one N(0, 1)
+    colour per channel, const: 0, each in the space normalised by (norm_mean, norm_std)."""
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
     """Probability that a view is mixed at all (when an alpha is > 0)."""
     switch_prob: float = 0.5
     """Probability of cutmix rather than mixup when both alphas are > 0."""
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"
+    """Resize kernel of the crop; random: bilinear or bicubic with equal odds per view (timm's
+    `interpolation='random'`, which also lets each geometric auto-augment op pick its own). Evaluation uses
+    bicubic for random."""
+    norm_mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    norm_std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    """The normalisation timm's augmentations assume (its data config `mean`, `std`): auto-augment fills with
+    round(255 * norm_mean), erasing noise is N(0, 1) after normalising by (norm_mean, norm_std). Each model
+    still normalises the views its own way."""
     eval_crop_pct: float = 0.875
     """Evaluation: resize the short side to input_size / eval_crop_pct, centre crop."""
 
@@ -82,14 +216,21 @@ class Recipe:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
             problems.append("mixup_alpha and cutmix_alpha must be >= 0")
-        if not 0 <= self.ra_m <= 10 or self.ra_n < 0:
-            problems.append(f"RandAugment needs n >= 0 and 0 <= m <= 10, got n={self.ra_n} m={self.ra_m}")
+        if self.erase_prob > 0 and self.erase_mode not in ("pixel", "rand", "const"):
+            problems.append(f"erase_prob > 0 needs erase_mode pixel, rand or const (timm's re_mode), got "
+                            f"{self.erase_mode} (a cache made before erase_mode existed erased otherwise: rebuild it)")
         if not 0 < self.eval_crop_pct <= 1:
             problems.append(f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
         if self.crop not in ("rrc", "pad", "none"):
             problems.append(f"crop must be rrc, pad or none, got {self.crop}")
-        if self.auto_augment not in ("none", "randaugment", "trivialaugment"):
-            problems.append(f"auto_augment must be none, randaugment or trivialaugment, got {self.auto_augment}")
+        if self.interpolation not in ("bilinear", "bicubic", "random"):
+            problems.append(f"interpolation must be bilinear, bicubic or random, got {self.interpolation}")
+        if self.auto_augment != "none":
+            try:
+                _auto_augment(self)
+            except Exception as e:  # timm asserts on a config string it cannot parse
+                problems.append(f"auto_augment must be none or a timm auto-augment config string (e.g. "
+                                f"rand-m9-mstd0.5-inc1), got {self.auto_augment!r} ({type(e).__name__}: {e})")
         if problems:
             raise UserError("invalid augmentation recipe: " + "; ".join(problems))
 
@@ -104,13 +245,14 @@ class Recipe:
     @staticmethod
     def from_dict(d: dict) -> Recipe:
         d = dict(d)
-        for k in ("scale", "ratio"):
+        for k in ("scale", "ratio", "norm_mean", "norm_std"):
             if k in d:
                 d[k] = tuple(d[k])
         known = {f.name for f in dataclasses.fields(Recipe)}
         unknown = set(d) - known
         if unknown:
-            raise UserError(f"unknown recipe fields: {', '.join(sorted(unknown))}")
+            raise UserError(f"unknown recipe fields: {', '.join(sorted(unknown))} (a cache made by an older version "
+                            f"of the augmentation? rebuild it)")
         return Recipe(**d)
 
 
@@ -127,13 +269,16 @@ PRESETS: dict[str, Recipe] = {
                          mixup_alpha=0.8, cutmix_alpha=1.0),
     # the paper's ImageNet CNN recipe: random resized crop + flip
     "imagenet-cnn": Recipe(input_size=224, crop="rrc"),
-    # the paper's ViT/MLP recipe (DeiT-style): RandAugment m9, mixup 0.8, cutmix 1.0, erasing 0.25
-    "imagenet-vit": Recipe(input_size=224, crop="rrc", auto_augment="randaugment", ra_n=2, ra_m=9,
-                           erase_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, interpolation="bicubic"),
+    # the paper's ViT/MLP recipe (the authors' configs/*/vit_mlp.yaml on timm's train.py defaults): random resized
+    # crop + flip with random interpolation, RandAugment rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0, erasing 0.25
+    # in pixel mode
+    "imagenet-vit": Recipe(input_size=224, crop="rrc", auto_augment="rand-m9-mstd0.5-inc1", erase_prob=0.25,
+                           erase_mode="pixel", mixup_alpha=0.8, cutmix_alpha=1.0, interpolation="random"),
     # Tiny-ImageNet at its native 64x64
     "tiny-cnn": Recipe(input_size=64, crop="rrc", scale=(0.35, 1.0), eval_crop_pct=1.0),
-    "tiny-vit": Recipe(input_size=64, crop="rrc", scale=(0.35, 1.0), auto_augment="randaugment", ra_m=9,
-                       erase_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, eval_crop_pct=1.0),
+    "tiny-vit": Recipe(input_size=64, crop="rrc", scale=(0.35, 1.0), auto_augment="rand-m9-mstd0.5-inc1",
+                       erase_prob=0.25, erase_mode="pixel", mixup_alpha=0.8, cutmix_alpha=1.0,
+                       interpolation="random", eval_crop_pct=1.0),
 }
 
 
@@ -175,66 +320,14 @@ class ViewSpec:
         return self.recipe if isinstance(self.recipe, str) else "custom"
 
 
-# ----------------------------------------------------------------------------------- random keys
-
-def view_seed(seed: int, epoch: int, index: int) -> int:
-    """The 32-bit seed of one view; stored in the cache's replay record."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint32)[0])
-
-
-def draw_rng(vseed: int, step: int) -> np.random.Generator:
-    """The random stream of one augmentation step (`DRAW_*`) of the view with seed `vseed`."""
-    return np.random.default_rng([vseed, step])
-
-
-# -------------------------------------------------------------------------------- auto-augment ops
-
-_FILL = [128, 128, 128]
-
-
-def _signed(rng: np.random.Generator, v: float) -> float:
-    return -v if rng.random() < 0.5 else v
-
-
-def _op(img: torch.Tensor, name: str, mag: float, rng: np.random.Generator) -> torch.Tensor:
-    """One RandAugment/TrivialAugment op on a uint8 [3, H, W] image; `mag` in [0, 1]."""
-    h, w = img.shape[-2:]
-    if name == "Identity":
-        return img
-    if name == "AutoContrast":
-        return TF.autocontrast(img)
-    if name == "Equalize":
-        return TF.equalize(img)
-    if name == "Rotate":
-        return TF.rotate(img, _signed(rng, 30.0 * mag), fill=_FILL)
-    if name == "Solarize":
-        return TF.solarize(img, threshold=int(256 - 256 * mag))
-    if name == "Posterize":
-        return TF.posterize(img, bits=max(1, 8 - int(4 * mag)))
-    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        factor = max(0.0, 1.0 + _signed(rng, 0.9 * mag))
-        fn = {"Color": TF.adjust_saturation, "Contrast": TF.adjust_contrast,
-              "Brightness": TF.adjust_brightness, "Sharpness": TF.adjust_sharpness}[name]
-        return fn(img, factor)
-    if name in ("ShearX", "ShearY"):
-        deg = math.degrees(math.atan(_signed(rng, 0.3 * mag)))
-        shear = [deg, 0.0] if name == "ShearX" else [0.0, deg]
-        return TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, fill=_FILL)
-    if name in ("TranslateX", "TranslateY"):
-        t = int(round(_signed(rng, 0.45 * mag) * (w if name == "TranslateX" else h)))
-        tr = [t, 0] if name == "TranslateX" else [0, t]
-        return TF.affine(img, angle=0.0, translate=tr, scale=1.0, shear=[0.0, 0.0], fill=_FILL)
-    raise ValueError(name)
-
-
-AUG_OPS = ("Identity", "AutoContrast", "Equalize", "Rotate", "Solarize", "Posterize", "Color", "Contrast",
-           "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
-
-
 # ------------------------------------------------------------------------------------------ views
 
-def _interp(recipe: Recipe) -> InterpolationMode:
-    return InterpolationMode.BICUBIC if recipe.interpolation == "bicubic" else InterpolationMode.BILINEAR
+def _interp(recipe: Recipe, vseed: int | None = None) -> InterpolationMode:
+    """The resize kernel: the recipe's, or for random one drawn per view (bicubic for evaluation, no seed)."""
+    name = recipe.interpolation
+    if name == "random":
+        name = "bicubic" if vseed is None or draw_rng(vseed, DRAW_INTERP).random() < 0.5 else "bilinear"
+    return InterpolationMode.BICUBIC if name == "bicubic" else InterpolationMode.BILINEAR
 
 
 def _rrc_params(rng: np.random.Generator, h: int, w: int, scale, ratio) -> tuple[int, int, int, int]:
@@ -258,14 +351,6 @@ def _rrc_params(rng: np.random.Generator, h: int, w: int, scale, ratio) -> tuple
 
 
 @dataclass
-class BaseView:
-    """A sample's own augmented view before erasing and mixing (uint8, compact to keep per shard)."""
-
-    image: torch.Tensor  # [3, S, S] uint8
-    erase: tuple[int, int, int, int, int] | None = None  # (top, left, h, w, noise seed)
-
-
-@dataclass
 class MixRecord:
     """The replay record of one view; what the cache stores next to the teacher outputs."""
 
@@ -276,17 +361,18 @@ class MixRecord:
     box: tuple[int, int, int, int] | None = field(default=None, repr=False)  # cutmix (y0, y1, x0, x1)
 
 
-def base_view(image: torch.Tensor, recipe: Recipe, vseed: int) -> BaseView:
-    """Geometric and photometric augmentation of one decoded image [3, H, W] uint8."""
+def base_view(image: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
+    """Geometric and photometric augmentation of one decoded image [3, H, W] uint8 -> [3, S, S] uint8 (compact,
+    to keep a shard's views for mixing): crop, flip, auto-augment, colour jitter. Erasing comes after mixing."""
     S = recipe.input_size
     h, w = image.shape[-2:]
     rng = draw_rng(vseed, DRAW_CROP)
+    interp = _interp(recipe, vseed)
     if recipe.crop == "rrc":
         top, left, ch, cw = _rrc_params(rng, h, w, recipe.scale, recipe.ratio)
-        img = TF.resized_crop(image, top, left, ch, cw, [S, S], interpolation=_interp(recipe), antialias=True)
+        img = TF.resized_crop(image, top, left, ch, cw, [S, S], interpolation=interp, antialias=True)
     else:
-        img = image if (h, w) == (S, S) else TF.resize(image, [S, S], interpolation=_interp(recipe),
-                                                       antialias=True)
+        img = image if (h, w) == (S, S) else TF.resize(image, [S, S], interpolation=interp, antialias=True)
         if recipe.crop == "pad" and recipe.padding > 0:
             p = recipe.padding
             img = F.pad(img, (p, p, p, p))
@@ -295,41 +381,18 @@ def base_view(image: torch.Tensor, recipe: Recipe, vseed: int) -> BaseView:
     if recipe.hflip > 0 and draw_rng(vseed, DRAW_FLIP).random() < recipe.hflip:
         img = img.flip(-1)
     if recipe.auto_augment != "none":
-        rng = draw_rng(vseed, DRAW_AUTO)
-        if recipe.auto_augment == "randaugment":
-            for _ in range(recipe.ra_n):
-                img = _op(img, AUG_OPS[int(rng.integers(len(AUG_OPS)))], recipe.ra_m / 10.0, rng)
-        else:  # TrivialAugment: one op, magnitude uniform over 31 levels
-            name = AUG_OPS[int(rng.integers(len(AUG_OPS)))]
-            img = _op(img, name, int(rng.integers(0, 31)) / 30.0, rng)
+        img = auto_augment(img, recipe, vseed)
     if recipe.color_jitter > 0:
         rng = draw_rng(vseed, DRAW_JITTER)
         lo, hi = max(0.0, 1 - recipe.color_jitter), 1 + recipe.color_jitter
         b, c, s = (float(rng.uniform(lo, hi)) for _ in range(3))
         img = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
-    erase = None
-    if recipe.erase_prob > 0:
-        rng = draw_rng(vseed, DRAW_ERASE)
-        if rng.random() < recipe.erase_prob:
-            for _ in range(10):
-                area = S * S * rng.uniform(0.02, 1 / 3)
-                ar = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
-                eh, ew = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
-                if eh < S and ew < S:
-                    erase = (int(rng.integers(0, S - eh + 1)), int(rng.integers(0, S - ew + 1)), eh, ew,
-                             int(rng.integers(0, 2**31 - 1)))
-                    break
-    return BaseView(img.contiguous(), erase)
+    return img.contiguous()
 
 
-def to_view(base: BaseView) -> torch.Tensor:
-    """uint8 base view -> float [3, S, S] in [0, 1], with its random-erasing box filled."""
-    x = base.image.to(torch.float32) / 255.0
-    if base.erase is not None:
-        top, left, eh, ew, nseed = base.erase
-        g = torch.Generator().manual_seed(nseed)
-        x[:, top:top + eh, left:left + ew] = torch.rand((3, eh, ew), generator=g)
-    return x
+def to_view(image: torch.Tensor) -> torch.Tensor:
+    """uint8 base view -> float [3, S, S] in [0, 1]."""
+    return image.to(torch.float32) / 255.0
 
 
 def mix_record(recipe: Recipe, vseed: int, index: int, first: int, count: int) -> MixRecord:

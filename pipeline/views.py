@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.augment import MIX_NONE, Recipe, base_view, eval_view, mix, mix_record, to_view, view_seed
+from pipeline.augment import MIX_NONE, Recipe, base_view, erase, eval_view, mix, mix_record, to_view, view_seed
 from pipeline.reader import Sample, ShardReader, assign_shards, current_worker, shard_order
 
 Join = Callable[[int, int, int, list[dict]], list[dict]]
@@ -25,16 +25,18 @@ def library_versions() -> dict:
     """The libraries that make a view's pixels (decode, resize, augment): a replayed view is only
     bit-identical under the same ones."""
     import PIL
+    import timm
     import torchvision
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
-            "numpy": np.__version__}
+            "numpy": np.__version__, "timm": timm.__version__}
 
 
 def view_digest(view: torch.Tensor) -> int:
     """Fingerprint of a view's pixels as 8-bit values: CRC-32 (a checksum, not a cryptographic hash: it
     only has to notice accidental change, and at 224 px it costs about a fifth of blake2b)."""
-    # numpy, not torch: on a busy machine torch's intra-op threads make these tiny ops cost milliseconds
-    return zlib.crc32(np.rint(view.numpy() * 255).astype(np.uint8))
+    # numpy, not torch: on a busy machine torch's intra-op threads make these tiny ops cost milliseconds;
+    # clipped because erased pixels may leave [0, 1] (a no-op for every other view)
+    return zlib.crc32(np.clip(np.rint(view.numpy() * 255), 0, 255).astype(np.uint8))
 
 
 def views_digest(digests) -> str:
@@ -60,7 +62,8 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
                 rec.partner, rec.lam, rec.mode = -1, 1.0, MIX_NONE
         own = to_view(bases[s.index])
         mixed = rec.mode != MIX_NONE
-        view = mix(own, to_view(bases[rec.partner]) if mixed else None, rec)
+        # erased after mixing, as timm's loader does it (its collate mixes, then the prefetcher erases)
+        view = erase(mix(own, to_view(bases[rec.partner]) if mixed else None, rec), recipe, rec.view_seed)
         yield {"view": view, "label": s.label, "partner_label": labels[rec.partner] if mixed else s.label,
                "lam": rec.lam, "index": s.index, "view_seed": rec.view_seed,
                "partner": rec.partner, "mix_mode": rec.mode, "digest": view_digest(view)}

@@ -107,6 +107,10 @@ class TrainConfig:
                                            "seed": "Seed of the views [default: the cache's, else 0]."}))
     view_epochs: int | None = None
     """Online/ce: cycle the views every N epochs (to match a cache) [default: the cache's epochs]."""
+    eval_crop_pct: float | None = None
+    """Evaluation crop: resize the short side to view size / this, centre crop [default: the recipe's]. timm's
+    train.py takes it from the student's pretrained_cfg `crop_pct` (e.g. 0.9 for DeiT): give that value here;
+    the training views (and so the cache) do not depend on it."""
     optim: OptimConfig = field(default_factory=OptimConfig, metadata=group())
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata=group())
     heads: HeadsConfig = field(default_factory=HeadsConfig, metadata=group())
@@ -163,6 +167,8 @@ class TrainConfig:
             problems.append(f"--lr must be > 0, got {self.optim.lr}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.eval_crop_pct is not None and not 0 < self.eval_crop_pct <= 1:
+            problems.append(f"--eval-crop-pct must be in (0, 1], got {self.eval_crop_pct}")
         problems += choice_problems(self)
         if problems:
             raise UserError("; ".join(problems))
@@ -452,7 +458,8 @@ def set_up(cfg: TrainConfig) -> Run:
         from timm.utils import ModelEmaV3
         ema = ModelEmaV3(task.eval_model, decay=cfg.ema_decay).to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    eval_loader = DataLoader(EvalViews(data.val, data.recipe, rank, world), batch_size=cfg.batch_size,
+    eval_recipe = dataclasses.replace(data.recipe, eval_crop_pct=cfg.eval_crop_pct or data.recipe.eval_crop_pct)
+    eval_loader = DataLoader(EvalViews(data.val, eval_recipe, rank, world), batch_size=cfg.batch_size,
                              num_workers=min(cfg.workers, max(1, len(data.val.split.shards) // world)))
     return Run(cfg, accelerator, prepared, optimizer, scheduler, views, eval_loader, steps, data, mp, ema)
 
@@ -462,6 +469,7 @@ def train(cfg: TrainConfig) -> dict:
     run = set_up(cfg)
     accelerator, data = run.accelerator, run.data
     resolved = {"recipe": data.recipe.to_dict(), "view_seed": data.view_seed, "view_epochs": data.view_epochs,
+                "eval_crop_pct": run.eval_loader.dataset.recipe.eval_crop_pct,
                 "num_classes": data.num_classes, "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T},
                 "processes": accelerator.num_processes, "mixed_precision": run.mixed_precision,
                 "cache_teacher": data.cached.description.teacher.to_attrs() if data.cached else None,

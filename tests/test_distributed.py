@@ -246,7 +246,7 @@ def test_every_shuffled_view_is_paired_with_its_own_teacher_target(small_digits,
             assert any(not torch.equal(b["index"], b["index"].sort().values) for b in bs)
             views = TrainViews(reader, get_recipe(RECIPE), 0, r, 2, order_seed=0)
             views.set_epoch(e)
-            by_worker = [set(views.shards_for(w, 2)) for w in (0, 1)]
+            by_worker = [set(views.shards(w, 2)) for w in (0, 1)]
             shards = {shard_of(int(i)) for b in bs for i in b["index"]}
             assert shards & by_worker[0] and shards & by_worker[1], (shards, by_worker)
             assert any((b["lam"] < 1).any() and (b["partner"] != b["index"]).any() for b in bs)  # mixed views
