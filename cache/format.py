@@ -19,7 +19,9 @@ import numpy as np
 from pipeline.errors import UserError
 
 FORMAT = "ofakd-teacher-cache"
-FORMAT_VERSION = 1
+# 1: the first layout. 2: same arrays, but the recipe record changed meaning (timm's RandAugment, RandomErasing
+# and random interpolation make the views, issue 22): a version-1 store's views would not replay, so it is refused.
+FORMAT_VERSION = 2
 UNITS_DIR = "_units"
 INDEX = "index"  # dtype marker: class indices, int16 while C fits it, else int32 (see `index_dtype`)
 
