@@ -1,5 +1,6 @@
 import hashlib
 import io
+import os
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,16 @@ from tests.support.launch import free_port, launch_cmd, launch_env
 from tests.support.runner import ROOT, run_cli, run_cli_process
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def need_shared(path: Path) -> Path:
+    """A file of ../shared/data (the real datasets): skip when it is absent, unless OFAKD_REQUIRE_SHARED_DATA=1
+    (set by .ci/run, where shared/ lies beside the clone), which turns the skip into a failure."""
+    if not path.is_file():
+        if os.environ.get("OFAKD_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(f"{path} is absent but OFAKD_REQUIRE_SHARED_DATA=1: put shared/data beside the checkout")
+        pytest.skip(f"{path} is absent")
+    return path
 
 __all__ = ["ROOT", "free_port", "launch_cmd", "launch_env", "run_cli", "run_cli_process"]
 

@@ -154,6 +154,11 @@ def test_log_with_tensorboard_writes_event_files(digits, tmp_path):
     assert (out / "metrics.csv").is_file()
 
 
+def test_the_configs_are_shipped():
+    """Outside the parametrized tests, which an empty configs/ would silently turn into no tests at all."""
+    assert len(CONFIGS) >= 7, CONFIGS  # four OFA rows, three KD/DKD baselines
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_parse_and_print(path):
     assert len(CONFIGS) >= 4

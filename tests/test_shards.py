@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, SHARED_DATA, make_image_folder, run_cli
+from conftest import ROOT, SHARED_DATA, make_image_folder, need_shared, run_cli
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
 from pipeline.reader import ShardReader, assign_shards, shard_order
@@ -219,11 +219,10 @@ def test_reader_error_policy_on_corrupt_sample(tmp_path):
 
 # ------------------------------------------------------------------------------------ real CIFAR-10
 
-@pytest.mark.skipif(not (SHARED_DATA / "cifar10.tar.gz").exists(), reason="shared CIFAR-10 tarball absent")
 def test_cifar10_slice(tmp_path):
     src = tmp_path / "cifar"
     wanted = {}
-    with tarfile.open(SHARED_DATA / "cifar10.tar.gz", "r:gz") as t:
+    with tarfile.open(need_shared(SHARED_DATA / "cifar10.tar.gz"), "r:gz") as t:
         for m in t:
             parts = m.name.split("/")
             if m.isfile() and len(parts) == 4 and parts[1] == "test":

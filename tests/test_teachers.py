@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from cache.format import NAMES
 from cache.teacher import ClassMap
-from conftest import SHARED_DATA, run_cli, run_cli_process
+from conftest import SHARED_DATA, need_shared, run_cli, run_cli_process
 from pipeline.manifest import Manifest, sha256_file
 from pipeline.shards import make_shards
 
@@ -59,8 +59,7 @@ def mapped_store(small_digits, teacher_files, tmp_path_factory):
 
 
 def test_tiny_imagenet_wnids_all_map_into_imagenet_1k():
-    if not TINY.is_file():
-        pytest.skip(f"{TINY} is absent")
+    need_shared(TINY)
     with tarfile.open(TINY) as tar:
         member = next(m for m in tar if m.name.endswith("/wnids.txt"))
         wnids = tar.extractfile(member).read().decode().split()
@@ -235,8 +234,7 @@ def test_cka_takes_pretrained_files(small_digits, teacher_files, tmp_path):
 @pytest.mark.slow
 def test_tiny_imagenet_slice_with_a_mapped_imagenet_teacher(teacher_files, tmp_path):
     """shards of a Tiny-ImageNet slice -> cache from a 1000-class teacher mapped by wnid -> OFA student."""
-    if not TINY.is_file():
-        pytest.skip(f"{TINY} is absent")
+    need_shared(TINY)
     src, per_class = tmp_path / "src", {"train": 24, "val": 6}
     taken: dict[str, int] = {}
     with tarfile.open(TINY) as tar:  # the first 4 classes of the archive's train part (grouped by class: fast)
