@@ -30,7 +30,6 @@ import functools
 import inspect
 import json
 import textwrap
-import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,7 +37,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from pipeline.errors import UserError
-from pipeline.spec import group
+from pipeline.spec import group, strip_optional
 
 OUTPUT_ONLY = ("resolved",)  # keys a run writes into its config.json for reading, ignored on input
 
@@ -56,14 +55,6 @@ def field_docs(cls) -> dict[str, str]:
                     and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
-
-
-def strip_optional(tp):
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]  # noqa: UP007
-    return tp
 
 
 def _kind(tp) -> str:

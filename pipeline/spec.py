@@ -44,6 +44,15 @@ def argument() -> dict:
     return {"argument": True}
 
 
+def strip_optional(tp):
+    """`X | None` -> X (a union of several others stays a union of them)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]  # noqa: UP007
+    return tp
+
+
 def choice_problems(obj) -> list[str]:
     """Fields of a configuration dataclass (nested ones included) typed `Literal[...]` whose value is not
     one of the choices: a configuration built in Python gets the check the command line makes."""
@@ -51,10 +60,9 @@ def choice_problems(obj) -> list[str]:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, tp = getattr(obj, f.name), hints[f.name]
-        if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            if value is None and type(None) in typing.get_args(tp):
-                continue
-            tp = next((a for a in typing.get_args(tp) if typing.get_origin(a) is typing.Literal), tp)
+        if value is None and strip_optional(tp) is not tp:  # an optional option left unset
+            continue
+        tp = strip_optional(tp)
         if typing.get_origin(tp) is typing.Literal and value not in typing.get_args(tp):
             choices = ", ".join(map(str, typing.get_args(tp)))
             problems.append(f"--{f.name.replace('_', '-')} must be one of {choices}, got {value!r}")

@@ -315,6 +315,7 @@ class Run:
     eval_loader: DataLoader
     steps: list[int]  # optimizer steps of each epoch, equal on every rank
     data: Data
+    eval_recipe: Recipe  # the training recipe at --eval-crop-pct
     mixed_precision: str
     ema: Any = None  # timm ModelEmaV3 of the evaluated model, or None
 
@@ -461,7 +462,8 @@ def set_up(cfg: TrainConfig) -> Run:
     eval_recipe = dataclasses.replace(data.recipe, eval_crop_pct=cfg.eval_crop_pct or data.recipe.eval_crop_pct)
     eval_loader = DataLoader(EvalViews(data.val, eval_recipe, rank, world), batch_size=cfg.batch_size,
                              num_workers=min(cfg.workers, max(1, len(data.val.split.shards) // world)))
-    return Run(cfg, accelerator, prepared, optimizer, scheduler, views, eval_loader, steps, data, mp, ema)
+    return Run(cfg, accelerator, prepared, optimizer, scheduler, views, eval_loader, steps, data, eval_recipe, mp,
+               ema)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -469,7 +471,7 @@ def train(cfg: TrainConfig) -> dict:
     run = set_up(cfg)
     accelerator, data = run.accelerator, run.data
     resolved = {"recipe": data.recipe.to_dict(), "view_seed": data.view_seed, "view_epochs": data.view_epochs,
-                "eval_crop_pct": run.eval_loader.dataset.recipe.eval_crop_pct,
+                "eval_crop_pct": run.eval_recipe.eval_crop_pct,
                 "num_classes": data.num_classes, "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T},
                 "processes": accelerator.num_processes, "mixed_precision": run.mixed_precision,
                 "cache_teacher": data.cached.description.teacher.to_attrs() if data.cached else None,
