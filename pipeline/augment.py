@@ -134,10 +134,10 @@ def _random_erasing(recipe: Recipe) -> RandomErasing:
 def auto_augment(img: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
     """timm's auto-augment of a uint8 [3, S, S] view, drawn from the view's DRAW_AUTO stream (the uint8 <-> PIL
     round trip is exact, so the pixels are the ones timm's transform makes of this image)."""
-    pil = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))
+    pil = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))  # no copy when channels-last
     with seeded_globals(draw_rng(vseed, DRAW_AUTO)):
         pil = _auto_augment(recipe)(pil)
-    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1)  # channels-last; base_view packs it
 
 
 def erase(view: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
@@ -202,6 +202,11 @@ class Recipe:
     still normalises the views its own way."""
     eval_crop_pct: float = 0.875
     """Evaluation: resize the short side to input_size / eval_crop_pct, centre crop."""
+    decode: Literal["full", "draft"] = "full"
+    """JPEG decoding: full size, or draft: at 1/2, 1/4 or 1/8 of the size (libjpeg's DCT scaling) where the
+    view's crop, drawn from the header size before decoding, still covers DRAFT_MARGIN x the view's side in
+    both directions after the reduction (so no view loses resolution it holds). Draft views differ in pixels
+    from full ones wherever a reduction is taken, so a cache records it (a record without it means full)."""
 
     def __post_init__(self):
         problems = []
@@ -223,6 +228,8 @@ class Recipe:
             problems.append(f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
         if self.crop not in ("rrc", "pad", "none"):
             problems.append(f"crop must be rrc, pad or none, got {self.crop}")
+        if self.decode not in ("full", "draft"):
+            problems.append(f"decode must be full or draft, got {self.decode}")
         if self.interpolation not in ("bilinear", "bicubic", "random"):
             problems.append(f"interpolation must be bilinear, bicubic or random, got {self.interpolation}")
         if self.auto_augment != "none":
@@ -239,8 +246,12 @@ class Recipe:
         return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
     def to_dict(self) -> dict:
-        """JSON-normal form (lists, not tuples), so it compares equal to what a store's attributes hold."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-normal form (lists, not tuples), so it compares equal to what a store's attributes hold. decode
+        is left out when full, so the records of caches made before it existed keep meaning what they meant."""
+        d = json.loads(json.dumps(dataclasses.asdict(self)))
+        if d["decode"] == "full":
+            del d["decode"]
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> Recipe:
@@ -299,6 +310,9 @@ class ViewSpec:
     """Override the recipe's view size."""
     seed: int | None = None
     """Seed of the views (with the recipe, it decides every view)."""
+    decode: Literal["full", "draft"] | None = None
+    """Override the recipe's JPEG decoding: full, or draft (reduced-size decoding where the crop allows it;
+    other pixels than full, recorded in the cache)."""
 
     def __post_init__(self):
         self.get()  # an unknown preset or a bad recipe is refused now, not at the first view
@@ -308,11 +322,10 @@ class ViewSpec:
         r = self.recipe
         if r is None:
             return None
-        if isinstance(r, str):
-            return get_recipe(r, self.view_size)
-        if isinstance(r, dict):
-            r = Recipe.from_dict(r)
-        return dataclasses.replace(r, input_size=self.view_size) if self.view_size else r
+        r = get_recipe(r) if isinstance(r, str) else Recipe.from_dict(r) if isinstance(r, dict) else r
+        if self.view_size:
+            r = dataclasses.replace(r, input_size=self.view_size)
+        return dataclasses.replace(r, decode=self.decode) if self.decode else r
 
     @property
     def name(self) -> str:
@@ -361,18 +374,72 @@ class MixRecord:
     box: tuple[int, int, int, int] | None = field(default=None, repr=False)  # cutmix (y0, y1, x0, x1)
 
 
-def base_view(image: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
-    """Geometric and photometric augmentation of one decoded image [3, H, W] uint8 -> [3, S, S] uint8 (compact,
-    to keep a shard's views for mixing): crop, flip, auto-augment, colour jitter. Erasing comes after mixing."""
+DRAFT_MARGIN = 1.25
+"""decode="draft" decodes a view's source at 1/r of its size only where the crop, so reduced, still spans at least
+DRAFT_MARGIN x the view's side in both directions: the view keeps every pixel of resolution it can hold, and the
+antialiased resize after it, not the DCT reduction, sets what detail survives (Pillow's `thumbnail` uses a wider
+gap, 2.0, for the same purpose; 1.25 is a chosen margin, not a derived one)."""
+
+
+def draft_reduction(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
+    """The largest JPEG DCT reduction r in (8, 4, 2) with crop / r >= DRAFT_MARGIN * out on both sides, else 1."""
+    for r in (8, 4, 2):
+        if crop_h >= r * DRAFT_MARGIN * out_h and crop_w >= r * DRAFT_MARGIN * out_w:
+            return r
+    return 1
+
+
+class Decoded:
+    """An image already decoded [3, H, W] uint8, standing in for an encoded sample (`pipeline.reader.Sample`),
+    which views take so that they can draw the crop from the header size before decoding."""
+
+    reducible = False
+
+    def __init__(self, image: torch.Tensor):
+        self.image, self.size = image, (image.shape[-1], image.shape[-2])
+
+    def decoded(self, reduce: int = 1) -> torch.Tensor:
+        assert reduce == 1, "a decoded image cannot be decoded smaller"
+        return self.image
+
+
+def _source(image) -> Decoded:
+    return Decoded(image) if isinstance(image, torch.Tensor) else image
+
+
+def _decode_for(src, recipe: Recipe, box: tuple[int, int, int, int], out_h: int, out_w: int):
+    """The source decoded for a crop `box` (top, left, h, w in full-size pixels) that will be resized to
+    out_h x out_w: (image, box in that image's pixels). Full size unless the recipe decodes drafts, the source
+    is a JPEG and the crop leaves room (`draft_reduction`); then the box is scaled and rounded to the reduced
+    pixel grid (an offset of at most half a reduced pixel, i.e. under 0.4 of a view pixel)."""
+    r = draft_reduction(box[2], box[3], out_h, out_w) if recipe.decode == "draft" and src.reducible else 1
+    img = src.decoded(r)
+    if r == 1:
+        return img, box
+    H, W = img.shape[-2:]
+    top, left, h, w = box
+    y0, x0 = round(top / r), round(left / r)
+    y1, x1 = min(H, round((top + h) / r)), min(W, round((left + w) / r))
+    return img, (y0, x0, y1 - y0, x1 - x0)
+
+
+def base_view(image, recipe: Recipe, vseed: int) -> torch.Tensor:
+    """Geometric and photometric augmentation of one image -> [3, S, S] uint8 (compact, to keep a shard's views
+    for mixing): crop, flip, auto-augment, colour jitter. Erasing comes after mixing.
+
+    `image`: a `pipeline.reader.Sample` (decoded here, at the size the crop needs) or a decoded [3, H, W] uint8
+    tensor. The crop is drawn from the image's size alone, so it is the same whichever way it is decoded."""
+    src = _source(image)
     S = recipe.input_size
-    h, w = image.shape[-2:]
+    w, h = src.size
     rng = draw_rng(vseed, DRAW_CROP)
     interp = _interp(recipe, vseed)
     if recipe.crop == "rrc":
-        top, left, ch, cw = _rrc_params(rng, h, w, recipe.scale, recipe.ratio)
-        img = TF.resized_crop(image, top, left, ch, cw, [S, S], interpolation=interp, antialias=True)
+        img, box = _decode_for(src, recipe, _rrc_params(rng, h, w, recipe.scale, recipe.ratio), S, S)
+        img = TF.resized_crop(img, *box, [S, S], interpolation=interp, antialias=True)
     else:
-        img = image if (h, w) == (S, S) else TF.resize(image, [S, S], interpolation=interp, antialias=True)
+        img, _ = _decode_for(src, recipe, (0, 0, h, w), S, S)
+        img = img if tuple(img.shape[-2:]) == (S, S) else TF.resize(img, [S, S], interpolation=interp, antialias=True)
         if recipe.crop == "pad" and recipe.padding > 0:
             p = recipe.padding
             img = F.pad(img, (p, p, p, p))
@@ -433,11 +500,15 @@ def mix(own: torch.Tensor, partner: torch.Tensor | None, rec: MixRecord) -> torc
     return own * rec.lam + partner * (1.0 - rec.lam)
 
 
-def eval_view(image: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """Deterministic evaluation view: resize the short side, centre crop, [3, S, S] float in [0, 1]."""
+def eval_view(image, recipe: Recipe) -> torch.Tensor:
+    """Deterministic evaluation view: resize the short side, centre crop, [3, S, S] float in [0, 1].
+    `image`: a `pipeline.reader.Sample` or a decoded [3, H, W] uint8 tensor, as for `base_view`."""
+    src = _source(image)
     S = recipe.input_size
     short = int(math.floor(S / recipe.eval_crop_pct))
-    img = TF.resize(image, short, interpolation=_interp(recipe), antialias=True)
+    w, h = src.size
+    img, _ = _decode_for(src, recipe, (0, 0, min(h, w), min(h, w)), short, short)  # the short side -> `short`
+    img = TF.resize(img, short, interpolation=_interp(recipe), antialias=True)
     img = TF.center_crop(img, [S, S])
     return img.to(torch.float32) / 255.0
 

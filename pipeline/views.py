@@ -55,7 +55,7 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
     digest (of the view's pixels, see `view_digest`).
     """
     seeds = {s.index: view_seed(seed, epoch, s.index) for s in samples}
-    bases = {s.index: base_view(s.image, recipe, seeds[s.index]) for s in samples}
+    bases = {s.index: base_view(s, recipe, seeds[s.index]) for s in samples}  # each decoded for its own crop
     labels = {s.index: s.label for s in samples}
     erases = recipe.erase_prob > 0
     for s in samples:
@@ -189,4 +189,4 @@ class EvalViews(ShardStream):
 
     def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
         for s in samples:
-            yield {"view": eval_view(s.image, self.recipe), "label": s.label, "index": s.index}
+            yield {"view": eval_view(s, self.recipe), "label": s.label, "index": s.index}
