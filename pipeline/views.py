@@ -15,7 +15,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.augment import MIX_NONE, Recipe, base_view, erase, eval_view, mix, mix_record, to_view, view_seed
+from pipeline.augment import (
+    MIX_NONE,
+    Recipe,
+    base_view,
+    erase,
+    eval_view,
+    mix,
+    mix_record,
+    preserved_globals,
+    to_view,
+    view_seed,
+)
 from pipeline.reader import Sample, ShardReader, assign_shards, current_worker, shard_order
 
 Join = Callable[[int, int, int, list[dict]], list[dict]]
@@ -55,7 +66,8 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
     digest (of the view's pixels, see `view_digest`).
     """
     seeds = {s.index: view_seed(seed, epoch, s.index) for s in samples}
-    bases = {s.index: base_view(s, recipe, seeds[s.index]) for s in samples}  # each decoded for its own crop
+    with preserved_globals():  # timm's ops reseed the global generators: save them once for the whole shard
+        bases = {s.index: base_view(s, recipe, seeds[s.index]) for s in samples}  # each decoded for its crop
     labels = {s.index: s.label for s in samples}
     erases = recipe.erase_prob > 0
     for s in samples:
@@ -67,7 +79,7 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
         own = to_view(bases[s.index])
         mixed = rec.mode != MIX_NONE
         # erased after mixing, as timm's loader does it (its collate mixes, then the prefetcher erases)
-        view = erase(mix(own, to_view(bases[rec.partner]) if mixed else None, rec), recipe, rec.view_seed)
+        view = erase(mix(own, bases[rec.partner] if mixed else None, rec, inplace=True), recipe, rec.view_seed)
         yield {"view": view, "label": s.label, "partner_label": labels[rec.partner] if mixed else s.label,
                "lam": rec.lam, "index": s.index, "view_seed": rec.view_seed,
                "partner": rec.partner, "mix_mode": rec.mode, "digest": view_digest(view, erases)}
