@@ -111,12 +111,29 @@ def timm_views(blobs: list[bytes], batch_size: int, tf, mixer, epoch: int) -> in
     return n
 
 
+def draft_reductions(reader: ShardReader, recipe, epochs) -> dict:
+    """How the draft views of these epochs were decoded: the share of views at each JPEG reduction (1 = full)."""
+    from pipeline.augment import DRAW_CROP, _rrc_params, draft_reduction, draw_rng, view_seed
+    S, seen = recipe.input_size, {}
+    for shard in range(reader.num_shards):
+        for s in reader.read_shard(shard):
+            w, h = s.size
+            for e in epochs:
+                _, _, ch, cw = _rrc_params(draw_rng(view_seed(0, e, s.index), DRAW_CROP), h, w, recipe.scale,
+                                           recipe.ratio)
+                r = draft_reduction(ch, cw, S, S)
+                seen[r] = seen.get(r, 0) + 1
+    total = sum(seen.values())
+    return {f"1/{r}": seen[r] / total for r in sorted(seen)}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=96)
     p.add_argument("--shard-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--recipes", nargs="+", default=["imagenet-cnn", "imagenet-vit"])
+    p.add_argument("--recipes", nargs="+", default=["imagenet-cnn", "imagenet-vit", "imagenet-cnn@112"],
+                   help="presets, NAME@SIZE for another view size")
     p.add_argument("--name", default="loader_vs_timm")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -133,7 +150,8 @@ def main(argv=None) -> dict:
                "jpeg_quality": 90, "bytes_per_image": float(np.mean([len(b) for b in blobs])),
                "shard_size": args.shard_size, "rounds": args.rounds, "threads": 1, "recipes": {}}
     for name in args.recipes:
-        recipe = get_recipe(name)
+        preset, _, size = name.partition("@")
+        recipe = get_recipe(preset, int(size) if size else None)
         draft = dataclasses.replace(recipe, decode="draft") if hasattr(recipe, "decode") else None
         tf = timm_transform(recipe)
         mixer = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, prob=recipe.mix_prob,
@@ -159,8 +177,9 @@ def main(argv=None) -> dict:
         rec["ours_over_timm"] = rate["ours"] / rate["timm"]
         if draft is not None:
             rec["ours_draft_over_timm"] = rate["ours_draft"] / rate["timm"]
+            rec["draft_reductions"] = draft_reductions(reader, draft, range(1, args.rounds + 1))
         results["recipes"][name] = rec
-        print(name, {k: round(v, 3) for k, v in rec.items()}, flush=True)
+        print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}, flush=True)
     save(args.name, results)
     return results
 

@@ -449,7 +449,7 @@ def _decode_for(src, recipe: Recipe, box: tuple[int, int, int, int], out_h: int,
 
 def base_view(image, recipe: Recipe, vseed: int) -> torch.Tensor:
     """Geometric and photometric augmentation of one image -> [3, S, S] uint8 (compact, to keep a shard's views
-    for mixing): crop, flip, auto-augment, colour jitter. Erasing comes after mixing.
+    for mixing; possibly a strided view): crop, flip, auto-augment, colour jitter. Erasing comes after mixing.
 
     `image`: a `pipeline.reader.Sample` (decoded here, at the size the crop needs) or a decoded [3, H, W] uint8
     tensor. The crop is drawn from the image's size alone, so it is the same whichever way it is decoded."""
@@ -478,12 +478,13 @@ def base_view(image, recipe: Recipe, vseed: int) -> torch.Tensor:
         lo, hi = max(0.0, 1 - recipe.color_jitter), 1 + recipe.color_jitter
         b, c, s = (float(rng.uniform(lo, hi)) for _ in range(3))
         img = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
-    return img.contiguous()
+    return img  # channels-last after auto-augment: `to_view` lays it out as it converts
 
 
 def to_view(image: torch.Tensor) -> torch.Tensor:
-    """uint8 base view -> float [3, S, S] in [0, 1]."""
-    return image.to(torch.float32) / 255.0
+    """uint8 base view (any memory layout) -> float [3, S, S] in [0, 1], contiguous: one pass that converts and
+    lays out at once (the same float32 values as .float() / 255)."""
+    return torch.div(image, 255.0, out=torch.empty(image.shape, dtype=torch.float32))
 
 
 def mix_record(recipe: Recipe, vseed: int, index: int, first: int, count: int) -> MixRecord:
