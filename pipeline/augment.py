@@ -339,6 +339,9 @@ class ViewSpec:
     other pixels than full, recorded in the cache)."""
 
     def __post_init__(self):
+        if self.decode is not None and self.recipe is None:  # it would have no recipe to change
+            raise UserError(f"--decode {self.decode} changes a recipe's views: name the recipe too (--recipe), "
+                            f"or omit --decode")
         self.get()  # an unknown preset or a bad recipe is refused now, not at the first view
 
     def get(self) -> Recipe | None:

@@ -143,3 +143,10 @@ def test_a_recipe_record_without_decode_means_full():
     assert d["decode"] == "draft" and type(r).from_dict(d).decode == "draft"
     with pytest.raises(UserError, match="decode must be full or draft"):
         type(r).from_dict({**d, "decode": "half"})
+
+
+def test_decode_without_a_recipe_is_refused_not_ignored(tmp_path):
+    from conftest import run_cli
+    p = run_cli("train-student", "--data", tmp_path, "--student", "test_resnet", "--decode", "draft",
+                "--out", tmp_path / "run", "--quiet")
+    assert p.returncode == 2 and "--decode draft changes a recipe's views: name the recipe too" in p.stderr + p.stdout
