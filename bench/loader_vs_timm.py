@@ -13,8 +13,8 @@ variant alike and the ratios are fair even where the absolute rates are not:
 - ours:        `shard_views` over each shard as read by `ShardReader` (tar parsing, decode, crop, flip,
                auto-augment, mixing, erasing, the pixel fingerprint), full decode: the recipe as it is
 - ours+draft:  the same with the recipe's `decode="draft"` (reduced-size JPEG decoding where the crop allows)
-- timm:        `timm.data.create_transform(is_training=True, ...)` with the recipe's settings on the PIL image
-               decoded from the same bytes (held in memory: timm is spared the tar parsing), and for the vit
+- timm:        timm's `ImageDataset` over the same JPEG files (each opened, decoded by PIL, converted to RGB) with
+               `timm.data.create_transform(is_training=True, ...)` at the recipe's settings, and for the vit
                recipe timm's `Mixup` (mixup 0.8, cutmix 1.0) on batches of `--shard-size`
 Each round is one epoch (epoch = round number, so crops differ between rounds) over every image for every
 variant. G = 1: one decode per view (several epochs per decode is another step).
@@ -96,14 +96,12 @@ def ours_views(reader: ShardReader, recipe, epoch: int) -> int:
     return n
 
 
-def timm_views(blobs: list[bytes], batch_size: int, tf, mixer, epoch: int) -> int:
-    """One epoch of timm's views of the same images (decoded from the same bytes), mixed per batch."""
+def timm_views(dataset, batch_size: int, mixer, epoch: int) -> int:
+    """One epoch of timm's views of the same files: its `ImageDataset` (opens each file, decodes it with PIL,
+    runs the transform), mixed per batch as timm's train.py does with `Mixup`."""
     n = 0
-    for first in range(0, len(blobs), batch_size):
-        batch = []
-        for b in blobs[first:first + batch_size]:
-            with Image.open(io.BytesIO(b)) as im:
-                batch.append(tf(im.convert("RGB")))
+    for first in range(0, len(dataset), batch_size):
+        batch = [dataset[i][0] for i in range(first, min(first + batch_size, len(dataset)))]
         x = torch.stack(batch)
         if mixer is not None:
             x, _ = mixer(x, torch.zeros(len(batch), dtype=torch.long))
@@ -137,7 +135,7 @@ def main(argv=None) -> dict:
     p.add_argument("--name", default="loader_vs_timm")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from timm.data import Mixup
+    from timm.data import ImageDataset, Mixup
 
     tmp = Path(tempfile.mkdtemp(prefix="ofakd-loader-vs-timm-"))
     make_images(tmp / "src", args.images)
@@ -158,7 +156,8 @@ def main(argv=None) -> dict:
                       switch_prob=recipe.switch_prob, num_classes=1000) if recipe.mixes else None
 
         variants = {"ours": functools.partial(ours_views, reader, recipe),
-                    "timm": functools.partial(timm_views, blobs, args.shard_size, tf, mixer)}
+                    "timm": functools.partial(timm_views, ImageDataset(str(tmp / "src"), transform=tf),
+                                              args.shard_size, mixer)}
         if draft is not None:
             variants["ours_draft"] = functools.partial(ours_views, reader, draft)
         cpu = {k: 0.0 for k in variants}

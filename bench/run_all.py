@@ -139,9 +139,10 @@ def summary(out: dict) -> str:
               "- Step-time ratios are medians of per-round ratios over interleaved, rotated rounds on the same "
               "batches.",
               "- `loader_vs_timm`: CPU-seconds of one process on one thread, variants interleaved in rotating rounds "
-              "on the same 500x375 JPEG photos, so the load of other jobs on the machine falls on all alike; G = 1 "
-              "(one decode per view). Draft decode reduces no 224 px view of 500x375 photos (a reduction needs a "
-              "crop of 560 px a side); see the README's Performance section for what bounds each ratio."]
+              "on the same 500x375 JPEG photos (timm through its ImageDataset on the files), so the load of "
+              "other jobs on the machine falls on all alike; G = 1 (one decode per view). Draft decode reduces no "
+              "224 px view of 500x375 photos (a reduction needs a crop of 560 px a side); see the README's "
+              "Performance section for what bounds each ratio."]
     return "\n".join(lines) + "\n"
 
 
