@@ -122,6 +122,13 @@ class TrainConfig:
     """Batch size per process."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 on CUDA, none on CPU."""
+    channels_last: bool = False
+    """Student weights and inputs in channels-last memory format (faster convolutions on recent GPUs; the
+    online teacher too)."""
+    compile: bool = False
+    """torch.compile the student with its heads (in place: checkpoints and exports keep their keys)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend for --compile (inductor; aot_eager or eager to debug a compile problem)."""
     ema_decay: float = 0.0
     """EMA of the student weights (0 = off); evaluated and exported as model_ema.safetensors."""
     workers: int = 2
@@ -167,6 +174,8 @@ class TrainConfig:
             problems.append(f"--lr must be > 0, got {self.optim.lr}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.compile_backend != "inductor" and not self.compile:
+            problems.append(f"--compile-backend {self.compile_backend} applies to --compile; pass --compile or drop it")
         if self.eval_crop_pct is not None and not 0 < self.eval_crop_pct <= 1:
             problems.append(f"--eval-crop-pct must be in (0, 1], got {self.eval_crop_pct}")
         problems += choice_problems(self)
@@ -225,6 +234,8 @@ def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
     C, teacher, teacher_width, about_teacher = data.num_classes, None, 0, None
     if cfg.teacher.name:
         t = Teacher.from_spec(cfg.teacher, data.train.manifest, data.recipe.input_size, device=device)
+        if cfg.channels_last:
+            t.to_channels_last()
         teacher, teacher_width = online(t), t.num_features
         about_teacher = {"name": t.name, "weights": t.weights,
                          "classes": t.class_map.to_dict() if t.class_map else None}
@@ -239,6 +250,12 @@ def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
         student = StudentWithHeads(bare, C, s_input.size, teacher_width=teacher_width, stages=cfg.heads.stages,
                                    block_indices=cfg.heads.block_indices, head_kind=cfg.heads.head_kind,
                                    with_heads=cfg.loss.method == "ofa")
+    if cfg.channels_last:
+        student.to(memory_format=torch.channels_last)
+        s_input = dataclasses.replace(s_input, channels_last=True)
+    if cfg.compile:
+        # in place (nn.Module.compile): the module tree, its state_dict keys and so checkpoints stay as they are
+        student.compile(backend=cfg.compile_backend)
     return DistillationTask(student, s_input, cfg.loss, C, teacher,
                             provenance={"student_weights": bare.loaded_weights, "online_teacher": about_teacher})
 
@@ -325,6 +342,25 @@ class Run:
         return self.accelerator.unwrap_model(self.task)
 
 
+class Waited:
+    """Iterates a loader and adds up the seconds the loop waited for its batches (`waited`): the part of an
+    epoch the views, not the step, took. On a GPU the step runs asynchronously, so this is the time the host
+    had nothing to queue."""
+
+    def __init__(self, loader):
+        self.loader, self.waited = loader, 0.0
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            self.waited += time.perf_counter() - t0
+            if batch is None:
+                return
+            yield batch
+
+
 def train_step(task, batch: dict, optimizer, accelerator, clip_grad: float | None = None) -> dict:
     """One (micro-)step exactly as the loop runs it; returns the task's loss terms (on the device)."""
     with accelerator.accumulate(task):
@@ -347,9 +383,10 @@ def train_epoch(run: Run, epoch: int) -> dict:
     micro = run.steps[epoch] * cfg.optim.grad_accum
     sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync in the step
     seen, update, t0 = 0, sum(run.steps[:epoch]), time.perf_counter()
+    batches = Waited(loader)
     with Bar(cfg.progress and accelerator.is_local_main_process, micro * cfg.batch_size * world,
              f"epoch {epoch + 1}/{cfg.epochs} {cfg.loss.method}") as bar:
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(batches):
             if i >= micro:
                 break
             run.model.set_progress(epoch + i / micro)  # for loss warm-ups (DKD)
@@ -369,7 +406,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
     terms = accelerator.reduce(torch.stack([sums[k] for k in sorted(sums)]) / max(1, micro), reduction="mean")
     return {"epoch": epoch + 1, **{f"train/{k}": float(v) for k, v in zip(sorted(sums), terms.tolist(), strict=True)},
             "lr": run.optimizer.param_groups[0]["lr"], "train_seconds": elapsed,
-            "images_per_second": seen * world / elapsed if elapsed > 0 else 0.0}
+            "images_per_second": seen * world / elapsed if elapsed > 0 else 0.0,
+            "loader_wait_seconds": batches.waited}
 
 
 @torch.no_grad()
@@ -487,7 +525,9 @@ def train(cfg: TrainConfig) -> dict:
             metrics |= {f"ema_{k}": v for k, v in evaluate(run, run.ema.module).items()}
         history.append(metrics)
         accelerator.print(f"epoch {epoch + 1}: loss {metrics['train/loss']:.4f} top1 {metrics['top1']:.2f} top5 "
-                          f"{metrics['top5']:.2f} ({metrics['images_per_second']:.0f} img/s)")
+                          f"{metrics['top5']:.2f} ({metrics['images_per_second']:.0f} img/s, "
+                          f"{metrics['loader_wait_seconds']:.1f} of {metrics['train_seconds']:.1f} s waiting for "
+                          f"views)")
         accelerator.log(metrics, step=epoch + 1)  # no-op without --log-with
         save_epoch(cfg.out, epoch, history, accelerator)
     summary = export_run(run, history)
