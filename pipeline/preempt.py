@@ -1,0 +1,81 @@
+"""Preemption: SIGTERM/SIGINT ask a long command to stop at the next safe point, save, and exit 75.
+
+Rented GPU nodes are reclaimed with a SIGTERM and about 30 s of notice (torchrun, Slurm and Kubernetes
+all send SIGTERM to every rank). `StopSignals` turns the first SIGTERM or SIGINT into a flag that the
+loop reads at its safe points (after an optimizer step in `train-student`, after a written unit in
+`cache-teacher`); the command then saves and exits with `EXIT_PREEMPTED`. The handler puts the default
+handlers back at once, so a second signal stops a run that hangs, as it would without us.
+
+Data-loader workers are forked after the handler is installed and inherit it: a SIGTERM sent to the
+whole process group only sets the flag in each worker's own copy, so no worker dies (torch's main
+process would otherwise raise "DataLoader worker ... is killed by signal: Terminated") and the main
+loop keeps its batches until it chooses to stop.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later", here: resume with the same command (--resume)
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preempted(SystemExit):
+    """Raised after the state is saved: the process exits with EXIT_PREEMPTED."""
+
+    def __init__(self, what: str):
+        super().__init__(EXIT_PREEMPTED)
+        self.what = what
+
+
+class StopSignals:
+    """Context manager: while active, the first SIGTERM/SIGINT sets `requested` (and `signal_time`).
+
+    Outside the main thread (signal handlers cannot be set there) it does nothing and `requested` stays
+    False. The previous handlers come back on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_time: float | None = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        self.requested, self.signum, self.signal_time = True, signum, time.monotonic()
+        for s in SIGNALS:  # a second signal acts as if we were not here: a hung run can still be stopped
+            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a stop signal"
+
+
+# The active StopSignals of this process (None outside a command): tests/support/probe_cli.py reads it to
+# end a stall when the signal arrives.
+current: StopSignals | None = None
+
+
+class active:
+    """`with active() as stop:` a StopSignals that is also `pipeline.preempt.current`."""
+
+    def __enter__(self) -> StopSignals:
+        global current
+        self.stop = current = StopSignals().__enter__()
+        return self.stop
+
+    def __exit__(self, *exc):
+        global current
+        self.stop.__exit__(*exc)
+        current = None
