@@ -3,8 +3,9 @@
 Rented GPU nodes are reclaimed with a SIGTERM and about 30 s of notice (torchrun, Slurm and Kubernetes
 all send SIGTERM to every rank). `StopSignals` turns the first SIGTERM or SIGINT into a flag that the
 loop reads at its safe points (after an optimizer step in `train-student`, after a written unit in
-`cache-teacher`); the command then saves and exits with `EXIT_PREEMPTED`. The handler puts the default
-handlers back at once, so a second signal stops a run that hangs, as it would without us.
+`cache-teacher`); the command then saves and exits with `EXIT_PREEMPTED`. A second signal more than
+REPEAT_WINDOW_S after the first acts as if no handler were installed (a hung run can still be stopped);
+one sooner is taken for the same stop delivered twice (scheduler and launcher both send it) and ignored.
 
 Data-loader workers are forked after the handler is installed and inherit it: a SIGTERM sent to the
 whole process group only sets the flag in each worker's own copy, so no worker dies (torch's main
@@ -20,6 +21,7 @@ import time
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later", here: resume with the same command (--resume)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_WINDOW_S = 2.0  # a second signal within this time of the first is the same stop, delivered twice
 
 
 class Preempted(SystemExit):
@@ -43,9 +45,15 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
-        self.requested, self.signum, self.signal_time = True, signum, time.monotonic()
-        for s in SIGNALS:  # a second signal acts as if we were not here: a hung run can still be stopped
-            signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+        now = time.monotonic()
+        if not self.requested:
+            self.requested, self.signum, self.signal_time = True, signum, now
+        elif now - self.signal_time > REPEAT_WINDOW_S:  # a real second signal: act as if we were not here
+            for s in SIGNALS:
+                signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+            signal.raise_signal(signum)
+        # else the same stop sent twice (Slurm signals every process of a job, and torchrun forwards its own
+        # SIGTERM to the ranks it launched): ignored, or the copy would kill the rank mid-save
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
