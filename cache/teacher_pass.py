@@ -39,7 +39,7 @@ from cache.teacher import Teacher, TeacherSpec
 from pipeline.augment import Recipe, ViewSpec
 from pipeline.errors import UserError
 from pipeline.location import Location
-from pipeline.preempt import EXIT_PREEMPTED, Preempted, active
+from pipeline.preempt import EXIT_PREEMPTED, Preempted, active, ignore_stop_signals
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader
 from pipeline.spec import choice_problems, group, mounted
@@ -221,7 +221,7 @@ def _cache_teacher(cfg: CacheConfig, stop) -> dict:
 
     stream = UnitViews(reader, cfg.recipe, cfg.views.seed, cfg.epochs, mine)
     loader = DataLoader(UnitBatches(stream, cfg.batch_size), batch_size=None, num_workers=min(cfg.workers, len(mine)),
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     total_views = sum(reader.split.shards[u].count for u in mine) * cfg.epochs
     buffers: dict[int, _UnitBuffer] = {}
     written, t0, finishing, stopped = 0, time.perf_counter(), None, False

@@ -7,10 +7,11 @@ loop reads at its safe points (after an optimizer step in `train-student`, after
 REPEAT_WINDOW_S after the first acts as if no handler were installed (a hung run can still be stopped);
 one sooner is taken for the same stop delivered twice (scheduler and launcher both send it) and ignored.
 
-Data-loader workers are forked after the handler is installed and inherit it: a SIGTERM sent to the
-whole process group only sets the flag in each worker's own copy, so no worker dies (torch's main
-process would otherwise raise "DataLoader worker ... is killed by signal: Terminated") and the main
-loop keeps its batches until it chooses to stop.
+Data-loader workers must not die of a SIGTERM sent to the whole process group (as Slurm sends it): torch
+installs a C handler for SIGTERM in each worker that prints and dies, and the main process then raises
+"DataLoader worker ... is killed by signal: Terminated" instead of saving. Our loaders pass
+`worker_init_fn=ignore_stop_signals` (it runs after torch's handler setup): a worker ignores SIGTERM and
+SIGINT, and leaves when the main process shuts it down or dies (torch's workers watch their parent).
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ class StopSignals:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "a stop signal"
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """DataLoader worker_init_fn: the stop is the main process's to handle (see the module docstring)."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 # The active StopSignals of this process (None outside a command): tests/support/probe_cli.py reads it to

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.augment import MIX_NONE, Recipe, base_view, erase, eval_view, mix, mix_record, to_view, view_seed
+from pipeline.preempt import ignore_stop_signals
 from pipeline.reader import Sample, ShardReader, assign_shards, current_worker, shard_order
 
 Join = Callable[[int, int, int, list[dict]], list[dict]]
@@ -205,7 +206,7 @@ class TrainViews(ShardStream):
         self._skip = [d * batch_size for d in done]
         self._rotate = first
         return DataLoader(self, batch_size=batch_size, num_workers=self.workers_for(epoch, workers),
-                          drop_last=True, pin_memory=pin_memory,
+                          drop_last=True, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
                           generator=torch.Generator())  # its seed draw must not move the global RNG (resume)
 
     def shards(self, worker: int, workers: int) -> list[int]:

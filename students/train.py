@@ -554,7 +554,8 @@ def set_up(cfg: TrainConfig) -> Run:
         accelerator.register_for_checkpointing(ema)
     eval_recipe = dataclasses.replace(data.recipe, eval_crop_pct=cfg.eval_crop_pct or data.recipe.eval_crop_pct)
     eval_loader = DataLoader(EvalViews(data.val, eval_recipe, rank, world), batch_size=cfg.batch_size,
-                             num_workers=min(cfg.workers, max(1, len(data.val.split.shards) // world)))
+                             num_workers=min(cfg.workers, max(1, len(data.val.split.shards) // world)),
+                             worker_init_fn=preempt.ignore_stop_signals)
     return Run(cfg, accelerator, prepared, optimizer, scheduler, views, eval_loader, steps, data, eval_recipe, mp,
                ema)
 
