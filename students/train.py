@@ -4,13 +4,16 @@
             heads, a teacher source, the loss), optimizer and schedule, one accelerator.prepare
     loop:   for epoch: views -> task(batch) -> accelerator.backward -> step; evaluate the bare
             student; save_state, then the progress record that makes it trusted on resume
+            (SIGTERM/SIGINT or --save-every-steps: the same inside an epoch, see `save_step`)
     end:    export the bare student as safetensors; metrics.json
 
 One loop for every method (ce, kd, dkd, ofa), cached or online teacher, one or many processes.
 Two things are hand-written on purpose: the loaders are not passed to `accelerator.prepare` (each
 rank already reads its own shards, and a view must not depend on how batches are split: see
-`pipeline.reader.assign_shards`), and the run directory keeps only the last epoch's state
-(`_save_epoch`), which accelerate's own rotation cannot tie to our progress record.
+`pipeline.reader.assign_shards`), and the run directory keeps only the newest trusted state (an epoch's
+end or a step inside one: `trust_state`), which accelerate's own rotation cannot tie to our progress record.
+A position inside an epoch is (epoch, micro-steps taken): the view stream replays from any batch
+(`TrainViews.loader(start=...)`), so a step checkpoint holds no data-loader buffer.
 """
 
 from __future__ import annotations
