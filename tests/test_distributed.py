@@ -195,11 +195,12 @@ def test_two_rank_training_killed_mid_epoch_resumes_to_the_same_weights(small_di
 
 
 def preempt_args(data, store, out, ranks: int, *extra) -> list:
-    """Small OFA runs with dropout (the restored RNG state matters) and `ranks` loader workers per rank (2
-    workers read 2 + 1 of a rank's 3 shards: a loader resumed at step 3 must rotate the workers' turn)."""
+    """Small OFA runs with dropout (the restored RNG state matters), an EMA (restored too) and `ranks` loader
+    workers per rank (2 workers read 2 + 1 of a rank's 3 shards: a loader resumed at step 3 must rotate the
+    workers' turn)."""
     return ["train-student", "--data", data, "--student", "test_resnet", "--model-kwargs", "drop_rate=0.2",
             "--method", "ofa", "--cache", store, "--epochs", 2, "--batch-size", 8, "--max-steps-per-epoch", 5,
-            "--workers", ranks, "--lr", 0.05, "--out", out, "--quiet", *extra]
+            "--ema-decay", 0.5, "--workers", ranks, "--lr", 0.05, "--out", out, "--quiet", *extra]
 
 
 @pytest.fixture(scope="session")
@@ -219,13 +220,14 @@ def uninterrupted(small_digits, ref_store, tmp_path_factory):
 
 
 def assert_same_run(a, b) -> None:
-    """Same exported weights (torch.equal) and the same metrics, bar the timings."""
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    """Same exported weights and EMA weights (torch.equal) and the same metrics, bar the timings."""
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
     ha, hb = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
     untimed = [[{k: v for k, v in h.items() if k not in ("train_seconds", "images_per_second")} for h in x]
                for x in (ha, hb)]
-    assert untimed[0] == untimed[1] and "train/ofa/stage1" in untimed[0][1]
+    assert untimed[0] == untimed[1] and {"train/ofa/stage1", "ema_top1"} <= set(untimed[0][1])
 
 
 @pytest.mark.slow
