@@ -146,7 +146,8 @@ def test_sigkill_of_one_rank_mid_pass_then_rerun_gives_identical_arrays(small_di
     assert status != 0  # the launcher saw its rank die
     done = CacheStore(out).done_units()
     assert 0 < len(done) < 6, done  # killed mid-pass: some units marked, some not
-    assert not ranks_seen(tmp_path / "p1")  # no rank exited normally
+    # the killed rank left no record; torchrun's SIGTERM made the other finish its unit in flight and exit 75
+    assert [(r["rank"], r["exit"]) for r in ranks_seen(tmp_path / "p1")] in ([], [(0, 75)])
     rerun = run_ranks(2, tmp_path / "p2", *cache_args(small_digits, teacher_ckpt, out))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     seen = assert_two_ranks(tmp_path / "p2")
