@@ -13,7 +13,8 @@ Every command is built the same way (`commands.options.command_from`): its optio
 one dataclass, grouped (a model's weights, a teacher, the views, the loss, ...), each flag declared
 once with its help text; `--config FILE.yaml` and `--print-config` work for all of them.
 
-Problems a user can fix exit with status 2 and one sentence naming the input and the fix.
+Problems a user can fix exit with status 2 and one sentence naming the input and the fix. A command stopped by
+SIGTERM/SIGINT (preemption) saves and exits with status 75 (pipeline.preempt).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def shards(cfg: ShardsConfig) -> None:
 
 
 def cache_teacher(cfg: CacheConfig) -> None:
-    """Stage one: run the teacher once over the replayable views and store top-k logits (resumable)."""
+    """Stage one: run the teacher once over the replayable views and store top-k logits (resumable).
+
+    On SIGTERM/SIGINT it finishes the units in flight and exits with status 75 (rerun to complete the store)."""
     from cache.teacher_pass import cache_teacher
     s = cache_teacher(cfg)
     if s["is_main"]:
@@ -92,7 +95,9 @@ def verify_cache(cfg: VerifyConfig) -> None:
 
 
 def train_student(cfg: TrainConfig) -> None:
-    """Stage two: train a student (with OFA stage heads) from the cache, online, or with plain CE."""
+    """Stage two: train a student (with OFA stage heads) from the cache, online, or with plain CE.
+
+    On SIGTERM/SIGINT it saves at the next optimizer step and exits with status 75 (continue with --resume)."""
     from students.train import train
     summary = train(cfg)
     print(f"{cfg.out}: top1 {summary['top1']:.2f} top5 {summary['top5']:.2f} after {summary['epochs']} epochs "

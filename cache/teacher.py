@@ -13,6 +13,7 @@ over the dataset's classes, exactly as if the teacher had been built with that s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,12 @@ class Teacher:
     @property
     def num_features(self) -> int:
         return int(getattr(self.model, "num_features", 0))
+
+    def to_channels_last(self) -> Teacher:
+        """Weights and inputs in channels-last memory format (the same logits, faster convolutions on GPUs)."""
+        self.model.to(memory_format=torch.channels_last)
+        self.input = dataclasses.replace(self.input, channels_last=True)
+        return self
 
     @torch.no_grad()
     def __call__(self, views: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,13 @@
     when a unit is whole: write its zarr shards, fsync, then write its completion marker
 
 Killed at any moment, a rerun skips the marked units and redoes the rest; unmarked data is never read.
+On SIGTERM/SIGINT the pass finishes the units in flight (at most one per loader worker), starts no other,
+and exits with status 75 (pipeline.preempt); units it cannot finish within --stop-grace stay unmarked.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ from cache.teacher import Teacher, TeacherSpec
 from pipeline.augment import Recipe, ViewSpec
 from pipeline.errors import UserError
 from pipeline.location import Location
+from pipeline.preempt import EXIT_PREEMPTED, Preempted, active, ignore_stop_signals
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader
 from pipeline.spec import choice_problems, group, mounted
@@ -70,9 +74,14 @@ class CacheConfig:
     """Corrupt samples: raise (stop) or skip (recorded in the store)."""
     progress: bool = field(default=True, metadata={"flags": ("--progress/--quiet",)})
     """Progress bars."""
+    stop_grace: float = 20.0
+    """On SIGTERM/SIGINT, finish the units in flight if that takes at most this many seconds (else leave them
+    unmarked for the rerun), then exit with status 75; a rerun of the same command completes the store."""
 
     def __post_init__(self):
         problems = []
+        if self.stop_grace < 0:
+            problems.append(f"--stop-grace must be >= 0, got {self.stop_grace}")
         if not self.teacher.name:
             problems.append("missing required option --teacher (the timm model name of the teacher)")
         if self.views.get() is None or self.views.seed is None:
@@ -179,7 +188,13 @@ class UnitBatches(IterableDataset):
 
 
 def cache_teacher(cfg: CacheConfig) -> dict:
-    """Run (or resume) the teacher pass; returns a summary dict."""
+    """Run (or resume) the teacher pass; returns a summary dict. Raises Preempted (exit 75) after a stop signal,
+    once the units in flight are written."""
+    with active() as stop:  # before the loader starts: its workers inherit the handler
+        return _cache_teacher(cfg, stop)
+
+
+def _cache_teacher(cfg: CacheConfig, stop) -> dict:
     from accelerate import Accelerator
 
     accelerator = Accelerator()
@@ -206,14 +221,22 @@ def cache_teacher(cfg: CacheConfig) -> dict:
 
     stream = UnitViews(reader, cfg.recipe, cfg.views.seed, cfg.epochs, mine)
     loader = DataLoader(UnitBatches(stream, cfg.batch_size), batch_size=None, num_workers=min(cfg.workers, len(mine)),
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     total_views = sum(reader.split.shards[u].count for u in mine) * cfg.epochs
     buffers: dict[int, _UnitBuffer] = {}
-    written, t0 = 0, time.perf_counter()
+    written, t0, finishing, stopped = 0, time.perf_counter(), None, False
     bar = Bar(cfg.progress and accelerator.is_local_main_process and total_views > 0, total_views,
                f"teacher {cfg.teacher.name} [{len(done)}/{store.num_units} units done before]", unit="views")
     with bar:
         for batch in loader:
+            if stop.requested:
+                if finishing is None:
+                    finishing = set(buffers)  # the units in flight: finish these, start no other
+                if not finishing & set(buffers) or time.monotonic() - stop.signal_time > cfg.stop_grace:
+                    stopped = True
+                    break
+                if int(batch["shard"][0]) not in finishing:  # a batch holds one unit (UnitBatches)
+                    continue
             views = batch["view"].to(device, non_blocking=True)
             logits = teacher(views)
             out = summarize(logits, batch["label"].to(device), batch["partner_label"].to(device), cfg.topk)
@@ -238,6 +261,11 @@ def cache_teacher(cfg: CacheConfig) -> dict:
                     del buffers[shard]
             written += len(shards)
             bar.advance(len(shards))
+    if stopped:  # no collective from here: a rank that got no signal is stopped by its launcher
+        print(f"stopped by {stop.name}: {len(store.done_units())} of {store.num_units} units complete, "
+              f"{len(buffers)} in flight left unmarked; rerun the same command to complete the store "
+              f"(exit status {EXIT_PREEMPTED})", file=sys.stderr)
+        raise Preempted("the teacher pass")
     if buffers:  # the stream ended with a unit short of views: a bug, never a silent partial unit
         raise RuntimeError(f"units {sorted(buffers)} ended incomplete; they were not marked done")
     elapsed = time.perf_counter() - t0

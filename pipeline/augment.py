@@ -553,9 +553,12 @@ class ModelInput:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    channels_last: bool = False  # hand the model channels-last tensors (its weights are converted with it)
 
     def __call__(self, views: torch.Tensor) -> torch.Tensor:
         """views: [B, 3, S, S] in [0, 1] -> [B, 3, size, size] normalised, on the views' device."""
+        if self.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
         if views.shape[-1] != self.size or views.shape[-2] != self.size:
             views = F.interpolate(views, size=(self.size, self.size), mode="bilinear", align_corners=False,
                                   antialias=True)

@@ -27,6 +27,7 @@ from pipeline.augment import (
     to_view,
     view_seed,
 )
+from pipeline.preempt import ignore_stop_signals
 from pipeline.reader import Sample, ShardReader, assign_shards, current_worker, shard_order
 
 Join = Callable[[int, int, int, list[dict]], list[dict]]
@@ -140,6 +141,11 @@ class TrainViews(ShardStream):
     workers explicitly (`pipeline.reader.assign_shards`), and `steps(epoch, ...)` is the number of
     full batches every rank can make.
 
+    A position in an epoch is one number, the batches taken so far: `loader(epoch, ..., start=i)`
+    replays the epoch from batch i without making the first i (`resume_plan` is the one place that
+    maps a position to what each data-loader worker skips; extend it there if a worker's stream
+    changes shape).
+
     `join(view_epoch, shard, first, views) -> [dict per view]` adds data to each view of a shard
     before shuffling (the teacher cache's targets: `cache.targets.CacheJoin`); the pipeline does not
     know what it adds.
@@ -152,6 +158,8 @@ class TrainViews(ShardStream):
         self.join = join
         self.view_epochs = view_epochs
         self.epoch = 0
+        self._skip: list[int] = []  # views each worker role skips at the epoch's start (see `loader`)
+        self._rotate = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -178,14 +186,65 @@ class TrainViews(ShardStream):
                                 for k in range(w)))
         return min(per_rank)
 
-    def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-        """This rank's batches of one epoch (full batches only; take `steps(...)` of them on every rank)."""
+    def worker_batches(self, epoch: int, batch_size: int, workers: int) -> list[int]:
+        """Full batches each of this rank's loader workers makes in an epoch (one entry in-process)."""
+        counts, order = [s.count for s in self.reader.split.shards], self._order(epoch)
+        w = max(1, self.workers_for(epoch, workers))
+        return [sum(counts[s] for s in assign_shards(order, self.rank, self.world, k, w)) // batch_size
+                for k in range(w)]
+
+    def resume_plan(self, epoch: int, batch_size: int, workers: int, start: int) -> tuple[list[int], int]:
+        """Where the loader stands after `start` batches of an epoch -> (batches each worker has made, the
+        worker that makes batch `start`).
+
+        torch's DataLoader asks its workers for batches in turn (worker 0, 1, ..., 0, 1, ...), each worker
+        batching its own shards; a worker that runs out drops out of the turn. So the uninterrupted order
+        is round r = 0, 1, ...: worker k's r-th batch, for each k that has more than r batches. This
+        simulates it from the per-worker batch counts (exact: `read_shard` refuses a shard whose sample
+        count differs from the manifest's; under --on-error skip a dropped sample can shift it)."""
+        made, per_worker = 0, self.worker_batches(epoch, batch_size, workers)
+        done = [0] * len(per_worker)
+        for r in range(max(per_worker, default=0)):
+            for k, n in enumerate(per_worker):
+                if r < n:
+                    if made == start:
+                        return done, k
+                    done[k] += 1
+                    made += 1
+        return done, 0  # past the end: every worker has run out
+
+    def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False,
+               start: int = 0) -> DataLoader:
+        """This rank's batches of one epoch (full batches only; take `steps(...)` of them on every rank),
+        from batch `start` on: the same batches, in the same order, as batches start, start + 1, ... of
+        the uninterrupted loader, without making the first `start` (mid-epoch resume)."""
         self.set_epoch(epoch)
+        done, first = self.resume_plan(epoch, batch_size, workers, start) if start else ([], 0)
+        # Each worker skips the views of the batches it made before `start`; the workers' roles rotate so
+        # that the worker that made batch `start` is asked first, and the turn then goes on as it did.
+        self._skip = [d * batch_size for d in done]
+        self._rotate = first
         return DataLoader(self, batch_size=batch_size, num_workers=self.workers_for(epoch, workers),
-                          drop_last=True, pin_memory=pin_memory)
+                          drop_last=True, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
+                          generator=torch.Generator())  # its seed draw must not move the global RNG (resume)
 
     def shards(self, worker: int, workers: int) -> list[int]:
         return assign_shards(self._order(self.epoch), self.rank, self.world, worker, workers)
+
+    def __iter__(self):
+        worker, workers = current_worker()
+        role = (worker + self._rotate) % workers  # the uninterrupted loader's worker this one stands in for
+        skip = self._skip[role] if self._skip else 0
+        for shard in self.shards(role, workers):
+            count = self.reader.split.shards[shard].count
+            if skip >= count and self.reader.on_error == "raise":  # a whole shard skipped: not even read
+                skip -= count
+                continue
+            for item in self.items(shard, self.reader.read_shard(shard)):
+                if skip:
+                    skip -= 1
+                    continue
+                yield item
 
     def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
         info, samples, ve = self.reader.split.shards[shard], list(samples), self.view_epoch

@@ -4,13 +4,16 @@
             heads, a teacher source, the loss), optimizer and schedule, one accelerator.prepare
     loop:   for epoch: views -> task(batch) -> accelerator.backward -> step; evaluate the bare
             student; save_state, then the progress record that makes it trusted on resume
+            (SIGTERM/SIGINT or --save-every-steps: the same inside an epoch, see `save_step`)
     end:    export the bare student as safetensors; metrics.json
 
 One loop for every method (ce, kd, dkd, ofa), cached or online teacher, one or many processes.
 Two things are hand-written on purpose: the loaders are not passed to `accelerator.prepare` (each
 rank already reads its own shards, and a view must not depend on how batches are split: see
-`pipeline.reader.assign_shards`), and the run directory keeps only the last epoch's state
-(`_save_epoch`), which accelerate's own rotation cannot tie to our progress record.
+`pipeline.reader.assign_shards`), and the run directory keeps only the newest trusted state (an epoch's
+end or a step inside one: `trust_state`), which accelerate's own rotation cannot tie to our progress record.
+A position inside an epoch is (epoch, micro-steps taken): the view stream replays from any batch
+(`TrainViews.loader(start=...)`), so a step checkpoint holds no data-loader buffer.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from torch.utils.data import DataLoader
 from cache.format import CacheRequest
 from cache.targets import CachedTeacher
 from cache.teacher import ClassMap, Teacher, TeacherSpec
+from pipeline import preempt
 from pipeline.augment import Recipe, ViewSpec, get_recipe
 from pipeline.errors import UserError
 from pipeline.manifest import write_atomic
 from pipeline.models import ModelSpec, Weights, create_model, model_input
+from pipeline.preempt import EXIT_PREEMPTED, Preempted, StopSignals
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader
 from pipeline.spec import choice_problems, flag_name, group
@@ -122,6 +127,13 @@ class TrainConfig:
     """Batch size per process."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 on CUDA, none on CPU."""
+    channels_last: bool = False
+    """Student weights and inputs in channels-last memory format (faster convolutions on recent GPUs; the
+    online teacher too)."""
+    compile: bool = False
+    """torch.compile the student with its heads (in place: checkpoints and exports keep their keys)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend for --compile (inductor; aot_eager or eager to debug a compile problem)."""
     ema_decay: float = 0.0
     """EMA of the student weights (0 = off); evaluated and exported as model_ema.safetensors."""
     workers: int = 2
@@ -136,7 +148,15 @@ class TrainConfig:
     """Also hand the metrics to these accelerate trackers (files under the run directory; wandb offline
     unless configured); metrics.csv/jsonl are written either way."""
     resume: bool = False
-    """Continue from the run directory's last saved epoch."""
+    """Continue from the run directory's last saved state (an epoch's end, or the optimizer step a stop signal
+    or --save-every-steps saved): weights and metrics come out as an uninterrupted run's."""
+    save_every_steps: int | None = None
+    """Also save the state every N optimizer steps (only the newest state is kept; the epoch-end save stays), so
+    that a run killed without notice (SIGKILL, lost node) loses at most N steps."""
+    check_signal_every: int = 1
+    """On SIGTERM/SIGINT the run saves at the next optimizer step and exits with status 75; ranks agree on the
+    signal with one all-reduce of one number every N optimizer steps, so the exit comes within N steps + the
+    save (or, during evaluation, the rest of the evaluation + the epoch's save)."""
     progress: bool = field(default=True, metadata={"flags": ("--progress/--quiet",)})
     """Progress bars."""
     max_steps_per_epoch: int | None = None
@@ -160,13 +180,16 @@ class TrainConfig:
         if self.cache_teacher and not self.cache:
             problems.append("--teacher names the teacher a cache must come from; pass --cache or drop it")
         for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size),
-                            ("grad_accum", self.optim.grad_accum)):
+                            ("grad_accum", self.optim.grad_accum), ("save_every_steps", self.save_every_steps or 1),
+                            ("check_signal_every", self.check_signal_every)):
             if value < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.optim.lr <= 0:
             problems.append(f"--lr must be > 0, got {self.optim.lr}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.compile_backend != "inductor" and not self.compile:
+            problems.append(f"--compile-backend {self.compile_backend} applies to --compile; pass --compile or drop it")
         if self.eval_crop_pct is not None and not 0 < self.eval_crop_pct <= 1:
             problems.append(f"--eval-crop-pct must be in (0, 1], got {self.eval_crop_pct}")
         problems += choice_problems(self)
@@ -225,6 +248,8 @@ def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
     C, teacher, teacher_width, about_teacher = data.num_classes, None, 0, None
     if cfg.teacher.name:
         t = Teacher.from_spec(cfg.teacher, data.train.manifest, data.recipe.input_size, device=device)
+        if cfg.channels_last:
+            t.to_channels_last()
         teacher, teacher_width = online(t), t.num_features
         about_teacher = {"name": t.name, "weights": t.weights,
                          "classes": t.class_map.to_dict() if t.class_map else None}
@@ -239,6 +264,12 @@ def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
         student = StudentWithHeads(bare, C, s_input.size, teacher_width=teacher_width, stages=cfg.heads.stages,
                                    block_indices=cfg.heads.block_indices, head_kind=cfg.heads.head_kind,
                                    with_heads=cfg.loss.method == "ofa")
+    if cfg.channels_last:
+        student.to(memory_format=torch.channels_last)
+        s_input = dataclasses.replace(s_input, channels_last=True)
+    if cfg.compile:
+        # in place (nn.Module.compile): the module tree, its state_dict keys and so checkpoints stay as they are
+        student.compile(backend=cfg.compile_backend)
     return DistillationTask(student, s_input, cfg.loss, C, teacher,
                             provenance={"student_weights": bare.loaded_weights, "online_teacher": about_teacher})
 
@@ -318,11 +349,32 @@ class Run:
     eval_recipe: Recipe  # the training recipe at --eval-crop-pct
     mixed_precision: str
     ema: Any = None  # timm ModelEmaV3 of the evaluated model, or None
+    stop: StopSignals | None = None  # set while `train` runs: SIGTERM/SIGINT ask for a save and exit 75
+    history: list[dict] = field(default_factory=list)  # metrics of the finished epochs
 
     @property
     def model(self) -> DistillationTask:
         """The task itself, without DDP's wrapper."""
         return self.accelerator.unwrap_model(self.task)
+
+
+class Waited:
+    """Iterates a loader and adds up the seconds the loop waited for its batches (`waited`): the part of an
+    epoch the views, not the step, took. On a GPU the step runs asynchronously, so this is the time the host
+    had nothing to queue."""
+
+    def __init__(self, loader, waited: float = 0.0):
+        self.loader, self.waited = loader, waited
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            self.waited += time.perf_counter() - t0
+            if batch is None:
+                return
+            yield batch
 
 
 def train_step(task, batch: dict, optimizer, accelerator, clip_grad: float | None = None) -> dict:
@@ -337,19 +389,37 @@ def train_step(task, batch: dict, optimizer, accelerator, clip_grad: float | Non
     return result
 
 
-def train_epoch(run: Run, epoch: int) -> dict:
-    """One epoch of `run.steps[epoch]` optimizer steps; returns the epoch's mean loss terms and throughput."""
+@dataclass
+class Position:
+    """How far an epoch has got: micro-steps taken (a whole number of optimizer steps) and this rank's running
+    sums of the loss terms, which a step checkpoint keeps so the epoch's metrics come out as if never stopped."""
+
+    epoch: int
+    micro: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # on the device: no host sync in the step
+    seen: int = 0
+    seconds: float = 0.0
+    waited: float = 0.0  # of those seconds, waiting for the loader
+
+
+def train_epoch(run: Run, epoch: int, at: Position | None = None) -> dict:
+    """One epoch of `run.steps[epoch]` optimizer steps (from `at`, a step checkpoint, if given); returns the
+    epoch's mean loss terms and throughput. Raises Preempted after saving if a stop signal came."""
     cfg, accelerator = run.cfg, run.accelerator
     world, device = accelerator.num_processes, accelerator.device
-    torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + accelerator.process_index)  # dropout: f(seed, epoch)
-    loader = run.views.loader(epoch, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda")
+    if at is None:
+        at = Position(epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + accelerator.process_index)  # dropout: f(seed, epoch)
+    # else: mid-epoch, the RNG state restored with the step checkpoint is the one to go on with
+    loader = run.views.loader(epoch, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda", start=at.micro)
     run.task.train()
-    micro = run.steps[epoch] * cfg.optim.grad_accum
-    sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync in the step
-    seen, update, t0 = 0, sum(run.steps[:epoch]), time.perf_counter()
+    micro, ga = run.steps[epoch] * cfg.optim.grad_accum, cfg.optim.grad_accum
+    update, t0, saved = sum(run.steps[:epoch]) + at.micro // ga, time.perf_counter() - at.seconds, at.micro
+    batches = Waited(loader, at.waited)
     with Bar(cfg.progress and accelerator.is_local_main_process, micro * cfg.batch_size * world,
              f"epoch {epoch + 1}/{cfg.epochs} {cfg.loss.method}") as bar:
-        for i, batch in enumerate(loader):
+        bar.advance(at.micro * cfg.batch_size * world)
+        for i, batch in enumerate(batches, start=at.micro):
             if i >= micro:
                 break
             run.model.set_progress(epoch + i / micro)  # for loss warm-ups (DKD)
@@ -360,16 +430,39 @@ def train_epoch(run: Run, epoch: int) -> dict:
                 if run.ema is not None:
                     run.ema.update(run.model.eval_model)
             for k, v in result.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().double()
-            seen += len(batch["label"])
+                at.sums[k] = at.sums.get(k, 0.0) + v.detach().double()
+            at.seen += len(batch["label"])
             # reading the loss syncs with the device: only every 25 steps, for the progress bar
             bar.advance(len(batch["label"]) * world,
                         info=f"loss {float(result['loss'].detach()):.3f}" if bar.enabled and i % 25 == 0 else None)
+            if (i + 1) % ga:
+                continue  # mid-accumulation: not a position a checkpoint can hold
+            at.micro, at.seconds, at.waited = i + 1, time.perf_counter() - t0, batches.waited
+            if cfg.save_every_steps and update % cfg.save_every_steps == 0 and at.micro < micro:
+                save_step(run, at)  # the epoch's last step is saved by the epoch's save
+                saved = at.micro
+            if update % cfg.check_signal_every == 0 and stop_agreed(run):
+                if saved != at.micro:
+                    save_step(run, at)
+                raise Preempted(f"epoch {epoch + 1}, step {at.micro // ga} of {micro // ga}")
     elapsed = time.perf_counter() - t0
+    sums = at.sums
     terms = accelerator.reduce(torch.stack([sums[k] for k in sorted(sums)]) / max(1, micro), reduction="mean")
     return {"epoch": epoch + 1, **{f"train/{k}": float(v) for k, v in zip(sorted(sums), terms.tolist(), strict=True)},
             "lr": run.optimizer.param_groups[0]["lr"], "train_seconds": elapsed,
-            "images_per_second": seen * world / elapsed if elapsed > 0 else 0.0}
+            "images_per_second": at.seen * world / elapsed if elapsed > 0 else 0.0,
+            "loader_wait_seconds": batches.waited}
+
+
+def stop_agreed(run: Run) -> bool:
+    """Whether any rank got a stop signal. Every rank calls this at the same step and all get the same answer
+    (one all-reduce of one number), so they save the same position and none is left waiting in a collective.
+    Measured on 2 CPU ranks (gloo): see README, "Preemption"."""
+    asked = run.stop is not None and run.stop.requested
+    if run.accelerator.num_processes == 1:
+        return asked
+    flag = run.accelerator.reduce(torch.tensor([float(asked)], device=run.accelerator.device), reduction="max")
+    return bool(flag.item())
 
 
 @torch.no_grad()
@@ -400,15 +493,37 @@ def export(model: torch.nn.Module, path: Path) -> None:
     tmp.replace(path)
 
 
-def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[dict]]:
-    """Start or resume the run directory -> (first epoch to run, metrics history so far)."""
+def layout(cfg: TrainConfig, accelerator) -> dict:
+    """What a mid-epoch position means: the same step number is another point of the epoch under another
+    batch size, worker count, process count or accumulation."""
+    return {"batch_size": cfg.batch_size, "workers": cfg.workers, "processes": accelerator.num_processes,
+            "grad_accum": cfg.optim.grad_accum, "max_steps_per_epoch": cfg.max_steps_per_epoch, "seed": cfg.seed}
+
+
+def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[dict], Position | None]:
+    """Start or resume the run directory -> (first epoch to run, metrics history so far, where that epoch
+    stands if a step checkpoint stopped inside it)."""
     out = cfg.out
     progress = out / "progress.json"
     if cfg.resume and progress.is_file():
         prog = json.loads(progress.read_text())
-        accelerator.load_state(str(out / "state" / f"epoch-{prog['epoch']:04d}"))
-        accelerator.print(f"resuming {out} after epoch {prog['epoch'] + 1} of {cfg.epochs}")
-        return prog["epoch"] + 1, prog["history"]
+        step = prog.get("step")
+        if step and step["layout"] != layout(cfg, accelerator):
+            now = layout(cfg, accelerator)
+            diff = ", ".join(f"{k} {step['layout'][k]} (now {now[k]})" for k in now if now[k] != step["layout"][k])
+            raise UserError(f"{out} stopped inside epoch {step['epoch'] + 1} with {diff}; resume with the same "
+                            f"settings (a position inside an epoch depends on them)")
+        state = out / "state" / prog.get("state", f"epoch-{prog['epoch']:04d}")
+        accelerator.load_state(str(state))  # weights, optimizer, EMA, and every RNG of this process
+        if not step:
+            accelerator.print(f"resuming {out} after epoch {prog['epoch'] + 1} of {cfg.epochs}")
+            return prog["epoch"] + 1, prog["history"], None
+        mine = torch.load(state / f"position-{accelerator.process_index}.pt")
+        at = Position(step["epoch"], step["micro"], {k: v.to(accelerator.device) for k, v in mine["sums"].items()},
+                      mine["seen"], mine["seconds"], mine.get("waited", 0.0))
+        accelerator.print(f"resuming {out} in epoch {at.epoch + 1} of {cfg.epochs}, after optimizer step "
+                          f"{at.micro // cfg.optim.grad_accum}")
+        return at.epoch, prog["history"], at
     if progress.exists() or (out / "metrics.json").exists():
         raise UserError(f"run directory {out} already holds a run; pass --resume to continue it or "
                         f"choose another --out")
@@ -421,21 +536,42 @@ def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[d
         write_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=1,
                                                      default=str).encode())
     accelerator.wait_for_everyone()
-    return 0, []
+    return 0, [], None
+
+
+def trust_state(out: Path, name: str, record: dict, accelerator) -> None:
+    """After every rank has written state/`name`: the progress record that makes it trusted on resume (written
+    atomically), then every other state goes. Killed before the record, the previous state stays trusted."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_atomic(out / "progress.json", json.dumps({**record, "state": name}).encode())
+        for old in (out / "state").iterdir():
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def save_epoch(out: Path, epoch: int, history: list[dict], accelerator) -> None:
     """State first, then the progress record that makes it trusted on resume; older states go."""
-    state_dir = out / "state"
-    accelerator.save_state(str(state_dir / f"epoch-{epoch:04d}"))
-    accelerator.wait_for_everyone()
+    name = f"epoch-{epoch:04d}"
+    accelerator.save_state(str(out / "state" / name))
     if accelerator.is_main_process:
         write_metrics(out, history)
-        write_atomic(out / "progress.json", json.dumps({"epoch": epoch, "history": history}).encode())
-        for old in state_dir.glob("epoch-*"):
-            if old.name != f"epoch-{epoch:04d}":
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    trust_state(out, name, {"epoch": epoch, "history": history}, accelerator)
+
+
+def save_step(run: Run, at: Position) -> None:
+    """A state inside an epoch: accelerate's (weights, optimizer, EMA, the RNGs of every process) and each
+    rank's running sums, then the progress record that makes it trusted. The learning-rate schedule needs no
+    state of its own: it is a function of the update count, which the position gives."""
+    cfg, accelerator = run.cfg, run.accelerator
+    name = f"step-{at.epoch:04d}-{at.micro:07d}"
+    accelerator.save_state(str(cfg.out / "state" / name))
+    torch.save({"sums": {k: v.cpu() for k, v in at.sums.items()}, "seen": at.seen, "seconds": at.seconds,
+                "waited": at.waited},
+               cfg.out / "state" / name / f"position-{accelerator.process_index}.pt")
+    step = {"epoch": at.epoch, "micro": at.micro, "layout": layout(cfg, accelerator)}
+    trust_state(cfg.out, name, {"epoch": at.epoch - 1, "history": run.history, "step": step}, accelerator)
 
 
 def set_up(cfg: TrainConfig) -> Run:
@@ -461,35 +597,55 @@ def set_up(cfg: TrainConfig) -> Run:
         accelerator.register_for_checkpointing(ema)
     eval_recipe = dataclasses.replace(data.recipe, eval_crop_pct=cfg.eval_crop_pct or data.recipe.eval_crop_pct)
     eval_loader = DataLoader(EvalViews(data.val, eval_recipe, rank, world), batch_size=cfg.batch_size,
-                             num_workers=min(cfg.workers, max(1, len(data.val.split.shards) // world)))
+                             num_workers=min(cfg.workers, max(1, len(data.val.split.shards) // world)),
+                             worker_init_fn=preempt.ignore_stop_signals)
     return Run(cfg, accelerator, prepared, optimizer, scheduler, views, eval_loader, steps, data, eval_recipe, mp,
                ema)
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Set up, then the canonical loop: an epoch of steps, evaluation, a saved state; then the export."""
-    run = set_up(cfg)
-    accelerator, data = run.accelerator, run.data
+    """Set up, then the canonical loop: an epoch of steps, evaluation, a saved state; then the export.
+    On SIGTERM/SIGINT: save at the next optimizer step and exit with status 75 (`pipeline.preempt`)."""
+    with preempt.active() as stop:  # before any loader starts: its workers inherit the handler
+        run = set_up(cfg)
+        run.stop = stop
+        try:
+            return train_loop(run)
+        except Preempted as e:
+            run.accelerator.print(f"stopped by {stop.name} in {e.what}: state saved in {cfg.out}; run the same "
+                                  f"command with --resume to continue (exit status {EXIT_PREEMPTED})")
+            run.accelerator.end_training()
+            raise
+
+
+def train_loop(run: Run) -> dict:
+    cfg, accelerator, data = run.cfg, run.accelerator, run.data
     resolved = {"recipe": data.recipe.to_dict(), "view_seed": data.view_seed, "view_epochs": data.view_epochs,
                 "eval_crop_pct": run.eval_recipe.eval_crop_pct,
                 "num_classes": data.num_classes, "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T},
                 "processes": accelerator.num_processes, "mixed_precision": run.mixed_precision,
                 "cache_teacher": data.cached.description.teacher.to_attrs() if data.cached else None,
                 **run.model.describe()}
-    start, history = open_run(cfg, accelerator, resolved)
+    start, run.history, at = open_run(cfg, accelerator, resolved)
+    history = run.history
     if cfg.log_with:
         accelerator.init_trackers(cfg.out.name, config=flat_hparams({**cfg.to_dict(),
                                                                      "processes": accelerator.num_processes}))
     for epoch in range(start, cfg.epochs):
-        metrics = train_epoch(run, epoch)
+        metrics = train_epoch(run, epoch, at)
+        at = None
         metrics |= evaluate(run)
         if run.ema is not None:
             metrics |= {f"ema_{k}": v for k, v in evaluate(run, run.ema.module).items()}
         history.append(metrics)
         accelerator.print(f"epoch {epoch + 1}: loss {metrics['train/loss']:.4f} top1 {metrics['top1']:.2f} top5 "
-                          f"{metrics['top5']:.2f} ({metrics['images_per_second']:.0f} img/s)")
+                          f"{metrics['top5']:.2f} ({metrics['images_per_second']:.0f} img/s, "
+                          f"{metrics['loader_wait_seconds']:.1f} of {metrics['train_seconds']:.1f} s waiting for "
+                          f"views)")
         accelerator.log(metrics, step=epoch + 1)  # no-op without --log-with
         save_epoch(cfg.out, epoch, history, accelerator)
+        if epoch + 1 < cfg.epochs and stop_agreed(run):  # the signal came during evaluation or the save
+            raise Preempted(f"the end of epoch {epoch + 1}")
     summary = export_run(run, history)
     accelerator.end_training()  # closes the trackers (and the process group): last
     return summary

@@ -115,6 +115,33 @@ def test_student_seed_changes_order_not_views(small_digits):
     assert all(torch.equal(views0[i], v) for i, v in runs[1])  # ...of the same views
 
 
+def _indices(loader) -> list[list[int]]:
+    return [b["index"].tolist() for b in loader]
+
+
+@pytest.mark.parametrize("workers,world", [(0, 1), (1, 1), (2, 2), (3, 1), (4, 1)])
+def test_a_loader_resumed_at_batch_i_replays_the_rest_of_the_epoch(small_digits, workers, world):
+    """loader(start=i) yields exactly batches i, i + 1, ... of the uninterrupted loader, in order: uneven
+    shards (5 x 48 + 30), workers that run out at different batches (4 workers: 6, 4, 3 and 1 batches)."""
+    reader, recipe = ShardReader(small_digits), get_recipe("digits")
+    for rank in range(world):
+        views = TrainViews(reader, recipe, 3, rank, world, order_seed=5)
+        full = _indices(views.loader(1, 16, workers))
+        assert len(full) >= 4 and len({i for b in full for i in b}) == 16 * len(full)
+        for start in sorted({1, 2, 3, len(full) // 2, len(full) - 1, len(full)}):
+            assert _indices(views.loader(1, 16, workers, start=start)) == full[start:], (rank, start)
+
+
+def test_a_resumed_loader_does_not_read_the_shards_it_skips(small_digits, monkeypatch):
+    reader, read = ShardReader(small_digits), []
+    real = reader.read_shard
+    monkeypatch.setattr(reader, "read_shard", lambda shard: read.append(shard) or real(shard))
+    views = TrainViews(reader, get_recipe("digits"), 3, order_seed=5)
+    order = views.shards(0, 1)
+    list(views.loader(0, 16, 0, start=7))  # batch 7 starts at view 112, in the third shard
+    assert read == order[2:]
+
+
 def test_student_seed_changes_initialisation():
     from pipeline.models import create_model
     a = create_model("test_resnet", 10, init_seed=0).state_dict()

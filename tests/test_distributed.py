@@ -1,5 +1,6 @@
 """Two real CPU ranks (torchrun + ACCELERATE_USE_CPU, see tests/support/launch.py): the teacher pass, training,
-kills of one rank, and the pairing of every shuffled training view with its cached teacher target.
+kills of one rank, preemption (SIGTERM, exit 75, exact resume; one process too), and the pairing of every
+shuffled training view with its cached teacher target.
 
 Every test here asserts how many ranks actually ran (tests/support/probe_cli.py records what accelerate saw)."""
 
@@ -145,7 +146,8 @@ def test_sigkill_of_one_rank_mid_pass_then_rerun_gives_identical_arrays(small_di
     assert status != 0  # the launcher saw its rank die
     done = CacheStore(out).done_units()
     assert 0 < len(done) < 6, done  # killed mid-pass: some units marked, some not
-    assert not ranks_seen(tmp_path / "p1")  # no rank exited normally
+    # the killed rank left no record; torchrun's SIGTERM made the other finish its unit in flight and exit 75
+    assert [(r["rank"], r["exit"]) for r in ranks_seen(tmp_path / "p1")] in ([], [(0, 75)])
     rerun = run_ranks(2, tmp_path / "p2", *cache_args(small_digits, teacher_ckpt, out))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     seen = assert_two_ranks(tmp_path / "p2")
@@ -173,21 +175,111 @@ def test_two_rank_training_killed_mid_epoch_resumes_to_the_same_weights(small_di
     assert [h["val_samples"] for h in m["history"]] == [96, 96]  # both ranks' val shards, each counted once
 
     cut, probe = tmp_path / "cut", tmp_path / "pc"
-    # step 1 of epoch 2 stalls on both ranks (after epoch 1 was saved): the kill lands mid-epoch
-    run = start_ranks(2, probe, *train_args(small_digits, ref_store, cut), env={"PROBE_STALL": "1,1"})
+    # step 2 of epoch 2 stalls on both ranks, after the step checkpoint of step 1 (--save-every-steps 1): the
+    # kill lands mid-epoch and the resume starts inside the epoch
+    run = start_ranks(2, probe, *train_args(small_digits, ref_store, cut, "--save-every-steps", 1),
+                      env={"PROBE_STALL": "1,1"})
     wait_for(lambda: (probe / "stalled-1").exists(), run)
     assert kill_rank(run, 1) != 0
-    assert json.loads((cut / "progress.json").read_text())["epoch"] == 0
+    progress = json.loads((cut / "progress.json").read_text())
+    assert progress["epoch"] == 0 and (progress["step"]["epoch"], progress["step"]["micro"]) == (1, 1)
     assert not (cut / "model.safetensors").exists() and not (cut / "metrics.json").exists()
     resumed = run_ranks(2, tmp_path / "pr", *train_args(small_digits, ref_store, cut, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_two_ranks(tmp_path / "pr")
-    assert "resuming" in resumed.stdout
+    assert "resuming" in resumed.stdout and "in epoch 2 of 2, after optimizer step 1" in resumed.stdout
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     mb = json.loads((cut / "metrics.json").read_text())
     assert [h["train/loss"] for h in m["history"]] == [h["train/loss"] for h in mb["history"]]
     assert m["top1"] == mb["top1"]
+
+
+def preempt_args(data, store, out, ranks: int, *extra) -> list:
+    """Small OFA runs with dropout (the restored RNG state matters), an EMA (restored too) and `ranks` loader
+    workers per rank (2 workers read 2 + 1 of a rank's 3 shards: a loader resumed at step 3 must rotate the
+    workers' turn)."""
+    return ["train-student", "--data", data, "--student", "test_resnet", "--model-kwargs", "drop_rate=0.2",
+            "--method", "ofa", "--cache", store, "--epochs", 2, "--batch-size", 8, "--max-steps-per-epoch", 5,
+            "--ema-decay", 0.5, "--workers", ranks, "--lr", 0.05, "--out", out, "--quiet", *extra]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(small_digits, ref_store, tmp_path_factory):
+    """ranks -> the run directory of an uninterrupted `preempt_args` run on that many ranks (made once)."""
+    runs = {}
+
+    def get(ranks: int):
+        if ranks not in runs:
+            root = tmp_path_factory.mktemp(f"uninterrupted{ranks}")
+            proc = run_ranks(ranks, root / "probe", *preempt_args(small_digits, ref_store, root / "run", ranks))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert [(r["world"], r["exit"]) for r in ranks_seen(root / "probe")] == [(ranks, 0)] * ranks
+            runs[ranks] = root / "run"
+        return runs[ranks]
+    return get
+
+
+def assert_same_run(a, b) -> None:
+    """Same exported weights and EMA weights (torch.equal) and the same metrics, bar the timings."""
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    ha, hb = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
+    untimed = [[{k: v for k, v in h.items() if k not in ("train_seconds", "images_per_second")} for h in x]
+               for x in (ha, hb)]
+    assert untimed[0] == untimed[1] and {"train/ofa/stage1", "ema_top1"} <= set(untimed[0][1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_mid_epoch_saves_exits_75_and_resumes_to_the_uninterrupted_run(small_digits, ref_store, uninterrupted,
+                                                                               tmp_path, ranks):
+    """SIGTERM to every process of the job (launcher, ranks, loader workers), as a scheduler sends it, while
+    step 3 of epoch 2 runs: each rank finishes the step, saves, exits 75; --resume ends torch.equal."""
+    cut, probe = tmp_path / "cut", tmp_path / "pc"
+    run = start_ranks(ranks, probe, *preempt_args(small_digits, ref_store, cut, ranks), env={"PROBE_STALL": "1,2"})
+    wait_for(lambda: all((probe / f"stalled-{r}").exists() for r in range(ranks)), run)
+    os.killpg(run.pid, signal.SIGTERM)  # torchrun also forwards its copy to the ranks: a repeat, ignored
+    status = run.wait(timeout=120)
+    seen = ranks_seen(probe)
+    assert [(r["rank"], r["world"], r["exit"]) for r in seen] == [(r, ranks, 75) for r in range(ranks)], seen
+    assert status == 75 if ranks == 1 else status != 0  # torchrun reports its ranks' failure as its own
+    progress = json.loads((cut / "progress.json").read_text())
+    assert progress["epoch"] == 0 and (progress["step"]["epoch"], progress["step"]["micro"]) == (1, 3)
+    assert [p.name for p in (cut / "state").iterdir()] == ["step-0001-0000003"]  # the epoch's state is replaced
+    assert not (cut / "model.safetensors").exists()
+    if ranks == 1:  # a position inside an epoch means nothing under another batch size: refused, nothing written
+        p = run_cli(*preempt_args(small_digits, ref_store, cut, 1, "--batch-size", 4, "--resume"))
+        assert p.returncode == 2 and "batch_size 8 (now 4)" in p.stderr, p.stderr[-2000:]
+    resumed = run_ranks(ranks, tmp_path / "pr", *preempt_args(small_digits, ref_store, cut, ranks, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "in epoch 2 of 2, after optimizer step 3" in resumed.stdout
+    assert [(r["world"], r["exit"]) for r in ranks_seen(tmp_path / "pr")] == [(ranks, 0)] * ranks
+    assert_same_run(uninterrupted(ranks), cut)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_pass_finishes_units_in_flight_exits_75_and_a_rerun_completes_the_store(
+        small_digits, teacher_ckpt, ref_store, tmp_path):
+    out = tmp_path / "stopped.zarr"
+    args = [*cache_args(small_digits, teacher_ckpt, out), "--workers", 2]  # two units in flight at a time
+    proc = start_ranks(1, tmp_path / "p1", *args, env={"OFAKD_CHAOS_SLOW_WRITES": "0.25"})
+    wait_for(lambda: (out / "_units").is_dir() and any((out / "_units").glob("shard-*.json")), proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # the process and its loader workers
+    assert proc.wait(timeout=120) == 75
+    assert "0 in flight left unmarked" in proc.stderr.read()  # the unit in flight was finished, not dropped
+    done = CacheStore(out).done_units()
+    assert 0 < len(done) < 6, done
+    [record] = ranks_seen(tmp_path / "p1")
+    assert sorted(record["units_written"]) == sorted(done)  # every unit written was marked: none left partial
+    rerun = run_ranks(1, tmp_path / "p2", *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    [record] = ranks_seen(tmp_path / "p2")
+    assert sorted(record["units_written"]) == sorted(set(range(6)) - done)
+    a, b = _arrays(ref_store), _arrays(out)
+    for name in NAMES:
+        assert np.array_equal(a[name], b[name]), name
 
 
 def _topk_agree(cached_vals, cached_idx, logits, k) -> torch.Tensor:

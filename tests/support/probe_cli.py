@@ -6,7 +6,8 @@
 rank, world size and distributed type accelerate saw, and the cache units this rank wrote. PROBE_BATCHES=1
 also saves every training batch this rank stepped on (views, joined cache targets, indices) to
 DIR/batches-<rank>.pt. PROBE_STALL=E,S makes training step S of epoch E touch DIR/stalled-<rank> and sleep,
-so that a test can kill it mid-epoch.
+so that a test can kill it mid-epoch; the stall ends when a stop signal reaches the command (SIGTERM/SIGINT,
+pipeline.preempt), so that the signal lands during a known step. Each rank's record also holds its exit status.
 """
 
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 import cli
+import pipeline.preempt as preempt
 import students.task as task_mod
 import tests.support.chaos_cli  # noqa: F401  (OFAKD_CHAOS_SLOW_WRITES: slowed zarr writes, for kills mid-unit)
 from cache.store import CacheStore
@@ -46,7 +48,9 @@ def distill_losses(out, teacher_logits, batch, cfg, num_classes, **kw):
     stall = os.environ.get("PROBE_STALL")
     if stall and [int(v) for v in stall.split(",")] == [state["epoch"], state["step"]]:
         (OUT / f"stalled-{RANK}").touch()
-        time.sleep(600)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 600 and not (preempt.current and preempt.current.requested):
+            time.sleep(0.02)
     if os.environ.get("PROBE_BATCHES"):
         keep = ("view", "label", "partner_label", "lam", "index", "view_seed", "partner")
         rec = {"epoch": state["epoch"], **{k: batch[k].cpu().clone() for k in keep if k in batch}}
@@ -64,13 +68,18 @@ CacheStore.write_unit, TrainViews.set_epoch, task_mod.distill_losses = write_uni
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     sys.argv = [str(ROOT / "cli.py"), *sys.argv[1:]]
+    status = 1
     try:
         cli.main()
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
     finally:
         from accelerate.state import PartialState
         s = PartialState()
         record = {"rank": s.process_index, "world": s.num_processes, "distributed_type": str(s.distributed_type),
-                  "env_rank": RANK, "units_written": state["units"], "pid": os.getpid()}
+                  "env_rank": RANK, "units_written": state["units"], "pid": os.getpid(), "exit": status}
         (OUT / f"rank-{s.process_index}.json").write_text(json.dumps(record))
         if state["batches"]:
             torch.save(state["batches"], OUT / f"batches-{s.process_index}.pt")
