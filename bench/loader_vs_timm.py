@@ -1,6 +1,6 @@
 """Training views per CPU-second: this project's view builder against timm's own loader transforms.
 
-    python bench/loader_vs_timm.py [--images 96] [--shard-size 16] [--rounds 6] [--recipes imagenet-cnn imagenet-vit]
+    python bench/loader_vs_timm.py [--images 192] [--shard-size 16] [--rounds 6] [--recipes NAME[@SIZE] ...]
 
 Data: ImageNet-size real photos. The sample photos that ship inside matplotlib's and scikit-learn's wheels
 (grace_hopper.jpg 512x600, china.jpg and flower.jpg 640x427) are cut into distinct ~500x375 crops (different
@@ -127,7 +127,7 @@ def draft_reductions(reader: ShardReader, recipe, epochs) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
-    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--images", type=int, default=192)
     p.add_argument("--shard-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--recipes", nargs="+", default=["imagenet-cnn", "imagenet-vit", "imagenet-cnn@112"],
@@ -135,9 +135,15 @@ def main(argv=None) -> dict:
     p.add_argument("--name", default="loader_vs_timm")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="ofakd-loader-vs-timm-") as d:
+        results = measure(Path(d), args)
+    save(args.name, results)
+    return results
+
+
+def measure(tmp: Path, args) -> dict:
     from timm.data import ImageDataset, Mixup
 
-    tmp = Path(tempfile.mkdtemp(prefix="ofakd-loader-vs-timm-"))
     make_images(tmp / "src", args.images)
     make_shards(str(tmp / "src"), tmp / "data", shard_size=args.shard_size, progress=False)
     reader = ShardReader(tmp / "data")
@@ -179,7 +185,6 @@ def main(argv=None) -> dict:
             rec["draft_reductions"] = draft_reductions(reader, draft, range(1, args.rounds + 1))
         results["recipes"][name] = rec
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}, flush=True)
-    save(args.name, results)
     return results
 
 
