@@ -44,7 +44,8 @@ def shards(cfg: ShardsConfig) -> None:
     from pipeline.shards import make_shards
     t0 = time.perf_counter()
     m = make_shards(cfg.src, cfg.out, split=cfg.split, shard_size=cfg.shard_size, class_names=cfg.class_names,
-                    name=cfg.name, order_seed=cfg.order_seed, overwrite=cfg.overwrite, progress=cfg.progress)
+                    name=cfg.name, order_seed=cfg.order_seed, overwrite=cfg.overwrite, progress=cfg.progress,
+                    max_size=cfg.max_size, quality=cfg.quality)
     for sp in (["train", "val"] if cfg.src == "digits" else [cfg.split]):
         info = m.splits[sp]
         size = sum(s.bytes for s in info.shards)

@@ -68,24 +68,44 @@ def draw_rng(vseed: int, step: int) -> np.random.Generator:
 
 # ------------------------------------------------------------------------ timm's ops, replayable
 
+_preserving = False  # inside preserved_globals: the states are saved once, for the whole block
+
+
+@contextmanager
+def preserved_globals():
+    """Save the global `random`, numpy and torch (CPU) generator states and restore them on exit, whatever
+    happens inside; nested blocks (and `seeded_globals` inside one) leave the saving to the outermost. A shard's
+    views seed timm's ops two or three times each: saving once per shard rather than once per op saves about
+    0.1 ms a view (numpy's get_state/set_state pair alone costs 0.09 ms)."""
+    global _preserving
+    if _preserving:
+        yield
+        return
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    _preserving = True
+    try:
+        yield
+    finally:
+        _preserving = False
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.default_generator.set_state(torch_state)
+
+
 @contextmanager
 def seeded_globals(rng: np.random.Generator):
     """Run timm's random transforms as a function of `rng`: the global `random`, numpy and torch (CPU)
-    generators they draw from are seeded from it, and restored on exit, whatever happens inside.
+    generators they draw from are seeded from it, and restored on exit (or at the end of the enclosing
+    `preserved_globals` block), whatever happens inside.
 
     Process-global state: call it from one thread at a time (the views are built in the data-loader workers
     or the main thread, never in two threads of one process)."""
     seed = int(rng.integers(0, 2**32))
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only
+    with preserved_globals():
         random.seed(seed)
         np.random.seed(seed)
         torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA too
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        yield
 
 
 def _aa_hparams(recipe: Recipe) -> dict:
@@ -134,10 +154,10 @@ def _random_erasing(recipe: Recipe) -> RandomErasing:
 def auto_augment(img: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
     """timm's auto-augment of a uint8 [3, S, S] view, drawn from the view's DRAW_AUTO stream (the uint8 <-> PIL
     round trip is exact, so the pixels are the ones timm's transform makes of this image)."""
-    pil = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))
+    pil = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))  # no copy when channels-last
     with seeded_globals(draw_rng(vseed, DRAW_AUTO)):
         pil = _auto_augment(recipe)(pil)
-    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1)  # channels-last; base_view packs it
 
 
 def erase(view: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
@@ -152,12 +172,16 @@ def erase(view: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
     canvas = torch.full_like(view, float("nan"))
     with seeded_globals(draw_rng(vseed, DRAW_ERASE)):
         _random_erasing(recipe)(canvas)
-    box = ~canvas.isnan()
-    if not box.any():
+    # timm writes one box through every channel (count 1): find it on channel 0 and write only it
+    rows, cols = (~canvas[0].isnan()).nonzero(as_tuple=True)
+    if rows.numel() == 0:
         return view
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols.min()), int(cols.max()) + 1
     mean = torch.tensor(recipe.norm_mean, dtype=view.dtype).view(3, 1, 1)
     std = torch.tensor(recipe.norm_std, dtype=view.dtype).view(3, 1, 1)
-    return torch.where(box, mean + std * canvas, view)
+    out = view.clone()
+    out[:, y0:y1, x0:x1] = mean + std * canvas[:, y0:y1, x0:x1]
+    return out
 
 
 @dataclass(frozen=True)
@@ -202,6 +226,11 @@ class Recipe:
     still normalises the views its own way."""
     eval_crop_pct: float = 0.875
     """Evaluation: resize the short side to input_size / eval_crop_pct, centre crop."""
+    decode: Literal["full", "draft"] = "full"
+    """JPEG decoding: full size, or draft: at 1/2, 1/4 or 1/8 of the size (libjpeg's DCT scaling) where the
+    view's crop, drawn from the header size before decoding, still covers DRAFT_MARGIN x the view's side in
+    both directions after the reduction (so no view loses resolution it holds). Draft views differ in pixels
+    from full ones wherever a reduction is taken, so a cache records it (a record without it means full)."""
 
     def __post_init__(self):
         problems = []
@@ -223,6 +252,8 @@ class Recipe:
             problems.append(f"eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
         if self.crop not in ("rrc", "pad", "none"):
             problems.append(f"crop must be rrc, pad or none, got {self.crop}")
+        if self.decode not in ("full", "draft"):
+            problems.append(f"decode must be full or draft, got {self.decode}")
         if self.interpolation not in ("bilinear", "bicubic", "random"):
             problems.append(f"interpolation must be bilinear, bicubic or random, got {self.interpolation}")
         if self.auto_augment != "none":
@@ -239,8 +270,12 @@ class Recipe:
         return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
     def to_dict(self) -> dict:
-        """JSON-normal form (lists, not tuples), so it compares equal to what a store's attributes hold."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-normal form (lists, not tuples), so it compares equal to what a store's attributes hold. decode
+        is left out when full, so the records of caches made before it existed keep meaning what they meant."""
+        d = json.loads(json.dumps(dataclasses.asdict(self)))
+        if d["decode"] == "full":
+            del d["decode"]
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> Recipe:
@@ -299,8 +334,14 @@ class ViewSpec:
     """Override the recipe's view size."""
     seed: int | None = None
     """Seed of the views (with the recipe, it decides every view)."""
+    decode: Literal["full", "draft"] | None = None
+    """Override the recipe's JPEG decoding: full, or draft (reduced-size decoding where the crop allows it;
+    other pixels than full, recorded in the cache)."""
 
     def __post_init__(self):
+        if self.decode is not None and self.recipe is None:  # it would have no recipe to change
+            raise UserError(f"--decode {self.decode} changes a recipe's views: name the recipe too (--recipe), "
+                            f"or omit --decode")
         self.get()  # an unknown preset or a bad recipe is refused now, not at the first view
 
     def get(self) -> Recipe | None:
@@ -308,11 +349,10 @@ class ViewSpec:
         r = self.recipe
         if r is None:
             return None
-        if isinstance(r, str):
-            return get_recipe(r, self.view_size)
-        if isinstance(r, dict):
-            r = Recipe.from_dict(r)
-        return dataclasses.replace(r, input_size=self.view_size) if self.view_size else r
+        r = get_recipe(r) if isinstance(r, str) else Recipe.from_dict(r) if isinstance(r, dict) else r
+        if self.view_size:
+            r = dataclasses.replace(r, input_size=self.view_size)
+        return dataclasses.replace(r, decode=self.decode) if self.decode else r
 
     @property
     def name(self) -> str:
@@ -361,18 +401,72 @@ class MixRecord:
     box: tuple[int, int, int, int] | None = field(default=None, repr=False)  # cutmix (y0, y1, x0, x1)
 
 
-def base_view(image: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
-    """Geometric and photometric augmentation of one decoded image [3, H, W] uint8 -> [3, S, S] uint8 (compact,
-    to keep a shard's views for mixing): crop, flip, auto-augment, colour jitter. Erasing comes after mixing."""
+DRAFT_MARGIN = 1.25
+"""decode="draft" decodes a view's source at 1/r of its size only where the crop, so reduced, still spans at least
+DRAFT_MARGIN x the view's side in both directions: the view keeps every pixel of resolution it can hold, and the
+antialiased resize after it, not the DCT reduction, sets what detail survives (Pillow's `thumbnail` uses a wider
+gap, 2.0, for the same purpose; 1.25 is a chosen margin, not a derived one)."""
+
+
+def draft_reduction(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
+    """The largest JPEG DCT reduction r in (8, 4, 2) with crop / r >= DRAFT_MARGIN * out on both sides, else 1."""
+    for r in (8, 4, 2):
+        if crop_h >= r * DRAFT_MARGIN * out_h and crop_w >= r * DRAFT_MARGIN * out_w:
+            return r
+    return 1
+
+
+class Decoded:
+    """An image already decoded [3, H, W] uint8, standing in for an encoded sample (`pipeline.reader.Sample`),
+    which views take so that they can draw the crop from the header size before decoding."""
+
+    reducible = False
+
+    def __init__(self, image: torch.Tensor):
+        self.image, self.size = image, (image.shape[-1], image.shape[-2])
+
+    def decoded(self, reduce: int = 1) -> torch.Tensor:
+        assert reduce == 1, "a decoded image cannot be decoded smaller"
+        return self.image
+
+
+def _source(image) -> Decoded:
+    return Decoded(image) if isinstance(image, torch.Tensor) else image
+
+
+def _decode_for(src, recipe: Recipe, box: tuple[int, int, int, int], out_h: int, out_w: int):
+    """The source decoded for a crop `box` (top, left, h, w in full-size pixels) that will be resized to
+    out_h x out_w: (image, box in that image's pixels). Full size unless the recipe decodes drafts, the source
+    is a JPEG and the crop leaves room (`draft_reduction`); then the box is scaled and rounded to the reduced
+    pixel grid (an offset of at most half a reduced pixel, i.e. under 0.4 of a view pixel)."""
+    r = draft_reduction(box[2], box[3], out_h, out_w) if recipe.decode == "draft" and src.reducible else 1
+    img = src.decoded(r)
+    if r == 1:
+        return img, box
+    H, W = img.shape[-2:]
+    top, left, h, w = box
+    y0, x0 = round(top / r), round(left / r)
+    y1, x1 = min(H, round((top + h) / r)), min(W, round((left + w) / r))
+    return img, (y0, x0, y1 - y0, x1 - x0)
+
+
+def base_view(image, recipe: Recipe, vseed: int) -> torch.Tensor:
+    """Geometric and photometric augmentation of one image -> [3, S, S] uint8 (compact, to keep a shard's views
+    for mixing; possibly a strided view): crop, flip, auto-augment, colour jitter. Erasing comes after mixing.
+
+    `image`: a `pipeline.reader.Sample` (decoded here, at the size the crop needs) or a decoded [3, H, W] uint8
+    tensor. The crop is drawn from the image's size alone, so it is the same whichever way it is decoded."""
+    src = _source(image)
     S = recipe.input_size
-    h, w = image.shape[-2:]
+    w, h = src.size
     rng = draw_rng(vseed, DRAW_CROP)
     interp = _interp(recipe, vseed)
     if recipe.crop == "rrc":
-        top, left, ch, cw = _rrc_params(rng, h, w, recipe.scale, recipe.ratio)
-        img = TF.resized_crop(image, top, left, ch, cw, [S, S], interpolation=interp, antialias=True)
+        img, box = _decode_for(src, recipe, _rrc_params(rng, h, w, recipe.scale, recipe.ratio), S, S)
+        img = TF.resized_crop(img, *box, [S, S], interpolation=interp, antialias=True)
     else:
-        img = image if (h, w) == (S, S) else TF.resize(image, [S, S], interpolation=interp, antialias=True)
+        img, _ = _decode_for(src, recipe, (0, 0, h, w), S, S)
+        img = img if tuple(img.shape[-2:]) == (S, S) else TF.resize(img, [S, S], interpolation=interp, antialias=True)
         if recipe.crop == "pad" and recipe.padding > 0:
             p = recipe.padding
             img = F.pad(img, (p, p, p, p))
@@ -387,12 +481,13 @@ def base_view(image: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
         lo, hi = max(0.0, 1 - recipe.color_jitter), 1 + recipe.color_jitter
         b, c, s = (float(rng.uniform(lo, hi)) for _ in range(3))
         img = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b), c), s)
-    return img.contiguous()
+    return img  # channels-last after auto-augment: `to_view` lays it out as it converts
 
 
 def to_view(image: torch.Tensor) -> torch.Tensor:
-    """uint8 base view -> float [3, S, S] in [0, 1]."""
-    return image.to(torch.float32) / 255.0
+    """uint8 base view (any memory layout) -> float [3, S, S] in [0, 1], contiguous: one pass that converts and
+    lays out at once (the same float32 values as .float() / 255)."""
+    return torch.div(image, 255.0, out=torch.empty(image.shape, dtype=torch.float32))
 
 
 def mix_record(recipe: Recipe, vseed: int, index: int, first: int, count: int) -> MixRecord:
@@ -422,22 +517,29 @@ def mix_record(recipe: Recipe, vseed: int, index: int, first: int, count: int) -
     return rec
 
 
-def mix(own: torch.Tensor, partner: torch.Tensor | None, rec: MixRecord) -> torch.Tensor:
+def mix(own: torch.Tensor, partner: torch.Tensor | None, rec: MixRecord, inplace: bool = False) -> torch.Tensor:
+    """The mixed view: `own` float [3, S, S]; `partner` its float view or its uint8 base view (then only the part
+    the mix uses is converted: the cutmix box). `inplace`: cutmix may write into `own`."""
     if rec.mode == MIX_NONE or partner is None:
         return own
     if rec.mode == MIX_CUTMIX:
         y0, y1, x0, x1 = rec.box
-        out = own.clone()
-        out[:, y0:y1, x0:x1] = partner[:, y0:y1, x0:x1]
+        out = own if inplace else own.clone()
+        box = partner[:, y0:y1, x0:x1]
+        out[:, y0:y1, x0:x1] = to_view(box) if box.dtype == torch.uint8 else box
         return out
-    return own * rec.lam + partner * (1.0 - rec.lam)
+    return own * rec.lam + (to_view(partner) if partner.dtype == torch.uint8 else partner) * (1.0 - rec.lam)
 
 
-def eval_view(image: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """Deterministic evaluation view: resize the short side, centre crop, [3, S, S] float in [0, 1]."""
+def eval_view(image, recipe: Recipe) -> torch.Tensor:
+    """Deterministic evaluation view: resize the short side, centre crop, [3, S, S] float in [0, 1].
+    `image`: a `pipeline.reader.Sample` or a decoded [3, H, W] uint8 tensor, as for `base_view`."""
+    src = _source(image)
     S = recipe.input_size
     short = int(math.floor(S / recipe.eval_crop_pct))
-    img = TF.resize(image, short, interpolation=_interp(recipe), antialias=True)
+    w, h = src.size
+    img, _ = _decode_for(src, recipe, (0, 0, min(h, w), min(h, w)), short, short)  # the short side -> `short`
+    img = TF.resize(img, short, interpolation=_interp(recipe), antialias=True)
     img = TF.center_crop(img, [S, S])
     return img.to(torch.float32) / 255.0
 

@@ -6,8 +6,9 @@ Layout of a dataset directory::
     OUT/<split>-000000.tar      # webdataset shards, `samples_per_shard` samples each (last may be short)
 
 Each sample in a shard has `__key__` = its global index within the split (9 digits), the image
-file with its original bytes (`.jpg`/`.png`), `.cls` (class index as text) and `.json`
-(`{"src": original relative path}`).
+file with its original bytes (`.jpg`/`.png`; or, in a split written with `--max-size`, resized and
+re-encoded where its shorter side was larger: the split's `max_size` and `quality` say so), `.cls`
+(class index as text) and `.json` (`{"src": original relative path}`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class SplitInfo:
     class_counts: list[int]
     shards: list[ShardInfo]
     order_seed: int | None  # seed of the fixed sample permutation, None = sorted traversal order
+    max_size: int | None = None  # images stored with their shorter side at most this (`shards --max-size`)
+    quality: int | None = None  # JPEG quality of the images so resized
 
     def shard_of(self, index: int) -> int:
         return index // self.samples_per_shard
@@ -71,9 +74,11 @@ class Manifest:
     def split_hash(self, split: str) -> str:
         """Identity of one split's content: classes plus every shard checksum, order and count."""
         info = self.split(split)
-        payload = json.dumps({"classes": self.classes, "split": split, "count": info.count,
-                              "shards": [(s.name, s.first, s.count, s.sha256) for s in info.shards]},
-                             sort_keys=True)
+        d = {"classes": self.classes, "split": split, "count": info.count,
+             "shards": [(s.name, s.first, s.count, s.sha256) for s in info.shards]}
+        if info.max_size:  # only then, so the identity of splits stored as they came is what it was
+            d |= {"max_size": info.max_size, "quality": info.quality}
+        payload = json.dumps(d, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     @staticmethod

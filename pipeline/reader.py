@@ -4,10 +4,17 @@ The data path is a list of small stages (webdataset style):
 
     shard_order(seed, epoch) -> assign_shards(rank, world, worker, workers) -> read_shard -> decode
 
+`read_shard` reads each image's header (size, format); the pixels are decoded when a view asks for them
+(`Sample.decoded`), at the size that view needs (a recipe with decode="draft" lets JPEGs decode at 1/2, 1/4
+or 1/8 of their size where the view's crop allows it).
+
 Shard order is a pure function of (seed, epoch); which process and worker reads which shard is
 explicit arithmetic on that order, never an implicit environment lookup. Errors follow an
 explicit policy: "raise" (default) stops with a message naming the shard and key, "skip" drops
-the sample and reports its key to `on_skip`.
+the sample and reports its key to `on_skip`. The policy sees what the header shows (not an image, an
+unknown format, a damaged header); a body that fails to decode behind a valid header (a shard made by
+another tool: `cli.py shards` decodes every image in full before writing it) stops the run with a
+message naming the sample, under either policy.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -34,10 +41,36 @@ IMAGE_KEYS = ("jpg", "png", "jpeg")
 
 @dataclass
 class Sample:
-    image: torch.Tensor  # [3, H, W] uint8 RGB
+    """One stored sample; its image is decoded when a view asks for it (`decoded`), at the size the view needs."""
+
+    data: bytes  # the image file's bytes, as stored
     label: int
     index: int  # global index within the split (== int(__key__))
     shard: int
+    size: tuple[int, int] = (0, 0)  # (width, height), from the image header
+    where: str = ""  # "sample KEY in shard PATH", for error messages
+    _decoded: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def reducible(self) -> bool:
+        """A JPEG (starts with the SOI marker), so it can be decoded at a reduced size."""
+        return self.data[:2] == b"\xff\xd8"
+
+    @property
+    def image(self) -> torch.Tensor:
+        """The full-size image [3, H, W] uint8 RGB."""
+        return self.decoded(1)
+
+    def decoded(self, reduce: int = 1) -> torch.Tensor:
+        """The image decoded at 1/`reduce` of its size [3, ceil(H/reduce), ceil(W/reduce)] uint8 (reduce 1, 2, 4
+        or 8: JPEG's DCT scaling; only 1 for other formats). Kept, so each reduction is decoded once per sample."""
+        if reduce not in self._decoded:
+            try:
+                self._decoded[reduce] = decode_image(self.data, reduce)
+            except Exception as e:  # PIL raises several types for a damaged body behind a valid header
+                raise UserError(f"{self.where or f'sample {self.index}'} is unreadable ({e}); restore the shard "
+                                f"or recreate the split with `cli.py shards ... --overwrite`") from e
+        return self._decoded[reduce]
 
 
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -61,11 +94,31 @@ def current_worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Image bytes -> [3, H, W] uint8 RGB (grayscale and palette images are converted)."""
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, from the header alone (nothing is decoded)."""
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        return im.size
+
+
+def decode_image(data: bytes, reduce: int = 1) -> torch.Tensor:
+    """Image bytes -> [3, H, W] uint8 RGB (grayscale and palette images are converted).
+
+    `reduce` > 1 (2, 4 or 8; JPEG only): libjpeg's DCT scaling through PIL's `draft`, which decodes straight to
+    [3, ceil(H/reduce), ceil(W/reduce)] at a fraction of the cost; deterministic (same bytes, same pixels).
+
+    The tensor is a channels-last view of the decoded [H, W, 3] array (no [3, H, W] copy): torchvision's uint8
+    antialiased resize is bit-identical on it and twice as fast (0.31 vs 0.66 ms for 300 -> 224 px here)."""
+    with Image.open(io.BytesIO(data)) as im:
+        if reduce > 1:
+            if im.format != "JPEG" or reduce not in (2, 4, 8):
+                raise ValueError(f"cannot decode a {im.format} image at 1/{reduce} of its size")
+            w, h = im.size
+            im.draft("RGB", (w // reduce, h // reduce))  # PIL picks the largest scale whose size covers this
+            want = (-(-w // reduce), -(-h // reduce))
+            if im.size != want:
+                raise ValueError(f"JPEG draft decoding gave {im.size} for 1/{reduce} of {w}x{h}, not {want}")
+        arr = np.array(im if im.mode == "RGB" else im.convert("RGB"))  # [H, W, 3] (convert to RGB would copy)
+    return torch.from_numpy(arr).permute(2, 0, 1)  # [3, H, W] (channels-last strides)
 
 
 class ShardReader:
@@ -143,11 +196,11 @@ class ShardReader:
                         if img_key is None or "cls" not in raw:
                             raise ValueError("missing image or .cls member")
                         label = int(raw["cls"])
-                        image = decode_image(raw[img_key])
+                        size = image_size(raw[img_key])  # the header; pixels are decoded for the view
                     except Exception as e:  # decoding errors come in many types; policy decides
                         self._fail(path, key, str(e))
                         continue
-                    yield Sample(image, label, index, shard_id)
+                    yield Sample(raw[img_key], label, index, shard_id, size, f"sample {key} in shard {path}")
                 if self.verify:
                     f.check_digest()
         except UserError:

@@ -37,6 +37,7 @@ from pipeline.spec import argument
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 DEFAULT_SHARD_SIZE = 1000
 DIGITS_SHARD_SIZE = 200
+DEFAULT_QUALITY = 90  # JPEG quality of resized images (--max-size): what FFCV's and timm users' ImageNet copies use
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<num>\d{6})\.tar$")
 
 
@@ -136,6 +137,25 @@ def check_image(data: bytes, where: str) -> None:
         raise UserError(f"image {where} is corrupt or truncated ({e}); remove or replace it and rerun") from e
 
 
+def fit_image(data: bytes, ext: str, max_size: int, quality: int) -> bytes:
+    """Image bytes whose shorter side is at most `max_size`: as they came when it already is, else resized
+    (aspect kept, shorter side = max_size, Lanczos) and re-encoded in the same format (JPEG at `quality`,
+    PNG losslessly), in RGB or L, the modes views decode to. Deterministic: same bytes in, same bytes out."""
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        if min(w, h) <= max_size:
+            return data
+        k = max_size / min(w, h)
+        size = (max_size, max(1, round(h * k))) if w <= h else (max(1, round(w * k)), max_size)
+        im = im if im.mode in ("RGB", "L") else im.convert("RGB")
+        buf = io.BytesIO()
+        if ext == "jpg":
+            im.resize(size, Image.LANCZOS).save(buf, format="JPEG", quality=quality)
+        else:
+            im.resize(size, Image.LANCZOS).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o444
@@ -174,9 +194,10 @@ def _prepare_out(out: Location, split: str, classes: list[str], overwrite: bool)
 
 def write_split(out: str | os.PathLike | Location, split: str, classes: list[str], samples: list[SourceImage], *,
                 name: str, shard_size: int = DEFAULT_SHARD_SIZE, order_seed: int | None = 0,
-                class_ids: list[str] | None = None, overwrite: bool = False,
-                progress: bool = True) -> Manifest:
+                class_ids: list[str] | None = None, overwrite: bool = False, progress: bool = True,
+                max_size: int | None = None, quality: int | None = None) -> Manifest:
     """Write one split as shards and record it in `out/dataset.json` (written last, atomically).
+    `max_size`: store each image with its shorter side at most this (`fit_image`; JPEG at `quality`, default 90).
     `out` is a local folder or an fsspec URL: each shard is built in a local temporary file, then renamed
     into place (local) or uploaded in one PUT (object store), so a shard appears whole or not at all."""
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
@@ -185,6 +206,8 @@ def write_split(out: str | os.PathLike | Location, split: str, classes: list[str
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
     if not samples:
         raise UserError(f"no images found for split '{split}'")
+    check_resize(max_size, quality)
+    quality = (quality or DEFAULT_QUALITY) if max_size else None
     out = Location(out)
     out.check_writable_root()
     manifest = _prepare_out(out, split, classes, overwrite)
@@ -217,6 +240,8 @@ def write_split(out: str | os.PathLike | Location, split: str, classes: list[str
                 for j, s in enumerate(chunk):
                     data = s.read()
                     check_image(data, s.src if s.path is None else str(s.path))
+                    if max_size:
+                        data = fit_image(data, s.ext, max_size, quality)
                     key = sample_key(first + j)
                     _tar_member(tar, f"{key}.{s.ext}", data)
                     _tar_member(tar, f"{key}.cls", str(s.label).encode())
@@ -229,9 +254,21 @@ def write_split(out: str | os.PathLike | Location, split: str, classes: list[str
     if out.local is None:
         tmp_dir.rmdir()
     manifest.splits[split] = SplitInfo(count=len(ordered), samples_per_shard=shard_size,
-                                       class_counts=class_counts, shards=shards, order_seed=order_seed)
+                                       class_counts=class_counts, shards=shards, order_seed=order_seed,
+                                       max_size=max_size, quality=quality)
     (out / MANIFEST).write_atomic(manifest.to_json().encode())
     return manifest
+
+
+def check_resize(max_size: int | None, quality: int | None) -> None:
+    if max_size is not None and max_size < 8:
+        raise UserError(f"--max-size must be at least 8 pixels (the smallest view side), got {max_size}; "
+                        f"pass e.g. --max-size 256, or omit it to store images as they came")
+    if quality is not None and not max_size:
+        raise UserError("--quality applies only to images resized by --max-size; pass --max-size too, or omit "
+                        "--quality (images are otherwise stored as they came)")
+    if quality is not None and not 1 <= quality <= 95:
+        raise UserError(f"--quality must be in 1..95 (JPEG quality; Pillow advises against more), got {quality}")
 
 
 # ------------------------------------------------------------------------------------- entry point
@@ -256,26 +293,36 @@ class ShardsConfig:
     """Seed of the fixed sample order (mixes classes within shards)."""
     overwrite: bool = False
     """Replace the split if it exists."""
+    max_size: int | None = None
+    """Store each image with its shorter side at most this many pixels (aspect kept, Lanczos, re-encoded in its
+    format: JPEG at --quality, PNG losslessly); smaller images are stored as they came. Recorded in
+    dataset.json, so the split's identity (and a cache's check of it) changes. [default: no resizing]"""
+    quality: int | None = None
+    """JPEG quality of images resized by --max-size [default: 90]."""
     progress: bool = field(default=True, metadata={"flags": ("--progress/--quiet",)})
     """Progress bar."""
 
 
 def make_shards(src: str, out: str | os.PathLike, *, split: str = "train", shard_size: int | None = None,
                 class_names: Path | None = None, name: str | None = None, order_seed: int | None = 0,
-                overwrite: bool = False, progress: bool = True) -> Manifest:
+                overwrite: bool = False, progress: bool = True, max_size: int | None = None,
+                quality: int | None = None) -> Manifest:
     """`src` is an ImageFolder path or the word 'digits' (writes train and val); `out` a folder or fsspec URL."""
+    check_resize(max_size, quality)
     if src == "digits":
         classes, splits = digits_source()
         manifest = None
         for i, (sp, samples) in enumerate(splits.items()):
             manifest = write_split(out, sp, classes, samples, name=name or "digits",
                                    shard_size=shard_size or DIGITS_SHARD_SIZE, order_seed=order_seed,
-                                   overwrite=overwrite or i > 0, progress=progress)
+                                   overwrite=overwrite or i > 0, progress=progress, max_size=max_size,
+                                   quality=quality)
         return manifest
     src_path = Path(src)
     class_ids, samples = scan_image_folder(src_path)
     classes = read_class_names(class_names, class_ids) if class_names else class_ids
     return write_split(out, split, classes, samples, name=name or src_path.resolve().parent.name or src_path.name,
                        shard_size=shard_size or DEFAULT_SHARD_SIZE, order_seed=order_seed,
-                       class_ids=class_ids if class_names else None, overwrite=overwrite, progress=progress)
+                       class_ids=class_ids if class_names else None, overwrite=overwrite, progress=progress,
+                       max_size=max_size, quality=quality)
 

@@ -15,11 +15,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.augment import MIX_NONE, Recipe, base_view, erase, eval_view, mix, mix_record, to_view, view_seed
+from pipeline.augment import (
+    MIX_NONE,
+    Recipe,
+    base_view,
+    erase,
+    eval_view,
+    mix,
+    mix_record,
+    preserved_globals,
+    to_view,
+    view_seed,
+)
 from pipeline.preempt import ignore_stop_signals
 from pipeline.reader import Sample, ShardReader, assign_shards, current_worker, shard_order
 
 Join = Callable[[int, int, int, list[dict]], list[dict]]
+VIEW_CHUNK = 16  # views made between two yields of `shard_views` (16 float views at 224 px: 9.6 MB)
 
 
 def library_versions() -> dict:
@@ -56,10 +68,12 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
     digest (of the view's pixels, see `view_digest`).
     """
     seeds = {s.index: view_seed(seed, epoch, s.index) for s in samples}
-    bases = {s.index: base_view(s.image, recipe, seeds[s.index]) for s in samples}
+    with preserved_globals():  # timm's ops reseed the global generators: save them once for the whole shard
+        bases = {s.index: base_view(s, recipe, seeds[s.index]) for s in samples}  # each decoded for its crop
     labels = {s.index: s.label for s in samples}
     erases = recipe.erase_prob > 0
-    for s in samples:
+
+    def view(s: Sample) -> dict:
         rec = mix_record(recipe, seeds[s.index], s.index, first, count)
         while rec.partner >= 0 and rec.partner not in bases:  # partner skipped by the error policy
             rec.partner = first + (rec.partner - first + 1) % count
@@ -68,10 +82,15 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
         own = to_view(bases[s.index])
         mixed = rec.mode != MIX_NONE
         # erased after mixing, as timm's loader does it (its collate mixes, then the prefetcher erases)
-        view = erase(mix(own, to_view(bases[rec.partner]) if mixed else None, rec), recipe, rec.view_seed)
-        yield {"view": view, "label": s.label, "partner_label": labels[rec.partner] if mixed else s.label,
-               "lam": rec.lam, "index": s.index, "view_seed": rec.view_seed,
-               "partner": rec.partner, "mix_mode": rec.mode, "digest": view_digest(view, erases)}
+        v = erase(mix(own, bases[rec.partner] if mixed else None, rec, inplace=True), recipe, rec.view_seed)
+        return {"view": v, "label": s.label, "partner_label": labels[rec.partner] if mixed else s.label,
+                "lam": rec.lam, "index": s.index, "view_seed": rec.view_seed,
+                "partner": rec.partner, "mix_mode": rec.mode, "digest": view_digest(v, erases)}
+
+    for i in range(0, len(samples), VIEW_CHUNK):
+        with preserved_globals():  # erasing reseeds them too: saved once per chunk, restored before yielding
+            chunk = [view(s) for s in samples[i:i + VIEW_CHUNK]]
+        yield from chunk
 
 
 class ShardStream(IterableDataset):
@@ -248,4 +267,4 @@ class EvalViews(ShardStream):
 
     def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
         for s in samples:
-            yield {"view": eval_view(s.image, self.recipe), "label": s.label, "index": s.index}
+            yield {"view": eval_view(s, self.recipe), "label": s.label, "index": s.index}

@@ -283,3 +283,22 @@ def test_posterize_of_0_bits_is_black_not_pillows_error():
     img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
     assert np.array(op.aug_fn(img, 0)).max() == 0
     assert (np.array(op.aug_fn(img, 2)) == 192).all()  # other bit counts: timm's posterize as before
+
+
+def test_shard_views_give_the_global_generators_back_before_each_view_they_yield(tmp_path):
+    """Views are made in chunks with the generators' states saved once per chunk (timm's ops reseed them): code
+    that draws from them between views (a training step's dropout) gets the draws it would get with no views."""
+    from conftest import make_image_folder
+    from pipeline.shards import make_shards
+    from pipeline.views import VIEW_CHUNK, shard_views
+    make_shards(str(make_image_folder(tmp_path / "src", per_class=8)), tmp_path / "ds", shard_size=24, progress=False)
+    samples = list(ShardReader(tmp_path / "ds").read_shard(0))
+    assert len(samples) > VIEW_CHUNK  # more than one chunk
+
+    def draw():
+        return random.random(), float(np.random.random()), float(torch.rand(1))
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    got = [draw() for _ in shard_views(samples, _small(PRESETS["imagenet-vit"]), 0, 0, 0, len(samples))]
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    assert got == [draw() for _ in got]

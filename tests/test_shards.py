@@ -237,3 +237,35 @@ def test_cifar10_slice(tmp_path):
     assert m.split("test").count == 200 and m.split("test").class_counts == [20] * 10
     imgs = list(ShardReader(out, "test").iter_epoch(0, 0))
     assert len(imgs) == 200 and all(tuple(s.image.shape) == (3, 32, 32) for s in imgs)
+
+
+# ------------------------------------------------------------------------------------------ --max-size
+
+def test_max_size_bounds_the_shorter_side_records_it_and_changes_the_split_identity(tmp_path):
+    src = make_image_folder(tmp_path / "src", per_class=3, size=(60, 40))
+    Image.new("RGB", (20, 50), (9, 9, 9)).save(src / "cat" / "small.jpg", quality=95)  # already small: kept as is
+    plain, small = tmp_path / "plain", tmp_path / "small"
+    run_cli("shards", src, plain, "--quiet", check=True)
+    run_cli("shards", src, small, "--max-size", "24", "--quality", "80", "--quiet", check=True)
+    run_cli("shards", src, tmp_path / "again", "--max-size", "24", "--quality", "80", "--quiet", check=True)
+    info = load_manifest(small).split("train")
+    assert (info.max_size, info.quality) == (24, 80) and load_manifest(plain).split("train").max_size is None
+    assert json.loads((small / "dataset.json").read_text())["splits"]["train"]["max_size"] == 24
+    assert load_manifest(small).split_hash("train") != load_manifest(plain).split_hash("train")
+    assert (small / "train-000000.tar").read_bytes() == (tmp_path / "again" / "train-000000.tar").read_bytes()
+    before = {s.index: s for s in ShardReader(plain).read_shard(0)}
+    for s in ShardReader(small).read_shard(0):
+        (w, h), (w0, h0) = s.size, before[s.index].size
+        assert tuple(s.image.shape[1:]) == (h, w)
+        if min(w0, h0) <= 24:
+            assert s.data == before[s.index].data
+        else:  # shorter side exactly 24, aspect kept to a pixel, same format
+            assert min(w, h) == 24 and abs(w / h - w0 / h0) < 0.05 and s.data[:2] == before[s.index].data[:2]
+
+
+@pytest.mark.parametrize("args, needle", [(["--max-size", "4"], "--max-size must be at least 8"),
+                                          (["--quality", "80"], "--quality applies only to images resized"),
+                                          (["--max-size", "64", "--quality", "100"], "--quality must be in 1..95")])
+def test_bad_max_size_or_quality_is_refused_and_writes_nothing(image_folder, tmp_path, args, needle):
+    _fails(run_cli("shards", image_folder, tmp_path / "out", *args, "--quiet"), needle)
+    assert not (tmp_path / "out").exists()
