@@ -75,8 +75,8 @@ class CacheConfig:
     (4 bytes per view each) [default: 4]."""
     tail_draw_temperature: float | None = None
     """With --tail-samples: the temperature of the teacher distribution the tail classes are drawn from. Drawing
-    flatter than a loss's temperature is safe, sharper can make the estimate's variance explode [default: the
-    largest temperature held, 4 by default]."""
+    flatter than a loss's temperature is safe, sharper can make the estimate's variance explode; drawing at the
+    training temperature is best (1 for OFA) [default: the largest temperature held, 4 by default]."""
     batch_size: int = 256
     """Teacher batch size."""
     workers: int = 2
