@@ -21,7 +21,10 @@ from pipeline.errors import UserError
 FORMAT = "ofakd-teacher-cache"
 # 1: the first layout. 2: same arrays, but the recipe record changed meaning (timm's RandAugment, RandomErasing
 # and random interpolation make the views, issue 22): a version-1 store's views would not replay, so it is refused.
-FORMAT_VERSION = 2
+# 3: an optional sampled tail (issue 21: tail_ids, tail_logits, tail_lse, log_z) and the description keys that size
+# it (tail_samples, tail_temperatures, tail_draw_temperature); a version-2 store lacks those keys, so it is refused
+# by version rather than read with a guessed "no samples".
+FORMAT_VERSION = 3
 UNITS_DIR = "_units"
 INDEX = "index"  # dtype marker: class indices, int16 while C fits it, else int32 (see `index_dtype`)
 
@@ -38,7 +41,8 @@ class ArraySpec:
     dtype: str
     """numpy dtype name, or `INDEX` for class indices."""
     trailing: tuple[int | str, ...]
-    """Trailing shape after [E, N]; the string "k" stands for the store's top-k."""
+    """Trailing shape after [E, N]; "k" stands for the store's top-k, "M" for its tail samples, "t" for its
+    recorded tail temperatures."""
     fill: int | float
     """Value of what was never written (a sample the error policy skipped)."""
     doc: str
@@ -46,8 +50,8 @@ class ArraySpec:
     def dtype_for(self, num_classes: int) -> str:
         return index_dtype(num_classes) if self.dtype == INDEX else self.dtype
 
-    def trailing_shape(self, k: int) -> tuple[int, ...]:
-        return tuple(k if d == "k" else d for d in self.trailing)
+    def trailing_shape(self, k: int, m: int = 0, t: int = 0) -> tuple[int, ...]:
+        return tuple({"k": k, "M": m, "t": t}.get(d, d) for d in self.trailing)
 
 
 # the teacher's outputs per view (what `summarize` makes and a training view needs)
@@ -56,6 +60,18 @@ TOPK_INDICES = ArraySpec("topk_indices", INDEX, ("k",), 0, "their class indices 
 LSE = ArraySpec("lse", "float32", (), 0, "log-sum-exp of all C logits (T = 1)")
 LABEL_LOGITS = ArraySpec("label_logits", "float32", (2,), 0,
                          "teacher logit of the view's label and of its mixing partner's label (exact p_target)")
+# the sampled tail (only with --tail-samples M > 0): what importance-sampling the classes outside the known ones
+# (top-k + label classes) needs; see cache.targets for the estimator
+TAIL_SEED_SALT = 0x7A11  # second word of a view's tail-draw seed, so the draw never reuses the view's own stream
+TAIL_IDS = ArraySpec("tail_ids", INDEX, ("M",), -1,
+                     "M tail classes drawn with replacement from r_j = exp(z_j / T_d - tail_lse) over the classes "
+                     f"outside top-k and labels (-1: no tail); numpy default_rng([view_seed, {TAIL_SEED_SALT}])")
+TAIL_LOGITS = ArraySpec("tail_logits", "float16", ("M",), 0, "their teacher logits (the draw used these fp16 values)")
+TAIL_LSE = ArraySpec("tail_lse", "float32", (),  0,
+                     "log-partition of the draw: log-sum-exp of z_j / T_d over the tail classes (fp16 logits)")
+LOG_Z = ArraySpec("log_z", "float32", ("t",), 0,
+                  "log-sum-exp of all C logits / T for each of tail_temperatures (T = 1 is lse)")
+
 # the replay record: named as the fields of a view (pipeline.views) that they store
 VIEW_SEED = ArraySpec("view_seed", "uint32", (), 0, "replay record: the view seed, SeedSequence([seed, epoch, index])")
 PARTNER = ArraySpec("partner", "int32", (), -1, "replay record: the mixing partner's global index (-1: not mixed)")
@@ -63,16 +79,25 @@ LAM = ArraySpec("lam", "float16", (), 1.0, "replay record: weight of the sample'
 MIX_MODE = ArraySpec("mix_mode", "uint8", (), 0, "replay record: 0 none, 1 mixup, 2 cutmix")
 
 TEACHER_OUTPUTS = (TOPK_VALUES, TOPK_INDICES, LSE, LABEL_LOGITS)
+TAIL = (TAIL_IDS, TAIL_LOGITS, TAIL_LSE, LOG_Z)
 REPLAY = (VIEW_SEED, PARTNER, LAM, MIX_MODE)
-ARRAYS = TEACHER_OUTPUTS + REPLAY  # in this order the store creates them
-NAMES = tuple(a.name for a in ARRAYS)
+ARRAYS = TEACHER_OUTPUTS + TAIL + REPLAY  # in this order a store creates those it holds (`held_arrays`)
+NAMES = tuple(a.name for a in TEACHER_OUTPUTS + REPLAY)  # the arrays every store holds
+ALL_NAMES = tuple(a.name for a in ARRAYS)
 
 
-def raw_bytes_per_view(k: int, num_classes: int) -> int:
-    """Bytes of one (epoch, sample) over every array before compression: 4k + 23 with int16 indices."""
+def held_arrays(tail_samples: int, tail_temperatures: int) -> tuple[ArraySpec, ...]:
+    """The arrays a store holds: the tail arrays only with tail samples, log_z only with temperatures."""
+    return tuple(a for a in ARRAYS if a not in TAIL or (tail_samples and (a is not LOG_Z or tail_temperatures)))
+
+
+def raw_bytes_per_view(k: int, num_classes: int, tail_samples: int = 0, tail_temperatures: int = 0) -> int:
+    """Bytes of one (epoch, sample) over every array before compression: 4k + 23 with int16 indices, plus
+    4M + 4 + 4t with M tail samples and t temperatures."""
     total = 0
-    for a in ARRAYS:
-        total += np.dtype(a.dtype_for(num_classes)).itemsize * int(np.prod(a.trailing_shape(k), dtype=np.int64))
+    for a in held_arrays(tail_samples, tail_temperatures):
+        shape = a.trailing_shape(k, tail_samples, tail_temperatures)
+        total += np.dtype(a.dtype_for(num_classes)).itemsize * int(np.prod(shape, dtype=np.int64))
     return total
 
 
@@ -171,6 +196,9 @@ class CacheRequest:
     topk: int | None = None
     epochs: int | None = None
     num_classes: int | None = None
+    tail_samples: int | None = None
+    tail_temperatures: list[float] | None = None
+    tail_draw_temperature: float | None = None
 
 
 def _show(v) -> str:
@@ -196,6 +224,9 @@ _CHECKED = (
     ("top-k", lambda r: r.topk),
     ("epochs", lambda r: r.epochs),
     ("classes", lambda r: r.num_classes),
+    ("tail samples", lambda r: r.tail_samples),
+    ("tail temperatures", lambda r: r.tail_temperatures),
+    ("tail draw temperature", lambda r: r.tail_draw_temperature),
 )
 
 
@@ -215,15 +246,34 @@ class CacheDescription:
     recipe_name: str = _doc("the preset it came from, or custom")
     on_error: str = _doc("the corrupt-sample policy of the pass (raise or skip); training applies the same")
     index_dtype: str = _doc("dtype of topk_indices (from num_classes)", init=False)
-    raw_bytes_per_view: int = _doc("bytes per (epoch, sample) before compression (from topk and num_classes)",
-                                   init=False)
+    raw_bytes_per_view: int = _doc("bytes per (epoch, sample) before compression (from topk, num_classes, "
+                                   "tail_samples and tail_temperatures)", init=False)
     versions: dict = _doc("library versions that made the views and the store")
+    tail_samples: int = _doc("M, tail classes drawn per view (0: none; the tail is then spread uniformly)", default=0)
+    tail_temperatures: list[float] = _doc("temperatures T != 1 whose log Z_T (log_z) is stored, ascending; with "
+                                          "samples, training runs at 1 or one of these", default_factory=list)
+    tail_draw_temperature: float = _doc("T_d, the temperature of the distribution the tail classes are drawn from",
+                                        default=1.0)
 
     def __post_init__(self):
         derived = {"format": FORMAT, "format_version": FORMAT_VERSION, "index_dtype": index_dtype(self.num_classes),
-                   "raw_bytes_per_view": raw_bytes_per_view(self.topk, self.num_classes)}
+                   "raw_bytes_per_view": raw_bytes_per_view(self.topk, self.num_classes, self.tail_samples,
+                                                            len(self.tail_temperatures))}
         for k, v in derived.items():
             object.__setattr__(self, k, v)
+
+    @property
+    def arrays(self) -> tuple[ArraySpec, ...]:
+        """The arrays this store holds, in creation order."""
+        return held_arrays(self.tail_samples, len(self.tail_temperatures))
+
+    def trailing_shape(self, a: ArraySpec) -> tuple[int, ...]:
+        return a.trailing_shape(self.topk, self.tail_samples, len(self.tail_temperatures))
+
+    @property
+    def temperatures(self) -> list[float]:
+        """Temperatures at which the teacher's log-probabilities are exact from this store (with tail samples)."""
+        return sorted({1.0, *self.tail_temperatures})
 
     def to_attrs(self) -> dict:
         return {f.name: (v.to_attrs() if isinstance(v := getattr(self, f.name), _Flat) else v) for f in fields(self)}
@@ -253,7 +303,9 @@ class CacheDescription:
         t, ds = self.teacher, self.dataset
         return CacheRequest(teacher=t.name, checkpoint_sha256=t.checkpoint_sha256, weights_tag=t.weights_tag,
                             classes=t.classes, manifest_hash=ds.manifest_hash, split=ds.split, recipe=self.recipe,
-                            seed=self.seed, topk=self.topk, epochs=self.epochs, num_classes=self.num_classes)
+                            seed=self.seed, topk=self.topk, epochs=self.epochs, num_classes=self.num_classes,
+                            tail_samples=self.tail_samples, tail_temperatures=self.tail_temperatures,
+                            tail_draw_temperature=self.tail_draw_temperature)
 
     def mismatches(self, request: CacheRequest, every: bool = False) -> list[str]:
         """Each checked field where this store differs from the request, as readable phrases. Only the fields
@@ -295,10 +347,12 @@ def format_reference() -> str:
         "",
         f"A store is a zarr v3 group, `format` `{FORMAT}`, `format_version` {FORMAT_VERSION}. A store of another "
         "format version (older or newer) is refused, naming both versions: rebuild it with this version. "
-        "E = cached epochs, N = samples in the split, k = top-k, C = classes.",
+        "E = cached epochs, N = samples in the split, k = top-k, C = classes, M = tail samples, t = tail "
+        "temperatures. The tail arrays exist only in a store made with `--tail-samples M` (M > 0), `log_z` only "
+        "when it records temperatures.",
         "",
         f"**Arrays** (`[E, N, ...]`; {raw_bytes_per_view(1, 10) - raw_bytes_per_view(0, 10)}k + "
-        f"{raw_bytes_per_view(0, 10)} bytes per (epoch, sample) before "
+        f"{raw_bytes_per_view(0, 10)} bytes per (epoch, sample) (+ 4M + 4 + 4t with a sampled tail) before "
         "compression with int16 indices; Blosc-zstd, byte shuffle; zarr shard `[E, samples_per_shard, ...]` = one "
         "unit, inner chunk `[1, samples_per_shard, ...]` = one epoch of one unit):",
         "",

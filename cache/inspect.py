@@ -8,10 +8,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.format import LABEL_LOGITS, LSE, PARTNER, TOPK_INDICES, TOPK_VALUES, VIEW_SEED, TeacherRecord
+from cache.format import (
+    LABEL_LOGITS,
+    LOG_Z,
+    LSE,
+    PARTNER,
+    TAIL_IDS,
+    TAIL_LSE,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    VIEW_SEED,
+    TeacherRecord,
+)
 from cache.store import CacheStore
 from cache.teacher import ClassMap, Teacher
-from cache.teacher_pass import summarize
+from cache.teacher_pass import TailSpec, summarize
 from pipeline.augment import Recipe
 from pipeline.errors import UserError
 from pipeline.models import Weights, file_sha256
@@ -70,6 +81,12 @@ def inspect_cache(path: str | Path) -> dict:
         "dataset": f"{ds.name}/{ds.split} ({ds.num_samples} samples, {d.num_classes} classes, "
                    f"manifest {ds.manifest_hash[:12]})",
         "recipe": f"{d.recipe_name}: {d.recipe}", "seed": d.seed, "epochs": d.epochs, "topk": d.topk,
+        "tail_samples": d.tail_samples,
+        "tail": (f"{d.tail_samples} classes per view drawn at T_d = {d.tail_draw_temperature:g}; unbiased losses "
+                 f"at T = {', '.join(f'{t:g}' for t in d.temperatures)}") if d.tail_samples else
+                "none: the tail is spread uniformly (biased); cache with --tail-samples M to sample it",
+        "tail_temperatures": d.temperatures if d.tail_samples else [],
+        "tail_draw_temperature": d.tail_draw_temperature if d.tail_samples else None,
         "format_version": d.format_version, "versions": d.versions,
         "units_done": f"{len(done)}/{store.num_units}", "complete": len(done) == store.num_units,
         "skipped_samples": len(store.skipped()),
@@ -101,6 +118,12 @@ def check_ranges(store: CacheStore) -> list[str]:
                 problems.append(f"unit {u} epoch {e}: mixing partner outside the unit's data shard")
             if not np.isfinite(d[LSE.name][ok]).all():
                 problems.append(f"unit {u} epoch {e}: non-finite log-sum-exp")
+            if TAIL_IDS.name in d:
+                tid = d[TAIL_IDS.name][ok].astype(np.int64)
+                if tid.size and (tid.min() < -1 or tid.max() >= C):
+                    problems.append(f"unit {u} epoch {e}: tail class index outside [-1, {C})")
+                if tid.size and (tid[:, :, None] == idx[:, None, :].astype(np.int64)).any():
+                    problems.append(f"unit {u} epoch {e}: a tail sample is one of the top-k classes")
     return problems
 
 
@@ -164,10 +187,19 @@ def verify_cache(path: str | Path, samples: int = 32, data: str | Path | None = 
         batch = [views[i] for i in idx]
         logits = teacher(torch.stack([v["view"] for v in batch]))
         fresh = summarize(logits, torch.tensor([v["label"] for v in batch]),
-                          torch.tensor([v["partner_label"] for v in batch]), store.topk)
+                          torch.tensor([v["partner_label"] for v in batch]), store.topk,
+                          np.array([v[VIEW_SEED.name] for v in batch]),
+                          TailSpec(d.tail_samples, d.tail_temperatures, d.tail_draw_temperature))
         cached = store.read_epoch(e, u)
         pos = np.array(idx) - info.first
-        for name in (TOPK_VALUES.name, LSE.name, LABEL_LOGITS.name):
+        if d.tail_samples:  # the draw replays from the view seed; a logit one fp16 step off may move a rare draw
+            drawn = fresh[TAIL_IDS.name] != cached[TAIL_IDS.name][pos]
+            if drawn.mean() > 0.01:
+                problems.append(f"unit {u} epoch {e}: {drawn.mean():.1%} of the cached tail samples differ from "
+                                f"those the view seeds draw")
+        for name in (TOPK_VALUES.name, LSE.name, LABEL_LOGITS.name, TAIL_LSE.name, LOG_Z.name):
+            if name not in fresh:
+                continue
             want, got = fresh[name].astype(np.float32), cached[name][pos].astype(np.float32)
             err = np.abs(want - got) - rtol * np.abs(want)
             worst = max(worst, float(np.abs(want - got).max()))

@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from cache.format import ARRAYS, NAMES, UNITS_DIR, CacheDescription, CacheRequest, UnitRecord
+from cache.format import ALL_NAMES, UNITS_DIR, CacheDescription, CacheRequest, UnitRecord
 from pipeline.errors import UserError
 from pipeline.location import Location, fsync_dir, storage_errors
 
@@ -129,7 +129,7 @@ class CacheStore:
                             f"--out or pass --overwrite")
         names = set(loc.listdir())
         # leftovers of a creation killed before its root zarr.json landed (object stores) may go
-        if names - set(NAMES) - {UNITS_DIR} and not overwrite:
+        if names - set(ALL_NAMES) - {UNITS_DIR} and not overwrite:
             raise UserError(f"output {loc} already exists and is not a teacher cache; choose another "
                             f"--out or pass --overwrite")
         if names or loc.isfile():
@@ -161,11 +161,11 @@ class CacheStore:
     @staticmethod
     def _build(where: Path, d: CacheDescription) -> None:
         """The empty store's metadata (no chunks: every array starts as its fill value) in a local folder."""
-        E, N, k, S = d.epochs, d.dataset.num_samples, d.topk, d.dataset.samples_per_shard
+        E, N, S = d.epochs, d.dataset.num_samples, d.dataset.samples_per_shard
         group = zarr.open_group(str(where), mode="w")
         compressor = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
-        for a in ARRAYS:
-            t = a.trailing_shape(k)
+        for a in d.arrays:
+            t = d.trailing_shape(a)
             group.create_array(a.name, shape=(E, N, *t), chunks=(1, S, *t), shards=(E, S, *t),
                                dtype=a.dtype_for(d.num_classes), compressors=compressor, fill_value=a.fill)
         group.attrs.update(d.to_attrs())
@@ -198,7 +198,7 @@ class CacheStore:
         group = self._open()
         sl = slice(unit.first, unit.first + unit.count)
         with storage_errors(self.loc.url):
-            for name in NAMES:
+            for name in (a.name for a in self.description.arrays):
                 arr = group[name]
                 arr[:, sl] = unit.data[name]
                 if self.loc.local is None:
@@ -214,8 +214,10 @@ class CacheStore:
                     fsync_dir(f.parent)
         self.marker(unit.shard).write_atomic(json.dumps(unit.record().to_attrs()).encode())
 
-    def read_epoch(self, epoch: int, shard: int, names=NAMES) -> dict[str, np.ndarray]:
-        """One cached epoch of one unit: name -> [count, ...]. Refuses units that are not complete."""
+    def read_epoch(self, epoch: int, shard: int, names=None) -> dict[str, np.ndarray]:
+        """One cached epoch of one unit: name -> [count, ...] (names: default every array the store holds).
+        Refuses units that are not complete."""
+        names = names if names is not None else tuple(a.name for a in self.description.arrays)
         if shard not in self._units_seen and not self.marker(shard).isfile():
             raise UserError(f"cache {self.path} has no complete data for data shard {shard}; finish it with "
                             f"the same `cli.py cache-teacher` command (it resumes)")
@@ -228,7 +230,7 @@ class CacheStore:
         # latency: issue the arrays' reads together (zarr runs them concurrently on its event loop)
         arrays = [self.array(name) for name in names]
         if self._pool is None or self._pool_pid != os.getpid():
-            self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=len(NAMES)), os.getpid()
+            self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=len(ALL_NAMES)), os.getpid()
         return dict(zip(names, self._pool.map(lambda a: a[epoch, sl], arrays), strict=True))
 
     def read_all(self, name: str) -> np.ndarray:

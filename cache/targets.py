@@ -16,7 +16,23 @@ equally, each getting
     z_tail = L + log(1 - sum_known exp(z_i - L)) - log(C - n_known).
 At T = 1 this reproduces the known probabilities and the tail's total mass exactly; at other
 temperatures the tail's shape is an approximation (its total is what top-k cannot tell). With
-k = C nothing is approximated.
+k = C nothing is approximated. This tail is biased: which class holds which tail logit is lost.
+
+Sampled tail (`cache-teacher --tail-samples M`, `TeacherTargets.distribution`): the pass also draws M
+tail classes j_1..j_M per view, with replacement, from r_j = exp(z_j / T_d - tail_lse), the teacher's
+distribution at the draw temperature T_d restricted to the tail (the classes outside top-k and labels),
+and stores their fp16 logits, tail_lse and log Z_T = logsumexp(z / T) over all C for each recorded T.
+Training then knows the teacher's log-probability z_j / T - log Z_T exactly on every known and sampled
+class and gives each class a weight
+    scale_j = 1 (known),  count_j / (M r_j) (sampled count_j times),  0 (other tail classes).
+count_j ~ Binomial(M, r_j), so E[scale_j] = 1 for every class: any per-class sum sum_j scale_j h(p_j, q_j)
+(every loss here: see students.losses) is an unbiased importance-sampling estimate of the exact sum, and
+so is its gradient w.r.t. the student logits. Var[scale_j] = (1 - r_j) / (M r_j): the loss's variance is
+(1/M) times the variance, over tail classes drawn from r, of h_j / r_j: it falls as 1/M, is small when the
+tail holds little of the loss's weight, and stays bounded when r is at least as flat as the loss's tail
+terms (T_d >= the training temperature; a sharper r leaves rare classes with huge weights). The known
+terms (top-k, labels, p_target, DKD's 1 - p_target) stay exact. What is not exact: the fp16 rounding of
+the stored logits, as for top-k.
 """
 
 from __future__ import annotations
@@ -27,12 +43,27 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from cache.format import LABEL_LOGITS, LSE, PARTNER, TEACHER_OUTPUTS, TOPK_INDICES, TOPK_VALUES, VIEW_SEED, CacheRequest
+from cache.format import (
+    LABEL_LOGITS,
+    LOG_Z,
+    LSE,
+    PARTNER,
+    TAIL,
+    TAIL_IDS,
+    TAIL_LOGITS,
+    TAIL_LSE,
+    TEACHER_OUTPUTS,
+    TOPK_INDICES,
+    TOPK_VALUES,
+    VIEW_SEED,
+    CacheRequest,
+)
 from cache.store import CacheStore
 from pipeline.augment import Recipe
 from pipeline.errors import UserError
 from pipeline.reader import ShardReader
 from pipeline.views import TrainViews, library_versions, views_digest
+from students.losses import TeacherDist
 
 TEACHER_KEY = "teacher"
 
@@ -54,21 +85,76 @@ def reconstruct_logits(values: torch.Tensor, indices: torch.Tensor, lse: torch.T
     return torch.where(known, z, z_tail[:, None])
 
 
+FILLER_LOG_P = -80.0  # log p of unsampled tail classes: finite (their scale is 0, and 0 * inf would be NaN)
+
+
+def sampled_distribution(values: torch.Tensor, indices: torch.Tensor, label_classes: torch.Tensor,
+                         label_logits: torch.Tensor, tail_ids: torch.Tensor, tail_logits: torch.Tensor,
+                         tail_lse: torch.Tensor, log_z: torch.Tensor, T: float, draw_T: float,
+                         num_classes: int) -> TeacherDist:
+    """The teacher at temperature T from a sampled-tail cache (module docstring): values/indices [B, k],
+    label_classes/label_logits [B, m], tail_ids/tail_logits [B, M] (ids -1: no tail), tail_lse [B], log_z [B]
+    (log Z_T) -> TeacherDist of [B, C]."""
+    B, M, C = values.shape[0], tail_ids.shape[1], num_classes
+    dev = values.device
+    valid = (tail_ids >= 0) & torch.isfinite(tail_lse)[:, None]
+    ids = torch.where(valid, tail_ids, C)  # invalid draws land in a spare column C, dropped below
+    z = torch.zeros(B, C + 1, dtype=torch.float32, device=dev)
+    scale = torch.zeros(B, C + 1, dtype=torch.float32, device=dev)
+    z.scatter_(1, ids, tail_logits.float())
+    w = torch.exp(tail_lse[:, None].float() - tail_logits.float() / draw_T) / M  # 1 / (M r_j) per draw
+    scale.scatter_add_(1, ids, torch.where(valid, w, 0.0))
+    z, scale = z[:, :C], scale[:, :C]
+    z.scatter_(1, indices, values.float())
+    z.scatter_(1, label_classes, label_logits.float())  # exact label logits win over fp16 top-k copies
+    scale.scatter_(1, indices, 1.0).scatter_(1, label_classes, 1.0)  # known classes are never drawn
+    log_p = torch.where(scale > 0, z / T - log_z[:, None].float(), FILLER_LOG_P)
+    return TeacherDist(log_p, scale)
+
+
 class TeacherTargets(NamedTuple):
-    """The cached teacher outputs of one view (or, collated, of a batch: a leading [B] dimension)."""
+    """The cached teacher outputs of one view (or, collated, of a batch: a leading [B] dimension). A store
+    without tail samples gives empty tail fields ([0], and tail_lse NaN)."""
 
     values: torch.Tensor  # [k] float: the k largest logits, descending
     indices: torch.Tensor  # [k] int64: their classes
     lse: torch.Tensor  # [] float: log-sum-exp of all C logits
     label_logits: torch.Tensor  # [2] float: logits of the view's label and of its mixing partner's label
+    tail_ids: torch.Tensor  # [M] int64: sampled tail classes (-1: none)
+    tail_logits: torch.Tensor  # [M] float: their logits
+    tail_lse: torch.Tensor  # [] float: log-partition of the draw over the tail
+    log_z: torch.Tensor  # [t] float: log Z_T at the store's tail temperatures
 
     def to(self, device, non_blocking: bool = False) -> TeacherTargets:
         return TeacherTargets(*(t.to(device, non_blocking=non_blocking) for t in self))
 
+    @classmethod
+    def from_arrays(cls, t: dict[str, np.ndarray], temperatures: int = 0) -> TeacherTargets:
+        """A batch from arrays as the store holds them (name -> [B, ...]: read back, or `summarize`'s output);
+        without tail arrays the tail fields are empty ([B, 0], tail_lse NaN, log_z [B, temperatures] zeros)."""
+        def get(a, dtype, empty):
+            return torch.from_numpy(t[a.name].astype(dtype)) if a.name in t else empty
+        n = len(t[LSE.name])
+        return cls(get(TOPK_VALUES, np.float32, None), get(TOPK_INDICES, np.int64, None),  # int64: scatter/gather
+                   get(LSE, np.float32, None), get(LABEL_LOGITS, np.float32, None),
+                   get(TAIL_IDS, np.int64, torch.zeros(n, 0, dtype=torch.int64)),
+                   get(TAIL_LOGITS, np.float32, torch.zeros(n, 0)),
+                   get(TAIL_LSE, np.float32, torch.full((n,), torch.nan)),
+                   get(LOG_Z, np.float32, torch.zeros(n, temperatures)))
+
     def logits(self, label: torch.Tensor, partner_label: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """[B] labels -> the teacher's full logits [B, C], rebuilt as the module docstring says."""
+        """[B] labels -> the teacher's full logits [B, C], with the uniform tail of the module docstring."""
         labels = torch.stack([label, partner_label], 1)
         return reconstruct_logits(self.values, self.indices, self.lse, labels, self.label_logits, num_classes)
+
+    def distribution(self, label: torch.Tensor, partner_label: torch.Tensor, num_classes: int, T: float,
+                     temperatures: list[float], draw_T: float) -> TeacherDist:
+        """[B] labels -> the teacher at T with the sampled tail (module docstring); `temperatures`: those of the
+        store's log_z, T one of them or 1."""
+        log_z = self.lse if T == 1.0 else self.log_z[:, temperatures.index(T)]
+        labels = torch.stack([label, partner_label], 1)
+        return sampled_distribution(self.values, self.indices, labels, self.label_logits, self.tail_ids,
+                                    self.tail_logits, self.tail_lse, log_z, T, draw_T, num_classes)
 
 
 class CacheJoin:
@@ -80,7 +166,9 @@ class CacheJoin:
 
     def __call__(self, epoch: int, shard: int, first: int, views: list[dict]) -> list[dict]:
         store = self.store
-        t = store.read_epoch(epoch, shard, names=tuple(a.name for a in (*TEACHER_OUTPUTS, VIEW_SEED, PARTNER)))
+        held = store.description.arrays
+        t = store.read_epoch(epoch, shard, names=tuple(a.name for a in (*TEACHER_OUTPUTS, *TAIL, VIEW_SEED, PARTNER)
+                                                       if a in held))
         pos = np.array([v["index"] for v in views]) - first
         # the replay record as the views rebuilt here have it (a view's fields are named as the arrays)
         seeds = np.array([v[VIEW_SEED.name] for v in views], dtype=VIEW_SEED.dtype)
@@ -92,11 +180,9 @@ class CacheJoin:
                 f"{epoch} than this run rebuilds (replay record mismatch: another seed, recipe or tool version "
                 f"made it); rebuild the cache with this version")
         self._check_pixels(epoch, shard, views)
-        values = torch.from_numpy(t[TOPK_VALUES.name][pos].astype(np.float32))
-        indices = torch.from_numpy(t[TOPK_INDICES.name][pos].astype(np.int64))  # what scatter/gather index with
-        lse = torch.from_numpy(t[LSE.name][pos].astype(np.float32))
-        label_logits = torch.from_numpy(t[LABEL_LOGITS.name][pos].astype(np.float32))
-        return [{TEACHER_KEY: TeacherTargets(*row)} for row in zip(values, indices, lse, label_logits, strict=True)]
+        batch = TeacherTargets.from_arrays({name: a[pos] for name, a in t.items()},
+                                           len(store.description.tail_temperatures))
+        return [{TEACHER_KEY: TeacherTargets(*row)} for row in zip(*batch, strict=True)]
 
     def _check_pixels(self, epoch: int, shard: int, views: list[dict]) -> None:
         recorded = self.store.unit_info(shard).view_digests[epoch]
@@ -145,5 +231,22 @@ class CachedTeacher:
         return views
 
     def logits(self, batch: dict) -> torch.Tensor:
-        """A collated batch of `views()` -> the teacher's logits [B, C] for its views, on the batch's device."""
+        """A collated batch of `views()` -> the teacher's logits [B, C] for its views, on the batch's device
+        (the tail spread uniformly, even when the store holds tail samples: see `source` for those)."""
         return batch[TEACHER_KEY].logits(batch["label"], batch["partner_label"], self.num_classes)
+
+    def source(self, T: float):
+        """What the losses take at temperature T, as a function of a collated batch: the teacher's logits
+        (`logits`) for a store without tail samples, else its sampled-tail `TeacherDist` at T. A temperature
+        whose log Z_T the store does not hold is refused now."""
+        d = self.description
+        if not d.tail_samples:
+            return self.logits
+        if float(T) not in d.temperatures:
+            raise UserError(f"cache {self.path} holds its sampled tail at temperatures "
+                            f"{', '.join(f'{t:g}' for t in d.temperatures)}, not at --temperature {T:g}; train at "
+                            f"one of those, or rebuild the cache with --tail-temperatures including {T:g}")
+        temps = [float(t) for t in d.tail_temperatures]
+        return lambda batch: batch[TEACHER_KEY].distribution(batch["label"], batch["partner_label"],
+                                                             self.num_classes, float(T), temps,
+                                                             d.tail_draw_temperature)

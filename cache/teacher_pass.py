@@ -3,7 +3,8 @@
     units = data shards not yet marked complete, split across processes (rank::world)
     for each unit: decode the shard once; for each cached epoch, build its views (pipeline.views),
         run the teacher (eval, no_grad, bf16 autocast on CUDA), keep top-k logits + indices,
-        log-sum-exp, the logits of both label classes, and the replay record
+        log-sum-exp, the logits of both label classes, optionally M tail classes drawn from the
+        rest (`--tail-samples`, see `draw_tail`), and the replay record
     when a unit is whole: write its zarr shards, fsync, then write its completion marker
 
 Killed at any moment, a rerun skips the marked units and redoes the rest; unmarked data is never read.
@@ -24,12 +25,17 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
 from cache.format import (
-    ARRAYS,
     LABEL_LOGITS,
+    LOG_Z,
     LSE,
     REPLAY,
+    TAIL_IDS,
+    TAIL_LOGITS,
+    TAIL_LSE,
+    TAIL_SEED_SALT,
     TOPK_INDICES,
     TOPK_VALUES,
+    VIEW_SEED,
     CacheDescription,
     DatasetRecord,
     TeacherRecord,
@@ -64,6 +70,17 @@ class CacheConfig:
     """Epochs of views to cache."""
     topk: int = 10
     """Teacher logits kept per view."""
+    tail_samples: int = 0
+    """M: tail classes (outside top-k and labels) drawn per view from the teacher's distribution, stored with their
+    logits, so that training estimates the tail's share of every loss without bias (0: the tail is spread
+    uniformly, which is biased)."""
+    tail_temperatures: list[float] | None = None
+    """With --tail-samples: the temperatures besides 1 that training may use; log Z_T is stored for each
+    (4 bytes per view each) [default: 4]."""
+    tail_draw_temperature: float | None = None
+    """With --tail-samples: the temperature of the teacher distribution the tail classes are drawn from. Drawing
+    flatter than a loss's temperature is safe, sharper can make the estimate's variance explode; drawing at the
+    training temperature is best (1 for OFA) [default: the largest temperature held, 4 by default]."""
     batch_size: int = 256
     """Teacher batch size."""
     workers: int = 2
@@ -90,6 +107,13 @@ class CacheConfig:
             problems.append(f"--epochs must be at least 1, got {self.epochs}")
         if self.topk < 1:
             problems.append(f"--topk must be at least 1, got {self.topk}")
+        if self.tail_samples < 0:
+            problems.append(f"--tail-samples must be >= 0, got {self.tail_samples}")
+        if not self.tail_samples and (self.tail_temperatures is not None or self.tail_draw_temperature is not None):
+            problems.append("--tail-temperatures and --tail-draw-temperature describe the sampled tail; pass "
+                            "--tail-samples M (M > 0) or drop them")
+        if any(t <= 0 for t in self.tail_temperatures or ()) or (self.tail_draw_temperature or 1.0) <= 0:
+            problems.append("tail temperatures must be > 0")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
@@ -102,6 +126,24 @@ class CacheConfig:
     def recipe(self) -> Recipe:
         """The recipe of the views, at their size."""
         return self.views.get()
+
+    @property
+    def tail(self) -> TailSpec:
+        """The sampled tail this pass stores (M = 0: none)."""
+        if not self.tail_samples:
+            return TailSpec()
+        temps = sorted({float(t) for t in ([4.0] if self.tail_temperatures is None else self.tail_temperatures)})
+        draw = self.tail_draw_temperature or max([1.0, *temps])
+        return TailSpec(self.tail_samples, [t for t in temps if t != 1.0], float(draw))
+
+
+@dataclass(frozen=True)
+class TailSpec:
+    """What `summarize` draws and records of the tail: M samples, log Z_T at `temperatures`, draw temperature."""
+
+    samples: int = 0
+    temperatures: list[float] = field(default_factory=list)
+    draw_temperature: float = 1.0
 
 
 def versions() -> dict:
@@ -126,30 +168,66 @@ def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher) -> CacheDe
                               num_shards=len(split.shards), samples_per_shard=split.samples_per_shard,
                               classes=m.classes),
         num_classes=m.num_classes, topk=cfg.topk, epochs=cfg.epochs, seed=cfg.views.seed, recipe=cfg.recipe.to_dict(),
-        recipe_name=cfg.views.name, on_error=cfg.on_error, versions=versions())
+        recipe_name=cfg.views.name, on_error=cfg.on_error, tail_samples=cfg.tail.samples,
+        tail_temperatures=cfg.tail.temperatures, tail_draw_temperature=cfg.tail.draw_temperature, versions=versions())
 
 
-def summarize(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, k: int) -> dict:
+def draw_tail(logits16: np.ndarray, known: np.ndarray, view_seeds: np.ndarray, m: int, draw_T: float):
+    """Draw m tail classes per view, with replacement, from r_j = exp(z_j / T_d - tail_lse) over the classes not
+    `known` (the fp16-rounded logits, so that training recomputes r_j from the stored values exactly).
+
+    logits16 [B, C] float64 of fp16 values, known [B, C] bool, view_seeds [B] -> (ids [B, m] int64, -1 where the
+    tail is empty; tail_lse [B] float64, -inf there). Each view draws from its own generator seeded
+    [view_seed, TAIL_SEED_SALT], so the draw replays from the replay record whatever the batch."""
+    a = np.where(known, -np.inf, logits16 / draw_T)
+    top = a.max(1, keepdims=True)
+    empty = ~np.isfinite(top[:, 0])
+    top[empty] = 0.0
+    e = np.exp(a - top)  # [B, C], 0 on known classes
+    cdf = np.cumsum(e, 1)
+    tail_lse = np.where(empty, -np.inf, top[:, 0] + np.log(np.where(empty, 1.0, cdf[:, -1])))
+    ids = np.full((len(a), m), -1, dtype=np.int64)
+    for b in np.flatnonzero(~empty):
+        u = np.random.default_rng([int(view_seeds[b]), TAIL_SEED_SALT]).random(m) * cdf[b, -1]
+        # first class whose cumulative mass exceeds u: never a known class (its mass adds nothing), never past C - 1
+        ids[b] = np.searchsorted(cdf[b], u, side="right")
+    return ids, tail_lse
+
+
+def summarize(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, k: int,
+              view_seeds: np.ndarray | None = None, tail: TailSpec = TailSpec()) -> dict:
     """logits [B, C] -> what the cache keeps of them: array name -> numpy in the array's dtype (cast in torch,
-    so that a float16 rounds as the pass has always rounded it)."""
+    so that a float16 rounds as the pass has always rounded it). With `tail.samples`, also the sampled tail
+    (`draw_tail`; view_seeds [B] from the replay record) and log Z_T at `tail.temperatures`."""
     C = logits.shape[1]
     values, indices = logits.topk(k, dim=1)  # sorted, descending
     label_logits = torch.stack([logits.gather(1, labels[:, None])[:, 0],
                                 logits.gather(1, partner_labels[:, None])[:, 0]], dim=1)
     out = {TOPK_VALUES: values, TOPK_INDICES: indices, LSE: torch.logsumexp(logits, dim=1), LABEL_LOGITS: label_logits}
+    if tail.samples:
+        known = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices, True)
+        known.scatter_(1, labels[:, None], True).scatter_(1, partner_labels[:, None], True)
+        z16 = logits.to(torch.float16).double().cpu().numpy()
+        ids, tail_lse = draw_tail(z16, known.cpu().numpy(), view_seeds, tail.samples, tail.draw_temperature)
+        tail_logits = np.take_along_axis(z16, np.maximum(ids, 0), 1) * (ids >= 0)
+        out |= {TAIL_IDS: torch.from_numpy(ids), TAIL_LOGITS: torch.from_numpy(tail_logits),
+                TAIL_LSE: torch.from_numpy(tail_lse)}
+        if tail.temperatures:
+            out[LOG_Z] = torch.stack([torch.logsumexp(logits.float() / t, dim=1) for t in tail.temperatures], 1)
     return {a.name: t.to(getattr(torch, a.dtype_for(C))).cpu().numpy() for a, t in out.items()}
 
 
 class _UnitBuffer:
     """Teacher outputs of one unit, filled in any order, handed to the store when whole."""
 
-    def __init__(self, shard: int, first: int, count: int, epochs: int, k: int, num_classes: int):
-        self.shard, self.first, self.count, self.epochs = shard, first, count, epochs
+    def __init__(self, shard: int, first: int, count: int, desc: CacheDescription):
+        self.shard, self.first, self.count, self.epochs = shard, first, count, desc.epochs
         self.data = {}
-        for a in ARRAYS:
-            self.data[a.name] = np.full((epochs, count, *a.trailing_shape(k)), a.fill, dtype=a.dtype_for(num_classes))
-        self.seen = np.zeros((epochs, count), dtype=bool)
-        self.digests = np.zeros((epochs, count), dtype=np.int64)
+        for a in desc.arrays:
+            self.data[a.name] = np.full((desc.epochs, count, *desc.trailing_shape(a)), a.fill,
+                                        dtype=a.dtype_for(desc.num_classes))
+        self.seen = np.zeros((self.epochs, count), dtype=bool)
+        self.digests = np.zeros((self.epochs, count), dtype=np.int64)
         self.expected = None
 
     def add(self, epoch: np.ndarray, pos: np.ndarray, values: dict, digests: np.ndarray) -> None:
@@ -239,14 +317,15 @@ def _cache_teacher(cfg: CacheConfig, stop) -> dict:
                     continue
             views = batch["view"].to(device, non_blocking=True)
             logits = teacher(views)
-            out = summarize(logits, batch["label"].to(device), batch["partner_label"].to(device), cfg.topk)
+            out = summarize(logits, batch["label"].to(device), batch["partner_label"].to(device), cfg.topk,
+                            batch[VIEW_SEED.name].numpy(), cfg.tail)
             out |= {a.name: batch[a.name].numpy().astype(a.dtype) for a in REPLAY}  # the views' replay record
             shards = batch["shard"].numpy()
             for shard in np.unique(shards):
                 sel = shards == shard
                 if shard not in buffers:
                     info = reader.split.shards[shard]
-                    buffers[shard] = _UnitBuffer(int(shard), info.first, info.count, cfg.epochs, cfg.topk, C)
+                    buffers[shard] = _UnitBuffer(int(shard), info.first, info.count, desc)
                 buf = buffers[shard]
                 buf.expected = int(batch["n_valid"][sel][0]) * cfg.epochs
                 buf.add(batch["epoch"].numpy()[sel], batch["index"].numpy()[sel] - buf.first,

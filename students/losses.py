@@ -1,8 +1,13 @@
 """Distillation losses: pure functions of tensors.
 
-The teacher always arrives as full logits [B, C] (online, or rebuilt from the cache by
-`cache.targets.TeacherTargets.logits`); every loss takes log_softmax(z / T) of them, so cached and
-online teachers go through the same code.
+The teacher arrives either as full logits [B, C] (online, or rebuilt from a top-k cache by
+`cache.targets.TeacherTargets.logits`), of which every loss takes log_softmax(z / T), so cached and online
+teachers go through the same code; or, from a cache with a sampled tail, as a `TeacherDist`: the teacher's
+log-probabilities at T, exact on the classes it knows, plus a per-class weight `scale`. Every loss is a sum
+over classes of a term in (p_j, q_j), linear in p_j except through the target class (always known) and
+elementwise powers p_j^gamma; with a `TeacherDist` each class's term is multiplied by scale_j, whose
+expectation over the tail draw is 1 for every class, so the loss and its gradient are unbiased
+(cache.targets says how scale is made and what its variance is).
 
 Losses (student logits s, teacher log-probs at temperature T, c = target class):
 - `ofa_loss(..., form="paper")`: -(1 + p_c)^gamma log q_c - sum_{j != c} p_j log q_j, where the label's
@@ -16,8 +21,23 @@ Losses (student logits s, teacher log-probs at temperature T, c = target class):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class TeacherDist(NamedTuple):
+    """The teacher at temperature T as a sampled-tail cache gives it.
+
+    log_p [B, C]: log p_j = z_j / T - log Z_T, exact on known and sampled classes, finite filler elsewhere;
+    scale [B, C]: 1 on known classes (top-k, labels), count_j / (M r_j) on sampled tail classes, 0 on the rest."""
+
+    log_p: torch.Tensor
+    scale: torch.Tensor
+
+
+Teacher = torch.Tensor | TeacherDist  # logits [B, C], or a TeacherDist at the loss's temperature
 
 
 def soft_target(label: torch.Tensor, partner_label: torch.Tensor, lam: torch.Tensor, num_classes: int,
@@ -38,14 +58,17 @@ def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target)
 
 
-def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
+def kd_loss(logits: torch.Tensor, teacher_logits: Teacher, T: float = 4.0) -> torch.Tensor:
     """KL(p_teacher || p_student) at temperature T, times T^2, batch mean."""
     log_q = F.log_softmax(logits.float() / T, dim=1)
+    if isinstance(teacher_logits, TeacherDist):
+        log_p, scale = teacher_logits
+        return (scale * log_p.exp() * (log_p - log_q)).sum(1).mean() * T * T
     log_p = F.log_softmax(teacher_logits.float() / T, dim=1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * T * T
 
 
-def ofa_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, gamma: float = 1.0,
+def ofa_loss(logits: torch.Tensor, teacher_logits: Teacher, target: torch.Tensor, gamma: float = 1.0,
              T: float = 1.0, form: str = "paper", label: torch.Tensor | None = None) -> torch.Tensor:
     """OFA loss with the target class `target` [B]; see the module docstring for the two forms.
 
@@ -54,22 +77,28 @@ def ofa_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.T
     in this form too. With label = onehot(target) (the default) this is exactly the paper's equation.
     """
     log_q = F.log_softmax(logits.float() / T, dim=1)
-    p = F.softmax(teacher_logits.float() / T, dim=1)
+    sampled = isinstance(teacher_logits, TeacherDist)
+    p = teacher_logits.log_p.exp() if sampled else F.softmax(teacher_logits.float() / T, dim=1)
     onehot = F.one_hot(target, p.shape[1]).bool()
-    p_c = p.gather(1, target[:, None])  # [B, 1]
+    p_c = p.gather(1, target[:, None])  # [B, 1]: the target is a label class, so exact either way
     if form == "paper":
-        y = onehot.float() if label is None else label.float()
-        w = torch.where(onehot, (1 + p_c) ** gamma - 1, p) + y
+        w = torch.where(onehot, (1 + p_c) ** gamma - 1, p)
     elif form == "released":
         w = torch.where(onehot, (1 + p_c) ** gamma - 1, p ** gamma)
     else:
         raise ValueError(f"unknown OFA form {form!r}")
+    if sampled:
+        w = w * teacher_logits.scale  # the label term below is the student's own, exact over every class
+    if form == "paper":
+        w = w + (onehot.float() if label is None else label.float())
     return -(w * log_q).sum(1).mean()
 
 
-def dkd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
+def dkd_loss(logits: torch.Tensor, teacher_logits: Teacher, target: torch.Tensor, alpha: float = 1.0,
              beta: float = 8.0, T: float = 4.0) -> torch.Tensor:
     """Decoupled KD: target-class (binary) KL + non-target KL, in log space for stability."""
+    if isinstance(teacher_logits, TeacherDist):
+        return _dkd_sampled(logits, teacher_logits, target, alpha, beta, T)
     s, t = logits.float() / T, teacher_logits.float() / T
     gt = F.one_hot(target, s.shape[1]).bool()
     log_qs, log_pt = F.log_softmax(s, 1), F.log_softmax(t, 1)
@@ -85,4 +114,21 @@ def dkd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.T
     log_nt = F.log_softmax(t.masked_fill(gt, float("-inf")), 1)
     nt = log_nt.exp()
     nckd = (nt * (log_nt - log_ns)).masked_fill(gt, 0.0).sum(1)
+    return (alpha * tckd + beta * nckd).mean() * T * T
+
+
+def _dkd_sampled(logits: torch.Tensor, teacher: TeacherDist, target: torch.Tensor, alpha: float, beta: float,
+                 T: float) -> torch.Tensor:
+    """`dkd_loss` for a TeacherDist: the teacher's non-target mass is 1 - p_gt, exact from the label logit (a
+    logsumexp over the filled matrix would not be); the non-target KL is a per-class sum, weighted by scale."""
+    log_p, scale = teacher
+    gt = F.one_hot(target, logits.shape[1]).bool()
+    log_qs = F.log_softmax(logits.float() / T, 1)
+    qs_gt, pt_gt = log_qs.gather(1, target[:, None]), log_p.gather(1, target[:, None])
+    qs_rest = torch.logsumexp(log_qs.masked_fill(gt, float("-inf")), 1, keepdim=True)
+    pt_rest = torch.log(-torch.expm1(pt_gt.clamp(max=-1e-7)))  # log(1 - p_gt); clamp: p_gt = 1 in float32
+    log_b_s, log_b_t = torch.cat([qs_gt, qs_rest], 1), torch.cat([pt_gt, pt_rest], 1)
+    tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(1)
+    log_nt, log_ns = log_p - pt_rest, log_qs - qs_rest  # [B, C]: within the non-target classes
+    nckd = (scale * log_nt.exp() * (log_nt - log_ns)).masked_fill(gt, 0.0).sum(1)
     return (alpha * tckd + beta * nckd).mean() * T * T

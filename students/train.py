@@ -254,7 +254,7 @@ def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
         about_teacher = {"name": t.name, "weights": t.weights,
                          "classes": t.class_map.to_dict() if t.class_map else None}
     elif data.cached is not None:
-        teacher, teacher_width = data.cached.logits, data.cached.description.teacher.num_features
+        teacher, teacher_width = data.cached.source(cfg.loss.T), data.cached.description.teacher.num_features
     spec = cfg.student
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

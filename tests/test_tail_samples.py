@@ -1,0 +1,175 @@
+"""The sampled tail (cache-teacher --tail-samples): the store holds replayable draws, training reads them, and the
+losses estimated from them are unbiased, in value and in gradient, where the uniform tail is not."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.format import raw_bytes_per_view
+from cache.inspect import inspect_cache, verify_cache
+from cache.targets import TEACHER_KEY, CachedTeacher, TeacherTargets
+from cache.teacher_pass import CacheConfig, TailSpec, summarize
+from commands.options import build
+from conftest import run_cli
+from pipeline.errors import UserError
+from students.losses import TeacherDist, dkd_loss, kd_loss, ofa_loss
+
+# the first 32 views of bench/tail_sampling.py's run: a CE-trained resnet18 teacher on the Tiny-ImageNet 50-class
+# slice (fp16 logits: the values a store keeps, so the estimate and the full-logit value share them), the student
+# logits of that run, and the views' label and mixing partner's label
+FIXTURE = Path(__file__).parent / "fixtures" / "tail_logits_tiny50.npz"
+K, M, TEMPS, DRAW_T, DRAWS = 5, 8, [4.0], 4.0, 2000  # the defaults of --tail-temperatures and the draw
+LOSSES = {  # name -> (T, loss(student, teacher, target))
+    "kd T=4": (4.0, lambda s, t, c: kd_loss(s, t, 4.0)),
+    "ofa paper gamma=1.5": (1.0, lambda s, t, c: ofa_loss(s, t, c, 1.5, 1.0, "paper")),
+    "ofa released gamma=1.5": (1.0, lambda s, t, c: ofa_loss(s, t, c, 1.5, 1.0, "released")),
+    "dkd T=4": (4.0, lambda s, t, c: dkd_loss(s, t, c, 1.0, 8.0, 4.0)),
+}
+
+
+def _fixture():
+    f = np.load(FIXTURE)
+    return (torch.from_numpy(f["teacher_logits"]).float(), torch.from_numpy(f["student_logits"]),
+            torch.from_numpy(f["labels"]).long())
+
+
+def _value_and_grad(fn, s: torch.Tensor, teacher, c: torch.Tensor):
+    s = s.clone().requires_grad_(True)
+    loss = fn(s, teacher, c)
+    (g,) = torch.autograd.grad(loss, s)
+    return float(loss.detach()), g
+
+
+def _per_draw(fn, q: torch.Tensor, d: TeacherDist, c: torch.Tensor):
+    """d: DRAWS blocks of B rows -> each draw's batch-mean loss [R] and its gradient [R, B, C]. One backward for all
+    draws: rows are independent, so the gradient of the mean over R * B rows is each draw's gradient / R."""
+    B = len(q)
+    qq, cc = q.repeat(DRAWS, 1).requires_grad_(True), c.repeat(DRAWS)
+    (g,) = torch.autograd.grad(fn(qq, d, cc), qq)
+    with torch.no_grad():  # vmap: the loss of each draw's block, as a loop over draws would give it
+        v = torch.vmap(lambda log_p, scale: fn(q, TeacherDist(log_p, scale), c))(*(x.view(DRAWS, B, -1) for x in d))
+    return v.double(), (g * DRAWS).view(DRAWS, B, -1).double()
+
+
+@pytest.fixture(scope="module")
+def draws():
+    """DRAWS independent draws of the fixture's views, each read back as a store holds it: (z, q, labels,
+    {T: TeacherDist of [DRAWS * B, C]}, uniform-tail logits [B, C])."""
+    z, q, labels = _fixture()
+    B, C = z.shape
+    # every draw's views at once: a draw is a block of B rows with its own view seeds
+    zz, ll = z.repeat(DRAWS, 1), labels.repeat(DRAWS, 1)
+    arrays = summarize(zz, ll[:, 0], ll[:, 1], K, np.arange(DRAWS * B), TailSpec(M, TEMPS, DRAW_T))
+    tt = TeacherTargets.from_arrays(arrays, len(TEMPS))
+    dists = {T: tt.distribution(ll[:, 0], ll[:, 1], C, T, TEMPS, DRAW_T) for T in (1.0, 4.0)}
+    uniform = TeacherTargets.from_arrays(summarize(z, labels[:, 0], labels[:, 1], K)).logits(labels[:, 0],
+                                                                                            labels[:, 1], C)
+    return z, q, labels, dists, uniform
+
+
+def test_the_fixture_is_a_real_non_degenerate_teacher():
+    z, q, labels = _fixture()
+    p = torch.softmax(z, 1)
+    top5 = p.topk(K, 1).values.sum(1)
+    assert z.shape == (32, 50) and 0.3 < float(top5.mean()) < 0.95, "the tail must hold real mass"
+    assert float(p.max(1).values.mean()) > 2 / z.shape[1], "not a uniform (untrained) teacher"
+    assert raw_bytes_per_view(K, 50, M, len(TEMPS)) <= 96  # the issue's budget: 83 bytes
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_estimated_loss_and_gradient_are_unbiased_and_the_uniform_tail_is_not(draws, name):
+    """The mean over DRAWS draws equals the full-logit loss and gradient within 5 standard errors (of that mean);
+    the uniform tail fails the same check: its gradient misses by more than the bound (its loss value may not: with
+    this fixture's freshly initialised student, log q is nearly flat over the tail, so at T = 1 the uniform
+    spread gets sum_tail p_j log q_j nearly right, though not which class the student should lower)."""
+    z, q, labels, dists, uniform = draws
+    T, fn = LOSSES[name]
+    c = labels[:, 0]
+    full_v, full_g = _value_and_grad(fn, q, z, c)
+    v, g = _per_draw(fn, q, dists[T], c)  # [R], [R, B, C]
+    se_v, se_g = v.std() / DRAWS ** 0.5, g.std(0) / DRAWS ** 0.5
+    assert abs(float(v.mean()) - full_v) <= 5 * float(se_v) + 1e-6, (name, float(v.mean()), full_v, float(se_v))
+    excess = (g.mean(0) - full_g).abs() - (5 * se_g + 1e-7)
+    assert float(excess.max()) <= 0, (name, float(excess.max()))
+    assert float(se_v) < 0.05 * abs(full_v), "the bound must be tight enough to mean something"
+    uni_v, uni_g = _value_and_grad(fn, q, uniform, c)
+    miss = (uni_g - full_g).abs() / (5 * se_g + 1e-7)
+    assert float(miss.max()) > 3, (name, float(miss.max()))  # several times the bound, not at its edge
+    if T > 1:  # at T = 4 the uniform tail's value misses too
+        assert abs(uni_v - full_v) > 5 * float(se_v), (name, uni_v, full_v, float(se_v))
+
+
+def test_a_one_class_tail_is_exact():
+    """With one class outside top-k and labels, every draw is that class with r = 1, so scale = 1 everywhere and
+    every loss equals the full-logit one (a check of the weights' normalisation, tail_lse included)."""
+    z, q, labels = _fixture()
+    z, q, C = z[:, :8], q[:, :8], 8
+    labels = torch.stack([z.argsort(1)[:, 0], z.argsort(1)[:, 1]], 1)  # the two smallest logits are the labels
+    arrays = summarize(z, labels[:, 0], labels[:, 1], C - 3, np.arange(len(z)), TailSpec(4, TEMPS, 1.0))
+    tt = TeacherTargets.from_arrays(arrays, len(TEMPS))
+    for name, (T, fn) in LOSSES.items():
+        d = tt.distribution(labels[:, 0], labels[:, 1], C, T, TEMPS, 1.0)
+        assert torch.allclose(d.scale, torch.ones_like(d.scale), atol=1e-5), name
+        assert abs(float(fn(q, d, labels[:, 0])) - float(fn(q, z, labels[:, 0]))) < 1e-3, name
+
+
+# ----------------------------------------------------------------------------------------- the store
+
+@pytest.fixture(scope="module")
+def tail_store(small_digits, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tail") / "t.zarr"
+    run_cli("cache-teacher", "--data", small_digits, "--out", out, "--teacher", "test_resnet", "--recipe", "digits-mix",
+            "--epochs", 1, "--topk", 3, "--tail-samples", 6, "--batch-size", 40, "--workers", 0, "--quiet", check=True)
+    return out
+
+
+def test_a_sampled_tail_store_replays_its_draws_and_says_what_it_holds(tail_store):
+    info = inspect_cache(tail_store)
+    assert info["tail_samples"] == 6 and info["tail_temperatures"] == [1.0, 4.0]
+    assert info["tail_draw_temperature"] == 4.0 and "6 classes per view" in info["tail"]  # the flattest held
+    assert info["raw_bytes_per_view"] == 4 * 3 + 23 + 4 * 6 + 4 + 4 == raw_bytes_per_view(3, 10, 6, 1)
+    # a fresh teacher pass over re-built views draws the same classes from the recorded view seeds
+    r = verify_cache(tail_store, samples=16)
+    assert r["ok"], r["problems"]
+    attrs = json.loads((tail_store / "zarr.json").read_text())["attributes"]
+    assert attrs["format_version"] == 3 and attrs["tail_samples"] == 6 and attrs["tail_temperatures"] == [4.0]
+
+
+def test_training_reads_the_draws_through_the_join(small_digits, tail_store):
+    """A batch of `CachedTeacher.views` gives the teacher at T = 4 as the store holds it: exact log-probabilities
+    on the top-k, scale 1 on known classes, and importance weights that sum, against r, to one per view."""
+    from torch.utils.data import DataLoader
+    cached = CachedTeacher(tail_store)
+    batch = next(iter(DataLoader(cached.views(small_digits), batch_size=16)))
+    t = batch[TEACHER_KEY]
+    d = cached.source(4.0)(batch)
+    assert isinstance(d, TeacherDist) and d.log_p.shape == (16, 10) and torch.isfinite(d.log_p).all()
+    assert torch.allclose(d.log_p.gather(1, t.indices), t.values / 4 - t.log_z[:, :1], atol=1e-4)
+    assert (d.scale.gather(1, t.indices) == 1).all() and (d.scale.gather(1, batch["label"][:, None]) == 1).all()
+    td = cached.description.tail_draw_temperature
+    r = torch.zeros(16, 10).scatter_(1, t.tail_ids, torch.exp(t.tail_logits / td - t.tail_lse[:, None]))  # the draw's
+    assert torch.allclose((d.scale * r).sum(1), torch.ones(16), atol=1e-5)  # sum_m r_jm / (M r_jm) = 1
+    with pytest.raises(UserError, match=r"at temperatures 1, 4, not at --temperature 2; .*--tail-temperatures"):
+        cached.source(2.0)
+
+
+def test_tail_options_without_samples_are_refused():
+    with pytest.raises(UserError, match="--tail-samples M"):
+        build(CacheConfig, data="d", out="o", teacher="test_resnet", tail_temperatures=[4.0])
+    r = run_cli("cache-teacher", "--data", "d", "--out", "o", "--teacher", "test_resnet", "--tail-draw-temperature", 4)
+    assert r.returncode == 2 and "--tail-samples M" in r.stderr + r.stdout
+
+
+def test_train_student_distils_from_the_sampled_tail_and_refuses_a_temperature_it_lacks(small_digits, tail_store,
+                                                                                         tmp_path):
+    common = ["--data", small_digits, "--student", "test_resnet", "--cache", tail_store, "--epochs", 1,
+              "--batch-size", 16, "--max-steps-per-epoch", 2, "--workers", 0, "--quiet"]
+    run_cli("train-student", *common, "--method", "dkd", "--out", tmp_path / "dkd", check=True)
+    last = json.loads((tmp_path / "dkd" / "metrics.json").read_text())["history"][-1]
+    assert np.isfinite(last["train/dkd/final"]) and last["train/dkd/final"] > 0, last
+    p = run_cli("train-student", *common, "--method", "kd", "--temperature", 2, "--out", tmp_path / "kd")
+    assert p.returncode == 2 and "not at --temperature 2" in p.stderr, p.stderr
+    assert not (tmp_path / "kd" / "metrics.json").exists()
