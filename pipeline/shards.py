@@ -111,13 +111,22 @@ def read_class_names(path: Path, class_ids: Sequence[str]) -> list[str]:
     if not path.is_file():
         raise UserError(f"class-names file {path} does not exist; pass a file with 'id<TAB>name' lines "
                         f"or one name per line")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"class-names file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                        f"UTF-8") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     if lines and all("\t" in ln for ln in lines):
         table = dict(ln.split("\t", 1) for ln in lines)
         missing = [c for c in class_ids if c not in table]
         if missing:
             raise UserError(f"class-names file {path} has no entry for {len(missing)} class folder(s), "
                             f"e.g. '{missing[0]}'; add them or omit --class-names")
+        empty = [c for c in class_ids if not table[c].strip()]
+        if empty:
+            raise UserError(f"class-names file {path} gives class '{empty[0]}' an empty name; write a name after "
+                            f"its tab")
         return [table[c].strip() for c in class_ids]
     if len(lines) != len(class_ids):
         raise UserError(f"class-names file {path} has {len(lines)} names but the source has "
