@@ -48,6 +48,18 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{test}: {sum(c.values())} cases, {c['refused']} refused, {c['ok']} ran")
 
 
+def refused(proc, *needles) -> str:
+    """A refusal as the README promises it: exit status 2, one `error: <sentence>` line at the end of stderr
+    naming every needle, no traceback. Returns the sentence."""
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text, f"status {proc.returncode}:\n{text[-3000:]}"
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and sum(ln.startswith("error: ") for ln in lines) == 1, text
+    for n in needles:
+        assert n in lines[-1], f"{n!r} not in {lines[-1]}"
+    return lines[-1]
+
+
 def launch_cli(n: int, *args, timeout=600, env=None) -> subprocess.CompletedProcess:
     """The real CLI on n real CPU ranks (tests/support/launch.py: torchrun with ACCELERATE_USE_CPU)."""
     return subprocess.run(launch_cmd(n, ROOT / "cli.py", *args), capture_output=True, text=True, timeout=timeout,

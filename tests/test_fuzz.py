@@ -281,7 +281,7 @@ def _same_store(path: Path, reference: Path, skipped_may_differ=False) -> None:
         assert have == want
 
 
-@examples(40)
+@examples(20)
 @given(shard=st.integers(0, 1), how=st.sampled_from(["truncate", "garble", "zero"]), at=st.floats(0, 1),
        length=st.integers(1, 600), seed=st.integers(0, 2**32 - 1), rehash=st.booleans(),
        on_error=st.sampled_from(["raise", "skip"]))
