@@ -389,3 +389,49 @@ def test_malformed_teacher_class_lists_are_refused_or_map_every_class(tiny, tmp_
         table = ids.read_text().rstrip("\n").split("\n")
         indices = store.description.teacher.classes["indices"]
         assert [table[i].strip() for i in indices] == ["cat", "dog", "eel"]
+
+
+# --------------------------------------------------------------------- the bugs these tests found, pinned
+
+@pytest.mark.parametrize("command,body,needle", [
+    ("cache-teacher", b"teacher:\n  weights:\n    checkpoint: []\n", "'teacher.weights.checkpoint'"),  # traceback
+    ("cache-teacher", b"teacher:\n  weights:\n    pretrained: 'false'\n", "must be true or false"),  # taken as true
+    ("cache-teacher", b"\x80", "not UTF-8"),  # UnicodeDecodeError
+    ("cache-teacher", b"\x00", "not valid YAML"),  # a message over two lines
+    ("cache-teacher", b'"\\r": digits\n', "'\\r'"),  # an unknown key that broke the line
+    ("demo", b"epochs: null\n", "cannot be null"),  # None reached a comparison: TypeError
+    ("cache-teacher", b"epochs: 3.7\n", "must be an integer"),  # silently 3
+    ("train-student", b"gamma: [1, {}]\n", "'loss.gamma'"),  # int({}) TypeError
+])
+def test_config_values_the_fuzzer_broke_are_refused_in_one_sentence(tmp_path_factory, command, body, needle):
+    _, proc = _print_config(command, tmp_path_factory, body)
+    assert outcome(proc, "pinned cases", name=needle) == "refused"
+
+
+def test_damaged_files_the_fuzzer_broke_are_refused_in_one_sentence(tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny / "data", data)
+    m = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**m, "classes": []}))  # was trusted, and extended
+    assert outcome(run_cli("shards", tiny / "src", data, "--split", "val", "--quiet"), "pinned cases",
+                   name="dataset.json") == "refused"
+    assert not list(data.glob("val-*"))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"cat\n\xff\xfe\ndog\neel\n")  # UnicodeDecodeError, both lists
+    assert outcome(run_cli("shards", tiny / "src", tmp_path / "d2", "--class-names", bad, "--quiet"),
+                   "pinned cases", name="bad.txt") == "refused"
+    assert outcome(run_cli("cache-teacher", *STORE_ARGS, "--data", tiny / "data", "--out", tmp_path / "s.zarr",
+                           "--teacher-classes", bad), "pinned cases", name="bad.txt") == "refused"
+    assert not (tmp_path / "d2").exists() and not (tmp_path / "s.zarr").exists()
+    marker = json.loads((tiny / "store.zarr" / "_units" / "shard-000000.json").read_text())
+    for damage in (b"{", json.dumps({**marker, "shard": -1}).encode(),  # JSONDecodeError; trusted by a resume
+                   json.dumps({**marker, "view_digests": [marker["view_digests"][0][:-1]]}).encode()):
+        store = tmp_path / "store.zarr"
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.copytree(tiny / "store.zarr", store)
+        (store / "_units" / "shard-000000.json").write_bytes(damage)
+        for args in (("inspect-cache", store), ("cache-teacher", *STORE_ARGS, "--data", tiny / "data", "--out", store)):
+            assert outcome(run_cli(*args), "pinned cases", name="shard-000000.json") == "refused", args
+    meta = json.loads((tiny / "store.zarr" / "zarr.json").read_text())
+    (store / "zarr.json").write_text(json.dumps({**meta, "attributes": None, "node_type": []}))  # a zarr traceback
+    assert outcome(run_cli("inspect-cache", store), "pinned cases", name="zarr.json") == "refused"
