@@ -131,7 +131,7 @@ def _print_config(command: str, tmp_path_factory, body: bytes, extra=()):
 commands_and_files = st.sampled_from(sorted(REQUIRED)).flatmap(lambda c: st.tuples(st.just(c), config_file(c)))
 
 
-@examples(150)
+@examples(100)
 @given(case=commands_and_files)
 def test_config_files_of_any_shape_end_in_a_sentence_or_a_typed_configuration(tmp_path_factory, case):
     command, body = case
@@ -245,7 +245,7 @@ def _untrusted_store(path: Path, units=()) -> None:
     assert not set(units) & store.done_units(), f"a refused run marked units {units} of {path} complete"
 
 
-@examples(40)
+@examples(30)
 @given(data_=st.data())
 def test_damaged_dataset_json_is_refused_or_read_right(tiny, tmp_path_factory, data_):
     body = data_.draw(damaged_json(json.loads((tiny / "data" / "dataset.json").read_text())))
@@ -322,7 +322,7 @@ def test_damaged_tar_shards_are_refused_naming_the_shard(tiny, tmp_path_factory,
         assert store.unit_info(1 - shard) == ref.unit_info(1 - shard)
 
 
-@examples(40)
+@examples(30)
 @given(target=st.sampled_from(["attrs", "marker"]), shard=st.integers(0, 1), data=st.data())
 def test_damaged_store_attributes_and_unit_markers_are_refused_or_read_right(tiny, tmp_path_factory, target, shard,
                                                                            data):
@@ -358,7 +358,7 @@ def _lines_file(draw_lines, draw_bytes) -> bytes:
     return draw_bytes if draw_bytes is not None else "\n".join(draw_lines).encode()
 
 
-@examples(40)
+@examples(30)
 @given(lines=class_lists, raw=st.none() | st.none() | st.binary(max_size=20) | st.just(b"cat\n\xff\xfe\ndog\neel\n"))
 def test_malformed_class_names_files_are_refused_or_name_every_class(tiny, tmp_path_factory, lines, raw):
     work = tmp_path_factory.mktemp("names")
@@ -373,7 +373,7 @@ def test_malformed_class_names_files_are_refused_or_name_every_class(tiny, tmp_p
         assert m.class_ids == ["cat", "dog", "eel"]
 
 
-@examples(40)
+@examples(15)
 @given(lines=class_lists, raw=st.none() | st.none() | st.binary(max_size=20) | st.just(b"cat\n\xff\xfe\ndog\neel\n"))
 def test_malformed_teacher_class_lists_are_refused_or_map_every_class(tiny, tmp_path_factory, lines, raw):
     work = tmp_path_factory.mktemp("teacher-classes")
