@@ -11,14 +11,14 @@ missing or unknown keys) instead of guessing. `format_reference()` renders all o
 from __future__ import annotations
 
 import json
-import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.spec import fits, type_name
 
 FORMAT = "ofakd-teacher-cache"
 # 1: the first layout. 2: same arrays, but the recipe record changed meaning (timm's RandAugment, RandomErasing
@@ -98,35 +98,15 @@ class _Flat:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.init})
 
 
-def _fits(value, tp) -> bool:
-    """Whether a JSON value has a record field's declared type (bool is no number; a record is an object)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if tp in (int, float):
-        return isinstance(value, int if tp is int else int | float) and not isinstance(value, bool)
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is dict or is_dataclass(tp):
-        return isinstance(value, dict)
-    return tp is Any or isinstance(value, tp)
-
-
 def _check_types(cls, d: dict, where: str) -> None:
     """Refuse a record whose values are not of their fields' types: a damaged store would otherwise be read
     (a string top-k, a list where a count belongs) and fail later, far from its cause."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        if f.name in d and not _fits(d[f.name], hints[f.name]):
+        if f.name in d and not fits(d[f.name], hints[f.name]):
             raise UserError(f"{where} records {cls.__name__}.{f.name} as {_show(d[f.name])}, which is not of type "
-                            f"{_type_name(hints[f.name])}: it is damaged; rebuild the cache (`cli.py cache-teacher ... "
+                            f"{type_name(hints[f.name])}: it is damaged; rebuild the cache (`cli.py cache-teacher ... "
                             f"--overwrite`)")
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
 
 
 def _check_keys(cls, d: dict, where: str) -> None:

@@ -393,6 +393,11 @@ def test_malformed_teacher_class_lists_are_refused_or_map_every_class(tiny, tmp_
 
 # --------------------------------------------------------------------- the bugs these tests found, pinned
 
+def test_a_flag_value_with_a_line_separator_is_quoted_in_the_sentence():
+    proc = run_cli("cache-teacher", *REQUIRED["cache-teacher"], "--model-kwargs", "\x1e", "--print-config")
+    assert outcome(proc, "pinned cases", name="'\\x1e'") == "refused"  # was a message split in two lines
+
+
 @pytest.mark.parametrize("command,body,needle", [
     ("cache-teacher", b"teacher:\n  weights:\n    checkpoint: []\n", "'teacher.weights.checkpoint'"),  # traceback
     ("cache-teacher", b"teacher:\n  weights:\n    pretrained: 'false'\n", "must be true or false"),  # taken as true
@@ -402,6 +407,8 @@ def test_malformed_teacher_class_lists_are_refused_or_map_every_class(tiny, tmp_
     ("demo", b"epochs: null\n", "cannot be null"),  # None reached a comparison: TypeError
     ("cache-teacher", b"epochs: 3.7\n", "must be an integer"),  # silently 3
     ("train-student", b"gamma: [1, {}]\n", "'loss.gamma'"),  # int({}) TypeError
+    ("cka", b"views:\n  recipe:\n    scale: '0'\n", "scale '0'"),  # found by the explore profile: TypeError
+    ("cka", b"views:\n  recipe:\n    mixup_alpha: null\n", "mixup_alpha None"),  # TypeError
 ])
 def test_config_values_the_fuzzer_broke_are_refused_in_one_sentence(tmp_path_factory, command, body, needle):
     _, proc = _print_config(command, tmp_path_factory, body)
