@@ -139,6 +139,8 @@ class CacheStore:
             if problems:
                 raise UserError(f"cache {loc} was made by another request ({'; '.join(problems)}); "
                                 f"choose another --out or pass --overwrite to replace it")
+            for name in NAMES:  # a resumed store's arrays must have the shapes its attributes give
+                store.array(name)
             return store
         if loc.isfile() and not overwrite:
             raise UserError(f"output {loc} already exists and is not a teacher cache; choose another "

@@ -73,7 +73,7 @@ class ClassMap:
         where: dict[str, int] = {}
         for i, t in enumerate(teacher):
             if t in where:
-                raise UserError(f"--teacher-classes {spec} lists class '{t}' twice (lines {where[t] + 1} and "
+                raise UserError(f"--teacher-classes {spec} lists class {t!r} twice (lines {where[t] + 1} and "
                                 f"{i + 1}); give each teacher output once")
             where[t] = i
         ids = manifest.class_ids or manifest.classes

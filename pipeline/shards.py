@@ -174,9 +174,10 @@ def _prepare_out(out: Location, split: str, classes: list[str], overwrite: bool)
                         f"replace it or choose another --split")
     if existing.classes != classes:
         if not overwrite:
-            raise UserError(f"output folder {out} holds a dataset with other classes "
-                            f"({existing.num_classes} vs {len(classes)}); choose another OUT or pass "
-                            f"--overwrite to replace it")
+            ours = next((f"{a!r} where the source has {b!r}" for a, b in zip(existing.classes, classes, strict=False)
+                         if a != b), f"{existing.num_classes} classes where the source has {len(classes)}")
+            raise UserError(f"output folder {out} holds a dataset with other classes (its {MANIFEST} lists {ours}); "
+                            f"choose another OUT or pass --overwrite to replace it")
         return None
     return existing
 

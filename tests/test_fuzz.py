@@ -442,3 +442,23 @@ def test_damaged_files_the_fuzzer_broke_are_refused_in_one_sentence(tiny, tmp_pa
     meta = json.loads((tiny / "store.zarr" / "zarr.json").read_text())
     (store / "zarr.json").write_text(json.dumps({**meta, "attributes": None, "node_type": []}))  # a zarr traceback
     assert outcome(run_cli("inspect-cache", store), "pinned cases", name="zarr.json") == "refused"
+
+
+def test_more_damage_the_explore_profile_found_is_refused_in_one_sentence(tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny / "data", data)
+    m = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**m, "classes": ["ca", "dog", "eel"]}))  # "(3 vs 3)", unnamed
+    assert outcome(run_cli("shards", tiny / "src", data, "--split", "val", "--quiet"), "pinned cases",
+                   name="dataset.json lists 'ca' where the source has 'cat'") == "refused"
+    ids = tmp_path / "ids.txt"
+    ids.write_text("0\x1e0\n0\x1e0\n")  # the quoted id held a line separator: two lines
+    assert outcome(run_cli("cache-teacher", *STORE_ARGS, "--data", tiny / "data", "--out", tmp_path / "s.zarr",
+                           "--teacher-classes", ids), "pinned cases", name="'0\\x1e0'") == "refused"
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny / "store.zarr", store)
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["dataset"]["num_samples"] = 7  # the arrays hold 6: a resume trusted it
+    (store / "zarr.json").write_text(json.dumps(meta))
+    assert outcome(run_cli("cache-teacher", *STORE_ARGS, "--data", tiny / "data", "--out", store), "pinned cases",
+                   name="where its attributes give") == "refused"
