@@ -11,12 +11,14 @@ missing or unknown keys) instead of guessing. `format_reference()` renders all o
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.spec import fits, type_name
 
 FORMAT = "ofakd-teacher-cache"
 # 1: the first layout. 2: same arrays, but the recipe record changed meaning (timm's RandAugment, RandomErasing
@@ -117,7 +119,19 @@ class _Flat:
     @classmethod
     def from_attrs(cls, d: dict, where: str = "the store"):
         _check_keys(cls, d, where)
+        _check_types(cls, d, where)
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.init})
+
+
+def _check_types(cls, d: dict, where: str) -> None:
+    """Refuse a record whose values are not of their fields' types: a damaged store would otherwise be read
+    (a string top-k, a list where a count belongs) and fail later, far from its cause."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in d and not fits(d[f.name], hints[f.name]):
+            raise UserError(f"{where} records {cls.__name__}.{f.name} as {_show(d[f.name])}, which is not of type "
+                            f"{type_name(hints[f.name])}: it is damaged; rebuild the cache (`cli.py cache-teacher ... "
+                            f"--overwrite`)")
 
 
 def _check_keys(cls, d: dict, where: str) -> None:
@@ -289,6 +303,15 @@ class CacheDescription:
                             f"version {FORMAT_VERSION}; rebuild the cache with this version "
                             f"(`cli.py cache-teacher ... --overwrite`)")
         _check_keys(cls, d, where)
+        _check_types(cls, d, where)
+        ds = d["dataset"]
+        counts = {"num_classes": d["num_classes"], "topk": d["topk"], "epochs": d["epochs"],
+                  **({k: ds.get(k) for k in ("num_samples", "num_shards", "samples_per_shard")}
+                     if isinstance(ds, dict) else {})}
+        bad = [f"{k} {v!r}" for k, v in counts.items() if isinstance(v, int) and v < 1]
+        if bad:
+            raise UserError(f"{where} records {', '.join(bad)} (each must be at least 1): it is damaged; rebuild the "
+                            f"cache (`cli.py cache-teacher ... --overwrite`)")
         desc = cls(teacher=TeacherRecord.from_attrs(d["teacher"], where),
                    dataset=DatasetRecord.from_attrs(d["dataset"], where),
                    **{f.name: d[f.name] for f in fields(cls) if f.init and f.name not in ("teacher", "dataset")})

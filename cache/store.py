@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from cache.format import ALL_NAMES, UNITS_DIR, CacheDescription, CacheRequest, UnitRecord
+from cache.format import ALL_NAMES, ARRAYS, UNITS_DIR, CacheDescription, CacheRequest, UnitRecord
 from pipeline.errors import UserError
 from pipeline.location import Location, fsync_dir, storage_errors
 
@@ -58,7 +59,14 @@ class CacheStore:
         if not (self.loc / "zarr.json").isfile():
             raise UserError(f"cache {self.path} does not exist or is not a zarr store; create it with "
                             f"`cli.py cache-teacher --out {self.path}`")
-        self.attrs = self._open().attrs.asdict()  # the description as stored (JSON), for display
+        try:
+            self.attrs = self._open().attrs.asdict()  # the description as stored (JSON), for display
+        except UserError:
+            raise
+        except Exception as e:  # zarr raises many types on damaged metadata (ValueError, TypeError, its own)
+            raise UserError(f"cache {self.path} has a damaged zarr.json ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}); rebuild it (`cli.py cache-teacher ... --overwrite`)"
+                            ) from e
         self.description = CacheDescription.from_attrs(self.attrs, f"cache {self.path}")
 
     # zarr keeps an event-loop thread per process; reopen after fork (data-loader workers)
@@ -80,7 +88,15 @@ class CacheStore:
         """Array handle, opened once per process (opening costs a metadata read)."""
         group = self._open()
         if name not in self._arrays:
-            self._arrays[name] = group[name]
+            arr = group[name]
+            d = self.description
+            spec = next(a for a in ARRAYS if a.name == name)
+            want = (d.epochs, d.dataset.num_samples, *d.trailing_shape(spec))
+            if tuple(arr.shape) != want or str(arr.dtype) != spec.dtype_for(d.num_classes):
+                raise UserError(f"cache {self.path} has array {name} of shape {tuple(arr.shape)} ({arr.dtype}) where "
+                                f"its attributes give {want} ({spec.dtype_for(d.num_classes)}): it is damaged; "
+                                f"rebuild it (`cli.py cache-teacher ... --overwrite`)")
+            self._arrays[name] = arr
         return self._arrays[name]
 
     def __getstate__(self):
@@ -123,6 +139,8 @@ class CacheStore:
             if problems:
                 raise UserError(f"cache {loc} was made by another request ({'; '.join(problems)}); "
                                 f"choose another --out or pass --overwrite to replace it")
+            for spec in store.description.arrays:  # a resumed store's arrays must have the shapes its attributes give
+                store.array(spec.name)
             return store
         if loc.isfile() and not overwrite:
             raise UserError(f"output {loc} already exists and is not a teacher cache; choose another "
@@ -175,18 +193,37 @@ class CacheStore:
     def marker(self, shard: int) -> Location:
         return self.loc / UNITS_DIR / f"shard-{shard:06d}.json"
 
-    def done_units(self) -> set[int]:
-        """Units with a completion marker (listed afresh: other processes add markers)."""
-        return {int(n[len("shard-"):-len(".json")]) for n in (self.loc / UNITS_DIR).listdir()
-                if n.startswith("shard-") and n.endswith(".json")}
+    def done_units(self, check: bool = False) -> set[int]:
+        """Units with a completion marker (listed afresh: other processes add markers). `check`: also read
+        every marker, so that a damaged one is refused (UserError) before a resumed run trusts its unit."""
+        done = {int(n[len("shard-"):-len(".json")]) for n in (self.loc / UNITS_DIR).listdir()
+                if re.fullmatch(r"shard-\d{6}\.json", n)}
+        for s in sorted(done) if check else ():
+            self.unit_info(s)
+        return done
 
     def unit_info(self, shard: int) -> UnitRecord:
-        """The unit's completion marker (FileNotFoundError: not complete). Remembered once read: a marker is
-        written once, after its data, so re-reading it per epoch would only cost a request to an object store."""
+        """The unit's completion marker (FileNotFoundError: not complete), checked against the store: a damaged
+        one is refused naming it. Remembered once read: a marker is written once, after its data, so
+        re-reading it per epoch would only cost a request to an object store."""
         if shard not in self._units_seen:
-            self._units_seen[shard] = UnitRecord.from_attrs(json.loads(self.marker(shard).read_text()),
-                                                            f"the completion marker of data shard {shard} of "
-                                                            f"cache {self.path}")
+            where = f"the completion marker {self.marker(shard)} of data shard {shard} of cache {self.path}"
+            try:
+                attrs = json.loads(self.marker(shard).read_text())
+            except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+                raise UserError(f"{where} is not JSON ({' '.join(str(e).split())}): it is damaged; delete it and "
+                                f"rerun the same `cli.py cache-teacher` command to redo that unit") from None
+            record = UnitRecord.from_attrs(attrs, where)
+            S, N = self.samples_per_shard, self.description.dataset.num_samples
+            first = shard * S
+            if (record.shard, record.first, record.count, len(record.view_digests)) != \
+                    (shard, first, min(S, N - first), self.epochs) or \
+                    not all(first <= i < first + record.count for i in record.skipped) or \
+                    not all(re.fullmatch(r"[0-9a-f]{32}", v) for v in record.view_digests):
+                raise UserError(f"{where} does not describe that unit (shard {record.shard}, first {record.first}, "
+                                f"count {record.count}, {len(record.view_digests)} epoch digests): it is damaged; "
+                                f"delete it and rerun the same `cli.py cache-teacher` command to redo that unit")
+            self._units_seen[shard] = record
         return self._units_seen[shard]
 
     def write_unit(self, unit: Unit) -> None:

@@ -39,7 +39,11 @@ def teacher_class_ids(spec: str) -> list[str]:
     ('imagenet-1k': timm's 1000 synsets, as its ImageNet classifiers order their outputs)."""
     path = Path(spec)
     if path.is_file():
-        lines = path.read_text().rstrip("\n").split("\n")
+        try:
+            lines = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--teacher-classes {spec} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                            f"UTF-8, one class id per line") from None
         ids = [line.strip() for line in lines]
         if "" in ids:
             raise UserError(f"--teacher-classes {spec}: line {ids.index('') + 1} is empty; give one class id per "
@@ -70,7 +74,7 @@ class ClassMap:
         where: dict[str, int] = {}
         for i, t in enumerate(teacher):
             if t in where:
-                raise UserError(f"--teacher-classes {spec} lists class '{t}' twice (lines {where[t] + 1} and "
+                raise UserError(f"--teacher-classes {spec} lists class {t!r} twice (lines {where[t] + 1} and "
                                 f"{i + 1}); give each teacher output once")
             where[t] = i
         ids = manifest.class_ids or manifest.classes

@@ -292,7 +292,7 @@ def _cache_teacher(cfg: CacheConfig, stop) -> dict:
         CacheStore.create(cfg.out, desc, overwrite=cfg.overwrite)
     accelerator.wait_for_everyone()
     store = CacheStore(cfg.out, mode="r+")
-    done = store.done_units()
+    done = store.done_units(check=True)  # a damaged marker is refused, not trusted
     todo = [u for u in range(store.num_units) if u not in done]
     accelerator.wait_for_everyone()  # everyone has read the same `done` before anyone marks more
     mine = todo[accelerator.process_index::accelerator.num_processes]

@@ -161,23 +161,43 @@ def _annotation(flag: Flag):
     return Annotated[cli_type | None, typer.Option(*spelling, help=escape(help_), show_default=False)]
 
 
+def _number(kind: str, value, option: str):
+    """A file's or flag's value -> int or float, strictly: a bool, a fraction for an int, an infinite int or
+    a non-number is refused (int(3.7) would silently be 3, int(True) 1)."""
+    if isinstance(value, str):
+        try:
+            value = int(value) if kind == "int" else float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"{option} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+    if kind == "float":
+        return float(value)
+    if isinstance(value, float) and not value.is_integer():  # also inf and nan
+        raise UserError(f"{option} must be an integer, got {value!r}")
+    return int(value)
+
+
 def _parse_list(text, item, option: str) -> list:
-    if isinstance(text, list):
-        return [item(t) for t in text]
+    kind = "int" if item is int else "float"
+    items = text if isinstance(text, list) else str(text).replace(",", " ").split()
     try:
-        return [item(t) for t in str(text).replace(",", " ").split()]
-    except ValueError:
-        raise UserError(f"{option} '{text}' is not a comma-separated list of {item.__name__}s, e.g. 1,2,3") from None
+        return [_number(kind, t, option) for t in items]
+    except UserError:
+        raise UserError(f"{option} {text!r} is not a comma-separated list of {item.__name__}s, e.g. 1,2,3") from None
 
 
 def _convert(flag: Flag, value, source: str):
-    """A value from the command line or a file -> the field's type; bad values name the option."""
-    if value is None:
-        return None
+    """A value from the command line or a file -> the field's type; bad values (of any type, from a file)
+    name the option."""
     optional = strip_optional(flag.tp) is not flag.tp
+    option = flag.option if source == "flag" else f"'{'.'.join(flag.path)}' in {source}"
+    if value is None:  # a file's null
+        if not optional:
+            raise UserError(f"{option} cannot be null; give a value or remove the key to use the default")
+        return None
     if source == "flag" and optional and value == "null":  # a flag that clears what the file set
         return None
-    option = flag.option if source == "flag" else f"'{'.'.join(flag.path)}' in {source}"
     tp = strip_optional(flag.tp)
     if flag.kind == "choice":
         choices = typing.get_args(tp)
@@ -187,28 +207,43 @@ def _convert(flag: Flag, value, source: str):
     if flag.kind == "list":
         return _parse_list(value, typing.get_args(tp)[0], option)
     if flag.kind == "kwargs":
-        if isinstance(value, dict):
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return dict(value)
-        from pipeline.models import parse_kwargs
-        return parse_kwargs(list(value))
-    if flag.kind == "path":
-        return Path(value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            from pipeline.models import parse_kwargs
+            return parse_kwargs(value)
+        raise UserError(f"{option} must be a mapping of keyword arguments (name: value) or a list of "
+                        f"name=value strings, got {value!r}")
     if flag.kind in ("int", "float"):
-        try:
-            return {"int": int, "float": float}[flag.kind](value)
-        except (TypeError, ValueError):
-            raise UserError(f"{option} must be a number, got {value!r}") from None
+        return _number(flag.kind, value, option)
+    if flag.kind == "bool":
+        if not isinstance(value, bool):  # the string 'false' would be true
+            raise UserError(f"{option} must be true or false, got {value!r}")
+        return value
+    if flag.kind == "path":
+        if not isinstance(value, str | Path):
+            raise UserError(f"{option} must be a path (a string), got {value!r}")
+        return Path(value)
+    recipe = flag.kind == "str" and any(dataclasses.is_dataclass(a) for a in typing.get_args(tp))
+    if not isinstance(value, str) and not (recipe and isinstance(value, dict)):
+        raise UserError(f"{option} must be a string{' or a mapping of its fields' if recipe else ''} (quote it in "
+                        f"the file), got {value!r}")
     return value
 
 
 def read_file(path: Path) -> dict:
     import yaml
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; pass an existing --config") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML ({e}); fix it") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); pass a YAML or "
+                        f"JSON file") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path} ({e.strerror or e}); pass a readable YAML file") from None
+    except yaml.YAMLError as e:  # its message spans lines (the mark and a caret): one line here
+        raise UserError(f"config file {path} is not valid YAML ({' '.join(str(e).split())}); fix it") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -233,7 +268,7 @@ def _flatten_file(data: dict, flags: list[Flag], path: Path) -> dict[tuple[str, 
             elif prefix == () and str(k) in by_dest:  # a flat file: the key is a flag's name
                 out[by_dest[str(k)].path] = v
             elif not (prefix == () and k in OUTPUT_ONLY):
-                unknown.append(".".join(p))
+                unknown.append(repr(".".join(p)))  # quoted: a key may hold spaces, commas or line breaks
 
     walk(data, ())
     if unknown:

@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import random
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -47,6 +48,7 @@ from timm.data.transforms import str_to_pil_interp
 from torchvision.transforms import InterpolationMode
 
 from pipeline.errors import UserError
+from pipeline.spec import fits, type_name
 
 # one independent random stream per augmentation step of a view, keyed (view seed, step); new steps get new
 # numbers so that the streams of the existing ones (and the views of recipes that do not use them) stay put
@@ -280,6 +282,11 @@ class Recipe:
     @staticmethod
     def from_dict(d: dict) -> Recipe:
         d = dict(d)
+        hints = typing.get_type_hints(Recipe)
+        wrong = [f"{k} {v!r} is not {type_name(hints[k])}" for k, v in d.items()
+                 if k in hints and not fits(v, hints[k])]
+        if wrong:  # a config file's recipe fields: refused here, not as a TypeError in __post_init__
+            raise UserError(f"invalid augmentation recipe: {'; '.join(wrong)}")
         for k in ("scale", "ratio", "norm_mean", "norm_std"):
             if k in d:
                 d[k] = tuple(d[k])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,10 +84,52 @@ class Manifest:
 
     @staticmethod
     def from_dict(d: dict) -> Manifest:
+        """The manifest in `d`; ValueError naming the first problem when it is not one `shards` could write
+        (wrong types, counts that do not add up, shards that do not tile the split)."""
         splits = {k: SplitInfo(**{**v, "shards": [ShardInfo(**s) for s in v["shards"]]})
                   for k, v in d["splits"].items()}
-        return Manifest(name=d["name"], classes=list(d["classes"]), splits=splits,
-                        class_ids=d.get("class_ids"), format_version=d.get("format_version", 1))
+        m = Manifest(name=d["name"], classes=d["classes"], splits=splits, class_ids=d.get("class_ids"),
+                     format_version=d.get("format_version", 1))
+        m.check()
+        return m
+
+    def check(self) -> None:
+        """Refuse (ValueError) what `write_split` never writes: a damaged or hand-edited dataset.json would
+        otherwise be trusted, and extended by the next `shards` call."""
+        def need(ok: bool, what: str):
+            if not ok:
+                raise ValueError(what)
+
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        def names(v) -> bool:
+            return isinstance(v, list) and all(isinstance(c, str) and c for c in v)
+
+        need(isinstance(self.name, str), "name is not a string")
+        need(names(self.classes) and len(self.classes) > 0, "classes is not a list of class names")
+        need(self.class_ids is None or (names(self.class_ids) and len(self.class_ids) == len(self.classes)),
+             "class_ids is not one id per class")
+        need(count(self.format_version), "format_version is not a number")
+        for split, info in self.splits.items():
+            need(bool(re.fullmatch(r"[A-Za-z0-9_]+", split)), f"split name {split!r} is not letters, digits or _")
+            need(count(info.count) and count(info.samples_per_shard) and info.samples_per_shard > 0,
+                 f"split '{split}' count or samples_per_shard is not a positive number")
+            need(info.order_seed is None or count(info.order_seed), f"split '{split}' order_seed is not a number")
+            # (a slice of a split, as bench/ writes one, keeps the whole split's class counts)
+            need(isinstance(info.class_counts, list) and len(info.class_counts) == len(self.classes)
+                 and all(map(count, info.class_counts)), f"split '{split}' class_counts are not one count per class")
+            first = 0
+            for i, s in enumerate(info.shards):  # a shard's name need not carry the split's (a renamed split)
+                need(isinstance(s.name, str) and bool(re.fullmatch(r"[A-Za-z0-9_]+-\d{6}\.tar", s.name))
+                     and s.first == first and count(s.count) and 0 < s.count <= info.samples_per_shard
+                     and (s.count == info.samples_per_shard or i == len(info.shards) - 1),
+                     f"split '{split}' shard {i} is not a NAME-NNNNNN.tar of samples_per_shard samples "
+                     f"(the last may hold fewer) from sample {first} on")
+                need(isinstance(s.sha256, str) and bool(re.fullmatch(r"[0-9a-f]{64}", s.sha256)) and count(s.bytes),
+                     f"split '{split}' shard {s.name} has no valid sha256 and size")
+                first += s.count
+            need(first == info.count, f"split '{split}' shards hold {first} samples, not its count {info.count}")
 
 
 def load_manifest(root: str | os.PathLike | Location) -> Manifest:
@@ -101,13 +144,19 @@ def load_manifest(root: str | os.PathLike | Location) -> Manifest:
     try:
         d = json.loads(path.read_text())
         manifest = Manifest.from_dict(d)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a valid dataset manifest ({e}); recreate it with "
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        why = f"no key {e}" if isinstance(e, KeyError) else _one_line(e)
+        raise UserError(f"{path} is not a valid dataset manifest ({why}); recreate it with "
                         f"`cli.py shards SRC {root} --overwrite`") from e
     if manifest.format_version > FORMAT_VERSION:
         raise UserError(f"{path} has format version {manifest.format_version}, newer than this tool "
                         f"understands ({FORMAT_VERSION}); upgrade the tool")
     return manifest
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def write_atomic(path: Path, data: bytes) -> None:

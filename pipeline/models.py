@@ -31,7 +31,7 @@ def parse_kwargs(items: list[str] | None) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise UserError(f"model keyword argument '{item}' must look like name=value, e.g. img_size=32")
+            raise UserError(f"model keyword argument {item!r} must look like name=value, e.g. img_size=32")
         k, v = item.split("=", 1)
         try:
             out[k] = ast.literal_eval(v)

@@ -112,13 +112,22 @@ def read_class_names(path: Path, class_ids: Sequence[str]) -> list[str]:
     if not path.is_file():
         raise UserError(f"class-names file {path} does not exist; pass a file with 'id<TAB>name' lines "
                         f"or one name per line")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"class-names file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                        f"UTF-8") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     if lines and all("\t" in ln for ln in lines):
         table = dict(ln.split("\t", 1) for ln in lines)
         missing = [c for c in class_ids if c not in table]
         if missing:
             raise UserError(f"class-names file {path} has no entry for {len(missing)} class folder(s), "
                             f"e.g. '{missing[0]}'; add them or omit --class-names")
+        empty = [c for c in class_ids if not table[c].strip()]
+        if empty:
+            raise UserError(f"class-names file {path} gives class '{empty[0]}' an empty name; write a name after "
+                            f"its tab")
         return [table[c].strip() for c in class_ids]
     if len(lines) != len(class_ids):
         raise UserError(f"class-names file {path} has {len(lines)} names but the source has "
@@ -185,9 +194,10 @@ def _prepare_out(out: Location, split: str, classes: list[str], overwrite: bool)
                         f"replace it or choose another --split")
     if existing.classes != classes:
         if not overwrite:
-            raise UserError(f"output folder {out} holds a dataset with other classes "
-                            f"({existing.num_classes} vs {len(classes)}); choose another OUT or pass "
-                            f"--overwrite to replace it")
+            ours = next((f"{a!r} where the source has {b!r}" for a, b in zip(existing.classes, classes, strict=False)
+                         if a != b), f"{existing.num_classes} classes where the source has {len(classes)}")
+            raise UserError(f"output folder {out} holds a dataset with other classes (its {MANIFEST} lists {ours}); "
+                            f"choose another OUT or pass --overwrite to replace it")
         return None
     return existing
 

@@ -53,6 +53,33 @@ def strip_optional(tp):
     return tp
 
 
+def fits(value, tp) -> bool:
+    """Whether a JSON value (read from a file or a store) has a field's declared type: a bool is no number, an
+    int is a float, a list is a tuple of the declared length, a record (dataclass) is an object."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp in (int, float):
+        return isinstance(value, int if tp is int else int | float) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(fits(v, args[0]) for v in value)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return isinstance(value, list | tuple) and all(fits(v, args[0]) for v in value)
+        return isinstance(value, list | tuple) and len(value) == len(args) and all(map(fits, value, args))
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    return tp is typing.Any or (isinstance(tp, type) and isinstance(value, tp))
+
+
+def type_name(tp) -> str:
+    return tp.__name__ if isinstance(tp, type) and typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
 def choice_problems(obj) -> list[str]:
     """Fields of a configuration dataclass (nested ones included) typed `Literal[...]` whose value is not
     one of the choices: a configuration built in Python gets the check the command line makes."""

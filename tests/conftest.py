@@ -2,6 +2,7 @@ import hashlib
 import io
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,30 @@ def pytest_collection_modifyitems(config, items):
     down after the module's fast tests and built again for its slow ones (and test_object_store's S3 server
     restarted under the clients fsspec has cached)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # a stable sort
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The property-based tests' case counts (tests/support/fuzz.py), per test: how many ran, how many were
+    refused with one sentence and how many ran correctly."""
+    fuzz = sys.modules.get("tests.support.fuzz")
+    if fuzz is None or not fuzz.COUNTS:
+        return
+    total = sum(sum(c.values()) for c in fuzz.COUNTS.values())
+    terminalreporter.section(f"fuzz cases: {total} (profile {fuzz.PROFILE})")
+    for test, c in sorted(fuzz.COUNTS.items()):
+        terminalreporter.write_line(f"{test}: {sum(c.values())} cases, {c['refused']} refused, {c['ok']} ran")
+
+
+def refused(proc, *needles) -> str:
+    """A refusal as the README promises it: exit status 2, one `error: <sentence>` line at the end of stderr
+    naming every needle, no traceback. Returns the sentence."""
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in text, f"status {proc.returncode}:\n{text[-3000:]}"
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and sum(ln.startswith("error: ") for ln in lines) == 1, text
+    for n in needles:
+        assert n in lines[-1], f"{n!r} not in {lines[-1]}"
+    return lines[-1]
 
 
 def launch_cli(n: int, *args, timeout=600, env=None) -> subprocess.CompletedProcess:

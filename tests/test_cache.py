@@ -13,7 +13,7 @@ from cache.store import CacheStore
 from cache.teacher import Teacher
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
-from conftest import SMALL_STORE, run_cli
+from conftest import SMALL_STORE, refused, run_cli, tree_digest
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.models import create_model
@@ -111,9 +111,10 @@ def test_rerun_skips_done_units_and_refuses_another_request(small_digits, refere
     shutil.copytree(reference, out)
     summary = cache_teacher(_cfg(small_digits, out))
     assert summary["views_written"] == 0 and summary["units_skipped_as_done"] == 6
-    with pytest.raises(UserError) as e:
-        cache_teacher(_cfg(small_digits, out, topk=5, teacher="test_convnext"))
-    assert "top-k" in str(e.value) and "test_convnext" in str(e.value) and "--overwrite" in str(e.value)
+    before = tree_digest(out)
+    msg = refused(_cache_cli(small_digits, out, topk=5, teacher="test_convnext"))
+    assert "top-k" in msg and "test_convnext" in msg and "--overwrite" in msg
+    assert tree_digest(out) == before  # the refused request left the store as it was
 
 
 def test_opening_for_another_request_names_every_mismatch(reference):
@@ -151,14 +152,20 @@ def test_inspect_cache_cli(reference):
     assert info["units_done"] == "6/6" and info["teacher"] == "test_resnet"
 
 
+def _cache_cli(data, out, **kw):
+    """`cli.py cache-teacher` with the request of the shared small_store, `kw` changed (flag names)."""
+    args = {"data": data, "out": out, **SMALL_STORE, **kw}
+    return run_cli("cache-teacher", "--quiet", *(a for k, v in args.items() for a in (f"--{k.replace('_', '-')}", v)))
+
+
 def test_bad_requests_fail_cleanly(small_digits, tmp_path):
-    with pytest.raises(UserError, match="larger than the 10 classes"):
-        cache_teacher(_cfg(small_digits, tmp_path / "x.zarr", topk=11))
-    with pytest.raises(UserError, match="not a timm model"):
-        cache_teacher(_cfg(small_digits, tmp_path / "y.zarr", teacher="resnet_9000"))
-    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
-    proc = run_cli("cache-teacher", "--data", tmp_path / "nodata", "--teacher", "test_resnet", "--out", tmp_path / "z")
-    assert proc.returncode == 2 and "nodata" in proc.stderr
+    refused(_cache_cli(small_digits, tmp_path / "x.zarr", topk=11), "--topk 11", "larger than the 10 classes")
+    refused(_cache_cli(small_digits, tmp_path / "y.zarr", teacher="resnet_9000"), "resnet_9000", "not a timm model")
+    refused(_cache_cli(tmp_path / "nodata", tmp_path / "z.zarr"), "nodata", "does not exist")
+    refused(_cache_cli(small_digits, tmp_path / "w.zarr", epochs=0), "--epochs must be at least 1")
+    for out in ("x.zarr", "y.zarr", "z.zarr", "w.zarr"):  # a refused request writes nothing
+        assert not (tmp_path / out).exists(), out
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even a temporary folder beside it
 
 
 def test_another_view_seed_is_refused_by_both_stages(small_digits, reference, tmp_path):

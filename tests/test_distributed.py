@@ -6,6 +6,7 @@ Every test here asserts how many ranks actually ran (tests/support/probe_cli.py 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -23,6 +24,7 @@ from pipeline.augment import get_recipe, view_seed
 from pipeline.models import Weights, create_model
 from pipeline.reader import ShardReader
 from pipeline.views import TrainViews
+from tests.support.launch import free_port, node_cmd
 
 RECIPE = "digits-mix"
 PROBE = ROOT / "tests" / "support" / "probe_cli.py"
@@ -361,3 +363,79 @@ def test_a_tampered_replay_record_is_refused(small_digits, ref_store, tmp_path):
         assert p.returncode == 2, p.stderr[-2000:]
         assert "replay record mismatch" in p.stderr and "sample 5 of epoch 0" in p.stderr, p.stderr[-2000:]
         assert not (tmp_path / f"run-{name}" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------ two machines, simulated
+
+def run_nodes(workdirs: list, *args, timeout=600) -> list[subprocess.CompletedProcess]:
+    """The README's many-machines path on this host: one torchrun "machine" per workdir (--nnodes 2,
+    --node_rank r, one CPU rank each), each started in its own working directory with its own probe
+    directory and temporary folder (node-local paths); what they share is what the arguments name."""
+    port = free_port()
+    procs = []
+    for r, wd in enumerate(workdirs):
+        (wd / "tmp").mkdir(parents=True, exist_ok=True)
+        env = launch_env({"PROBE_DIR": str(wd / "probe"), "TMPDIR": str(wd / "tmp")})
+        procs.append(subprocess.Popen(node_cmd(len(workdirs), r, port, PROBE, *args), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=wd, env=env))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def assert_two_nodes(workdirs) -> list[dict]:
+    """Each simulated machine ran one rank of a world of 2: node r holds global rank r, local rank 0."""
+    seen = [ranks_seen(wd / "probe") for wd in workdirs]
+    assert [[(r["rank"], r["world"], r["node_rank"], r["local_rank"], r["distributed_type"]) for r in s]
+            for s in seen] == [[(0, 2, 0, 0, "DistributedType.MULTI_CPU")], [(1, 2, 1, 0, "DistributedType.MULTI_CPU")]]
+    return [s[0] for s in seen]
+
+
+@pytest.mark.slow
+def test_two_machines_share_one_store_and_one_run(small_digits, teacher_ckpt, ref_store, tmp_path):
+    """Two torchrun machines (--nnodes 2) on 127.0.0.1 sharing a folder as the bucket (data, store, run),
+    each with its own working directory, probe and temporary folder. The shared bucket is a local folder
+    here: tests/test_object_store.py's moto server is session-wide state of that module (os.environ and
+    fsspec's cached clients point at it), and the shared-storage semantics tested here (whole-unit writers,
+    markers after data, main-process-only files) do not depend on the backend, which that module covers."""
+    bucket = tmp_path / "bucket"
+    shutil.copytree(small_digits, bucket / "data")
+    nodes = [tmp_path / f"node{r}" for r in (0, 1)]
+    # stage one on two machines: the store equals the one-process store bit for bit
+    procs = run_nodes(nodes, *cache_args(bucket / "data", teacher_ckpt, bucket / "teacher.zarr"))
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-3000:] for p in procs]
+    seen = assert_two_nodes(nodes)
+    assert [sorted(r["units_written"]) for r in seen] == [[0, 2, 4], [1, 3, 5]]
+    assert [r["stores_built"] for r in seen] == [1, 0]  # the store's metadata and attributes: written once
+    a, b = _arrays(ref_store), _arrays(bucket / "teacher.zarr")
+    for name in NAMES:
+        assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
+    attrs = [CacheStore(s).attrs for s in (bucket / "teacher.zarr", ref_store)]
+    for a_ in attrs:  # where the data was read from differs (the bucket's copy): everything else is equal
+        a_["dataset"].pop("path")
+    assert attrs[0] == attrs[1]
+    for u in range(6):
+        assert CacheStore(bucket / "teacher.zarr").unit_info(u) == CacheStore(ref_store).unit_info(u)
+    # nothing of ours left in the node-local temporary folders (torchrun keeps its own torchelastic_* there)
+    assert [p for wd in nodes for p in (wd / "tmp").iterdir() if not p.name.startswith("torchelastic_")] == []
+
+    # stage two on two machines into one shared run directory
+    procs = run_nodes(nodes, *train_args(bucket / "data", bucket / "teacher.zarr", bucket / "run"))
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-3000:] for p in procs]
+    seen = assert_two_nodes(nodes)
+    main_files = {"config.json", "progress.json", "metrics.json", "metrics.jsonl"}
+    assert set(seen[0]["writes"]) >= main_files and seen[1]["writes"] == [], seen  # only the main process writes
+    assert seen[0]["writes"].count("config.json") == seen[0]["writes"].count("metrics.json") == 1
+    assert json.loads((bucket / "run" / "config.json").read_text())["resolved"]["processes"] == 2
+    # the weights equal a one-machine run of the same world size: training is only promised equal across
+    # runs of one world size (each rank steps on its own shards, so the batches differ with the world size),
+    # which is how test_two_rank_training_killed_mid_epoch_resumes_to_the_same_weights compares too
+    one = run_ranks(2, tmp_path / "p1", *train_args(small_digits, ref_store, tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_two_ranks(tmp_path / "p1")
+    w2, w1 = load_file(bucket / "run" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert w2.keys() == w1.keys() and all(torch.equal(w2[k], w1[k]) for k in w1)
+    m2, m1 = (json.loads((d / "metrics.json").read_text()) for d in (bucket / "run", tmp_path / "one"))
+    assert [h["train/loss"] for h in m2["history"]] == [h["train/loss"] for h in m1["history"]]

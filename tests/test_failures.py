@@ -47,6 +47,8 @@ def test_disk_full_during_the_pass_is_a_clear_error_and_resumable(small_digits, 
         cache_teacher(_cfg(small_digits, out))
     assert "No space left on device" in str(e.value) and "rerun the same command" in str(e.value)
     assert len(CacheStore(out).done_units()) == 2
+    with pytest.raises(UserError, match="incomplete"):  # the unit that failed is not marked complete
+        CacheStore(out).check_complete()
     monkeypatch.setattr(CacheStore, "write_unit", real)
     cache_teacher(_cfg(small_digits, out))
     ref = tmp_path / "ref.zarr"
@@ -63,6 +65,7 @@ def test_output_that_cannot_be_written(small_digits, tmp_path):
     p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "ce", "--recipe",
                 "digits", "--epochs", 1, "--out", blocker / "run")
     assert p.returncode == 2 and "a-file" in p.stderr
+    assert blocker.read_text() == "x" and sorted(tmp_path.iterdir()) == [blocker]  # nothing written beside it
 
 
 def test_incomplete_cache_is_refused_for_training_and_reads(small_digits, tmp_path, monkeypatch):
@@ -78,6 +81,7 @@ def test_incomplete_cache_is_refused_for_training_and_reads(small_digits, tmp_pa
     p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd", "--cache", out,
                 "--epochs", 1, "--out", tmp_path / "run")
     assert p.returncode == 2 and "incomplete" in p.stderr and "resume" in p.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -103,6 +107,7 @@ def test_checkpoint_with_another_class_count(tmp_path, small_digits):
                                         r" with 10 classes"):
         cache_teacher(_cfg(small_digits, tmp_path / "c.zarr", checkpoint=ckpt))
     assert not (tmp_path / "c.zarr").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hundred.safetensors"]  # nor a temporary store beside it
 
 
 def test_skip_policy_records_skipped_samples_and_training_excludes_them(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, SHARED_DATA, make_image_folder, need_shared, run_cli
+from conftest import ROOT, SHARED_DATA, make_image_folder, need_shared, refused, run_cli
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
 from pipeline.reader import ShardReader, assign_shards, shard_order
@@ -110,8 +110,11 @@ def test_two_ranks_two_workers_see_every_sample_once(digits):
 # ------------------------------------------------------------------------------------------ errors
 
 def _fails(proc, *needles):
-    assert proc.returncode != 0
+    """Status 2 and one sentence naming every needle (click's usage errors: its box naming the option)."""
     msg = proc.stderr + proc.stdout
+    assert proc.returncode == 2 and "Traceback" not in msg, msg
+    if "Usage:" not in proc.stderr:
+        refused(proc)
     for n in needles:
         assert n in msg, msg
     return msg
@@ -125,12 +128,14 @@ def test_error_missing_source(tmp_path):
 def test_error_empty_source(tmp_path):
     (tmp_path / "empty").mkdir()
     _fails(run_cli("shards", tmp_path / "empty", tmp_path / "out"), "empty", "no class folders")
+    assert not (tmp_path / "out").exists()
 
 
 def test_error_class_without_images(image_folder, tmp_path):
     (image_folder / "zebra").mkdir()
     (image_folder / "zebra" / "notes.txt").write_text("no images here")
     _fails(run_cli("shards", image_folder, tmp_path / "out"), "zebra", "no JPEG or PNG")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
@@ -164,6 +169,7 @@ def test_error_unknown_option_value(image_folder, tmp_path):
     _fails(run_cli("cache-teacher", "--data", tmp_path / "ds", "--teacher", "test_resnet", "--out", tmp_path / "c",
                    "--recipe", "fancy"), "fancy")
     _fails(run_cli("shards", image_folder, tmp_path / "o2", "--split", "my-split"), "my-split")
+    assert not any((tmp_path / n).exists() for n in ("o", "c", "o2"))  # a refused request writes nothing
 
 
 def test_class_names_file(image_folder, tmp_path):
@@ -176,6 +182,7 @@ def test_class_names_file(image_folder, tmp_path):
     words.write_text("cat\tfelis catus\n")
     with pytest.raises(UserError, match="no entry"):
         make_shards(str(image_folder), tmp_path / "ds2", class_names=words, progress=False)
+    assert not (tmp_path / "ds2").exists()
 
 
 # ---------------------------------------------------------------------------------- reader errors
@@ -189,11 +196,13 @@ def test_reader_detects_truncated_missing_and_tampered_shards(image_folder, tmp_
     shard.write_bytes(data[: len(data) // 3])
     with pytest.raises(UserError, match="train-000001.tar"):
         list(reader.read_shard(1))
-    with pytest.raises(UserError, match="checksum"):
+    with pytest.raises(UserError, match=r"train-000001\.tar does not match its checksum"):
         ShardReader(out, verify=True).check_files()
     shard.unlink()
-    with pytest.raises(UserError, match="missing"):
+    with pytest.raises(UserError, match=r"train-000001\.tar listed in .* is missing"):
         list(reader.read_shard(1))
+    with pytest.raises(UserError, match=r"train-000001\.tar listed in .* is missing"):
+        ShardReader(out).check_files()
 
 
 def test_reader_error_policy_on_corrupt_sample(tmp_path):

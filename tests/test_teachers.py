@@ -101,6 +101,8 @@ def test_teacher_label_space_refusals(small_digits, teacher_files, tmp_path):
     assert p.returncode == 2 and "1000 outputs" in p.stderr and "lists 999" in p.stderr, p.stderr
     p = _cache(small_digits, tmp_path / "d.zarr", "--pretrained-file", full, "--checkpoint", full, check=False)
     assert p.returncode == 2 and "not both" in p.stderr, p.stderr
+    for out in "abcd":  # a refused request writes nothing
+        assert not (tmp_path / f"{out}.zarr").exists(), out
 
 
 def test_pretrained_without_the_hub_names_pretrained_file(small_digits, teacher_files, tmp_path):
@@ -116,6 +118,7 @@ def test_pretrained_without_the_hub_names_pretrained_file(small_digits, teacher_
                         "--method", "ce", "--recipe", "digits", "--epochs", 1, "--out", tmp_path / "run", "--quiet",
                         env=offline)
     assert p.returncode == 2 and "student 'test_resnet'" in p.stderr and "--pretrained-file" in p.stderr, p.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_hub_weights_are_recorded_and_equal_the_same_file(small_digits, teacher_files, mapped_store, tmp_path):
@@ -163,6 +166,7 @@ def test_other_weights_or_class_map_are_refused(small_digits, teacher_files, map
                 "--cache", mapped_store, "--teacher-classes", moved, "--epochs", 1, "--max-steps-per-epoch", 1,
                 "--batch-size", 16, "--workers", 0, "--out", tmp_path / "run", "--quiet")
     assert p.returncode == 2 and "teacher class map" in p.stderr, p.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_online_teacher_uses_the_same_class_map(small_digits, teacher_files, mapped_store, tmp_path):

@@ -128,7 +128,7 @@ def test_mismatched_cache_and_checkpoint_are_refused(digits, small_digits, teach
     assert p.returncode == 2
     for needle in ("dataset is", "teacher is test_resnet, requested test_vit", "augmentation recipe differs"):
         assert needle in p.stderr, p.stderr
-    assert not (tmp_path / "a" / "metrics.json").exists()
+    assert not (tmp_path / "a").exists()  # a refused request leaves nothing behind, not even the run directory
     # a checkpoint of another architecture
     p = run_cli("cache-teacher", "--data", digits, "--teacher", "test_convnext", "--checkpoint",
                 teacher_run / "teacher" / "model.safetensors", "--recipe", "digits", "--out", tmp_path / "c.zarr")

@@ -3,8 +3,9 @@
     PROBE_DIR=DIR [PROBE_BATCHES=1] [PROBE_STALL=EPOCH,STEP] python tests/support/probe_cli.py COMMAND ARGS...
 
 (with PYTHONPATH=<repo root>, as launch_env sets it). At exit each rank writes DIR/rank-<rank>.json: the
-rank, world size and distributed type accelerate saw, and the cache units this rank wrote. PROBE_BATCHES=1
-also saves every training batch this rank stepped on (views, joined cache targets, indices) to
+rank, world size, distributed type and local rank accelerate saw, the node rank torchrun gave (GROUP_RANK),
+the cache units this rank wrote, the run files it wrote (students.train.write_atomic) and the stores it
+created. PROBE_BATCHES=1 also saves every training batch this rank stepped on (views, joined cache targets, indices) to
 DIR/batches-<rank>.pt. PROBE_STALL=E,S makes training step S of epoch E touch DIR/stalled-<rank> and sleep,
 so that a test can kill it mid-epoch; the stall ends when a stop signal reaches the command (SIGTERM/SIGINT,
 pipeline.preempt), so that the signal lands during a known step. Each rank's record also holds its exit status.
@@ -21,6 +22,7 @@ import torch
 import cli
 import pipeline.preempt as preempt
 import students.task as task_mod
+import students.train as train_mod
 import tests.support.chaos_cli  # noqa: F401  (OFAKD_CHAOS_SLOW_WRITES: slowed zarr writes, for kills mid-unit)
 from cache.store import CacheStore
 from cache.targets import TEACHER_KEY
@@ -29,7 +31,7 @@ from pipeline.views import TrainViews
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ["PROBE_DIR"])
 RANK = int(os.environ.get("RANK", "0"))
-state = {"units": [], "epoch": None, "step": 0, "batches": []}
+state = {"units": [], "epoch": None, "step": 0, "batches": [], "writes": [], "stores_built": 0}
 
 real_write, real_set_epoch, real_losses = CacheStore.write_unit, TrainViews.set_epoch, task_mod.distill_losses
 
@@ -65,6 +67,23 @@ def distill_losses(out, teacher_logits, batch, cfg, num_classes, **kw):
 
 CacheStore.write_unit, TrainViews.set_epoch, task_mod.distill_losses = write_unit, set_epoch, distill_losses
 
+# files only the main process may write: the run's own files (students.train.write_atomic) and a new store's
+# metadata (CacheStore._build, which writes the group's attributes)
+real_train_write, real_build = train_mod.write_atomic, CacheStore._build
+
+
+def train_write(path, data):
+    state["writes"].append(Path(path).name)
+    real_train_write(path, data)
+
+
+def build(where, description):
+    state["stores_built"] += 1
+    real_build(where, description)
+
+
+train_mod.write_atomic, CacheStore._build = train_write, staticmethod(build)
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     sys.argv = [str(ROOT / "cli.py"), *sys.argv[1:]]
@@ -79,7 +98,9 @@ if __name__ == "__main__":
         from accelerate.state import PartialState
         s = PartialState()
         record = {"rank": s.process_index, "world": s.num_processes, "distributed_type": str(s.distributed_type),
-                  "env_rank": RANK, "units_written": state["units"], "pid": os.getpid(), "exit": status}
+                  "env_rank": RANK, "units_written": state["units"], "pid": os.getpid(), "exit": status,
+                  "node_rank": int(os.environ.get("GROUP_RANK", "0")), "local_rank": s.local_process_index,
+                  "writes": state["writes"], "stores_built": state["stores_built"]}
         (OUT / f"rank-{s.process_index}.json").write_text(json.dumps(record))
         if state["batches"]:
             torch.save(state["batches"], OUT / f"batches-{s.process_index}.pt")
