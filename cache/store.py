@@ -25,7 +25,7 @@ from zarr.codecs import BloscCodec
 
 from cache.format import ARRAYS, NAMES, UNITS_DIR, CacheDescription, CacheRequest, UnitRecord
 from pipeline.errors import UserError
-from pipeline.location import Location, fsync_dir, storage_errors
+from pipeline.location import Location, client_options, fsync_dir, quiet_client, storage_errors
 
 
 @dataclass
@@ -64,7 +64,8 @@ class CacheStore:
     # zarr keeps an event-loop thread per process; reopen after fork (data-loader workers)
     def _open(self):
         if self._group is None or self._pid != os.getpid():
-            self._group = zarr.open_group(self._zarr_store(), mode="r" if self.mode == "r" else "r+")
+            store = self._zarr_store()
+            self._group = self.loc._call(zarr.open_group, store, mode="r" if self.mode == "r" else "r+")
             self._pid = os.getpid()
             self._arrays = {}
         return self._group
@@ -73,14 +74,18 @@ class CacheStore:
         """Local: a directory path (zarr's LocalStore). URL: zarr's own fsspec store on the same URL."""
         if self.loc.local is not None:
             return str(self.loc.local)
+        # the client's own retries off (pipeline.location.client_options): every request is retried there
         with storage_errors(self.loc.url):
-            return zarr.storage.FsspecStore.from_url(self.loc.url, read_only=self.mode == "r")
+            store = zarr.storage.FsspecStore.from_url(self.loc.url, read_only=self.mode == "r",
+                                                      storage_options=client_options(self.loc.url) or None)
+        quiet_client(store.fs)
+        return store
 
     def array(self, name: str):
         """Array handle, opened once per process (opening costs a metadata read)."""
         group = self._open()
         if name not in self._arrays:
-            self._arrays[name] = group[name]
+            self._arrays[name] = self.loc._call(group.__getitem__, name)
         return self._arrays[name]
 
     def __getstate__(self):
@@ -195,12 +200,12 @@ class CacheStore:
         Local disk: fsync of each shard file and its folder before the marker. Object store: zarr returns
         only after each shard's PUT has completed, and a PUT is atomic, so the marker (one more PUT) is
         written after data that is already whole; no fsync exists or is needed there."""
-        group = self._open()
         sl = slice(unit.first, unit.first + unit.count)
         with storage_errors(self.loc.url):
             for name in NAMES:
-                arr = group[name]
-                arr[:, sl] = unit.data[name]
+                arr = self.array(name)
+                # a whole zarr shard: one PUT per array, so a retry after a cut connection rewrites it whole
+                self.loc._call(arr.__setitem__, (slice(None), sl), unit.data[name])
                 if self.loc.local is None:
                     continue
                 key = arr.metadata.encode_chunk_key((0, unit.shard) + (0,) * (arr.ndim - 2))
@@ -229,10 +234,11 @@ class CacheStore:
         arrays = [self.array(name) for name in names]
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=len(NAMES)), os.getpid()
-        return dict(zip(names, self._pool.map(lambda a: a[epoch, sl], arrays), strict=True))
+        return dict(zip(names, self._pool.map(lambda a: self.loc._call(a.__getitem__, (epoch, sl)), arrays),
+                        strict=True))
 
     def read_all(self, name: str) -> np.ndarray:
-        return self.array(name)[...]
+        return self.loc._call(self.array(name).__getitem__, ...)
 
     def check_complete(self) -> None:
         missing = sorted(set(range(self.num_units)) - self.done_units())

@@ -24,6 +24,7 @@ from pipeline.errors import UserError
 from pipeline.location import Location
 from pipeline.reader import ShardReader
 from pipeline.shards import digits_source, write_split
+from tests.support.faultproxy import FaultProxy
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -95,6 +96,27 @@ def local_ref(small_store):
     """The clean local store every remote one must equal: cache_teacher(_cfg(small_digits, ...)), the session's
     shared store (conftest), read-only here."""
     return small_store
+
+
+@pytest.fixture
+def proxy(s3_env):
+    """A fault-injecting TCP proxy (tests/support/faultproxy.py) in front of the moto server. A run given
+    `env=proxy_env(proxy)` talks through it: s3fs reads AWS_ENDPOINT_URL when it builds a client, and fsspec
+    caches clients per process, so the cache is cleared on both sides of the test."""
+    import s3fs
+    port = int(s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    s3fs.S3FileSystem.clear_instance_cache()
+    with FaultProxy(("127.0.0.1", port)) as p:
+        yield p
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def proxy_env(proxy, **kw) -> dict:
+    return {"AWS_ENDPOINT_URL": proxy.url, **kw}
+
+
+def _warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning: storage ")]
 
 
 def _cfg(data, out, **kw) -> CacheConfig:
@@ -306,3 +328,64 @@ def test_missing_bucket_and_missing_credentials_are_one_sentence_and_write_nothi
                        env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     _one_sentence(p, "no credentials", "AWS_ACCESS_KEY_ID")
     assert not Location(f"{bucket}/teacher.zarr").exists()  # nothing created, nothing marked
+
+
+# ----------------------------------------------------------------------------------------- outages (proxy)
+
+def test_teacher_pass_rides_through_a_refused_window_to_the_clean_store(small_digits, local_ref, bucket, proxy):
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    # nothing listens for 1.5 s from the 30th request on: inside the units' writes (creation takes ~15)
+    proxy.at_request(30, lambda: proxy.refuse_for(1.5))
+    p = run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert proxy.requests > 30
+    warned = _warnings(p.stderr)
+    assert len(warned) == 1 and f"storage {bucket} is not answering" in warned[0], p.stderr  # logged once
+    _assert_same_store(out, local_ref)  # bit for bit, markers included
+
+
+@pytest.mark.slow
+def test_an_outage_past_the_retry_bound_stops_in_one_sentence_and_the_rerun_completes(small_digits, local_ref,
+                                                                                      bucket, proxy, tmp_path):
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    short = {"OFAKD_STORE_RETRIES": "2", "OFAKD_STORE_BACKOFF": "0.1"}  # gives up after 0.3 s
+    proxy.at_request(40, lambda: proxy.refuse_for(4))
+    p = run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy, **short))
+    _one_sentence(p, f"storage {bucket} did not answer", "3 tries", "OFAKD_STORE_RETRIES")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 2, p.stderr  # the warning, the error
+    time.sleep(4)
+    assert len(CacheStore(out).done_units()) < 6  # stopped mid-pass: what is unmarked is redone, never trusted
+    run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy), check=True)
+    _assert_same_store(out, local_ref)
+
+    # training past the bound, in a data-loader worker: the worker's error reaches the CLI as one sentence
+    proxy.at_request(30, lambda: proxy.refuse_for(4))
+    p = run_cli("train-student", "--data", data, "--cache", out, "--out", tmp_path / "run", "--student", "test_resnet",
+                "--method", "kd", "--epochs", "1", "--workers", "1", "--quiet", env=proxy_env(proxy, **short))
+    _one_sentence(p, f"storage {bucket} did not answer")
+    assert p.returncode == 2 and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_training_through_dropped_connections_ends_with_the_clean_runs_weights(small_digits, local_ref, bucket,
+                                                                               proxy, tmp_path):
+    from safetensors.numpy import load_file
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    for f in local_ref.rglob("*"):
+        if f.is_file():
+            Location(out).child(f.relative_to(local_ref).as_posix()).write_atomic(f.read_bytes())
+    args = ["--student", "test_resnet", "--method", "ofa", "--epochs", "1", "--max-steps-per-epoch", "4",
+            "--batch-size", "16", "--workers", "1", "--mixed-precision", "no", "--quiet"]
+    run_cli("train-student", "--data", small_digits, "--cache", local_ref, "--out", tmp_path / "clean", *args,
+            check=True)
+    for n in (10, 25, 40, 60):  # answers cut mid-stream: shard reads, cache reads, metadata
+        proxy.at_request(n, lambda: proxy.drop_next(2))
+    p = run_cli("train-student", "--data", data, "--cache", out, "--out", tmp_path / "s3", *args, env=proxy_env(proxy))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert proxy.dropped >= 4, proxy.dropped
+    assert _warnings(p.stderr), p.stderr  # the drops reached our retries (aiohttp retries some by itself)
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("clean", "s3"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
