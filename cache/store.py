@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,20 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.array import AsyncArray
+from zarr.storage import StorePath
 
 from cache.format import ARRAYS, NAMES, UNITS_DIR, CacheDescription, CacheRequest, UnitRecord
 from pipeline.errors import UserError
-from pipeline.location import Location, client_options, fsync_dir, quiet_client, storage_errors
+from pipeline.location import (
+    Location,
+    ReadAhead,
+    client_options,
+    fsync_dir,
+    prefetch_depth,
+    quiet_client,
+    storage_errors,
+)
 
 
 @dataclass
@@ -52,44 +63,69 @@ class CacheStore:
         self._group = None
         self._pid = None
         self._arrays = {}
+        self._meta: dict[str, dict] = {}  # array name -> its zarr metadata, read once (metadata never changes)
+        self._zstore = None
+        self._locks: dict[int, threading.RLock] = {}  # per process: a lock held at fork stays held in the child
         self._units_seen: dict[int, UnitRecord] = {}  # marker contents read so far (a marker never changes)
         self._pool, self._pool_pid = None, None
+        self._ahead: ReadAhead | None = None
         self.mode = mode
         if not (self.loc / "zarr.json").isfile():
             raise UserError(f"cache {self.path} does not exist or is not a zarr store; create it with "
                             f"`cli.py cache-teacher --out {self.path}`")
         self.attrs = self._open().attrs.asdict()  # the description as stored (JSON), for display
         self.description = CacheDescription.from_attrs(self.attrs, f"cache {self.path}")
+        if self.loc.is_url:  # every array's metadata now, concurrently: data-loader workers inherit it
+            with ThreadPoolExecutor(max_workers=len(NAMES)) as pool:
+                list(pool.map(self.array, NAMES))
 
     # zarr keeps an event-loop thread per process; reopen after fork (data-loader workers)
+    def _lock(self) -> threading.RLock:
+        return self._locks.setdefault(os.getpid(), threading.RLock())
+
     def _open(self):
-        if self._group is None or self._pid != os.getpid():
-            store = self._zarr_store()
-            self._group = self.loc._call(zarr.open_group, store, mode="r" if self.mode == "r" else "r+")
-            self._pid = os.getpid()
-            self._arrays = {}
-        return self._group
+        with self._lock():
+            if self._group is None or self._pid != os.getpid():
+                self._group = self.loc._call(zarr.open_group, self._zarr_store(), zarr_format=3,
+                                             use_consolidated=False, mode="r" if self.mode == "r" else "r+")
+                self._pid = os.getpid()
+                self._arrays = {}
+            return self._group
 
     def _zarr_store(self):
-        """Local: a directory path (zarr's LocalStore). URL: zarr's own fsspec store on the same URL."""
+        """Local: a directory path (zarr's LocalStore). URL: zarr's own fsspec store on the same URL, one per
+        process, its client's own retries off (pipeline.location.client_options: they are retried there)."""
         if self.loc.local is not None:
             return str(self.loc.local)
-        # the client's own retries off (pipeline.location.client_options): every request is retried there
-        with storage_errors(self.loc.url):
-            store = zarr.storage.FsspecStore.from_url(self.loc.url, read_only=self.mode == "r",
-                                                      storage_options=client_options(self.loc.url) or None)
-        quiet_client(store.fs)
-        return store
+        with self._lock():
+            if self._zstore is None or self._zstore[0] != os.getpid():
+                with storage_errors(self.loc.url):
+                    store = zarr.storage.FsspecStore.from_url(self.loc.url, read_only=self.mode == "r",
+                                                              storage_options=client_options(self.loc.url) or None)
+                quiet_client(store.fs)
+                self._zstore = (os.getpid(), store)
+            return self._zstore[1]
 
     def array(self, name: str):
-        """Array handle, opened once per process (opening costs a metadata read)."""
-        group = self._open()
-        if name not in self._arrays:
-            self._arrays[name] = self.loc._call(group.__getitem__, name)
-        return self._arrays[name]
+        """Array handle, opened once per process. On a store, from the metadata read once (in the process that
+        opened the store): a data-loader worker then opens every array without a request."""
+        if self._pid != os.getpid():  # a new process (fork): the parent's handles hold its event loop
+            with self._lock():
+                if self._pid != os.getpid():
+                    self._pid, self._arrays, self._group = os.getpid(), {}, None
+        arr = self._arrays.get(name)
+        if arr is None:
+            if self.loc.is_url and name in self._meta:
+                arr = zarr.Array(AsyncArray.from_dict(StorePath(self._zarr_store(), name), self._meta[name]))
+            else:
+                arr = self.loc._call(self._open().__getitem__, name)
+                self._meta[name] = arr.metadata.to_dict()
+            self._arrays[name] = arr
+        return arr
 
     def __getstate__(self):
-        return {**self.__dict__, "_group": None, "_pid": None, "_arrays": {}, "_pool": None, "_pool_pid": None}
+        return {**self.__dict__, "_group": None, "_pid": None, "_arrays": {}, "_pool": None, "_pool_pid": None,
+                "_ahead": None, "_zstore": None, "_locks": {}}
 
     # ------------------------------------------------------------------ description
     @property
@@ -219,11 +255,30 @@ class CacheStore:
                     fsync_dir(f.parent)
         self.marker(unit.shard).write_atomic(json.dumps(unit.record().to_attrs()).encode())
 
+    def prefetch(self, epoch: int, shards: list[int]) -> None:
+        """On a store, fetch these units' rows of `epoch` (every array, and their markers) ahead, in this
+        order, while earlier ones are used (`pipeline.location.ReadAhead`: OFAKD_STORE_PREFETCH units in
+        flight); `read_epoch` in that order takes them. Reads in another order are served as before."""
+        if self._ahead is not None:
+            self._ahead.close()
+        depth = prefetch_depth() if self.loc.is_url else 0
+        self._ahead = ReadAhead(lambda key: self._read_epoch(*key, NAMES), [(epoch, s) for s in shards],
+                                depth) if depth else None
+
     def read_epoch(self, epoch: int, shard: int, names=NAMES) -> dict[str, np.ndarray]:
         """One cached epoch of one unit: name -> [count, ...]. Refuses units that are not complete."""
-        if shard not in self._units_seen and not self.marker(shard).isfile():
-            raise UserError(f"cache {self.path} has no complete data for data shard {shard}; finish it with "
-                            f"the same `cli.py cache-teacher` command (it resumes)")
+        rows = self._ahead.take((epoch, shard)) if self._ahead is not None else None
+        if rows is not None:
+            return {name: rows[name] for name in names}
+        return self._read_epoch(epoch, shard, names)
+
+    def _read_epoch(self, epoch: int, shard: int, names) -> dict[str, np.ndarray]:
+        if shard not in self._units_seen:
+            try:
+                self.unit_info(shard)  # the marker, read once: the pixel check needs it, and it says "complete"
+            except FileNotFoundError:
+                raise UserError(f"cache {self.path} has no complete data for data shard {shard}; finish it with "
+                                f"the same `cli.py cache-teacher` command (it resumes)") from None
         S = self.samples_per_shard
         n = self.description.dataset.num_samples
         sl = slice(shard * S, min((shard + 1) * S, n))

@@ -98,6 +98,9 @@ class CacheJoin:
         label_logits = torch.from_numpy(t[LABEL_LOGITS.name][pos].astype(np.float32))
         return [{TEACHER_KEY: TeacherTargets(*row)} for row in zip(values, indices, lse, label_logits, strict=True)]
 
+    def prefetch(self, epoch: int, shards: list[int]) -> None:
+        self.store.prefetch(epoch, shards)  # object stores: these units' rows fetched ahead, in this order
+
     def _check_pixels(self, epoch: int, shard: int, views: list[dict]) -> None:
         recorded = self.store.unit_info(shard).view_digests[epoch]
         if views_digest([v["digest"] for v in views]) != recorded:

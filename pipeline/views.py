@@ -85,9 +85,15 @@ class ShardStream(IterableDataset):
     def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
         raise NotImplementedError
 
+    def prefetch(self, shards: list[int]) -> None:
+        """Start fetching these shards' inputs ahead, in this order (object stores; nothing read changes)."""
+        self.reader.prefetch(shards)
+
     def __iter__(self):
         worker, workers = current_worker()
-        for shard in self.shards(worker, workers):
+        shards = self.shards(worker, workers)
+        self.prefetch(shards)
+        for shard in shards:
             yield from self.items(shard, self.reader.read_shard(shard))
 
 
@@ -167,6 +173,11 @@ class TrainViews(ShardStream):
 
     def shards(self, worker: int, workers: int) -> list[int]:
         return assign_shards(self._order(self.epoch), self.rank, self.world, worker, workers)
+
+    def prefetch(self, shards: list[int]) -> None:
+        super().prefetch(shards)
+        if hasattr(self.join, "prefetch"):  # the cache's rows of these shards, ahead too
+            self.join.prefetch(self.view_epoch, shards)
 
     def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
         info, samples, ve = self.reader.split.shards[shard], list(samples), self.view_epoch

@@ -222,18 +222,18 @@ def test_killed_teacher_pass_resumes_to_the_clean_store_and_is_refused_meanwhile
            "--out", out, *TEACHER]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OFAKD_CHAOS_SLOW_WRITES": "0.25"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        fs.invalidate_cache()
-        if fs.exists(units) and len(fs.ls(units)) >= 1:
-            break
-        time.sleep(0.2)
-    time.sleep(0.6)  # into the next unit's array writes (8 arrays x 0.25 s)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    deadline, torn = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None and torn is None:
+        # a unit some of whose arrays are written, and not all: its writes are under way (one per 0.25 s)
+        torn = next((u for u, n in _arrays_written(fs, out).items() if 0 < n < len(NAMES) and u not in
+                     _marked(fs, units)), None)
+        time.sleep(0.05)
+    assert torn is not None and proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = CacheStore(out).done_units()
-    assert 1 <= len(done) < 6
+    assert torn not in done and _arrays_written(fs, out)[torn] > 0  # the kill landed inside unit `torn`
+    assert len(done) < 6
 
     p = run_cli("train-student", "--data", data, "--student", "test_resnet", "--method", "kd", "--cache", out,
                 "--out", tmp_path / "run", "--epochs", "1", "--workers", "0", "--quiet")
@@ -242,6 +242,22 @@ def test_killed_teacher_pass_resumes_to_the_clean_store_and_is_refused_meanwhile
 
     run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, check=True)
     _assert_same_store(out, local_ref)
+
+
+def _arrays_written(fs, store: str) -> dict[int, int]:
+    """unit -> how many arrays hold a zarr shard object for it (`name/c/0/<unit>[/0...]`, zarr 3 default keys)."""
+    fs.invalidate_cache()
+    counts: dict[int, int] = {}
+    for name in NAMES:
+        units = {int(p.split(f"/{name}/c/0/", 1)[1].split("/")[0]) for p in fs.find(f"{store}/{name}/c/0/")}
+        for u in units:
+            counts[u] = counts.get(u, 0) + 1
+    return counts
+
+
+def _marked(fs, units: str) -> set[int]:
+    fs.invalidate_cache()
+    return {int(p.rsplit("shard-", 1)[1][:-len(".json")]) for p in fs.find(units)}
 
 
 @pytest.mark.slow
@@ -260,7 +276,10 @@ def test_two_processes_write_one_store_in_the_bucket_and_lose_nothing(small_digi
     ranks = sorted(f.parent.name for f in logs.rglob("stdout.log"))
     assert p.returncode == 0, p.stderr[-3000:] + "".join(f.read_text()[-2000:] for f in logs.rglob("std*.log"))
     assert ranks == ["0", "1"]  # two ranks ran
-    assert any("540 views written" in f.read_text() for f in logs.rglob("stdout.log"))  # summed over both
+    # one world of two: only its main process reports, the sum over both ranks (two processes each running
+    # as a world of one would each write every unit and each report 540)
+    reports = {f.parent.name: f.read_text() for f in logs.rglob("stdout.log") if "views written" in f.read_text()}
+    assert list(reports) == ["0"] and "540 views written" in reports["0"], reports
     _assert_same_store(out, local_ref)
 
 

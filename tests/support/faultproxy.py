@@ -35,6 +35,7 @@ class FaultProxy:
         self.connections = 0  # accepted, for tests to see traffic went through
         self.dropped = 0
         self.requests = 0  # requests forwarded
+        self.trace: list | None = None  # a list: (time.monotonic(), request line) of each request is appended
         self._triggers: list[tuple[int, object]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -134,6 +135,8 @@ class FaultProxy:
                         break
                     if answered:  # a new request: count it, fire due faults, pay the latency once
                         self._new_request()
+                        if self.trace is not None:
+                            self.trace.append((time.monotonic(), data.split(b"\r\n", 1)[0][:100]))
                         if self.latency:
                             time.sleep(self.latency)
                     answered = False
@@ -182,3 +185,17 @@ def _close(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
+
+
+if __name__ == "__main__":  # a proxy in its own process (bench/object_store.py): its CPU is not the caller's
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(description="forward 127.0.0.1:<port> to 127.0.0.1:TARGET, adding latency")
+    ap.add_argument("target", type=int)
+    ap.add_argument("--latency-ms", type=float, default=0.0)
+    a = ap.parse_args()
+    p = FaultProxy(("127.0.0.1", a.target)).start()
+    p.latency = a.latency_ms / 1000
+    print(p.port, flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    p.stop()
