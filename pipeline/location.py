@@ -158,6 +158,8 @@ def retrying(url: str, fn: Callable, *args, **kwargs):
             policy = policy or RetryPolicy.from_env()
             first = _first_failure(root, e, policy)
             if attempt >= policy.retries:
+                with _outages_lock:  # a later command in this process starts afresh
+                    _outages.pop(root, None)
                 raise UserError(f"storage {root} did not answer for {time.monotonic() - first:.1f} s "
                                 f"({attempt + 1} tries of {url}; last: {_short(e)}); check the network and the "
                                 f"endpoint (AWS_ENDPOINT_URL), or allow a longer outage with {RETRIES_ENV} / "
