@@ -9,7 +9,8 @@ s3fs, zarr's FsspecStore, HTTP, the checksum while streaming); the bucket throug
 tests (tests/support/faultproxy.py, in its own process) adding `--latency-ms` to every request, with the
 read-ahead on (OFAKD_STORE_PREFETCH, default 2 units) and off (0), and through the proxy adding nothing
 (what the proxy itself costs). The local shards and store are uploaded as they are. The CPU time the
-S3 server and the proxies spend per epoch is recorded: on this machine they share the loader's cores.
+S3 server and the proxies spend per epoch is recorded (on this machine they share the loader's cores),
+and the loader's own (this process and its workers).
 The loader is the one `cli.py train-student` builds: `CachedTeacher.views` (views rebuilt, cache joined
 and checked per shard) in a torch DataLoader; best views/s of `--rounds`.
 """
@@ -70,6 +71,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def loader_cpu() -> float:
+    """CPU time of this process and of its exited children (the data-loader workers of finished epochs)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def upload(local: Path, url: str) -> None:
     dest = Location(url)
     for f in sorted(local.rglob("*")):
@@ -128,19 +135,21 @@ def main(argv=None) -> dict:
         helpers = [server.pid] + [p.pid for p, _ in proxies.values()]
         for w in (int(x) for x in args.workers.split(",")):
             rates = {m: [] for m in modes}
-            helper_cpu = {m: [] for m in modes}
+            helper_cpu, own_cpu = {m: [] for m in modes}, {m: [] for m in modes}
             for _ in range(args.rounds):  # interleaved, best of: the machine is shared
                 for m, (cache, d, endpoint, depth) in modes.items():
                     os.environ.update({"AWS_ENDPOINT_URL": endpoint, PREFETCH_ENV: depth})
                     s3fs.S3FileSystem.clear_instance_cache()  # clients read the endpoint when built
-                    c0 = sum(cpu_seconds(p) for p in helpers)
+                    c0, l0 = sum(cpu_seconds(p) for p in helpers), loader_cpu()
                     rates[m].append(loader_rate(cache, d, args.batch_size, w))
                     helper_cpu[m].append(sum(cpu_seconds(p) for p in helpers) - c0)
+                    own_cpu[m].append(loader_cpu() - l0)
             best = {m: max(r) for m, r in rates.items()}
             res[f"workers_{w}"] = {**{f"{m}_views_per_s": v for m, v in best.items()},
                                    **{f"{m}_over_local": v / best["local"] for m, v in best.items() if m != "local"},
                                    f"{lat}_over_proxy_0ms": best[lat] / best["s3_proxy_0ms"],
                                    "server_and_proxy_cpu_s_per_epoch": {m: min(c) for m, c in helper_cpu.items()},
+                                   "loader_cpu_s_per_epoch": {m: min(c) for m, c in own_cpu.items()},
                                    "all": rates}
         for p, _ in proxies.values():
             p.stdin.close()

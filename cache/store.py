@@ -255,22 +255,21 @@ class CacheStore:
                     fsync_dir(f.parent)
         self.marker(unit.shard).write_atomic(json.dumps(unit.record().to_attrs()).encode())
 
-    def prefetch(self, epoch: int, shards: list[int]) -> None:
-        """On a store, fetch these units' rows of `epoch` (every array, and their markers) ahead, in this
-        order, while earlier ones are used (`pipeline.location.ReadAhead`: OFAKD_STORE_PREFETCH units in
+    def prefetch(self, epoch: int, shards: list[int], names=NAMES) -> None:
+        """On a store, fetch these units' rows of `epoch` (arrays `names`, and the units' markers) ahead, in
+        this order, while earlier ones are used (`pipeline.location.ReadAhead`: OFAKD_STORE_PREFETCH units in
         flight); `read_epoch` in that order takes them. Reads in another order are served as before."""
         if self._ahead is not None:
             self._ahead.close()
         depth = prefetch_depth() if self.loc.is_url else 0
-        self._ahead = ReadAhead(lambda key: self._read_epoch(*key, NAMES), [(epoch, s) for s in shards],
+        names = tuple(names)
+        self._ahead = ReadAhead(lambda key: self._read_epoch(*key), [(epoch, s, names) for s in shards],
                                 depth) if depth else None
 
     def read_epoch(self, epoch: int, shard: int, names=NAMES) -> dict[str, np.ndarray]:
         """One cached epoch of one unit: name -> [count, ...]. Refuses units that are not complete."""
-        rows = self._ahead.take((epoch, shard)) if self._ahead is not None else None
-        if rows is not None:
-            return {name: rows[name] for name in names}
-        return self._read_epoch(epoch, shard, names)
+        rows = self._ahead.take((epoch, shard, tuple(names))) if self._ahead is not None else None
+        return rows if rows is not None else self._read_epoch(epoch, shard, names)
 
     def _read_epoch(self, epoch: int, shard: int, names) -> dict[str, np.ndarray]:
         if shard not in self._units_seen:

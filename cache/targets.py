@@ -77,10 +77,11 @@ class CacheJoin:
 
     def __init__(self, store: CacheStore):
         self.store = store
+        self.names = tuple(a.name for a in (*TEACHER_OUTPUTS, VIEW_SEED, PARTNER))  # the arrays a join reads
 
     def __call__(self, epoch: int, shard: int, first: int, views: list[dict]) -> list[dict]:
         store = self.store
-        t = store.read_epoch(epoch, shard, names=tuple(a.name for a in (*TEACHER_OUTPUTS, VIEW_SEED, PARTNER)))
+        t = store.read_epoch(epoch, shard, names=self.names)
         pos = np.array([v["index"] for v in views]) - first
         # the replay record as the views rebuilt here have it (a view's fields are named as the arrays)
         seeds = np.array([v[VIEW_SEED.name] for v in views], dtype=VIEW_SEED.dtype)
@@ -99,7 +100,7 @@ class CacheJoin:
         return [{TEACHER_KEY: TeacherTargets(*row)} for row in zip(values, indices, lse, label_logits, strict=True)]
 
     def prefetch(self, epoch: int, shards: list[int]) -> None:
-        self.store.prefetch(epoch, shards)  # object stores: these units' rows fetched ahead, in this order
+        self.store.prefetch(epoch, shards, self.names)  # object stores: these units' rows ahead, in this order
 
     def _check_pixels(self, epoch: int, shard: int, views: list[dict]) -> None:
         recorded = self.store.unit_info(shard).view_digests[epoch]
