@@ -140,15 +140,16 @@ def _store_root(url: str) -> str:
     return f"{proto}://{rest.split('/', 1)[0]}"
 
 
-_outages: dict[str, float] = {}  # store root -> when this process first saw it fail (cleared when it answers)
+_outages: dict[str, float] = {}  # store root -> when this process saw it fail first (until it answers again)
 _outages_lock = threading.Lock()
 
 
 def retrying(url: str, fn: Callable, *args, **kwargs):
     """fn(*args, **kwargs), retried on transient failures under the policy of the module docstring; other
     failures become one-sentence UserErrors where their cause is known (`storage_errors`)."""
-    policy, root = None, _store_root(url)
+    policy, root, first = None, _store_root(url), None
     for attempt in range(1 << 30):
+        started = time.monotonic()
         try:
             with storage_errors(url, translate_transient=False):
                 out = fn(*args, **kwargs)
@@ -156,10 +157,9 @@ def retrying(url: str, fn: Callable, *args, **kwargs):
             if isinstance(e, UserError) or not is_transient(e):
                 raise
             policy = policy or RetryPolicy.from_env()
-            first = _first_failure(root, e, policy)
+            first = first or started
+            _warn_once(root, e, policy)
             if attempt >= policy.retries:
-                with _outages_lock:  # a later command in this process starts afresh
-                    _outages.pop(root, None)
                 raise UserError(f"storage {root} did not answer for {time.monotonic() - first:.1f} s "
                                 f"({attempt + 1} tries of {url}; last: {_short(e)}); check the network and the "
                                 f"endpoint (AWS_ENDPOINT_URL), or allow a longer outage with {RETRIES_ENV} / "
@@ -167,21 +167,21 @@ def retrying(url: str, fn: Callable, *args, **kwargs):
             time.sleep(policy.wait(attempt))
             continue
         if _outages:
-            with _outages_lock:
-                _outages.pop(root, None)
+            with _outages_lock:  # the store answers again: a request sent after the outage began came back
+                if _outages.get(root, started) < started:
+                    del _outages[root]
         return out
 
 
-def _first_failure(root: str, e: BaseException, policy: RetryPolicy) -> float:
-    """When this outage began; its first failure in this process prints the one warning line."""
+def _warn_once(root: str, e: BaseException, policy: RetryPolicy) -> None:
+    """The first failure of an outage (since the store last answered) prints the one warning line."""
     with _outages_lock:
         if root in _outages:
-            return _outages[root]
-        _outages[root] = now = time.monotonic()
+            return
+        _outages[root] = time.monotonic()
     if policy.retries:
         print(f"warning: storage {root} is not answering ({_short(e)}); retrying up to {policy.retries} times over "
               f"{policy.total:.1f} s ({RETRIES_ENV}, {BACKOFF_ENV})", file=sys.stderr, flush=True)
-    return now
 
 
 def _short(e: BaseException) -> str:
@@ -372,14 +372,22 @@ class Location:
             return fn(self._path)
         return self._call(call)
 
+    def _kind(self, path: str) -> str | None:
+        """"file", "directory" or None (absent), from `info`: fsspec's exists/isfile answer False for any
+        failure (an outage would read as a missing file), `info` raises it, and `retrying` retries it."""
+        try:
+            return self.fs.info(path)["type"]
+        except FileNotFoundError:
+            return None
+
     def exists(self) -> bool:
-        return self._fresh_call(self.fs.exists)
+        return self._fresh_call(self._kind) is not None
 
     def isfile(self) -> bool:
-        return self._fresh_call(self.fs.isfile)
+        return self._fresh_call(self._kind) == "file"
 
     def isdir(self) -> bool:
-        return self._fresh_call(self.fs.isdir)
+        return self._fresh_call(self._kind) == "directory"
 
     def listdir(self) -> list[str]:
         """Names directly under this folder ([] when it does not exist)."""

@@ -5,6 +5,7 @@
     proxy.drop_next(3)            # the next 3 answers are cut (RST) after half their first bytes
     proxy.refuse_for(1.5)         # connections refused (nothing listens on the port) for 1.5 s
     proxy.at_request(40, lambda: proxy.refuse_for(1.5))    # ... starting when the 40th request arrives
+    proxy.at_request(1, lambda: proxy.drop_next(1), match=b"GET /bucket/data/")   # cut the first read there
     proxy.stop()
 
 Hand-written because the faults must happen inside one test process on loopback, switched on and off
@@ -36,7 +37,8 @@ class FaultProxy:
         self.dropped = 0
         self.requests = 0  # requests forwarded
         self.trace: list | None = None  # a list: (time.monotonic(), request line) of each request is appended
-        self._triggers: list[tuple[int, object]] = []
+        self._triggers: list[list] = []
+        self._active: set[socket.socket] = set()  # client sides of open connections
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
@@ -47,18 +49,25 @@ class FaultProxy:
         with self._lock:
             self._drop += n
 
-    def at_request(self, n: int, fault) -> None:
-        """Call `fault()` when the n-th request (counted from now) arrives: a fault at a point of a run."""
+    def at_request(self, n: int, fault, match: bytes | None = None) -> None:
+        """Call `fault()` when the n-th request from now arrives (of those whose request line, e.g.
+        b"PUT /bucket/key HTTP/1.1", contains `match`): a fault at a chosen point of a run."""
         with self._lock:
-            self._triggers.append((self.requests + n, fault))
+            self._triggers.append([n, match, fault])
 
     def refuse_for(self, seconds: float) -> None:
-        """Close the listening socket for `seconds` (a connect() then gets ECONNREFUSED), then listen again."""
+        """The store goes away for `seconds`: open connections are cut, and the listening socket is closed (a
+        connect() gets ECONNREFUSED) until it listens again."""
         with self._lock:
             self._refuse_until = time.monotonic() + seconds
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+            for sock in list(self._active):  # kept-alive connections would go on working otherwise
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     @property
     def url(self) -> str:
@@ -126,6 +135,8 @@ class FaultProxy:
             _reset(client)
             return
         answered, drop = True, False  # answered: the server has sent something since the client's last request
+        with self._lock:
+            self._active.add(client)
         try:
             while not self._stop.is_set():
                 readable, _, _ = select.select([client, server], [], [], 0.5)
@@ -134,9 +145,10 @@ class FaultProxy:
                     if not data:
                         break
                     if answered:  # a new request: count it, fire due faults, pay the latency once
-                        self._new_request()
+                        line = data.split(b"\r\n", 1)[0][:200]
+                        self._new_request(line)
                         if self.trace is not None:
-                            self.trace.append((time.monotonic(), data.split(b"\r\n", 1)[0][:100]))
+                            self.trace.append((time.monotonic(), line))
                         if self.latency:
                             time.sleep(self.latency)
                     answered = False
@@ -158,16 +170,23 @@ class FaultProxy:
         except OSError:
             pass
         finally:
+            with self._lock:
+                self._active.discard(client)
             _close(client)
             _close(server)
 
 
-    def _new_request(self) -> None:
+    def _new_request(self, line: bytes) -> None:
         with self._lock:
             self.requests += 1
-            due = [f for n, f in self._triggers if n <= self.requests]
-            self._triggers = [(n, f) for n, f in self._triggers if n > self.requests]
-        for fault in due:  # outside the lock: a fault takes it
+            due = []
+            for t in self._triggers:  # [requests still to see, match, fault]
+                if t[1] is None or t[1] in line:
+                    t[0] -= 1
+                    if t[0] <= 0:
+                        due.append(t)
+            self._triggers = [t for t in self._triggers if t not in due]
+        for _, _, fault in due:  # outside the lock: a fault takes it
             fault()
 
 
