@@ -163,6 +163,7 @@ def main(argv=None) -> dict:
             else:
                 os.environ[k] = v
         shutil.rmtree(tmp, ignore_errors=True)
+    res["load_average_after"] = os.getloadavg()  # the machine is shared: how loaded it was
     save(args.name, res)
     return res
 

@@ -442,12 +442,26 @@ def test_an_outage_past_the_retry_bound_stops_in_one_sentence_and_the_rerun_comp
     run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy), check=True)
     _assert_same_store(out, local_ref)
 
-    # training past the bound, in a data-loader worker: the worker's error reaches the CLI as one sentence
-    proxy.at_request(1, lambda: proxy.refuse_for(4), match=b".tar ")  # the first shard read, in the worker
+    # training past the bound: one sentence too
+    proxy.at_request(1, lambda: proxy.refuse_for(4), match=b".tar ")  # the first shard read
     p = run_cli("train-student", "--data", data, "--cache", out, "--out", tmp_path / "run", "--student", "test_resnet",
                 "--method", "kd", "--epochs", "1", "--workers", "1", "--quiet", env=proxy_env(proxy, **short))
     _one_sentence(p, f"storage {bucket} did not answer")
     assert p.returncode == 2 and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+class _FailingStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise UserError("storage s3://b did not answer for 1.0 s; check the network")
+        yield
+
+
+def test_a_user_error_in_a_data_loader_worker_stays_one_sentence():
+    """torch re-raises a worker's exception as its type built from the worker's traceback text: a store's
+    outage met in a worker must still reach the CLI as the sentence alone."""
+    with pytest.raises(UserError) as e:
+        next(iter(torch.utils.data.DataLoader(_FailingStream(), num_workers=1)))
+    assert str(e.value) == "storage s3://b did not answer for 1.0 s; check the network"
 
 
 @pytest.mark.slow
