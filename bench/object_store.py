@@ -1,12 +1,18 @@
 """Stage two's loader reading shards and cache from an S3-compatible server vs from local disk, same data.
 
     python bench/object_store.py [--data DIR] [--teacher NAME] [--rounds N] [--workers 0,2] [--batch-size B]
+                                 [--latency-ms 20]
 
-The server is moto's standalone S3 server on 127.0.0.1 (`pip install .[dev]`), so this measures the
-client path's overhead (s3fs, zarr's FsspecStore, HTTP on loopback, the checksum while streaming),
-not a network. Both sides read the same bytes: the local shards and store are uploaded as they are.
+The server is moto's standalone S3 server on 127.0.0.1 (`pip install .[dev]`). Five ways to the same
+bytes, interleaved in each round: local disk; the bucket directly (loopback: the client path's cost,
+s3fs, zarr's FsspecStore, HTTP, the checksum while streaming); the bucket through the fault proxy of the
+tests (tests/support/faultproxy.py, in its own process) adding `--latency-ms` to every request, with the
+read-ahead on (OFAKD_STORE_PREFETCH, default 2 units) and off (0), and through the proxy adding nothing
+(what the proxy itself costs). The local shards and store are uploaded as they are. The CPU time the
+S3 server and the proxies spend per epoch is recorded (on this machine they share the loader's cores),
+and the loader's own (this process and its workers).
 The loader is the one `cli.py train-student` builds: `CachedTeacher.views` (views rebuilt, cache joined
-and checked per shard) in a torch DataLoader; best views/s of `--rounds`, local and remote alternating.
+and checked per shard) in a torch DataLoader; best views/s of `--rounds`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import s3fs
 from common import ROOT, save
 from stage_one import ensure_digits
 from torch.utils.data import DataLoader
@@ -29,7 +36,7 @@ from torch.utils.data import DataLoader
 from cache.targets import CachedTeacher
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
-from pipeline.location import Location
+from pipeline.location import PREFETCH_ENV, Location
 
 
 def start_server() -> tuple[subprocess.Popen, dict]:
@@ -49,6 +56,25 @@ def start_server() -> tuple[subprocess.Popen, dict]:
             time.sleep(0.1)
     server.terminate()
     raise RuntimeError("moto server did not start")
+
+
+def start_proxy(target_port: str, latency_ms: float) -> tuple[subprocess.Popen, str]:
+    """tests/support/faultproxy.py in its own process, adding `latency_ms` per request; (process, endpoint)."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "support" / "faultproxy.py"), target_port,
+                          "--latency-ms", str(latency_ms)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return p, f"http://127.0.0.1:{p.stdout.readline().strip()}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loader_cpu() -> float:
+    """CPU time of this process and of its exited children (the data-loader workers of finished epochs)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def upload(local: Path, url: str) -> None:
@@ -76,12 +102,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", default="0,2", help="data-loader worker counts to time, comma-separated")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--latency-ms", type=float, default=20.0, help="added to each request through the proxy")
     ap.add_argument("--name", default="object_store")
     args = ap.parse_args(argv)
     data = ensure_digits(args.data) if args.data.name == "digits" else args.data
     tmp = Path(tempfile.mkdtemp(prefix="bench-obj-"))
     server, env = start_server()
-    saved = {k: os.environ.get(k) for k in env}
+    saved = {k: os.environ.get(k) for k in (*env, PREFETCH_ENV)}
     os.environ.update(env)
     try:
         store = tmp / "t.zarr"
@@ -95,13 +122,38 @@ def main(argv=None) -> dict:
                "rounds": args.rounds,
                "server": "moto standalone S3 server on 127.0.0.1, on the same cores as the loader (loopback: "
                          "the client path's and server's cost, no network)"}
+        target = env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
+        lat = f"s3_{args.latency_ms:g}ms"
+        proxies = {ms: start_proxy(target, ms) for ms in (0.0, args.latency_ms)}  # own processes: own CPU
+        res["latency_ms"] = args.latency_ms
+        modes = {  # name -> (cache, data, endpoint, read-ahead depth)
+            "local": (str(store), str(data), env["AWS_ENDPOINT_URL"], "2"),
+            "s3_loopback": ("s3://bench/t.zarr", "s3://bench/data", env["AWS_ENDPOINT_URL"], "2"),
+            "s3_proxy_0ms": ("s3://bench/t.zarr", "s3://bench/data", proxies[0.0][1], "2"),
+            lat: ("s3://bench/t.zarr", "s3://bench/data", proxies[args.latency_ms][1], "2"),
+            f"{lat}_no_prefetch": ("s3://bench/t.zarr", "s3://bench/data", proxies[args.latency_ms][1], "0")}
+        helpers = [server.pid] + [p.pid for p, _ in proxies.values()]
         for w in (int(x) for x in args.workers.split(",")):
-            local, remote = [], []
-            for _ in range(args.rounds):  # alternating, best of: the machine is shared
-                local.append(loader_rate(str(store), str(data), args.batch_size, w))
-                remote.append(loader_rate("s3://bench/t.zarr", "s3://bench/data", args.batch_size, w))
-            res[f"workers_{w}"] = {"local_views_per_s": max(local), "s3_loopback_views_per_s": max(remote),
-                                   "s3_over_local": max(remote) / max(local), "all_local": local, "all_s3": remote}
+            rates = {m: [] for m in modes}
+            helper_cpu, own_cpu = {m: [] for m in modes}, {m: [] for m in modes}
+            for _ in range(args.rounds):  # interleaved, best of: the machine is shared
+                for m, (cache, d, endpoint, depth) in modes.items():
+                    os.environ.update({"AWS_ENDPOINT_URL": endpoint, PREFETCH_ENV: depth})
+                    s3fs.S3FileSystem.clear_instance_cache()  # clients read the endpoint when built
+                    c0, l0 = sum(cpu_seconds(p) for p in helpers), loader_cpu()
+                    rates[m].append(loader_rate(cache, d, args.batch_size, w))
+                    helper_cpu[m].append(sum(cpu_seconds(p) for p in helpers) - c0)
+                    own_cpu[m].append(loader_cpu() - l0)
+            best = {m: max(r) for m, r in rates.items()}
+            res[f"workers_{w}"] = {**{f"{m}_views_per_s": v for m, v in best.items()},
+                                   **{f"{m}_over_local": v / best["local"] for m, v in best.items() if m != "local"},
+                                   f"{lat}_over_proxy_0ms": best[lat] / best["s3_proxy_0ms"],
+                                   "server_and_proxy_cpu_s_per_epoch": {m: min(c) for m, c in helper_cpu.items()},
+                                   "loader_cpu_s_per_epoch": {m: min(c) for m, c in own_cpu.items()},
+                                   "all": rates}
+        for p, _ in proxies.values():
+            p.stdin.close()
+            p.wait(timeout=30)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -111,6 +163,7 @@ def main(argv=None) -> dict:
             else:
                 os.environ[k] = v
         shutil.rmtree(tmp, ignore_errors=True)
+    res["load_average_after"] = os.getloadavg()  # the machine is shared: how loaded it was
     save(args.name, res)
     return res
 

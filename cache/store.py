@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,20 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.array import AsyncArray
+from zarr.storage import StorePath
 
 from cache.format import ALL_NAMES, ARRAYS, UNITS_DIR, CacheDescription, CacheRequest, UnitRecord
 from pipeline.errors import UserError
-from pipeline.location import Location, fsync_dir, storage_errors
+from pipeline.location import (
+    Location,
+    ReadAhead,
+    client_options,
+    fsync_dir,
+    prefetch_depth,
+    quiet_client,
+    storage_errors,
+)
 
 
 @dataclass
@@ -53,8 +64,12 @@ class CacheStore:
         self._group = None
         self._pid = None
         self._arrays = {}
+        self._meta: dict[str, dict] = {}  # array name -> its zarr metadata, read once (metadata never changes)
+        self._zstore = None
+        self._locks: dict[int, threading.RLock] = {}  # per process: a lock held at fork stays held in the child
         self._units_seen: dict[int, UnitRecord] = {}  # marker contents read so far (a marker never changes)
         self._pool, self._pool_pid = None, None
+        self._ahead: ReadAhead | None = None
         self.mode = mode
         if not (self.loc / "zarr.json").isfile():
             raise UserError(f"cache {self.path} does not exist or is not a zarr store; create it with "
@@ -68,27 +83,51 @@ class CacheStore:
                             f"{' '.join(str(e).split())[:200]}); rebuild it (`cli.py cache-teacher ... --overwrite`)"
                             ) from e
         self.description = CacheDescription.from_attrs(self.attrs, f"cache {self.path}")
+        if self.loc.is_url:  # every array's metadata now, concurrently: data-loader workers inherit it
+            with ThreadPoolExecutor(max_workers=len(ALL_NAMES)) as pool:
+                list(pool.map(self.array, self.held_names))
 
     # zarr keeps an event-loop thread per process; reopen after fork (data-loader workers)
+    def _lock(self) -> threading.RLock:
+        return self._locks.setdefault(os.getpid(), threading.RLock())
+
     def _open(self):
-        if self._group is None or self._pid != os.getpid():
-            self._group = zarr.open_group(self._zarr_store(), mode="r" if self.mode == "r" else "r+")
-            self._pid = os.getpid()
-            self._arrays = {}
-        return self._group
+        with self._lock():
+            if self._group is None or self._pid != os.getpid():
+                self._group = self.loc._call(zarr.open_group, self._zarr_store(), zarr_format=3,
+                                             use_consolidated=False, mode="r" if self.mode == "r" else "r+")
+                self._pid = os.getpid()
+                self._arrays = {}
+            return self._group
 
     def _zarr_store(self):
-        """Local: a directory path (zarr's LocalStore). URL: zarr's own fsspec store on the same URL."""
+        """Local: a directory path (zarr's LocalStore). URL: zarr's own fsspec store on the same URL, one per
+        process, its client's own retries off (pipeline.location.client_options: they are retried there)."""
         if self.loc.local is not None:
             return str(self.loc.local)
-        with storage_errors(self.loc.url):
-            return zarr.storage.FsspecStore.from_url(self.loc.url, read_only=self.mode == "r")
+        with self._lock():
+            if self._zstore is None or self._zstore[0] != os.getpid():
+                with storage_errors(self.loc.url):
+                    store = zarr.storage.FsspecStore.from_url(self.loc.url, read_only=self.mode == "r",
+                                                              storage_options=client_options(self.loc.url) or None)
+                quiet_client(store.fs)
+                self._zstore = (os.getpid(), store)
+            return self._zstore[1]
 
     def array(self, name: str):
-        """Array handle, opened once per process (opening costs a metadata read)."""
-        group = self._open()
-        if name not in self._arrays:
-            arr = group[name]
+        """Array handle, opened once per process. On a store, from the metadata read once (in the process that
+        opened the store): a data-loader worker then opens every array without a request."""
+        if self._pid != os.getpid():  # a new process (fork): the parent's handles hold its event loop
+            with self._lock():
+                if self._pid != os.getpid():
+                    self._pid, self._arrays, self._group = os.getpid(), {}, None
+        arr = self._arrays.get(name)
+        if arr is None:
+            if self.loc.is_url and name in self._meta:
+                arr = zarr.Array(AsyncArray.from_dict(StorePath(self._zarr_store(), name), self._meta[name]))
+            else:
+                arr = self.loc._call(self._open().__getitem__, name)
+                self._meta[name] = arr.metadata.to_dict()
             d = self.description
             spec = next(a for a in ARRAYS if a.name == name)
             want = (d.epochs, d.dataset.num_samples, *d.trailing_shape(spec))
@@ -97,10 +136,11 @@ class CacheStore:
                                 f"its attributes give {want} ({spec.dtype_for(d.num_classes)}): it is damaged; "
                                 f"rebuild it (`cli.py cache-teacher ... --overwrite`)")
             self._arrays[name] = arr
-        return self._arrays[name]
+        return arr
 
     def __getstate__(self):
-        return {**self.__dict__, "_group": None, "_pid": None, "_arrays": {}, "_pool": None, "_pool_pid": None}
+        return {**self.__dict__, "_group": None, "_pid": None, "_arrays": {}, "_pool": None, "_pool_pid": None,
+                "_ahead": None, "_zstore": None, "_locks": {}}
 
     # ------------------------------------------------------------------ description
     @property
@@ -232,12 +272,12 @@ class CacheStore:
         Local disk: fsync of each shard file and its folder before the marker. Object store: zarr returns
         only after each shard's PUT has completed, and a PUT is atomic, so the marker (one more PUT) is
         written after data that is already whole; no fsync exists or is needed there."""
-        group = self._open()
         sl = slice(unit.first, unit.first + unit.count)
         with storage_errors(self.loc.url):
             for name in (a.name for a in self.description.arrays):
-                arr = group[name]
-                arr[:, sl] = unit.data[name]
+                arr = self.array(name)
+                # a whole zarr shard: one PUT per array, so a retry after a cut connection rewrites it whole
+                self.loc._call(arr.__setitem__, (slice(None), sl), unit.data[name])
                 if self.loc.local is None:
                     continue
                 key = arr.metadata.encode_chunk_key((0, unit.shard) + (0,) * (arr.ndim - 2))
@@ -251,13 +291,35 @@ class CacheStore:
                     fsync_dir(f.parent)
         self.marker(unit.shard).write_atomic(json.dumps(unit.record().to_attrs()).encode())
 
+    def prefetch(self, epoch: int, shards: list[int], names=None) -> None:
+        """On a store, fetch these units' rows of `epoch` (arrays `names`, and the units' markers) ahead, in
+        this order, while earlier ones are used (`pipeline.location.ReadAhead`: OFAKD_STORE_PREFETCH units in
+        flight); `read_epoch` in that order takes them. Reads in another order are served as before."""
+        if self._ahead is not None:
+            self._ahead.close()
+        depth = prefetch_depth() if self.loc.is_url else 0
+        names = tuple(names) if names is not None else self.held_names
+        self._ahead = ReadAhead(lambda key: self._read_epoch(*key), [(epoch, s, names) for s in shards],
+                                depth) if depth else None
+
     def read_epoch(self, epoch: int, shard: int, names=None) -> dict[str, np.ndarray]:
         """One cached epoch of one unit: name -> [count, ...] (names: default every array the store holds).
         Refuses units that are not complete."""
-        names = names if names is not None else tuple(a.name for a in self.description.arrays)
-        if shard not in self._units_seen and not self.marker(shard).isfile():
-            raise UserError(f"cache {self.path} has no complete data for data shard {shard}; finish it with "
-                            f"the same `cli.py cache-teacher` command (it resumes)")
+        names = tuple(names) if names is not None else self.held_names
+        rows = self._ahead.take((epoch, shard, tuple(names))) if self._ahead is not None else None
+        return rows if rows is not None else self._read_epoch(epoch, shard, names)
+
+    @property
+    def held_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.description.arrays)
+
+    def _read_epoch(self, epoch: int, shard: int, names) -> dict[str, np.ndarray]:
+        if shard not in self._units_seen:
+            try:
+                self.unit_info(shard)  # the marker, read once: the pixel check needs it, and it says "complete"
+            except FileNotFoundError:
+                raise UserError(f"cache {self.path} has no complete data for data shard {shard}; finish it with "
+                                f"the same `cli.py cache-teacher` command (it resumes)") from None
         S = self.samples_per_shard
         n = self.description.dataset.num_samples
         sl = slice(shard * S, min((shard + 1) * S, n))
@@ -268,10 +330,11 @@ class CacheStore:
         arrays = [self.array(name) for name in names]
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=len(ALL_NAMES)), os.getpid()
-        return dict(zip(names, self._pool.map(lambda a: a[epoch, sl], arrays), strict=True))
+        return dict(zip(names, self._pool.map(lambda a: self.loc._call(a.__getitem__, (epoch, sl)), arrays),
+                        strict=True))
 
     def read_all(self, name: str) -> np.ndarray:
-        return self.array(name)[...]
+        return self.loc._call(self.array(name).__getitem__, ...)
 
     def check_complete(self) -> None:
         missing = sorted(set(range(self.num_units)) - self.done_units())

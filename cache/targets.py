@@ -163,12 +163,12 @@ class CacheJoin:
 
     def __init__(self, store: CacheStore):
         self.store = store
+        held = store.description.arrays  # the arrays a join reads: the teacher's outputs, the tail if any, the replay
+        self.names = tuple(a.name for a in (*TEACHER_OUTPUTS, *TAIL, VIEW_SEED, PARTNER) if a in held)
 
     def __call__(self, epoch: int, shard: int, first: int, views: list[dict]) -> list[dict]:
         store = self.store
-        held = store.description.arrays
-        t = store.read_epoch(epoch, shard, names=tuple(a.name for a in (*TEACHER_OUTPUTS, *TAIL, VIEW_SEED, PARTNER)
-                                                       if a in held))
+        t = store.read_epoch(epoch, shard, names=self.names)
         pos = np.array([v["index"] for v in views]) - first
         # the replay record as the views rebuilt here have it (a view's fields are named as the arrays)
         seeds = np.array([v[VIEW_SEED.name] for v in views], dtype=VIEW_SEED.dtype)
@@ -183,6 +183,9 @@ class CacheJoin:
         batch = TeacherTargets.from_arrays({name: a[pos] for name, a in t.items()},
                                            len(store.description.tail_temperatures))
         return [{TEACHER_KEY: TeacherTargets(*row)} for row in zip(*batch, strict=True)]
+
+    def prefetch(self, epoch: int, shards: list[int]) -> None:
+        self.store.prefetch(epoch, shards, self.names)  # object stores: these units' rows ahead, in this order
 
     def _check_pixels(self, epoch: int, shard: int, views: list[dict]) -> None:
         recorded = self.store.unit_info(shard).view_digests[epoch]

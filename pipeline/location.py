@@ -11,7 +11,18 @@ fsspec and the cloud clients read themselves (AWS_* variables, AWS_ENDPOINT_URL,
 configuration). What is written by hand here is what fsspec does not give: durability on local disks
 (fsync + os.replace, which object stores do not need because a PUT appears whole or not at all), a
 fresh listing every time (other processes add objects), and one-sentence errors for the failures a
-user can fix (a missing client, missing credentials, a missing bucket).
+user can fix (a missing client, missing credentials, a missing bucket), and one retry policy for
+stores that are briefly slow or unreachable (`retrying`, below).
+
+Retries live here, in one place: every request this project makes to a URL (through `Location` and
+through the zarr store `cache.store` opens) goes through `retrying`, which retries connection failures,
+timeouts, cut answers and throttling (never "not found" or "access denied") with exponential backoff:
+OFAKD_STORE_RETRIES retries (default 6) after the first try, waiting OFAKD_STORE_BACKOFF seconds
+(default 0.5) before the first retry and twice as long before each next one, each wait capped at 8 s
+(defaults: 0.5 + 1 + 2 + 4 + 8 + 8 = 23.5 s of outage ridden through). The first failure of an outage
+prints one warning line per process; after the last retry the command stops with a UserError naming
+the store. The S3 client's own retries are switched off (s3fs's loop and botocore's), so the count
+above is the count of requests.
 """
 
 from __future__ import annotations
@@ -19,7 +30,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -64,14 +81,203 @@ def describe_error(url: str, e: BaseException) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------- retries
+RETRIES_ENV, BACKOFF_ENV, MAX_WAIT = "OFAKD_STORE_RETRIES", "OFAKD_STORE_BACKOFF", 8.0
+
+# failures a store recovers from by itself: refused, reset or cut connections, timeouts, throttling.
+# Matched by name along the exception's chain: s3fs, botocore, aiohttp and gcsfs each raise their own types.
+TRANSIENT_TYPES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                   "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError", "ClientOSError",
+                   "SocketTimeoutError", "ServerTimeoutError", "IncompleteRead", "ResponseStreamingError",
+                   "HTTPClientError", "FSTimeoutError", "ProtocolError", "ChunkedEncodingError"}
+TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "Service Unavailable", "ServiceUnavailable",
+                  "InternalError", "RequestTimeout", "Throttl")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 6  # after the first try
+    backoff: float = 0.5  # seconds before the first retry; doubled before each next one, at most MAX_WAIT
+
+    @staticmethod
+    def from_env() -> RetryPolicy:
+        try:
+            retries = int(os.environ.get(RETRIES_ENV, RetryPolicy.retries))
+            backoff = float(os.environ.get(BACKOFF_ENV, RetryPolicy.backoff))
+        except ValueError:
+            retries = backoff = -1
+        if retries < 0 or not backoff >= 0:
+            raise UserError(f"{RETRIES_ENV}={os.environ.get(RETRIES_ENV)!r} / {BACKOFF_ENV}="
+                            f"{os.environ.get(BACKOFF_ENV)!r} are not a count >= 0 and seconds >= 0; fix or unset them")
+        return RetryPolicy(retries, backoff)
+
+    def wait(self, retry: int) -> float:
+        return min(self.backoff * 2 ** retry, MAX_WAIT)
+
+    @property
+    def total(self) -> float:
+        return sum(self.wait(i) for i in range(self.retries))
+
+
+def is_transient(e: BaseException) -> bool:
+    """A failure that waiting may cure (see TRANSIENT_TYPES); "not found", "denied" and bad input are not."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in TRANSIENT_TYPES:
+            return True
+        if any(t in str(e) for t in TRANSIENT_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _store_root(url: str) -> str:
+    """What an outage is an outage of: protocol://bucket (a local path: itself)."""
+    if "://" not in url:
+        return url
+    proto, rest = url.split("://", 1)
+    return f"{proto}://{rest.split('/', 1)[0]}"
+
+
+_outages: dict[str, float] = {}  # store root -> when this process saw it fail first (until it answers again)
+_outages_lock = threading.Lock()
+
+
+def retrying(url: str, fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs), retried on transient failures under the policy of the module docstring; other
+    failures become one-sentence UserErrors where their cause is known (`storage_errors`)."""
+    policy, root, first = None, _store_root(url), None
+    for attempt in range(1 << 30):
+        started = time.monotonic()
+        try:
+            with storage_errors(url, translate_transient=False):
+                out = fn(*args, **kwargs)
+        except Exception as e:
+            if isinstance(e, UserError) or not is_transient(e):
+                raise
+            policy = policy or RetryPolicy.from_env()
+            first = first or started
+            _warn_once(root, e, policy)
+            if attempt >= policy.retries:
+                raise UserError(f"storage {root} did not answer for {time.monotonic() - first:.1f} s "
+                                f"({attempt + 1} tries of {url}; last: {_short(e)}); check the network and the "
+                                f"endpoint (AWS_ENDPOINT_URL), or allow a longer outage with {RETRIES_ENV} / "
+                                f"{BACKOFF_ENV}") from e
+            time.sleep(policy.wait(attempt))
+            continue
+        if _outages:
+            with _outages_lock:  # the store answers again: a request sent after the outage began came back
+                if _outages.get(root, started) < started:
+                    del _outages[root]
+        return out
+
+
+def _warn_once(root: str, e: BaseException, policy: RetryPolicy) -> None:
+    """The first failure of an outage (since the store last answered) prints the one warning line."""
+    with _outages_lock:
+        if root in _outages:
+            return
+        _outages[root] = time.monotonic()
+    if policy.retries:
+        print(f"warning: storage {root} is not answering ({_short(e)}); retrying up to {policy.retries} times over "
+              f"{policy.total:.1f} s ({RETRIES_ENV}, {BACKOFF_ENV})", file=sys.stderr, flush=True)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------- read-ahead
+PREFETCH_ENV = "OFAKD_STORE_PREFETCH"
+
+
+def prefetch_depth() -> int:
+    """Units a reader fetches ahead from a store (OFAKD_STORE_PREFETCH, default 2; 0: none)."""
+    try:
+        depth = int(os.environ.get(PREFETCH_ENV, 2))
+    except ValueError:
+        depth = -1
+    if depth < 0:
+        raise UserError(f"{PREFETCH_ENV}={os.environ.get(PREFETCH_ENV)!r} is not a count >= 0; fix or unset it")
+    return depth
+
+
+class ReadAhead:
+    """fn(key) for a sequence of keys known in advance, `depth` of them running ahead on threads.
+
+    `take(key)` must follow the sequence: it returns the next key's value (waiting for it if needed) and
+    starts the key `depth` further on; a key out of sequence gives None (the caller reads it itself) and
+    ends the read-ahead. So what is read and in what order does not change, only when; memory holds at
+    most `depth` values fetched ahead plus the one taken. Errors surface at `take`, as an inline read's
+    would. Hand-written: the stdlib pool has no bounded look-ahead over a known order (Executor.map
+    submits every key at once)."""
+
+    def __init__(self, fn: Callable, keys, depth: int):
+        self._fn, self._keys, self._depth = fn, list(keys), depth
+        self._pid = os.getpid()  # threads do not survive fork: a copy in a child reads inline
+        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="readahead") if depth else None
+        self._futures: deque = deque()
+        self._next = 0
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._pool is not None and len(self._futures) < self._depth and self._next < len(self._keys):
+            key = self._keys[self._next]
+            self._next += 1
+            self._futures.append((key, self._pool.submit(self._fn, key)))
+
+    def take(self, key: Hashable):
+        if self._pid != os.getpid() or not self._futures or self._futures[0][0] != key:
+            self.close()
+            return None
+        _, future = self._futures.popleft()
+        self._fill()
+        return future.result()
+
+    def close(self) -> None:
+        if self._pool is not None and self._pid == os.getpid():
+            for _, f in self._futures:
+                f.cancel()
+            self._pool.shutdown(wait=False)
+        self._pool, self._futures = None, deque()
+
+
+_session = None
+
+
+def client_options(url: str) -> dict:
+    """fsspec storage options for `url`: botocore's own retries off (s3), leaving them to `retrying`; and one
+    botocore session per process tree, so that each client (one per filesystem, per data-loader worker) does
+    not load the service's models again (0.15 s of CPU each, 0.01 s with the session's cache warm)."""
+    global _session
+    if protocol_of(url) not in ("s3", "s3a"):
+        return {}
+    if _session is None:
+        from aiobotocore.session import AioSession
+        _session = AioSession()  # holds no connection: a forked worker may use its copy
+    conf = fsspec.config.conf.get("s3", {}).get("config_kwargs", {})
+    return {"config_kwargs": {**conf, "retries": {"total_max_attempts": 1, "mode": "standard"}}, "session": _session}
+
+
+def quiet_client(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
+    """s3fs retries some errors itself (`retries`, a class attribute): once only, so the policy's count holds."""
+    if type(fs).__name__ == "S3FileSystem":
+        fs.retries = 1
+    return fs
+
+
 @contextlib.contextmanager
-def storage_errors(url: str) -> Iterator[None]:
+def storage_errors(url: str, translate_transient: bool = True) -> Iterator[None]:
     """Turn credential, bucket and connection failures inside the block into one-sentence UserErrors."""
     try:
         yield
     except UserError:
         raise
     except Exception as e:  # botocore/aiohttp/gcsfs raise many types; only known causes are translated
+        if not translate_transient and is_transient(e):
+            raise  # `retrying` decides
         why = describe_error(url, e)
         if why is None:
             raise
@@ -90,7 +296,8 @@ class Location:
 
     def _connect(self) -> None:
         try:
-            self._fs, self._path = url_to_fs(self.url)
+            self._fs, self._path = url_to_fs(self.url, **client_options(self.url))
+            quiet_client(self._fs)
         except ImportError as e:
             raise _client_error(self.url, e) from e
         except ValueError as e:  # "Protocol not known"
@@ -148,44 +355,55 @@ class Location:
         """What to record in an artifact: an absolute local path, or the URL."""
         return str(self.local.resolve()) if self.local is not None else self.url
 
+    # ------------------------------------------------------------------ requests (retried: `retrying`)
+    def _call(self, fn: Callable, *args, **kwargs):
+        if self.local is not None:
+            with storage_errors(self.url):
+                return fn(*args, **kwargs)
+        return retrying(self.url, fn, *args, **kwargs)
+
     # ------------------------------------------------------------------ queries (never from a stale listing)
     def _fresh(self) -> None:
         self.fs.invalidate_cache(self._path)
 
-    def exists(self) -> bool:
-        with storage_errors(self.url):
+    def _fresh_call(self, fn: Callable):
+        def call():
             self._fresh()
-            return self.fs.exists(self._path)
+            return fn(self._path)
+        return self._call(call)
+
+    def _kind(self, path: str) -> str | None:
+        """"file", "directory" or None (absent), from `info`: fsspec's exists/isfile answer False for any
+        failure (an outage would read as a missing file), `info` raises it, and `retrying` retries it."""
+        try:
+            return self.fs.info(path)["type"]
+        except FileNotFoundError:
+            return None
+
+    def exists(self) -> bool:
+        return self._fresh_call(self._kind) is not None
 
     def isfile(self) -> bool:
-        with storage_errors(self.url):
-            self._fresh()
-            return self.fs.isfile(self._path)
+        return self._fresh_call(self._kind) == "file"
 
     def isdir(self) -> bool:
-        with storage_errors(self.url):
-            self._fresh()
-            return self.fs.isdir(self._path)
+        return self._fresh_call(self._kind) == "directory"
 
     def listdir(self) -> list[str]:
         """Names directly under this folder ([] when it does not exist)."""
-        with storage_errors(self.url):
-            self._fresh()
+        def ls(path):
             try:
-                entries = self.fs.ls(self._path, detail=False)
+                return self.fs.ls(path, detail=False)
             except (FileNotFoundError, NotADirectoryError):
                 return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self._fresh_call(ls))
 
     def size(self) -> int:
-        with storage_errors(self.url):
-            return int(self.fs.size(self._path))
+        return int(self._call(self.fs.size, self._path))
 
     def du(self) -> int:
         """Total bytes of every file under this folder."""
-        with storage_errors(self.url):
-            self._fresh()
-            return int(self.fs.du(self._path, total=True)) if self.fs.exists(self._path) else 0
+        return self._fresh_call(lambda p: int(self.fs.du(p, total=True)) if self.fs.exists(p) else 0)
 
     def check_writable_root(self) -> None:
         """Before writing under a URL: its bucket (or container) exists, so a wrong name fails in one
@@ -193,21 +411,26 @@ class Location:
         if protocol_of(self.url) not in EXTRAS or not self._path.strip("/"):  # only these have buckets
             return
         bucket = self._path.strip("/").split("/", 1)[0]
-        with storage_errors(self.url):
+
+        def bucket_exists():
             self.fs.invalidate_cache(bucket)
-            ok = self.fs.exists(bucket)
-        if not ok:
+            return self.fs.exists(bucket)
+        if not self._call(bucket_exists):
             raise UserError(f"bucket '{bucket}' of {self.url} does not exist (or is not visible with these "
                             f"credentials); create it or fix the URL")
 
     # ------------------------------------------------------------------ reading
     def open(self, mode: str = "rb", **kw):
-        with storage_errors(self.url):
-            return self.fs.open(self._path, mode, **kw)
+        """A file object; on a URL, read-mode files retry each read (a failed read leaves the position as it
+        was, so the retried read returns the same bytes)."""
+        f = self._call(self.fs.open, self._path, mode, **kw)
+        return _RetryingReader(f, self.url) if self.is_url and "r" in mode else f
 
     def read_bytes(self) -> bytes:
-        with storage_errors(self.url):
-            return self.fs.cat_file(self._path)
+        # s3fs asks an object's size first (a HEAD: one more round trip) to split big downloads; ours are
+        # small (markers, manifests) or one of several shards read ahead together: one GET each
+        kw = {"max_concurrency": 1} if type(self.fs).__name__ == "S3FileSystem" else {}
+        return self._call(self.fs.cat_file, self._path, **kw)
 
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
@@ -220,12 +443,12 @@ class Location:
 
     def write_atomic(self, data: bytes) -> None:
         """The whole of `data` at this name, or (after a crash) the previous content: locally temp file,
-        fsync, rename, fsync of the folder; on an object store one PUT, which is atomic by itself."""
+        fsync, rename, fsync of the folder; on an object store one PUT, which is atomic by itself (so a PUT
+        retried after a cut connection leaves the old object or the whole new one, never a part)."""
         if self.local is not None:
             write_local_atomic(self.local, data)
             return
-        with storage_errors(self.url):
-            self.fs.pipe_file(self._path, data)
+        self._call(self.fs.pipe_file, self._path, data)
 
     def write_text(self, text: str) -> None:
         self.write_atomic(text.encode("utf-8"))
@@ -245,8 +468,7 @@ class Location:
             os.replace(local_file, self.local)
             fsync_dir(self.local.parent)
             return
-        with storage_errors(self.url):
-            self.fs.put_file(str(local_file), self._path)
+        self._call(self.fs.put_file, str(local_file), self._path)
         local_file.unlink()
 
     def rm(self, recursive: bool = False) -> None:
@@ -256,10 +478,32 @@ class Location:
             elif self.local.exists():
                 self.local.unlink()
             return
-        with storage_errors(self.url):
-            self._fresh()
-            if self.fs.exists(self._path):
-                self.fs.rm(self._path, recursive=recursive)
+        def rm(path):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=recursive)
+        self._fresh_call(rm)
+
+
+class _RetryingReader:
+    """A read-mode file on a store whose reads are `retrying`; everything else is the file's own."""
+
+    def __init__(self, f, url: str):
+        self._f, self._url = f, url
+
+    def read(self, n: int = -1) -> bytes:
+        return retrying(self._url, self._f.read, n)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __iter__(self):
+        return iter(self._f)
 
 
 def write_local_atomic(path: Path, data: bytes) -> None:

@@ -32,7 +32,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.location import Location, storage_errors
+from pipeline.location import Location, ReadAhead, prefetch_depth, storage_errors
 from pipeline.manifest import Manifest, load_manifest
 
 ErrorPolicy = Literal["raise", "skip"]
@@ -134,6 +134,20 @@ class ShardReader:
         self.split_name = split
         self.split = self.manifest.split(split)
         self.on_error, self.on_skip, self.verify = on_error, on_skip, verify
+        self._ahead: ReadAhead | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ahead": None}  # its threads stay in this process
+
+    def prefetch(self, shards: list[int]) -> None:
+        """On a store, fetch these shards' bytes ahead, in this order, while earlier ones are decoded
+        (`pipeline.location.ReadAhead`: OFAKD_STORE_PREFETCH shards in flight, each held whole in memory).
+        Reads in another order are served as before; the bytes, and the checksum with `verify`, are the same."""
+        if self._ahead is not None:
+            self._ahead.close()
+        depth = prefetch_depth() if self.root.is_url else 0
+        self._ahead = ReadAhead(lambda s: (self.root / self.split.shards[s].name).read_bytes(), shards,
+                                depth) if depth else None
 
     @property
     def num_shards(self) -> int:
@@ -157,11 +171,14 @@ class ShardReader:
         return UserError(f"shard {loc} listed in {self.root / 'dataset.json'} is missing; restore it "
                          f"or recreate the split with `cli.py shards ... --overwrite`")
 
-    def _open(self, info) -> tuple[Location, object]:
-        """Open a shard for streaming (no separate existence check: one request fewer per shard remotely)."""
+    def _open(self, info, shard_id: int | None = None) -> tuple[Location, object]:
+        """Open a shard for streaming (no separate existence check: one request fewer per shard remotely),
+        or its bytes fetched ahead (`prefetch`)."""
         loc = self.root / info.name
         try:
-            f = loc.open("rb", block_size=1 << 22) if loc.is_url else loc.open("rb")
+            data = self._ahead.take(shard_id) if self._ahead is not None else None
+            f = (io.BytesIO(data) if data is not None else
+                 loc.open("rb", block_size=1 << 22) if loc.is_url else loc.open("rb"))
         except (FileNotFoundError, IsADirectoryError):
             raise self._missing(loc) from None
         return loc, (_HashingReader(f, loc, info.sha256) if self.verify else f)
@@ -180,7 +197,7 @@ class ShardReader:
         """All samples of one shard in stored order, streamed; the count and keys are checked against the
         manifest, and with `verify` the sha256 of the bytes read (the error comes at the shard's end)."""
         info = self.split.shards[shard_id]
-        path, f = self._open(info)
+        path, f = self._open(info, shard_id)
         expected = range(info.first, info.first + info.count)
         seen = 0
         try:

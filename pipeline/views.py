@@ -105,9 +105,15 @@ class ShardStream(IterableDataset):
     def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
         raise NotImplementedError
 
+    def prefetch(self, shards: list[int]) -> None:
+        """Start fetching these shards' inputs ahead, in this order (object stores; nothing read changes)."""
+        self.reader.prefetch(shards)
+
     def __iter__(self):
         worker, workers = current_worker()
-        for shard in self.shards(worker, workers):
+        shards = self.shards(worker, workers)
+        self.prefetch(shards)
+        for shard in shards:
             yield from self.items(shard, self.reader.read_shard(shard))
 
 
@@ -235,16 +241,21 @@ class TrainViews(ShardStream):
         worker, workers = current_worker()
         role = (worker + self._rotate) % workers  # the uninterrupted loader's worker this one stands in for
         skip = self._skip[role] if self._skip else 0
-        for shard in self.shards(role, workers):
-            count = self.reader.split.shards[shard].count
-            if skip >= count and self.reader.on_error == "raise":  # a whole shard skipped: not even read
-                skip -= count
-                continue
+        shards = self.shards(role, workers)
+        while shards and skip >= self.reader.split.shards[shards[0]].count and self.reader.on_error == "raise":
+            skip -= self.reader.split.shards[shards.pop(0)].count  # a whole shard skipped: not even read
+        self.prefetch(shards)
+        for shard in shards:
             for item in self.items(shard, self.reader.read_shard(shard)):
                 if skip:
                     skip -= 1
                     continue
                 yield item
+
+    def prefetch(self, shards: list[int]) -> None:
+        super().prefetch(shards)
+        if hasattr(self.join, "prefetch"):  # the cache's rows of these shards, ahead too
+            self.join.prefetch(self.view_epoch, shards)
 
     def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
         info, samples, ve = self.reader.split.shards[shard], list(samples), self.view_epoch

@@ -24,6 +24,7 @@ from pipeline.errors import UserError
 from pipeline.location import Location
 from pipeline.reader import ShardReader
 from pipeline.shards import digits_source, write_split
+from tests.support.faultproxy import FaultProxy
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -95,6 +96,31 @@ def local_ref(small_store):
     """The clean local store every remote one must equal: cache_teacher(_cfg(small_digits, ...)), the session's
     shared store (conftest), read-only here."""
     return small_store
+
+
+@pytest.fixture
+def proxy(s3_env):
+    """A fault-injecting TCP proxy (tests/support/faultproxy.py) in front of the moto server. A run given
+    `env=proxy_env(proxy)` talks through it: s3fs reads AWS_ENDPOINT_URL when it builds a client, and fsspec
+    caches clients per process, so the cache is cleared on both sides of the test."""
+    import s3fs
+    port = int(s3_env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    s3fs.S3FileSystem.clear_instance_cache()
+    with FaultProxy(("127.0.0.1", port)) as p:
+        yield p
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def proxy_env(proxy, **kw) -> dict:
+    """The environment of a run through the proxy; the clients cached so far (made for the server directly,
+    e.g. by an upload) are dropped, so that the run's are made for the proxy."""
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    return {"AWS_ENDPOINT_URL": proxy.url, **kw}
+
+
+def _warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning: storage ")]
 
 
 def _cfg(data, out, **kw) -> CacheConfig:
@@ -200,18 +226,18 @@ def test_killed_teacher_pass_resumes_to_the_clean_store_and_is_refused_meanwhile
            "--out", out, *TEACHER]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OFAKD_CHAOS_SLOW_WRITES": "0.25"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        fs.invalidate_cache()
-        if fs.exists(units) and len(fs.ls(units)) >= 1:
-            break
-        time.sleep(0.2)
-    time.sleep(0.6)  # into the next unit's array writes (8 arrays x 0.25 s)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    deadline, torn = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None and torn is None:
+        # a unit some of whose arrays are written, and not all: its writes are under way (one per 0.25 s)
+        torn = next((u for u, n in _arrays_written(fs, out).items() if 0 < n < len(NAMES) and u not in
+                     _marked(fs, units)), None)
+        time.sleep(0.05)
+    assert torn is not None and proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = CacheStore(out).done_units()
-    assert 1 <= len(done) < 6
+    assert torn not in done and _arrays_written(fs, out)[torn] > 0  # the kill landed inside unit `torn`
+    assert len(done) < 6
 
     p = run_cli("train-student", "--data", data, "--student", "test_resnet", "--method", "kd", "--cache", out,
                 "--out", tmp_path / "run", "--epochs", "1", "--workers", "0", "--quiet")
@@ -220,6 +246,22 @@ def test_killed_teacher_pass_resumes_to_the_clean_store_and_is_refused_meanwhile
 
     run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, check=True)
     _assert_same_store(out, local_ref)
+
+
+def _arrays_written(fs, store: str) -> dict[int, int]:
+    """unit -> how many arrays hold a zarr shard object for it (`name/c/0/<unit>[/0...]`, zarr 3 default keys)."""
+    fs.invalidate_cache()
+    counts: dict[int, int] = {}
+    for name in NAMES:
+        units = {int(p.split(f"/{name}/c/0/", 1)[1].split("/")[0]) for p in fs.find(f"{store}/{name}/c/0/")}
+        for u in units:
+            counts[u] = counts.get(u, 0) + 1
+    return counts
+
+
+def _marked(fs, units: str) -> set[int]:
+    fs.invalidate_cache()
+    return {int(p.rsplit("shard-", 1)[1][:-len(".json")]) for p in fs.find(units)}
 
 
 @pytest.mark.slow
@@ -238,8 +280,70 @@ def test_two_processes_write_one_store_in_the_bucket_and_lose_nothing(small_digi
     ranks = sorted(f.parent.name for f in logs.rglob("stdout.log"))
     assert p.returncode == 0, p.stderr[-3000:] + "".join(f.read_text()[-2000:] for f in logs.rglob("std*.log"))
     assert ranks == ["0", "1"]  # two ranks ran
-    assert any("540 views written" in f.read_text() for f in logs.rglob("stdout.log"))  # summed over both
+    # one world of two: only its main process reports, the sum over both ranks (two processes each running
+    # as a world of one would each write every unit and each report 540)
+    reports = {f.parent.name: f.read_text() for f in logs.rglob("stdout.log") if "views written" in f.read_text()}
+    assert list(reports) == ["0"] and "540 views written" in reports["0"], reports
     _assert_same_store(out, local_ref)
+
+
+# ----------------------------------------------------------------------------------------- read-ahead
+
+def test_read_ahead_keeps_order_and_bounds_what_is_in_flight():
+    import threading
+
+    from pipeline.location import ReadAhead
+    started, release = [], threading.Event()
+
+    def fetch(k):
+        started.append(k)
+        release.wait(10)
+        return k * 10
+    ahead = ReadAhead(fetch, [3, 1, 2, 0], depth=2)
+    time.sleep(0.2)
+    assert sorted(started) == [1, 3]  # two in flight, no more
+    release.set()
+    assert ahead.take(3) == 30 and ahead.take(1) == 10
+    assert ahead.take(0) is None  # out of sequence: the caller reads it itself; the read-ahead ends
+    assert ahead.take(2) is None
+
+
+def test_a_streamed_shard_survives_cut_answers_bit_for_bit(small_digits, bucket, proxy, monkeypatch):
+    """Without the read-ahead a shard is streamed in blocks: a block cut mid-answer is read again from where
+    the file stood, so the samples and the sha256 over the streamed bytes are those of a clean read."""
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    for k, v in proxy_env(proxy, OFAKD_STORE_PREFETCH="0").items():
+        monkeypatch.setenv(k, v)
+    remote, local = ShardReader(data, verify=True), ShardReader(small_digits)
+    for s in range(remote.num_shards):
+        proxy.at_request(2, lambda: proxy.drop_next(1))  # the open's HEAD passes; the first block's GET is cut
+        a, b = list(remote.read_shard(s)), list(local.read_shard(s))
+        assert [(x.index, x.label) for x in a] == [(x.index, x.label) for x in b]
+        assert all(torch.equal(x.image, y.image) for x, y in zip(a, b, strict=True))
+    assert proxy.dropped == remote.num_shards
+
+
+def test_views_from_a_bucket_read_ahead_equal_the_local_ones(small_digits, local_ref, bucket):
+    from cache.targets import TEACHER_KEY, CachedTeacher
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    for f in local_ref.rglob("*"):
+        if f.is_file():
+            Location(out).child(f.relative_to(local_ref).as_posix()).write_atomic(f.read_bytes())
+    streams = []
+    for cache, d in ((local_ref, small_digits), (out, data)):
+        views = CachedTeacher(cache).views(d, epoch=1)
+        streams.append(list(views))
+        if cache == out:  # every shard's bytes and every unit's rows came from the read-ahead, in order
+            assert views.reader._ahead._next == views.reader.num_shards and not views.reader._ahead._futures
+            store = views.join.store
+            assert store._ahead._next == store.num_units and not store._ahead._futures
+    local, remote = streams
+    assert [v["index"] for v in local] == [v["index"] for v in remote]  # same order
+    for a, b in zip(local, remote, strict=True):
+        assert torch.equal(a["view"], b["view"])
+        for x, y in zip(a[TEACHER_KEY], b[TEACHER_KEY], strict=True):  # exactly (a store without a tail: NaN tail_lse)
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -306,3 +410,79 @@ def test_missing_bucket_and_missing_credentials_are_one_sentence_and_write_nothi
                        env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     _one_sentence(p, "no credentials", "AWS_ACCESS_KEY_ID")
     assert not Location(f"{bucket}/teacher.zarr").exists()  # nothing created, nothing marked
+
+
+# ----------------------------------------------------------------------------------------- outages (proxy)
+
+@pytest.mark.slow
+def test_teacher_pass_rides_through_a_refused_window_to_the_clean_store(small_digits, local_ref, bucket, proxy):
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    # nothing listens for 1.5 s from the first unit's marker on: inside the next units' writes
+    proxy.at_request(1, lambda: proxy.refuse_for(1.5), match=b"_units/shard-")
+    p = run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert proxy.requests > 50
+    warned = _warnings(p.stderr)
+    assert len(warned) == 1 and f"storage {bucket} is not answering" in warned[0], p.stderr  # logged once
+    _assert_same_store(out, local_ref)  # bit for bit, markers included
+
+
+@pytest.mark.slow
+def test_an_outage_past_the_retry_bound_stops_in_one_sentence_and_the_rerun_completes(small_digits, local_ref,
+                                                                                      bucket, proxy, tmp_path):
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    short = {"OFAKD_STORE_RETRIES": "2", "OFAKD_STORE_BACKOFF": "0.1"}  # gives up after 0.3 s
+    proxy.at_request(2, lambda: proxy.refuse_for(4), match=b"_units/shard-")  # at the second unit's marker
+    p = run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy, **short))
+    _one_sentence(p, f"storage {bucket} did not answer", "3 tries", "OFAKD_STORE_RETRIES")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 2, p.stderr  # the warning, the error
+    time.sleep(4)
+    assert 1 <= len(CacheStore(out).done_units()) < 6  # stopped mid-pass: the unmarked units are redone
+    run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy), check=True)
+    _assert_same_store(out, local_ref)
+
+    # training past the bound: one sentence too
+    proxy.at_request(1, lambda: proxy.refuse_for(4), match=b".tar ")  # the first shard read
+    p = run_cli("train-student", "--data", data, "--cache", out, "--out", tmp_path / "run", "--student", "test_resnet",
+                "--method", "kd", "--epochs", "1", "--workers", "1", "--quiet", env=proxy_env(proxy, **short))
+    _one_sentence(p, f"storage {bucket} did not answer")
+    assert p.returncode == 2 and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+class _FailingStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise UserError("storage s3://b did not answer for 1.0 s; check the network")
+        yield
+
+
+def test_a_user_error_in_a_data_loader_worker_stays_one_sentence():
+    """torch re-raises a worker's exception as its type built from the worker's traceback text: a store's
+    outage met in a worker must still reach the CLI as the sentence alone."""
+    with pytest.raises(UserError) as e:
+        next(iter(torch.utils.data.DataLoader(_FailingStream(), num_workers=1)))
+    assert str(e.value) == "storage s3://b did not answer for 1.0 s; check the network"
+
+
+@pytest.mark.slow
+def test_training_through_dropped_connections_ends_with_the_clean_runs_weights(small_digits, local_ref, bucket,
+                                                                               proxy, tmp_path):
+    from safetensors.numpy import load_file
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    for f in local_ref.rglob("*"):
+        if f.is_file():
+            Location(out).child(f.relative_to(local_ref).as_posix()).write_atomic(f.read_bytes())
+    args = ["--student", "test_resnet", "--method", "ofa", "--epochs", "1", "--max-steps-per-epoch", "4",
+            "--batch-size", "16", "--workers", "1", "--mixed-precision", "no", "--quiet"]
+    run_cli("train-student", "--data", small_digits, "--cache", local_ref, "--out", tmp_path / "clean", *args,
+            check=True)
+    for n in (10, 25, 40, 60):  # answers cut mid-stream: shard reads, cache reads, metadata
+        proxy.at_request(n, lambda: proxy.drop_next(2))
+    p = run_cli("train-student", "--data", data, "--cache", out, "--out", tmp_path / "s3", *args, env=proxy_env(proxy))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert proxy.dropped >= 4, proxy.dropped
+    assert _warnings(p.stderr), p.stderr  # the drops reached our retries (aiohttp retries some by itself)
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("clean", "s3"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
