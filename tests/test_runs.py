@@ -70,9 +70,12 @@ def test_a_group_stopped_mid_epoch_by_sigterm_resumes_to_the_same_weights(small_
     """SIGTERM while the second run steps on batch 2 of epoch 2: every run saves at that step, exit 75; --resume
     ends with the uninterrupted group's weights, EMA and metrics."""
     args = base(small_digits, small_store, group / "runs.yaml", tmp_path / "cut")
-    # probe_cli counts loss calls: 3 runs per batch, so call 4 of epoch 1 is run 1 on batch 1
+    # probe_cli counts loss calls: 3 runs per batch, so call 4 of epoch 1 is run 1 on batch 1. The reference and
+    # the resume run in this process: the stopped part runs with as many threads (a float sum depends on them)
+    env = launch_env({"PROBE_DIR": str(tmp_path / "probe"), "PROBE_STALL": "1,4",
+                      "OMP_NUM_THREADS": str(torch.get_num_threads())})
     proc = subprocess.Popen(launch_cmd(1, PROBE, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
-                            env=launch_env({"PROBE_DIR": str(tmp_path / "probe"), "PROBE_STALL": "1,4"}), text=True)
+                            env=env, text=True)
     t0 = time.time()
     while not (tmp_path / "probe" / "stalled-0").exists():
         assert proc.poll() is None and time.time() - t0 < 300, "the group never reached the stop point"
