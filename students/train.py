@@ -739,7 +739,9 @@ def train_loop(runs: list[Run]) -> list[dict]:
                     "num_classes": data.num_classes, "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T},
                     "processes": accelerator.num_processes, "mixed_precision": run.mixed_precision,
                     "cache_teacher": data.cached.description.teacher.to_attrs() if data.cached else None,
-                    "stream_runs": [str(r.cfg.out) for r in runs], **run.model.describe()}
+                    **run.model.describe()}
+        if len(runs) > 1:  # the runs trained from the same view stream (--runs)
+            resolved["stream_runs"] = [str(r.cfg.out) for r in runs]
         start, run.history, at = open_run(run, resolved)
         starts.append((start, at))
         if cfg.log_with:
