@@ -7,7 +7,10 @@
             (SIGTERM/SIGINT or --save-every-steps: the same inside an epoch, see `save_step`)
     end:    export the bare student as safetensors; metrics.json
 
-One loop for every method (ce, kd, dkd, ofa), cached or online teacher, one or many processes.
+One loop for every method (ce, kd, dkd, ofa), cached or online teacher, one or many processes, one run or
+several from one view stream (--runs, students/runs.py): the loop takes a list of runs, and each batch is made
+once and stepped on by every run, each on its own RNG stream (`own_rng`) with its own accelerator, so that each
+ends exactly as it would alone; one run is the list of one.
 Two things are hand-written on purpose: the loaders are not passed to `accelerator.prepare` (each
 rank already reads its own shards, and a view must not depend on how batches are split: see
 `pipeline.reader.assign_shards`), and the run directory keeps only the newest trusted state (an epoch's
