@@ -95,13 +95,16 @@ def verify_cache(cfg: VerifyConfig) -> None:
 
 
 def train_student(cfg: TrainConfig) -> None:
-    """Stage two: train a student (with OFA stage heads) from the cache, online, or with plain CE.
+    """Stage two: train a student (with OFA stage heads) from the cache, online, or with plain CE;
+    with --runs, several students from one view stream.
 
     On SIGTERM/SIGINT it saves at the next optimizer step and exits with status 75 (continue with --resume)."""
-    from students.train import train
-    summary = train(cfg)
-    print(f"{cfg.out}: top1 {summary['top1']:.2f} top5 {summary['top5']:.2f} after {summary['epochs']} epochs "
-          f"({summary['train_seconds']:.1f} s of training); student exported to {cfg.out / 'model.safetensors'}")
+    from students.runs import expand_runs
+    from students.train import train_runs
+    cfgs = expand_runs(cfg)  # --runs: several students from one view stream; else this one
+    for c, summary in zip(cfgs, train_runs(cfgs), strict=True):
+        print(f"{c.out}: top1 {summary['top1']:.2f} top5 {summary['top5']:.2f} after {summary['epochs']} epochs "
+              f"({summary['train_seconds']:.1f} s of training); student exported to {c.out / 'model.safetensors'}")
 
 
 def demo(cfg: DemoConfig) -> None:

@@ -375,3 +375,15 @@ def command_from(cls, run, section: str | None = None, sections: tuple[str, ...]
     callback.__annotations__ = {p.name: p.annotation for p in params}
     callback.__doc__ = run.__doc__
     return callback
+
+
+def override(cfg, data: dict, source: str):
+    """A copy of a configuration with the options in `data` (a --config mapping: nested by group or flat by flag
+    name) over its own; `source` names `data` in messages. What `train-student --runs` builds each run from."""
+    flags = flags_of(type(cfg))
+    values = {p: _convert(f, v, "the base options")
+              for p, v in _flatten_file(to_plain(cfg, flags), flags, "the base options").items()
+              for f in flags if f.path == p}
+    values |= {p: _convert(f, v, source) for p, v in _flatten_file(data, flags, source).items()
+               for f in flags if f.path == p}
+    return instantiate(type(cfg), values, flags)

@@ -7,7 +7,10 @@
             (SIGTERM/SIGINT or --save-every-steps: the same inside an epoch, see `save_step`)
     end:    export the bare student as safetensors; metrics.json
 
-One loop for every method (ce, kd, dkd, ofa), cached or online teacher, one or many processes.
+One loop for every method (ce, kd, dkd, ofa), cached or online teacher, one or many processes, one run or
+several from one view stream (--runs, students/runs.py): the loop takes a list of runs, and each batch is made
+once and stepped on by every run, each on its own RNG stream (`own_rng`) with its own accelerator, so that each
+ends exactly as it would alone; one run is the list of one.
 Two things are hand-written on purpose: the loaders are not passed to `accelerator.prepare` (each
 rank already reads its own shards, and a view must not depend on how batches are split: see
 `pipeline.reader.assign_shards`), and the run directory keeps only the newest trusted state (an epoch's
@@ -120,7 +123,10 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata=group())
     heads: HeadsConfig = field(default_factory=HeadsConfig, metadata=group())
     seed: int = 0
-    """Student seed: initialisation and data order."""
+    """Student seed: initialisation, dropout, and the data order unless --order-seed is given."""
+    order_seed: int | None = None
+    """Seed of the data order (shards, then samples within a shard) [default: --seed]. Runs that share one view
+    stream (--runs) share it while their --seed differs."""
     epochs: int = 10
     """Training epochs."""
     batch_size: int = 128
@@ -147,6 +153,10 @@ class TrainConfig:
     log_with: Literal["tensorboard", "wandb", "all"] | None = None
     """Also hand the metrics to these accelerate trackers (files under the run directory; wandb offline
     unless configured); metrics.csv/jsonl are written either way."""
+    runs: Path | None = None
+    """A YAML/JSON list of runs (students, methods, optimizers, seeds, ...), each a mapping of options over these,
+    trained together from one view stream: each view is decoded and augmented once for all (README, "Many
+    students from one stream")."""
     resume: bool = False
     """Continue from the run directory's last saved state (an epoch's end, or the optimizer step a stop signal
     or --save-every-steps saved): weights and metrics come out as an uninterrupted run's."""
@@ -351,6 +361,7 @@ class Run:
     ema: Any = None  # timm ModelEmaV3 of the evaluated model, or None
     stop: StopSignals | None = None  # set while `train` runs: SIGTERM/SIGINT ask for a save and exit 75
     history: list[dict] = field(default_factory=list)  # metrics of the finished epochs
+    rng: tuple | None = None  # the run's torch (CPU, CUDA) RNG states: its dropout stream (see `own_rng`)
 
     @property
     def model(self) -> DistillationTask:
@@ -402,56 +413,107 @@ class Position:
     waited: float = 0.0  # of those seconds, waiting for the loader
 
 
-def train_epoch(run: Run, epoch: int, at: Position | None = None) -> dict:
-    """One epoch of `run.steps[epoch]` optimizer steps (from `at`, a step checkpoint, if given); returns the
-    epoch's mean loss terms and throughput. Raises Preempted after saving if a stop signal came."""
-    cfg, accelerator = run.cfg, run.accelerator
+def own_rng(run: Run):
+    """Run the block on `run`'s torch RNG stream (dropout, drop-path: CPU and CUDA), then put the process's back.
+    Runs that share a view stream each keep their own stream, so each draws what it would draw alone; the
+    loader's draws (its workers' base seed) stay on the process's stream, out of every run's."""
+    import contextlib
+    device = run.accelerator.device
+    devices = [device] if device.type == "cuda" else []
+
+    @contextlib.contextmanager
+    def swapped():
+        with torch.random.fork_rng(devices=devices):
+            set_rng(run.rng, device)
+            yield
+            run.rng = get_rng(device)
+    return swapped()
+
+
+def get_rng(device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng(state: tuple, device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def seeded_rng(seed: int, device) -> tuple:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return get_rng(device)
+
+
+def train_epoch(runs: list[Run], epoch: int, ats: list[Position] | None = None) -> list[dict]:
+    """One epoch of `steps[epoch]` optimizer steps for every run on one view stream (from `ats`, their step
+    checkpoint, if given): each batch is made once and every run takes its step on it, on its own RNG stream.
+    Returns each run's mean loss terms and throughput. Raises Preempted after saving if a stop signal came.
+    The runs agree on every option of the stream (students.runs.STREAM), so the lead run's are the stream's."""
+    lead = runs[0]
+    cfg, accelerator = lead.cfg, lead.accelerator
     world, device = accelerator.num_processes, accelerator.device
-    if at is None:
-        at = Position(epoch)
-        torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + accelerator.process_index)  # dropout: f(seed, epoch)
-    # else: mid-epoch, the RNG state restored with the step checkpoint is the one to go on with
-    loader = run.views.loader(epoch, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda", start=at.micro)
-    run.task.train()
-    micro, ga = run.steps[epoch] * cfg.optim.grad_accum, cfg.optim.grad_accum
-    update, t0, saved = sum(run.steps[:epoch]) + at.micro // ga, time.perf_counter() - at.seconds, at.micro
+    if ats is None:
+        ats = [Position(epoch) for _ in runs]
+        for run in runs:  # dropout: a function of (the run's seed, epoch, rank)
+            run.rng = seeded_rng(run.cfg.seed * 100_003 + epoch * 101 + accelerator.process_index, device)
+    # else: mid-epoch, each run goes on with the RNG state restored with its step checkpoint
+    at = ats[0]  # the stream's position (every run's micro, seconds and waited are the same)
+    loader = lead.views.loader(epoch, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda", start=at.micro)
+    for run in runs:
+        run.task.train()
+    micro, ga = lead.steps[epoch] * cfg.optim.grad_accum, cfg.optim.grad_accum
+    update, t0, saved = sum(lead.steps[:epoch]) + at.micro // ga, time.perf_counter() - at.seconds, at.micro
     batches = Waited(loader, at.waited)
+    what = cfg.loss.method if len(runs) == 1 else f"{len(runs)} runs"
     with Bar(cfg.progress and accelerator.is_local_main_process, micro * cfg.batch_size * world,
-             f"epoch {epoch + 1}/{cfg.epochs} {cfg.loss.method}") as bar:
+             f"epoch {epoch + 1}/{cfg.epochs} {what}") as bar:
         bar.advance(at.micro * cfg.batch_size * world)
         for i, batch in enumerate(batches, start=at.micro):
             if i >= micro:
                 break
-            run.model.set_progress(epoch + i / micro)  # for loss warm-ups (DKD)
-            result = train_step(run.task, to_device(batch, device), run.optimizer, accelerator, cfg.optim.clip_grad)
-            if accelerator.sync_gradients:
-                update += 1
-                run.scheduler.step_update(num_updates=update)
-                if run.ema is not None:
-                    run.ema.update(run.model.eval_model)
-            for k, v in result.items():
-                at.sums[k] = at.sums.get(k, 0.0) + v.detach().double()
-            at.seen += len(batch["label"])
+            batch = to_device(batch, device)
+            shown = None
+            for run, pos in zip(runs, ats, strict=True):
+                with own_rng(run):
+                    run.model.set_progress(epoch + i / micro)  # for loss warm-ups (DKD)
+                    result = train_step(run.task, batch, run.optimizer, run.accelerator, run.cfg.optim.clip_grad)
+                    synced = run.accelerator.sync_gradients  # accelerate's GradientState: the flag this step set
+                    if synced:
+                        run.scheduler.step_update(num_updates=update + 1)
+                        if run.ema is not None:
+                            run.ema.update(run.model.eval_model)
+                for k, v in result.items():
+                    pos.sums[k] = pos.sums.get(k, 0.0) + v.detach().double()
+                pos.seen += len(batch["label"])
+                shown = shown or result  # the lead run's loss, for the progress bar
+            update += synced  # the same for every run: they share --grad-accum and the batches
             # reading the loss syncs with the device: only every 25 steps, for the progress bar
             bar.advance(len(batch["label"]) * world,
-                        info=f"loss {float(result['loss'].detach()):.3f}" if bar.enabled and i % 25 == 0 else None)
+                        info=f"loss {float(shown['loss'].detach()):.3f}" if bar.enabled and i % 25 == 0 else None)
             if (i + 1) % ga:
                 continue  # mid-accumulation: not a position a checkpoint can hold
-            at.micro, at.seconds, at.waited = i + 1, time.perf_counter() - t0, batches.waited
+            for pos in ats:
+                pos.micro, pos.seconds, pos.waited = i + 1, time.perf_counter() - t0, batches.waited
             if cfg.save_every_steps and update % cfg.save_every_steps == 0 and at.micro < micro:
-                save_step(run, at)  # the epoch's last step is saved by the epoch's save
+                save_step(runs, ats)  # the epoch's last step is saved by the epoch's save
                 saved = at.micro
-            if update % cfg.check_signal_every == 0 and stop_agreed(run):
+            if update % cfg.check_signal_every == 0 and stop_agreed(lead):
                 if saved != at.micro:
-                    save_step(run, at)
+                    save_step(runs, ats)
                 raise Preempted(f"epoch {epoch + 1}, step {at.micro // ga} of {micro // ga}")
     elapsed = time.perf_counter() - t0
-    sums = at.sums
-    terms = accelerator.reduce(torch.stack([sums[k] for k in sorted(sums)]) / max(1, micro), reduction="mean")
-    return {"epoch": epoch + 1, **{f"train/{k}": float(v) for k, v in zip(sorted(sums), terms.tolist(), strict=True)},
-            "lr": run.optimizer.param_groups[0]["lr"], "train_seconds": elapsed,
-            "images_per_second": at.seen * world / elapsed if elapsed > 0 else 0.0,
-            "loader_wait_seconds": batches.waited}
+    out = []
+    for run, pos in zip(runs, ats, strict=True):
+        sums = pos.sums
+        terms = accelerator.reduce(torch.stack([sums[k] for k in sorted(sums)]) / max(1, micro), reduction="mean")
+        out.append({"epoch": epoch + 1,
+                    **{f"train/{k}": float(v) for k, v in zip(sorted(sums), terms.tolist(), strict=True)},
+                    "lr": run.optimizer.param_groups[0]["lr"], "train_seconds": elapsed,
+                    "images_per_second": pos.seen * world / elapsed if elapsed > 0 else 0.0,
+                    "loader_wait_seconds": batches.waited})
+    return out
 
 
 def stop_agreed(run: Run) -> bool:
@@ -466,23 +528,25 @@ def stop_agreed(run: Run) -> bool:
 
 
 @torch.no_grad()
-def evaluate(run: Run, model: torch.nn.Module | None = None) -> dict:
-    """Top-1/top-5 of the evaluated model (the bare student, or `model`: its EMA) over this rank's val
-    shards, summed over ranks."""
-    accelerator, task = run.accelerator, run.model
-    model = model if model is not None else task.eval_model
-    model.eval()
-    sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # top-1 hits, top-5 hits, count
-    for batch in run.eval_loader:
+def evaluate(runs: list[Run], ema: bool = False) -> list[dict]:
+    """Top-1/top-5 of each run's evaluated model (the bare student, or with `ema` its EMA) over this rank's val
+    shards, summed over ranks. The val views are made once for all the runs."""
+    accelerator = runs[0].accelerator
+    models = [run.ema.module if ema else run.model.eval_model for run in runs]
+    for model in models:
+        model.eval()
+    sums = torch.zeros(len(runs), 3, device=accelerator.device, dtype=torch.float64)  # top-1, top-5 hits, count
+    for batch in runs[0].eval_loader:
         x, y = batch["view"].to(accelerator.device), batch["label"].to(accelerator.device)
-        logits = task.predict(x, model)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums[0] += (top5[:, 0] == y).sum()  # accumulated on the device: no sync per batch
-        sums[1] += (top5 == y[:, None]).any(1).sum()
-        sums[2] += len(y)
-    sums = accelerator.reduce(sums, reduction="sum")
-    n = max(1.0, sums[2].item())
-    return {"top1": 100.0 * sums[0].item() / n, "top5": 100.0 * sums[1].item() / n, "val_samples": int(sums[2].item())}
+        for r, (run, model) in enumerate(zip(runs, models, strict=True)):
+            logits = run.model.predict(x, model)
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            sums[r, 0] += (top5[:, 0] == y).sum()  # accumulated on the device: no sync per batch
+            sums[r, 1] += (top5 == y[:, None]).any(1).sum()
+            sums[r, 2] += len(y)
+    sums = accelerator.reduce(sums, reduction="sum").tolist()
+    return [{"top1": 100.0 * t1 / max(1.0, n), "top5": 100.0 * t5 / max(1.0, n), "val_samples": int(n)}
+            for t1, t5, n in sums]
 
 
 def export(model: torch.nn.Module, path: Path) -> None:
@@ -497,20 +561,27 @@ def layout(cfg: TrainConfig, accelerator) -> dict:
     """What a mid-epoch position means: the same step number is another point of the epoch under another
     batch size, worker count, process count or accumulation."""
     return {"batch_size": cfg.batch_size, "workers": cfg.workers, "processes": accelerator.num_processes,
-            "grad_accum": cfg.optim.grad_accum, "max_steps_per_epoch": cfg.max_steps_per_epoch, "seed": cfg.seed}
+            "grad_accum": cfg.optim.grad_accum, "max_steps_per_epoch": cfg.max_steps_per_epoch, "seed": cfg.seed,
+            "order_seed": data_order_seed(cfg)}
 
 
-def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[dict], Position | None]:
+def data_order_seed(cfg: TrainConfig) -> int:
+    return cfg.order_seed if cfg.order_seed is not None else cfg.seed
+
+
+def open_run(run: Run, resolved: dict) -> tuple[int, list[dict], Position | None]:
     """Start or resume the run directory -> (first epoch to run, metrics history so far, where that epoch
     stands if a step checkpoint stopped inside it)."""
+    cfg, accelerator = run.cfg, run.accelerator
     out = cfg.out
     progress = out / "progress.json"
     if cfg.resume and progress.is_file():
         prog = json.loads(progress.read_text())
         step = prog.get("step")
-        if step and step["layout"] != layout(cfg, accelerator):
+        if step and {**layout(cfg, accelerator), **step["layout"]} != layout(cfg, accelerator):
             now = layout(cfg, accelerator)
-            diff = ", ".join(f"{k} {step['layout'][k]} (now {now[k]})" for k in now if now[k] != step["layout"][k])
+            was = {**now, **step["layout"]}  # a key an older run did not record is taken as unchanged
+            diff = ", ".join(f"{k} {was[k]} (now {now[k]})" for k in now if now[k] != was[k])
             raise UserError(f"{out} stopped inside epoch {step['epoch'] + 1} with {diff}; resume with the same "
                             f"settings (a position inside an epoch depends on them)")
         state = out / "state" / prog.get("state", f"epoch-{prog['epoch']:04d}")
@@ -518,15 +589,14 @@ def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[d
         if not step:
             accelerator.print(f"resuming {out} after epoch {prog['epoch'] + 1} of {cfg.epochs}")
             return prog["epoch"] + 1, prog["history"], None
+        run.rng = get_rng(accelerator.device)  # the run's dropout stream at the step (see own_rng)
         mine = torch.load(state / f"position-{accelerator.process_index}.pt")
         at = Position(step["epoch"], step["micro"], {k: v.to(accelerator.device) for k, v in mine["sums"].items()},
                       mine["seen"], mine["seconds"], mine.get("waited", 0.0))
         accelerator.print(f"resuming {out} in epoch {at.epoch + 1} of {cfg.epochs}, after optimizer step "
                           f"{at.micro // cfg.optim.grad_accum}")
         return at.epoch, prog["history"], at
-    if progress.exists() or (out / "metrics.json").exists():
-        raise UserError(f"run directory {out} already holds a run; pass --resume to continue it or "
-                        f"choose another --out")
+    check_new(cfg)
     if accelerator.is_main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -537,6 +607,13 @@ def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[d
                                                      default=str).encode())
     accelerator.wait_for_everyone()
     return 0, [], None
+
+
+def check_new(cfg: TrainConfig) -> None:
+    """A run directory a new (not resumed) run may use: one that holds no run."""
+    if (cfg.out / "progress.json").exists() or (cfg.out / "metrics.json").exists():
+        raise UserError(f"run directory {cfg.out} already holds a run; pass --resume to continue it or "
+                        f"choose another --out")
 
 
 def trust_state(out: Path, name: str, record: dict, accelerator) -> None:
@@ -551,104 +628,158 @@ def trust_state(out: Path, name: str, record: dict, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def save_epoch(out: Path, epoch: int, history: list[dict], accelerator) -> None:
-    """State first, then the progress record that makes it trusted on resume; older states go."""
+def save_epoch(runs: list[Run], epoch: int) -> None:
+    """Each run's state first, then the progress records that make them trusted on resume; older states go.
+    All states are written before any record, so a kill leaves the runs at one position but for the moment
+    between their records (then --resume refuses, naming them: see `train_loop`)."""
     name = f"epoch-{epoch:04d}"
-    accelerator.save_state(str(out / "state" / name))
-    if accelerator.is_main_process:
-        write_metrics(out, history)
-    trust_state(out, name, {"epoch": epoch, "history": history}, accelerator)
+    for run in runs:
+        with own_rng(run):
+            run.accelerator.save_state(str(run.cfg.out / "state" / name))
+        if run.accelerator.is_main_process:
+            write_metrics(run.cfg.out, run.history)
+    for run in runs:
+        trust_state(run.cfg.out, name, {"epoch": epoch, "history": run.history}, run.accelerator)
 
 
-def save_step(run: Run, at: Position) -> None:
-    """A state inside an epoch: accelerate's (weights, optimizer, EMA, the RNGs of every process) and each
-    rank's running sums, then the progress record that makes it trusted. The learning-rate schedule needs no
-    state of its own: it is a function of the update count, which the position gives."""
-    cfg, accelerator = run.cfg, run.accelerator
-    name = f"step-{at.epoch:04d}-{at.micro:07d}"
-    accelerator.save_state(str(cfg.out / "state" / name))
-    torch.save({"sums": {k: v.cpu() for k, v in at.sums.items()}, "seen": at.seen, "seconds": at.seconds,
-                "waited": at.waited},
-               cfg.out / "state" / name / f"position-{accelerator.process_index}.pt")
-    step = {"epoch": at.epoch, "micro": at.micro, "layout": layout(cfg, accelerator)}
-    trust_state(cfg.out, name, {"epoch": at.epoch - 1, "history": run.history, "step": step}, accelerator)
+def save_step(runs: list[Run], ats: list[Position]) -> None:
+    """A state inside an epoch, per run: accelerate's (weights, optimizer, EMA, the run's RNG stream and the
+    process's other RNGs) and each rank's running sums, then the progress records that make them trusted. The
+    learning-rate schedule needs no state of its own: it is a function of the update count, which the position
+    gives."""
+    name = f"step-{ats[0].epoch:04d}-{ats[0].micro:07d}"
+    for run, at in zip(runs, ats, strict=True):
+        cfg, accelerator = run.cfg, run.accelerator
+        with own_rng(run):  # save_state saves the process's RNGs: let them be the run's
+            accelerator.save_state(str(cfg.out / "state" / name))
+        torch.save({"sums": {k: v.cpu() for k, v in at.sums.items()}, "seen": at.seen, "seconds": at.seconds,
+                    "waited": at.waited},
+                   cfg.out / "state" / name / f"position-{accelerator.process_index}.pt")
+    for run, at in zip(runs, ats, strict=True):
+        step = {"epoch": at.epoch, "micro": at.micro, "layout": layout(run.cfg, run.accelerator)}
+        trust_state(run.cfg.out, name, {"epoch": at.epoch - 1, "history": run.history, "step": step},
+                    run.accelerator)
 
 
 def set_up(cfg: TrainConfig) -> Run:
-    """Accelerator, data, task, optimizer and schedule, one `accelerator.prepare`, loaders."""
+    """One run: `set_up_runs([cfg])`."""
+    return set_up_runs([cfg])[0]
+
+
+def set_up_runs(cfgs: list[TrainConfig]) -> list[Run]:
+    """Data and views once (the stream is the first configuration's: students.runs checks they agree); per run
+    an accelerator, task, optimizer and schedule, one `accelerator.prepare`, an EMA.
+
+    One Accelerator per run, not one for all: `save_state`/`load_state` save and load everything registered
+    with an accelerator, so one per run keeps each run's checkpoint in its own directory, whole, in
+    accelerate's own format. They share accelerate's process-wide state (device, process group, precision;
+    GradientState, whose sync flag each run's `accumulate` sets before its own step: equal --grad-accum)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    cfg = cfgs[0]
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum, mixed_precision=mp,
-                              log_with=trackers(cfg.log_with), project_dir=str(cfg.out))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    data = open_data(cfg, accelerator.print)
-    set_seed(cfg.seed)
-    task = build_task(cfg, data, accelerator.device)
+    accelerators = [Accelerator(gradient_accumulation_steps=c.optim.grad_accum, mixed_precision=mp,
+                                log_with=trackers(c.log_with), project_dir=str(c.out)) for c in cfgs]
+    lead = accelerators[0]
+    rank, world = lead.process_index, lead.num_processes
+    data = open_data(cfg, lead.print)
     views = TrainViews(data.train, data.recipe, data.view_seed, rank, world, view_epochs=data.view_epochs,
-                       order_seed=cfg.seed, join=data.cached.join if data.cached else None)
-    optimizer, scheduler, steps = build_optimization(cfg, task, views)
-    prepared, optimizer = accelerator.prepare(task, optimizer)
-    ema = None
-    if cfg.ema_decay:
-        from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(task.eval_model, decay=cfg.ema_decay).to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+                       order_seed=data_order_seed(cfg), join=data.cached.join if data.cached else None)
     eval_recipe = dataclasses.replace(data.recipe, eval_crop_pct=cfg.eval_crop_pct or data.recipe.eval_crop_pct)
     eval_loader = DataLoader(EvalViews(data.val, eval_recipe, rank, world), batch_size=cfg.batch_size,
                              num_workers=min(cfg.workers, max(1, len(data.val.split.shards) // world)),
                              worker_init_fn=preempt.ignore_stop_signals)
-    return Run(cfg, accelerator, prepared, optimizer, scheduler, views, eval_loader, steps, data, eval_recipe, mp,
-               ema)
+    runs = []
+    for c, accelerator in zip(cfgs, accelerators, strict=True):
+        set_seed(c.seed)
+        task = build_task(c, data, accelerator.device)
+        optimizer, scheduler, steps = build_optimization(c, task, views)
+        prepared, optimizer = accelerator.prepare(task, optimizer)
+        ema = None
+        if c.ema_decay:
+            from timm.utils import ModelEmaV3
+            ema = ModelEmaV3(task.eval_model, decay=c.ema_decay).to(accelerator.device)
+            accelerator.register_for_checkpointing(ema)
+        runs.append(Run(c, accelerator, prepared, optimizer, scheduler, views, eval_loader, steps, data,
+                        eval_recipe, mp, ema))
+    return runs
 
 
 def train(cfg: TrainConfig) -> dict:
+    """One run (the summary of its export); `train_runs` for several from one stream."""
+    return train_runs([cfg])[0]
+
+
+def train_runs(cfgs: list[TrainConfig]) -> list[dict]:
     """Set up, then the canonical loop: an epoch of steps, evaluation, a saved state; then the export.
     On SIGTERM/SIGINT: save at the next optimizer step and exit with status 75 (`pipeline.preempt`)."""
+    if not cfgs[0].resume:  # refused before anything is written, for every run
+        for c in cfgs:
+            check_new(c)
     with preempt.active() as stop:  # before any loader starts: its workers inherit the handler
-        run = set_up(cfg)
-        run.stop = stop
+        runs = set_up_runs(cfgs)
+        for run in runs:
+            run.stop = stop
         try:
-            return train_loop(run)
+            return train_loop(runs)
         except Preempted as e:
-            run.accelerator.print(f"stopped by {stop.name} in {e.what}: state saved in {cfg.out}; run the same "
-                                  f"command with --resume to continue (exit status {EXIT_PREEMPTED})")
-            run.accelerator.end_training()
+            where = ", ".join(str(c.out) for c in cfgs)
+            runs[0].accelerator.print(f"stopped by {stop.name} in {e.what}: state saved in {where}; run the same "
+                                      f"command with --resume to continue (exit status {EXIT_PREEMPTED})")
+            for run in runs:
+                run.accelerator.end_training()
             raise
 
 
-def train_loop(run: Run) -> dict:
-    cfg, accelerator, data = run.cfg, run.accelerator, run.data
-    resolved = {"recipe": data.recipe.to_dict(), "view_seed": data.view_seed, "view_epochs": data.view_epochs,
-                "eval_crop_pct": run.eval_recipe.eval_crop_pct,
-                "num_classes": data.num_classes, "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T},
-                "processes": accelerator.num_processes, "mixed_precision": run.mixed_precision,
-                "cache_teacher": data.cached.description.teacher.to_attrs() if data.cached else None,
-                **run.model.describe()}
-    start, run.history, at = open_run(cfg, accelerator, resolved)
-    history = run.history
-    if cfg.log_with:
-        accelerator.init_trackers(cfg.out.name, config=flat_hparams({**cfg.to_dict(),
-                                                                     "processes": accelerator.num_processes}))
-    for epoch in range(start, cfg.epochs):
-        metrics = train_epoch(run, epoch, at)
-        at = None
-        metrics |= evaluate(run)
-        if run.ema is not None:
-            metrics |= {f"ema_{k}": v for k, v in evaluate(run, run.ema.module).items()}
-        history.append(metrics)
-        accelerator.print(f"epoch {epoch + 1}: loss {metrics['train/loss']:.4f} top1 {metrics['top1']:.2f} top5 "
-                          f"{metrics['top5']:.2f} ({metrics['images_per_second']:.0f} img/s, "
-                          f"{metrics['loader_wait_seconds']:.1f} of {metrics['train_seconds']:.1f} s waiting for "
-                          f"views)")
-        accelerator.log(metrics, step=epoch + 1)  # no-op without --log-with
-        save_epoch(cfg.out, epoch, history, accelerator)
-        if epoch + 1 < cfg.epochs and stop_agreed(run):  # the signal came during evaluation or the save
+def train_loop(runs: list[Run]) -> list[dict]:
+    lead = runs[0]
+    starts = []
+    for run in runs:
+        cfg, accelerator, data = run.cfg, run.accelerator, run.data
+        resolved = {"recipe": data.recipe.to_dict(), "view_seed": data.view_seed, "view_epochs": data.view_epochs,
+                    "order_seed": data_order_seed(cfg), "eval_crop_pct": run.eval_recipe.eval_crop_pct,
+                    "num_classes": data.num_classes, "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T},
+                    "processes": accelerator.num_processes, "mixed_precision": run.mixed_precision,
+                    "cache_teacher": data.cached.description.teacher.to_attrs() if data.cached else None,
+                    **run.model.describe()}
+        if len(runs) > 1:  # the runs trained from the same view stream (--runs)
+            resolved["stream_runs"] = [str(r.cfg.out) for r in runs]
+        start, run.history, at = open_run(run, resolved)
+        starts.append((start, at))
+        if cfg.log_with:
+            accelerator.init_trackers(cfg.out.name, config=flat_hparams({**cfg.to_dict(),
+                                                                         "processes": accelerator.num_processes}))
+    where = {(s, at.micro if at else 0) for s, at in starts}
+    if len(where) > 1:  # a stop between the runs' progress records: no common position to go on from
+        raise UserError("the runs stopped at different positions (" + ", ".join(
+            f"{r.cfg.out}: epoch {s + 1} step {(at.micro if at else 0) // r.cfg.optim.grad_accum}"
+            for r, (s, at) in zip(runs, starts, strict=True)) + "); resume them apart, each with its own --resume")
+    start = starts[0][0]
+    ats = [at for _, at in starts] if starts[0][1] is not None else None
+    for epoch in range(start, lead.cfg.epochs):
+        metrics = train_epoch(runs, epoch, ats)
+        ats = None
+        for m, e in zip(metrics, evaluate(runs), strict=True):
+            m |= e
+        emas = [run for run in runs if run.ema is not None]
+        for run, e in zip(emas, evaluate(emas, ema=True) if emas else [], strict=True):
+            metrics[runs.index(run)] |= {f"ema_{k}": v for k, v in e.items()}
+        for run, m in zip(runs, metrics, strict=True):
+            run.history.append(m)
+            name = f"{run.cfg.out.name}: " if len(runs) > 1 else ""
+            lead.accelerator.print(f"{name}epoch {epoch + 1}: loss {m['train/loss']:.4f} top1 {m['top1']:.2f} top5 "
+                                   f"{m['top5']:.2f} ({m['images_per_second']:.0f} img/s, "
+                                   f"{m['loader_wait_seconds']:.1f} of {m['train_seconds']:.1f} s waiting for "
+                                   f"views)")
+            run.accelerator.log(m, step=epoch + 1)  # no-op without --log-with
+        save_epoch(runs, epoch)
+        if epoch + 1 < lead.cfg.epochs and stop_agreed(lead):  # the signal came during evaluation or the save
             raise Preempted(f"the end of epoch {epoch + 1}")
-    summary = export_run(run, history)
-    accelerator.end_training()  # closes the trackers (and the process group): last
-    return summary
+    summaries = [export_run(run, run.history) for run in runs]
+    for run in runs:
+        run.accelerator.end_training()  # closes the trackers (and the process group): last
+    return summaries
 
 
 def export_run(run: Run, history: list[dict]) -> dict:

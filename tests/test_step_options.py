@@ -14,7 +14,7 @@ COMMON = dict(student="test_convnext", method="ofa", teacher_online="test_resnet
 
 def _run(data, out, **extra):
     run = set_up(build(TrainConfig, data=data, out=out, **{**COMMON, **extra}))
-    metrics = train_epoch(run, 0)
+    metrics = train_epoch([run], 0)[0]
     return run, metrics, {k: v.detach().clone() for k, v in run.model.student.state_dict().items()}
 
 

@@ -1,0 +1,135 @@
+"""N students from one view stream (`train-student --runs`) against the same N students run one after another.
+
+    python bench/multi_student.py [--data DIR] [--recipe imagenet-vit] [--view-size 160] [--input-size 32]
+                                  [--steps 6] [--batch-size 32] [--workers 0] [--rounds 3] [--threads 1]
+
+Every run is the real command in its own process (`python cli.py train-student ...`, CE, one epoch of --steps
+optimizer steps and its evaluation), so process start-up is in the wall time of each, as a user pays it. The
+setting is one where the loader matters: small timm `test_*` students at --input-size, views made at
+--view-size by a heavy recipe (RandAugment, random erasing), so decoding + augmenting a batch costs about as much
+as a student step; the loader's share of a step is measured, not assumed: `loader_wait_seconds /
+train_seconds` of the separate runs (with --workers 0 the loader runs in the step's process, so its time adds to
+the step's). The group and the separate runs alternate, round by round, in their order too (the machine is
+shared). Besides wall time it records the CPU seconds (user + system) of the processes, which other jobs
+on a shared machine disturb far less than wall time (one thread per process by default, so on an idle
+machine the two agree), and the training loop's own seconds (`train_seconds`: no start-up, no evaluation).
+Target (issue 20): 4 students from one stream take <= 0.75x the wall time of 4 separate runs where the loader
+is at least a third of a step. Bound: with loader time L and step time S per batch and start-up + eval
+E per process, one stream costs E' + L + N S against N (E + L + S): the saving is the N - 1 loaders (and
+start-ups, and val decodes); it cannot beat (L + N S) / (N (L + S)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, save
+from stage_one import ensure_digits
+
+STUDENTS = [("test_resnet", {}), ("test_convnext", {}), ("test_efficientnet", {}),
+            ("test_vit", {"img_size": "INPUT", "patch_size": 4})]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--recipe", default="imagenet-vit")
+    p.add_argument("--view-size", type=int, default=160)
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default="multi_student")
+    a = p.parse_args()
+    data = a.data or ensure_digits(ROOT / "runs" / "bench" / "digits")
+    runs = [{"out": name, "student": name, "input_size": a.input_size,
+             "model_kwargs": {k: a.input_size if v == "INPUT" else v for k, v in kw.items()}}
+            for name, kw in STUDENTS]
+    common = ["train-student", "--data", data, "--method", "ce", "--recipe", a.recipe, "--view-size", a.view_size,
+              "--epochs", 1, "--max-steps-per-epoch", a.steps, "--batch-size", a.batch_size, "--workers", a.workers,
+              "--quiet"]
+    # one thread per process: its CPU time then tracks its wall time on an idle machine
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads)}
+    cpu = {"spent": 0.0}
+
+    def cli(out: Path, *args) -> float:
+        """Wall seconds of one command; its CPU seconds (user + system) are added to cpu["spent"]."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, common), "--out", out, *map(str, args)],
+                       check=True, cwd=ROOT, env=env, capture_output=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu["spent"] += after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        return time.perf_counter() - t0
+
+    def metrics(out: Path) -> dict:
+        return json.loads((out / "metrics.json").read_text())["history"][0]
+
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "runs.yaml").write_text(json.dumps(runs))
+        for r in range(a.rounds):
+            rec = {"load_before": os.getloadavg()[0]}
+
+            def group(r=r) -> dict:
+                cpu["spent"] = 0.0
+                wall = cli(tmp / f"g{r}", "--student", "test_resnet", "--runs", tmp / "runs.yaml")
+                m = metrics(tmp / f"g{r}" / runs[0]["out"])  # the stream's times: the same in every run
+                return {"group_wall": wall, "group_cpu": cpu["spent"], "group_train_seconds": m["train_seconds"],
+                        "group_loader_wait": m["loader_wait_seconds"]}
+
+            def separate(r=r) -> dict:
+                walls, train, wait = [], [], []
+                cpu["spent"] = 0.0
+                for run in runs:
+                    kw = [x for k, v in run["model_kwargs"].items() for x in ("--model-kwargs", f"{k}={v}")]
+                    walls.append(cli(tmp / f"s{r}" / run["out"], "--student", run["student"], "--input-size",
+                                     a.input_size, *kw))
+                    m = metrics(tmp / f"s{r}" / run["out"])
+                    train.append(m["train_seconds"])
+                    wait.append(m["loader_wait_seconds"])
+                return {"separate_walls": walls, "separate_wall": sum(walls), "separate_cpu": cpu["spent"],
+                        "separate_train_seconds": sum(train),
+                        "separate_loader_share": [w / t for w, t in zip(wait, train, strict=True)]}
+            for step in (group, separate) if r % 2 == 0 else (separate, group):  # alternate the order
+                rec |= step()
+            rec["wall_ratio"] = rec["group_wall"] / rec["separate_wall"]
+            rec["cpu_ratio"] = rec["group_cpu"] / rec["separate_cpu"]
+            rec["train_ratio"] = rec["group_train_seconds"] / rec["separate_train_seconds"]
+            rec["load_after"] = os.getloadavg()[0]
+            print(json.dumps(rec), flush=True)
+            rounds.append(rec)
+    share = statistics.mean(s for rec in rounds for s in rec["separate_loader_share"])
+    wall = statistics.median(rec["wall_ratio"] for rec in rounds)
+    n = len(runs)
+    numbers = {
+        "setting": {"students": [s for s, _ in STUDENTS], "method": "ce", "recipe": a.recipe, "view_size": a.view_size,
+                    "input_size": a.input_size, "steps": a.steps, "batch_size": a.batch_size, "workers": a.workers,
+                    "data": str(data), "threads_per_process": a.threads},
+        "rounds": rounds,
+        "loader_share_of_step": share,
+        "wall_ratio_median": wall,
+        "cpu_ratio_median": statistics.median(rec["cpu_ratio"] for rec in rounds),
+        "train_loop_ratio_median": statistics.median(rec["train_ratio"] for rec in rounds),
+        "bound_loop_ratio": (share + n * (1 - share)) / n,  # (L + N S) / (N (L + S)) with L = share, S = 1 - share
+        "target": "wall_ratio <= 0.75 where the loader is >= 1/3 of a step",
+        "target_met": bool(wall <= 0.75 and share >= 1 / 3),
+        "machine_note": "2-core Intel Xeon, shared with other jobs (loaded: see load_before/after per round)",
+    }
+    save(a.name, numbers)
+
+
+if __name__ == "__main__":
+    main()
