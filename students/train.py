@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,6 +113,11 @@ class TrainConfig:
                                            "seed": "Seed of the views [default: the cache's, else 0]."}))
     view_epochs: int | None = None
     """Online/ce: cycle the views every N epochs (to match a cache) [default: the cache's epochs]."""
+    epochs_per_decode: int = 1
+    """Decode each image once for the views of G consecutive epochs (their cached epochs): one stream per group
+    of G epochs, mixed through a shuffle buffer of one shard's views (per loader worker: up to 2 shards' views in
+    memory, 1 at G = 1), each view still the teacher's with its own target. Steps per epoch and the schedule are
+    G = 1's; an epoch is then a count of steps of the group's stream (README, "Several epochs per decode")."""
     eval_crop_pct: float | None = None
     """Evaluation crop: resize the short side to view size / this, centre crop [default: the recipe's]. timm's
     train.py takes it from the student's pretrained_cfg `crop_pct` (e.g. 0.9 for DeiT): give that value here;
@@ -180,6 +186,7 @@ class TrainConfig:
         if self.cache_teacher and not self.cache:
             problems.append("--teacher names the teacher a cache must come from; pass --cache or drop it")
         for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size),
+                            ("epochs_per_decode", self.epochs_per_decode),
                             ("grad_accum", self.optim.grad_accum), ("save_every_steps", self.save_every_steps or 1),
                             ("check_signal_every", self.check_signal_every)):
             if value < 1:
@@ -411,17 +418,19 @@ def train_epoch(run: Run, epoch: int, at: Position | None = None) -> dict:
         at = Position(epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + accelerator.process_index)  # dropout: f(seed, epoch)
     # else: mid-epoch, the RNG state restored with the step checkpoint is the one to go on with
-    loader = run.views.loader(epoch, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda", start=at.micro)
-    run.task.train()
     micro, ga = run.steps[epoch] * cfg.optim.grad_accum, cfg.optim.grad_accum
+    # --epochs-per-decode: the group's epochs share one stream, positions counted from the group's first epoch
+    before = sum(run.steps[run.views.group(epoch).start:epoch]) * ga
+    loader = run.views.loader(epoch, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda",
+                              start=before + at.micro)
+    run.task.train()
     update, t0, saved = sum(run.steps[:epoch]) + at.micro // ga, time.perf_counter() - at.seconds, at.micro
     batches = Waited(loader, at.waited)
     with Bar(cfg.progress and accelerator.is_local_main_process, micro * cfg.batch_size * world,
              f"epoch {epoch + 1}/{cfg.epochs} {cfg.loss.method}") as bar:
         bar.advance(at.micro * cfg.batch_size * world)
-        for i, batch in enumerate(batches, start=at.micro):
-            if i >= micro:
-                break
+        # exactly the epoch's batches, not one more: with --epochs-per-decode the next belongs to the next epoch
+        for i, batch in enumerate(islice(batches, micro - at.micro), start=at.micro):
             run.model.set_progress(epoch + i / micro)  # for loss warm-ups (DKD)
             result = train_step(run.task, to_device(batch, device), run.optimizer, accelerator, cfg.optim.clip_grad)
             if accelerator.sync_gradients:
@@ -497,7 +506,8 @@ def layout(cfg: TrainConfig, accelerator) -> dict:
     """What a mid-epoch position means: the same step number is another point of the epoch under another
     batch size, worker count, process count or accumulation."""
     return {"batch_size": cfg.batch_size, "workers": cfg.workers, "processes": accelerator.num_processes,
-            "grad_accum": cfg.optim.grad_accum, "max_steps_per_epoch": cfg.max_steps_per_epoch, "seed": cfg.seed}
+            "grad_accum": cfg.optim.grad_accum, "max_steps_per_epoch": cfg.max_steps_per_epoch, "seed": cfg.seed,
+            **({"epochs_per_decode": cfg.epochs_per_decode} if cfg.epochs_per_decode > 1 else {})}
 
 
 def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[dict], Position | None]:
@@ -587,7 +597,8 @@ def set_up(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     task = build_task(cfg, data, accelerator.device)
     views = TrainViews(data.train, data.recipe, data.view_seed, rank, world, view_epochs=data.view_epochs,
-                       order_seed=cfg.seed, join=data.cached.join if data.cached else None)
+                       order_seed=cfg.seed, join=data.cached.join if data.cached else None,
+                       epochs_per_decode=cfg.epochs_per_decode, epochs=cfg.epochs)
     optimizer, scheduler, steps = build_optimization(cfg, task, views)
     prepared, optimizer = accelerator.prepare(task, optimizer)
     ema = None
