@@ -7,7 +7,9 @@ batch they run in. It needs the whole shard because mixing partners are other sa
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 
@@ -295,7 +297,8 @@ class TrainViews(ShardStream):
             return self._loader(epoch, batch_size, workers, pin_memory, start)
         key = (self.group(epoch).start, batch_size, workers, pin_memory)
         if self._live is None or self._live.key != key or self._live.taken != start:
-            self._live = None  # its workers stop when the iterator goes
+            if self._live is not None:
+                self._live.close()
             self._live = _Continued(key, self._loader(epoch, batch_size, workers, pin_memory, start), start)
         return self._live
 
@@ -391,6 +394,7 @@ class _Continued:
 
     def __init__(self, key: tuple, loader: DataLoader, taken: int):
         self.key, self.loader, self.taken, self._it = key, loader, taken, None
+        _OPEN.add(self)
 
     def __iter__(self):
         if self._it is None:
@@ -398,6 +402,23 @@ class _Continued:
         for batch in self._it:
             self.taken += 1
             yield batch
+
+    def close(self) -> None:
+        """Stop the loader's workers now (torch's own shutdown, which dropping the last reference also runs)."""
+        it, self._it = self._it, None
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+_OPEN: weakref.WeakSet[_Continued] = weakref.WeakSet()
+
+
+@atexit.register  # registered after torch's and multiprocessing's exit handlers, so it runs before them
+def _close_open_streams() -> None:
+    """A multi-worker loader left half-read at interpreter exit hangs the exit (measured with torch 2.14: a plain
+    DataLoader iterator too); a group's stream is left so at the end of a run or on a stop signal."""
+    for stream in list(_OPEN):
+        stream.close()
 
 
 class EvalViews(ShardStream):

@@ -507,7 +507,7 @@ def layout(cfg: TrainConfig, accelerator) -> dict:
     batch size, worker count, process count or accumulation."""
     return {"batch_size": cfg.batch_size, "workers": cfg.workers, "processes": accelerator.num_processes,
             "grad_accum": cfg.optim.grad_accum, "max_steps_per_epoch": cfg.max_steps_per_epoch, "seed": cfg.seed,
-            **({"epochs_per_decode": cfg.epochs_per_decode} if cfg.epochs_per_decode > 1 else {})}
+            "epochs_per_decode": cfg.epochs_per_decode}
 
 
 def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[dict], Position | None]:
@@ -518,6 +518,8 @@ def open_run(cfg: TrainConfig, accelerator, resolved: dict) -> tuple[int, list[d
     if cfg.resume and progress.is_file():
         prog = json.loads(progress.read_text())
         step = prog.get("step")
+        if step:
+            step["layout"] = {"epochs_per_decode": 1, **step["layout"]}  # saved before --epochs-per-decode existed
         if step and step["layout"] != layout(cfg, accelerator):
             now = layout(cfg, accelerator)
             diff = ", ".join(f"{k} {step['layout'][k]} (now {now[k]})" for k in now if now[k] != step["layout"][k])

@@ -4,6 +4,9 @@ image; steps per epoch are G = 1's; a loader resumed at any position of a group,
 next epoch, gives the uninterrupted stream's batches."""
 
 import functools
+import json
+import os
+import signal
 from collections import Counter
 
 import numpy as np
@@ -127,3 +130,50 @@ def test_bad_epochs_per_decode_is_refused_in_one_sentence(small_digits, tmp_path
                 "--epochs-per-decode", 0, "--out", tmp_path / "run", "--quiet")
     assert p.returncode == 2 and "--epochs-per-decode must be at least 1, got 0" in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def group_args(data, store, out, *extra) -> list:
+    """Small OFA runs with dropout, 2 epochs from the 2-epoch cache as one group (G = 2), 2 loader workers."""
+    return ["train-student", "--data", data, "--student", "test_resnet", "--model-kwargs", "drop_rate=0.2",
+            "--method", "ofa", "--cache", store, "--epochs", 2, "--batch-size", 16, "--workers", 2,
+            "--lr", 0.05, "--out", out, "--quiet", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_inside_a_group_resumes_to_the_uninterrupted_run(small_digits, small_store, tmp_path, ranks):
+    """SIGTERM during step 3 of the group's second epoch: exit 75, --resume restarts at that position of the
+    group's stream and ends torch.equal with the uninterrupted G = 2 run, whose per-epoch learning rates (so
+    steps and schedule) are G = 1's."""
+    from safetensors.torch import load_file
+    from test_distributed import ranks_seen, run_ranks, start_ranks, wait_for
+
+    full, cut, probe = tmp_path / "full", tmp_path / "cut", tmp_path / "pc"
+    proc = run_ranks(ranks, tmp_path / "pf", *group_args(small_digits, small_store, full, "--epochs-per-decode", 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if ranks == 1:  # the same step counts and schedule as G = 1
+        one = run_ranks(1, tmp_path / "p1", *group_args(small_digits, small_store, tmp_path / "one"))
+        assert one.returncode == 0, one.stderr[-3000:]
+        lrs = [[h["lr"] for h in json.loads((d / "metrics.json").read_text())["history"]]
+               for d in (full, tmp_path / "one")]
+        assert lrs[0] == lrs[1]
+    run = start_ranks(ranks, probe, *group_args(small_digits, small_store, cut, "--epochs-per-decode", 2),
+                      env={"PROBE_STALL": "1,2"})
+    wait_for(lambda: all((probe / f"stalled-{r}").exists() for r in range(ranks)), run)
+    os.killpg(run.pid, signal.SIGTERM)
+    run.wait(timeout=120)
+    assert [(r["world"], r["exit"]) for r in ranks_seen(probe)] == [(ranks, 75)] * ranks
+    progress = json.loads((cut / "progress.json").read_text())
+    assert (progress["step"]["epoch"], progress["step"]["micro"]) == (1, 3)
+    assert progress["step"]["layout"]["epochs_per_decode"] == 2
+    p = run_cli(*group_args(small_digits, small_store, cut, "--resume"))  # another G: another position
+    assert p.returncode == 2 and "epochs_per_decode 2 (now 1)" in p.stderr, p.stderr[-2000:]
+    resumed = run_ranks(ranks, tmp_path / "pr", *group_args(small_digits, small_store, cut, "--epochs-per-decode", 2,
+                                                             "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "in epoch 2 of 2, after optimizer step 3" in resumed.stdout
+    a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha, hb = ([{k: v for k, v in h.items() if k not in ("train_seconds", "images_per_second", "loader_wait_seconds")}
+               for h in json.loads((d / "metrics.json").read_text())["history"]] for d in (full, cut))
+    assert ha == hb
