@@ -149,8 +149,12 @@ def test_sigterm_inside_a_group_resumes_to_the_uninterrupted_run(small_digits, s
     from test_distributed import ranks_seen, run_ranks, start_ranks, wait_for
 
     full, cut, probe = tmp_path / "full", tmp_path / "cut", tmp_path / "pc"
-    proc = run_ranks(ranks, tmp_path / "pf", *group_args(small_digits, small_store, full, "--epochs-per-decode", 2))
+    proc = run_ranks(ranks, tmp_path / "pf", *group_args(small_digits, small_store, full, "--epochs-per-decode", 2),
+                     env={"PROBE_BATCHES": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    stepped = [torch.load(tmp_path / "pf" / f"batches-{r}.pt") for r in range(ranks)]
+    pairs = [(int(i), int(s)) for b in stepped[0] for i, s in zip(b["index"], b["view_seed"], strict=True)]
+    assert len(pairs) == len(set(pairs))  # the group's second epoch goes on with its stream: no view twice
     if ranks == 1:  # the same step counts and schedule as G = 1
         one = run_ranks(1, tmp_path / "p1", *group_args(small_digits, small_store, tmp_path / "one"))
         assert one.returncode == 0, one.stderr[-3000:]
@@ -169,8 +173,11 @@ def test_sigterm_inside_a_group_resumes_to_the_uninterrupted_run(small_digits, s
     p = run_cli(*group_args(small_digits, small_store, cut, "--resume"))  # another G: another position
     assert p.returncode == 2 and "epochs_per_decode 2 (now 1)" in p.stderr, p.stderr[-2000:]
     resumed = run_ranks(ranks, tmp_path / "pr", *group_args(small_digits, small_store, cut, "--epochs-per-decode", 2,
-                                                             "--resume"))
+                                                             "--resume"), env={"PROBE_BATCHES": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for r in range(ranks):  # it steps on the uninterrupted run's batches from step 3 of epoch 2 on
+        rest = [b["index"].tolist() for b in torch.load(tmp_path / "pr" / f"batches-{r}.pt")]
+        assert rest == [b["index"].tolist() for b in stepped[r] if b["epoch"] == 1][3:]
     assert "in epoch 2 of 2, after optimizer step 3" in resumed.stdout
     a, b = load_file(full / "model.safetensors"), load_file(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
