@@ -8,7 +8,14 @@ heterogeneous teacher/student pairs, several seeds, on a dataset slice sized for
         --work runs/accuracy-tiny50 --name accuracy_tiny50 --label "Tiny-ImageNet, first 50 classes" \
         --seeds 0 --pairs cnn-vit
 
-Runs are resumable (a finished run is not redone); results go to bench/results/<name>.{json,md,png}.
+    # several epochs per decode (issue 20): G = 1 vs G = 4, OFA from the cache, 2 seeds (about an hour on an
+    # idle 2-core machine; runs already made with the same --work are reused):
+    python bench/accuracy.py --data runs/data/tiny50 --val-split val --train-shards 25 --val-shards 3 \
+        --work runs/accuracy-tiny50 --name accuracy_tiny50_per_decode --label "Tiny-ImageNet, first 50 classes" \
+        --seeds 0 1 --pairs cnn-vit --methods ofa --epochs-per-decode 1 4
+
+Runs are resumable (a finished run is not redone); results go to bench/results/<name>.{json,md,png}. A method
+run at G > 1 epochs per decode is reported as METHOD-gG (run directory METHOD-gG-seedS).
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--pairs", nargs="+", default=list(PAIRS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--epochs-per-decode", type=int, nargs="+", default=[1],
+                    help="run each method at each of these --epochs-per-decode (G > 1 reported as METHOD-gG)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     data = slice_dataset(args.data, args.work / "data", args.train_shards, args.val_shards, args.val_split)
@@ -97,8 +106,8 @@ def main(argv=None) -> dict:
             for pair in args.pairs:
                 (t_name, t_kw, _, _), (s_name, s_kw, s_lr, s_opt) = PAIRS[pair]
                 tdir, store = args.work / f"teacher-{t_name}", args.work / f"teacher-{t_name}.zarr"
-                for method in args.methods:
-                    run = args.work / pair / f"{method}-seed{seed}"
+                for method, g in ((m, g) for g in args.epochs_per_decode for m in args.methods):
+                    run = args.work / pair / f"{label(method, g)}-seed{seed}"
                     if (run / "metrics.json").exists():
                         continue
                     if method == "ofa-online":
@@ -111,12 +120,17 @@ def main(argv=None) -> dict:
                         src = ["--method", method, "--cache", store]
                     cli("train-student", *common, "--student", s_name, *s_kw, *src, "--epochs", args.epochs,
                         "--lr", s_lr, "--optimizer", s_opt, "--weight-decay", 5e-4 if s_opt == "sgd" else 0.05,
-                        "--warmup-epochs", 1, "--seed", seed, "--out", run)
+                        "--warmup-epochs", 1, "--seed", seed, "--epochs-per-decode", g, "--out", run)
     return report(args)
+
+
+def label(method: str, per_decode: int) -> str:
+    return method if per_decode == 1 else f"{method}-g{per_decode}"
 
 
 def report(args) -> dict:
     m = load_manifest(args.work / "data")
+    args.methods = [label(method, g) for g in args.epochs_per_decode for method in args.methods]
     out = {"setup": {"data": args.label, "classes": len(m.classes), "train_images": m.split("train").count,
                      "val_images": m.split("val").count, "resolution": get_recipe(args.recipe).input_size,
                      "student_epochs": args.epochs,

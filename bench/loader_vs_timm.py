@@ -16,8 +16,12 @@ variant alike and the ratios are fair even where the absolute rates are not:
 - timm:        timm's `ImageDataset` over the same JPEG files (each opened, decoded by PIL, converted to RGB) with
                `timm.data.create_transform(is_training=True, ...)` at the recipe's settings, and for the vit
                recipe timm's `Mixup` (mixup 0.8, cutmix 1.0) on batches of `--shard-size`
+- ours_g4, ours_draft_g4: the same views (full, draft decode) made G = `--per-decode` (4) epochs per decode, as
+               stage two's `TrainViews(epochs_per_decode=G)` stream makes them in a loader worker (each shard read
+               and decoded once, G epochs' views of it, the shuffle buffer); a round is then one group of G epochs
 Each round is one epoch (epoch = round number, so crops differ between rounds) over every image for every
-variant. G = 1: one decode per view (several epochs per decode is another step).
+variant (G epochs for the _g variants); the rates are views per CPU-second, so a G-epoch round counts G views
+per image.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from PIL import Image
 from pipeline.augment import get_recipe, pillow_compatible
 from pipeline.reader import ShardReader
 from pipeline.shards import make_shards
-from pipeline.views import shard_views
+from pipeline.views import TrainViews, shard_views
 
 PHOTOS = [("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"), ("sklearn", "datasets/images/china.jpg"),
           ("sklearn", "datasets/images/flower.jpg")]
@@ -96,6 +100,12 @@ def ours_views(reader: ShardReader, recipe, epoch: int) -> int:
     return n
 
 
+def group_views(views: TrainViews, group: int) -> int:
+    """One group of G epochs of stage two's stream (in-process: this process does all the work)."""
+    views.set_epoch(group * views.per_decode)
+    return sum(1 for _ in views)
+
+
 def timm_views(dataset, batch_size: int, mixer, epoch: int) -> int:
     """One epoch of timm's views of the same files: its `ImageDataset` (opens each file, decodes it with PIL,
     runs the transform), mixed per batch as timm's train.py does with `Mixup`."""
@@ -125,6 +135,24 @@ def draft_reductions(reader: ShardReader, recipe, epochs) -> dict:
     return {f"1/{r}": seen[r] / total for r in sorted(seen)}
 
 
+def draft_decodes_per_image(reader: ShardReader, recipe, groups, per_decode: int) -> float:
+    """With draft decoding and G epochs per decode: JPEG decodes per image per group (the distinct reductions
+    its G crops ask for; each is decoded once, `Sample.decoded` keeps it for the others)."""
+    from pipeline.augment import DRAW_CROP, _rrc_params, draft_reduction, draw_rng, view_seed
+    S, decodes, n = recipe.input_size, 0, 0
+    for shard in range(reader.num_shards):
+        for s in reader.read_shard(shard):
+            w, h = s.size
+            for g in groups:
+                r = set()
+                for e in range(g * per_decode, (g + 1) * per_decode):
+                    _, _, ch, cw = _rrc_params(draw_rng(view_seed(0, e, s.index), DRAW_CROP), h, w, recipe.scale,
+                                               recipe.ratio)
+                    r.add(draft_reduction(ch, cw, S, S) if s.reducible else 1)
+                decodes, n = decodes + len(r), n + 1
+    return decodes / n
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=192)
@@ -132,6 +160,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--recipes", nargs="+", default=["imagenet-cnn", "imagenet-vit", "imagenet-cnn@112"],
                    help="presets, NAME@SIZE for another view size")
+    p.add_argument("--per-decode", type=int, default=4, help="G of the _g variants (epochs per decode)")
     p.add_argument("--name", default="loader_vs_timm")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -152,7 +181,8 @@ def measure(tmp: Path, args) -> dict:
 
     results = {"images": len(blobs), "image_sizes": sorted({f"{w}x{h}" for w, h in sizes}),
                "jpeg_quality": 90, "bytes_per_image": float(np.mean([len(b) for b in blobs])),
-               "shard_size": args.shard_size, "rounds": args.rounds, "threads": 1, "recipes": {}}
+               "shard_size": args.shard_size, "rounds": args.rounds, "threads": 1, "per_decode": args.per_decode,
+               "recipes": {}}
     for name in args.recipes:
         preset, _, size = name.partition("@")
         recipe = get_recipe(preset, int(size) if size else None)
@@ -166,6 +196,11 @@ def measure(tmp: Path, args) -> dict:
                                               args.shard_size, mixer)}
         if draft is not None:
             variants["ours_draft"] = functools.partial(ours_views, reader, draft)
+        G = args.per_decode
+        variants[f"ours_g{G}"] = functools.partial(group_views, TrainViews(reader, recipe, 0, epochs_per_decode=G))
+        if draft is not None:
+            variants[f"ours_draft_g{G}"] = functools.partial(group_views, TrainViews(reader, draft, 0,
+                                                                                     epochs_per_decode=G))
         cpu = {k: 0.0 for k in variants}
         count = {k: 0 for k in variants}
         names = list(variants)
@@ -179,10 +214,12 @@ def measure(tmp: Path, args) -> dict:
                     count[k] += n
         rate = {k: count[k] / cpu[k] for k in names}
         rec = {f"{k}_views_per_cpu_s": rate[k] for k in names}
-        rec["ours_over_timm"] = rate["ours"] / rate["timm"]
+        for k in names:
+            if k.startswith("ours"):
+                rec[f"{k}_over_timm"] = rate[k] / rate["timm"]
         if draft is not None:
-            rec["ours_draft_over_timm"] = rate["ours_draft"] / rate["timm"]
             rec["draft_reductions"] = draft_reductions(reader, draft, range(1, args.rounds + 1))
+            rec[f"draft_decodes_per_image_g{G}"] = draft_decodes_per_image(reader, draft, range(1, args.rounds + 1), G)
         results["recipes"][name] = rec
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}, flush=True)
     return results

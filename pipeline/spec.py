@@ -77,6 +77,8 @@ def fits(value, tp) -> bool:
 
 
 def type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of: " + ", ".join(map(str, typing.get_args(tp)))
     return tp.__name__ if isinstance(tp, type) and typing.get_origin(tp) is None else str(tp).replace("typing.", "")
 
 

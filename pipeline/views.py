@@ -7,9 +7,11 @@ batch they run in. It needs the whole shard because mixing partners are other sa
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from pipeline.augment import (
     to_view,
     view_seed,
 )
+from pipeline.errors import UserError
 from pipeline.preempt import ignore_stop_signals
 from pipeline.reader import Sample, ShardReader, assign_shards, current_worker, shard_order
 
@@ -58,6 +61,27 @@ def view_digest(view: torch.Tensor, clip: bool = False) -> int:
 def views_digest(digests) -> str:
     """One fingerprint of a unit's views in one epoch, from their `view_digest`s in sample order."""
     return hashlib.blake2b(np.asarray(digests, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+
+
+def window_shuffle(sizes: Iterable[int], buffer: int, rng: np.random.Generator) -> Iterator[tuple[int, int]]:
+    """(unit, position) of every item of a sequence of units, out through a shuffle buffer of `buffer` items.
+
+    Units enter whole, in order (`sizes` is read lazily: the next unit's size is asked for only once the previous
+    unit has entered, so a caller can make a unit's items at that moment); once the buffer holds more than
+    `buffer` items, each entering item sends a random one out; at the end the rest leave in random order. The
+    output is a pure function of the sizes and the generator's state, so a resumed stream can compute which
+    items it skips without making them. (webdataset's `shuffle` stage works on the items themselves and cannot
+    say in advance which items it will hand out first.)"""
+    buf: list[tuple[int, int]] = []
+    for u, n in enumerate(sizes):
+        for p in range(n):
+            buf.append((u, p))
+            if len(buf) > buffer:
+                k = int(rng.integers(len(buf)))
+                buf[k], buf[-1] = buf[-1], buf[k]
+                yield buf.pop()
+    for k in rng.permutation(len(buf)):
+        yield buf[k]
 
 
 def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, first: int,
@@ -152,27 +176,60 @@ class TrainViews(ShardStream):
     maps a position to what each data-loader worker skips; extend it there if a worker's stream
     changes shape).
 
+    Several epochs per decode (`epochs_per_decode` G > 1; FKD's multi-crop idea on a replayable cache): training
+    epochs are grouped [gG, gG + G) (the last group ends at `epochs`). A group is one stream: each worker reads
+    each of its shards once (the group's shard order is its first epoch's) and makes that shard's views of each
+    of the group's view epochs in turn (a unit = (shard, epoch): the same views, joined with the same cached
+    targets and checks, as G = 1 makes; mixing partners from the same shard and epoch), each unit permuted as
+    G = 1 permutes it; the units then pass through a shuffle buffer of one shard's views (`window_shuffle`), so a
+    batch mixes the views of several epochs of a shard (and of consecutive shards) rather than G copies of an
+    image. Memory per worker: at most the buffer plus the unit entering it (2 shards' views; G = 1 holds 1)
+    and the shard's decoded images (each sample decoded once per JPEG reduction its G crops ask for).
+    A training epoch is then a count of batches of the group's stream, not one pass over one cached epoch:
+    the loop takes `steps(e)` batches for epoch e, equal to G = 1's (trimmed from the group's last epochs only
+    where uneven shards leave the group's stream fewer full batches), and a position is counted from the
+    group's start: `loader(e, ..., start)` with start = batches of the group's earlier epochs + those of e
+    taken. Every view of the group is made once and stepped at most once; which views of the group fall into
+    which of its epochs is the shuffle's.
+
     `join(view_epoch, shard, first, views) -> [dict per view]` adds data to each view of a shard
     before shuffling (the teacher cache's targets: `cache.targets.CacheJoin`); the pipeline does not
     know what it adds.
     """
 
     def __init__(self, reader: ShardReader, recipe: Recipe, seed: int, rank: int = 0, world: int = 1,
-                 join: Join | None = None, view_epochs: int | None = None, order_seed: int | None = None):
+                 join: Join | None = None, view_epochs: int | None = None, order_seed: int | None = None,
+                 epochs_per_decode: int = 1, epochs: int | None = None):
         self.reader, self.recipe, self.seed, self.rank, self.world = reader, recipe, seed, rank, world
         self.order_seed = seed if order_seed is None else order_seed  # the student's seed: data order only
         self.join = join
         self.view_epochs = view_epochs
+        if epochs_per_decode < 1:
+            raise UserError(f"--epochs-per-decode must be at least 1, got {epochs_per_decode}")
+        if view_epochs and epochs_per_decode > view_epochs:
+            raise UserError(f"--epochs-per-decode {epochs_per_decode} is more than the {view_epochs} view epochs "
+                            f"(the cache's): a group would make the same views twice; use at most {view_epochs}")
+        self.per_decode, self.epochs = epochs_per_decode, epochs
         self.epoch = 0
         self._skip: list[int] = []  # views each worker role skips at the epoch's start (see `loader`)
         self._rotate = 0
+        self._live: _Continued | None = None  # G > 1: the group stream the last `loader` call handed out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     @property
     def view_epoch(self) -> int:
-        return self.epoch % self.view_epochs if self.view_epochs else self.epoch
+        return self._view_epoch(self.epoch)
+
+    def _view_epoch(self, epoch: int) -> int:
+        return epoch % self.view_epochs if self.view_epochs else epoch
+
+    def group(self, epoch: int) -> range:
+        """The training epochs that share `epoch`'s stream (one decode): [gG, gG + G), cut at `epochs`."""
+        first = epoch - epoch % self.per_decode
+        return range(first, first + self.per_decode if self.epochs is None else min(first + self.per_decode,
+                                                                                     self.epochs))
 
     def _order(self, epoch: int) -> list[int]:
         return shard_order(self.reader.num_shards, self.order_seed, epoch)
@@ -182,26 +239,39 @@ class TrainViews(ShardStream):
         rank = self.rank if rank is None else rank
         return max(0, min(workers, len(self._order(epoch)[rank::self.world])))
 
-    def steps(self, epoch: int, batch_size: int, workers: int) -> int:
-        """Full batches every rank can make in this epoch (each worker batches its own shards)."""
+    def _batches(self, order: list[int], passes: int, batch_size: int, workers: int, rank: int) -> list[int]:
+        """Full batches each loader worker of `rank` makes from `passes` views of each of its shards in `order`."""
         counts = [s.count for s in self.reader.split.shards]
-        order, per_rank = self._order(epoch), []
-        for r in range(self.world):
-            w = max(1, self.workers_for(epoch, workers, r))
-            per_rank.append(sum(sum(counts[s] for s in assign_shards(order, r, self.world, k, w)) // batch_size
-                                for k in range(w)))
-        return min(per_rank)
-
-    def worker_batches(self, epoch: int, batch_size: int, workers: int) -> list[int]:
-        """Full batches each of this rank's loader workers makes in an epoch (one entry in-process)."""
-        counts, order = [s.count for s in self.reader.split.shards], self._order(epoch)
-        w = max(1, self.workers_for(epoch, workers))
-        return [sum(counts[s] for s in assign_shards(order, self.rank, self.world, k, w)) // batch_size
+        w = max(1, min(workers, len(order[rank::self.world])))
+        return [sum(counts[s] for s in assign_shards(order, rank, self.world, k, w)) * passes // batch_size
                 for k in range(w)]
 
+    def steps(self, epoch: int, batch_size: int, workers: int) -> int:
+        """Full batches every rank can make in this epoch (each worker batches its own shards); with several
+        epochs per decode, G = 1's count, trimmed from the group's last epochs where its stream holds fewer."""
+        def one(e: int) -> int:
+            return min(sum(self._batches(self._order(e), 1, batch_size, workers, r)) for r in range(self.world))
+        group = self.group(epoch)
+        if self.per_decode == 1:
+            return one(epoch)
+        want = [one(e) for e in group]
+        room = min(sum(self._batches(self._order(group.start), len(group), batch_size, workers, r))
+                   for r in range(self.world))
+        excess = max(0, sum(want) - room)
+        for j in reversed(range(len(want))):
+            cut = min(excess, want[j])
+            want[j], excess = want[j] - cut, excess - cut
+        return want[epoch - group.start]
+
+    def worker_batches(self, epoch: int, batch_size: int, workers: int) -> list[int]:
+        """Full batches each of this rank's loader workers makes in an epoch's stream (one entry in-process);
+        with several epochs per decode, in its group's stream."""
+        group = self.group(epoch)
+        return self._batches(self._order(group.start), len(group), batch_size, workers, self.rank)
+
     def resume_plan(self, epoch: int, batch_size: int, workers: int, start: int) -> tuple[list[int], int]:
-        """Where the loader stands after `start` batches of an epoch -> (batches each worker has made, the
-        worker that makes batch `start`).
+        """Where the loader stands after `start` batches of an epoch (of its group's stream) -> (batches each
+        worker has made, the worker that makes batch `start`).
 
         torch's DataLoader asks its workers for batches in turn (worker 0, 1, ..., 0, 1, ...), each worker
         batching its own shards; a worker that runs out drops out of the turn. So the uninterrupted order
@@ -220,11 +290,25 @@ class TrainViews(ShardStream):
         return done, 0  # past the end: every worker has run out
 
     def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False,
-               start: int = 0) -> DataLoader:
+               start: int = 0) -> DataLoader | _Continued:
         """This rank's batches of one epoch (full batches only; take `steps(...)` of them on every rank),
         from batch `start` on: the same batches, in the same order, as batches start, start + 1, ... of
-        the uninterrupted loader, without making the first `start` (mid-epoch resume)."""
+        the uninterrupted loader, without making the first `start` (mid-epoch resume).
+
+        With several epochs per decode, the batches of the epoch's group's stream, `start` counted from the
+        group's start; asked for where the previous loader of the same group stopped (the group's next epoch),
+        it hands back that stream to go on with (its workers kept alive through evaluation: nothing remade)."""
         self.set_epoch(epoch)
+        if self.per_decode == 1:
+            return self._loader(epoch, batch_size, workers, pin_memory, start)
+        key = (self.group(epoch).start, batch_size, workers, pin_memory)
+        if self._live is None or self._live.key != key or self._live.taken != start:
+            if self._live is not None:
+                self._live.close()
+            self._live = _Continued(key, self._loader(epoch, batch_size, workers, pin_memory, start), start)
+        return self._live
+
+    def _loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool, start: int) -> DataLoader:
         done, first = self.resume_plan(epoch, batch_size, workers, start) if start else ([], 0)
         # Each worker skips the views of the batches it made before `start`; the workers' roles rotate so
         # that the worker that made batch `start` is asked first, and the turn then goes on as it did.
@@ -235,12 +319,15 @@ class TrainViews(ShardStream):
                           generator=torch.Generator())  # its seed draw must not move the global RNG (resume)
 
     def shards(self, worker: int, workers: int) -> list[int]:
-        return assign_shards(self._order(self.epoch), self.rank, self.world, worker, workers)
+        return assign_shards(self._order(self.group(self.epoch).start), self.rank, self.world, worker, workers)
 
     def __iter__(self):
         worker, workers = current_worker()
         role = (worker + self._rotate) % workers  # the uninterrupted loader's worker this one stands in for
         skip = self._skip[role] if self._skip else 0
+        if self.per_decode > 1:
+            yield from self._group_stream(role, workers, skip)
+            return
         shards = self.shards(role, workers)
         while shards and skip >= self.reader.split.shards[shards[0]].count and self.reader.on_error == "raise":
             skip -= self.reader.split.shards[shards.pop(0)].count  # a whole shard skipped: not even read
@@ -257,14 +344,93 @@ class TrainViews(ShardStream):
         if hasattr(self.join, "prefetch"):  # the cache's rows of these shards, ahead too
             self.join.prefetch(self.view_epoch, shards)
 
+    def _group_stream(self, role: int, workers: int, skip: int) -> Iterator[dict]:
+        """One worker's stream of a group: its shards, each read once, its units (shard, epoch) made in turn
+        and mixed through a shuffle buffer of one shard's views; the first `skip` views left out, and a unit
+        none of whose views comes after them not made (nor its shard read, if none of the shard's units is)."""
+        group, shards = self.group(self.epoch), self.shards(role, workers)
+        units = [(shard, e) for shard in shards for e in group]
+        sizes = [self.reader.split.shards[shard].count for shard, _ in units]
+        buffer = max(s.count for s in self.reader.split.shards)
+
+        def rng() -> np.random.Generator:
+            return np.random.default_rng([self.order_seed, group.start, self.rank, role, 0x6B])
+        needed = [True] * len(units)
+        if skip and self.reader.on_error == "raise":  # sizes are the manifest's: plan the skip on indices alone
+            last = [-1] * len(units)
+            for out, (u, _) in enumerate(window_shuffle(sizes, buffer, rng())):
+                last[u] = out
+            needed = [n >= skip for n in last]
+        made: dict[int, list] = {}
+        left: dict[int, int] = {}
+        self.reader.prefetch(list(dict.fromkeys(shard for u, (shard, _) in enumerate(units) if needed[u])))
+
+        def enter() -> Iterator[int]:  # each unit's views are made as the unit enters the buffer
+            read: tuple[int, list[Sample]] | None = None
+            for u, (shard, epoch) in enumerate(units):
+                if not needed[u]:
+                    yield sizes[u]
+                    continue
+                if read is None or read[0] != shard:
+                    read = (shard, list(self.reader.read_shard(shard)))  # decoded once for the group's epochs
+                made[u] = self._unit(shard, epoch, read[1])
+                left[u] = len(made[u])
+                yield len(made[u])
+
+        for out, (u, p) in enumerate(window_shuffle(enter(), buffer, rng())):
+            if u not in made:
+                continue  # an unmade unit: all its views are among the skipped
+            item, made[u][p] = made[u][p], None
+            left[u] -= 1
+            if not left[u]:
+                del made[u], left[u]
+            if out >= skip:
+                yield item
+
     def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
-        info, samples, ve = self.reader.split.shards[shard], list(samples), self.view_epoch
+        yield from self._unit(shard, self.epoch, list(samples))
+
+    def _unit(self, shard: int, epoch: int, samples: list[Sample]) -> list[dict]:
+        """The views of one shard in training epoch `epoch` (its view epoch's), joined, in the epoch's order."""
+        info, ve = self.reader.split.shards[shard], self._view_epoch(epoch)
         views = list(shard_views(samples, self.recipe, self.seed, ve, info.first, info.count))
         if self.join is not None:
             views = [v | extra for v, extra in zip(views, self.join(ve, shard, info.first, views), strict=True)]
-        perm = np.random.default_rng([self.order_seed, self.epoch, shard, 0x7E]).permutation(len(views))
-        for i in perm:
-            yield views[i]
+        perm = np.random.default_rng([self.order_seed, epoch, shard, 0x7E]).permutation(len(views))
+        return [views[i] for i in perm]
+
+
+class _Continued:
+    """A group's loader handed out across the group's epochs: each `iter` goes on where the last one stopped,
+    and `taken` counts the batches handed out since the group's start."""
+
+    def __init__(self, key: tuple, loader: DataLoader, taken: int):
+        self.key, self.loader, self.taken, self._it = key, loader, taken, None
+        _OPEN.add(self)
+
+    def __iter__(self):
+        if self._it is None:
+            self._it = iter(self.loader)
+        for batch in self._it:
+            self.taken += 1
+            yield batch
+
+    def close(self) -> None:
+        """Stop the loader's workers now (torch's own shutdown, which dropping the last reference also runs)."""
+        it, self._it = self._it, None
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+_OPEN: weakref.WeakSet[_Continued] = weakref.WeakSet()
+
+
+@atexit.register  # registered after torch's and multiprocessing's exit handlers, so it runs before them
+def _close_open_streams() -> None:
+    """A multi-worker loader left half-read at interpreter exit hangs the exit (measured with torch 2.14: a plain
+    DataLoader iterator too); a group's stream is left so at the end of a run or on a stop signal."""
+    for stream in list(_OPEN):
+        stream.close()
 
 
 class EvalViews(ShardStream):

@@ -28,9 +28,10 @@ from pipeline.errors import UserError
 # in one process (the accelerator's precision, resume, the stop/save cadence, progress bars): set once for all.
 # The order seed is one of them: `seed` stays per run (initialisation and dropout), and a run's config.json
 # records the order seed it was trained with, so a separate run with that config reproduces it.
-STREAM = ("data", "cache", "cache_teacher", "teacher.classes", "views", "view_epochs", "eval_crop_pct", "epochs",
-          "batch_size", "workers", "train_split", "val_split", "on_error", "max_steps_per_epoch", "optim.grad_accum",
-          "order_seed", "mixed_precision", "resume", "save_every_steps", "check_signal_every", "progress", "runs")
+STREAM = ("data", "cache", "cache_teacher", "teacher.classes", "views", "view_epochs", "epochs_per_decode",
+          "eval_crop_pct", "epochs", "batch_size", "workers", "train_split", "val_split", "on_error",
+          "max_steps_per_epoch", "optim.grad_accum", "order_seed", "mixed_precision", "resume", "save_every_steps",
+          "check_signal_every", "progress", "runs")
 
 
 def read_runs(path: Path) -> list[dict]:

@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +116,11 @@ class TrainConfig:
                                            "seed": "Seed of the views [default: the cache's, else 0]."}))
     view_epochs: int | None = None
     """Online/ce: cycle the views every N epochs (to match a cache) [default: the cache's epochs]."""
+    epochs_per_decode: int = 1
+    """Decode each image once for the views of G consecutive epochs (their cached epochs): one stream per group
+    of G epochs, mixed through a shuffle buffer of one shard's views (per loader worker: up to 2 shards' views in
+    memory, 1 at G = 1), each view still the teacher's with its own target. Steps per epoch and the schedule are
+    G = 1's; an epoch is then a count of steps of the group's stream (README, "Several epochs per decode")."""
     eval_crop_pct: float | None = None
     """Evaluation crop: resize the short side to view size / this, centre crop [default: the recipe's]. timm's
     train.py takes it from the student's pretrained_cfg `crop_pct` (e.g. 0.9 for DeiT): give that value here;
@@ -190,6 +196,7 @@ class TrainConfig:
         if self.cache_teacher and not self.cache:
             problems.append("--teacher names the teacher a cache must come from; pass --cache or drop it")
         for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size),
+                            ("epochs_per_decode", self.epochs_per_decode),
                             ("grad_accum", self.optim.grad_accum), ("save_every_steps", self.save_every_steps or 1),
                             ("check_signal_every", self.check_signal_every)):
             if value < 1:
@@ -460,19 +467,21 @@ def train_epoch(runs: list[Run], epoch: int, ats: list[Position] | None = None) 
             run.rng = seeded_rng(run.cfg.seed * 100_003 + epoch * 101 + accelerator.process_index, device)
     # else: mid-epoch, each run goes on with the RNG state restored with its step checkpoint
     at = ats[0]  # the stream's position (every run's micro, seconds and waited are the same)
-    loader = lead.views.loader(epoch, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda", start=at.micro)
+    micro, ga = lead.steps[epoch] * cfg.optim.grad_accum, cfg.optim.grad_accum
+    # --epochs-per-decode: the group's epochs share one stream, positions counted from the group's first epoch
+    before = sum(lead.steps[lead.views.group(epoch).start:epoch]) * ga
+    loader = lead.views.loader(epoch, cfg.batch_size, cfg.workers, pin_memory=device.type == "cuda",
+                               start=before + at.micro)
     for run in runs:
         run.task.train()
-    micro, ga = lead.steps[epoch] * cfg.optim.grad_accum, cfg.optim.grad_accum
     update, t0, saved = sum(lead.steps[:epoch]) + at.micro // ga, time.perf_counter() - at.seconds, at.micro
     batches = Waited(loader, at.waited)
     what = cfg.loss.method if len(runs) == 1 else f"{len(runs)} runs"
     with Bar(cfg.progress and accelerator.is_local_main_process, micro * cfg.batch_size * world,
              f"epoch {epoch + 1}/{cfg.epochs} {what}") as bar:
         bar.advance(at.micro * cfg.batch_size * world)
-        for i, batch in enumerate(batches, start=at.micro):
-            if i >= micro:
-                break
+        # exactly the epoch's batches, not one more: with --epochs-per-decode the next belongs to the next epoch
+        for i, batch in enumerate(islice(batches, micro - at.micro), start=at.micro):
             batch = to_device(batch, device)
             shown = None
             for run, pos in zip(runs, ats, strict=True):
@@ -562,7 +571,7 @@ def layout(cfg: TrainConfig, accelerator) -> dict:
     batch size, worker count, process count or accumulation."""
     return {"batch_size": cfg.batch_size, "workers": cfg.workers, "processes": accelerator.num_processes,
             "grad_accum": cfg.optim.grad_accum, "max_steps_per_epoch": cfg.max_steps_per_epoch, "seed": cfg.seed,
-            "order_seed": data_order_seed(cfg)}
+            "order_seed": data_order_seed(cfg), "epochs_per_decode": cfg.epochs_per_decode}
 
 
 def data_order_seed(cfg: TrainConfig) -> int:
@@ -578,6 +587,8 @@ def open_run(run: Run, resolved: dict) -> tuple[int, list[dict], Position | None
     if cfg.resume and progress.is_file():
         prog = json.loads(progress.read_text())
         step = prog.get("step")
+        if step:
+            step["layout"] = {"epochs_per_decode": 1, **step["layout"]}  # saved before --epochs-per-decode existed
         if step and {**layout(cfg, accelerator), **step["layout"]} != layout(cfg, accelerator):
             now = layout(cfg, accelerator)
             was = {**now, **step["layout"]}  # a key an older run did not record is taken as unchanged
@@ -685,7 +696,8 @@ def set_up_runs(cfgs: list[TrainConfig]) -> list[Run]:
     rank, world = lead.process_index, lead.num_processes
     data = open_data(cfg, lead.print)
     views = TrainViews(data.train, data.recipe, data.view_seed, rank, world, view_epochs=data.view_epochs,
-                       order_seed=data_order_seed(cfg), join=data.cached.join if data.cached else None)
+                       order_seed=data_order_seed(cfg), join=data.cached.join if data.cached else None,
+                       epochs_per_decode=cfg.epochs_per_decode, epochs=cfg.epochs)
     eval_recipe = dataclasses.replace(data.recipe, eval_crop_pct=cfg.eval_crop_pct or data.recipe.eval_crop_pct)
     eval_loader = DataLoader(EvalViews(data.val, eval_recipe, rank, world), batch_size=cfg.batch_size,
                              num_workers=min(cfg.workers, max(1, len(data.val.split.shards) // world)),

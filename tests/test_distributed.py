@@ -296,13 +296,17 @@ def _topk_agree(cached_vals, cached_idx, logits, k) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_every_shuffled_view_is_paired_with_its_own_teacher_target(small_digits, teacher_ckpt, ref_store, tmp_path):
+@pytest.mark.parametrize("per_decode", [1, 2])
+def test_every_shuffled_view_is_paired_with_its_own_teacher_target(small_digits, teacher_ckpt, ref_store, tmp_path,
+                                                                   per_decode):
     """2 ranks x 2 workers, digits-mix, 3 epochs from a 2-epoch cache: each stepped view's cached top-k,
-    log-sum-exp and label logits are the teacher's on that exact view; epoch 3 replays cached epoch 1."""
+    log-sum-exp and label logits are the teacher's on that exact view; epoch 3 replays cached epoch 1. With 2
+    epochs per decode (groups [0, 1], [2]) the first group's batches mix both cached epochs' views."""
     probe = tmp_path / "probe"
     proc = run_ranks(2, probe, "train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd",
                      "--cache", ref_store, "--epochs", 3, "--batch-size", 12, "--max-steps-per-epoch", 3,
-                     "--workers", 2, "--out", tmp_path / "run", "--quiet", env={"PROBE_BATCHES": "1"})
+                     "--workers", 2, "--epochs-per-decode", per_decode, "--out", tmp_path / "run", "--quiet",
+                     env={"PROBE_BATCHES": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_two_ranks(probe)
     assert proc.stdout.count("replays cached epoch e mod 2") == 1
@@ -311,15 +315,19 @@ def test_every_shuffled_view_is_paired_with_its_own_teacher_target(small_digits,
     reader = ShardReader(small_digits)
     first = [s.first for s in reader.split.shards]
     shard_of = lambda i: int(np.searchsorted(first, i, side="right") - 1)  # noqa: E731
-    seen, top1s = {}, set()
+    seen, top1s, mixed_epochs = {}, set(), set()
     for rank in (0, 1):
         batches = torch.load(probe / f"batches-{rank}.pt")
         assert [b["epoch"] for b in batches] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
         for b in batches:
             e, idx = b["epoch"], b["index"]
-            # the views of training epoch e are those of cached epoch e mod 2, so e = 2 replays epoch 0
-            want = torch.tensor([view_seed(0, e % 2, int(i)) for i in idx], dtype=b["view_seed"].dtype)
-            assert torch.equal(b["view_seed"], want)
+            # the views of training epoch e are those of cached epoch e mod 2, so e = 2 replays epoch 0 (with
+            # several epochs per decode: those of its group's cached epochs)
+            group = range(e - e % per_decode, min(e - e % per_decode + per_decode, 3))
+            want = [{view_seed(0, g % 2, int(i)) for g in group} for i in idx]
+            assert all(int(s) in w for s, w in zip(b["view_seed"], want, strict=True))
+            if per_decode > 1 and e < 2:
+                mixed_epochs |= {int(s) == view_seed(0, 1, int(i)) for s, i in zip(b["view_seed"], idx, strict=True)}
             logits = teacher(b["view"])
             top1s.update(logits.argmax(1).tolist())
             ok = _topk_agree(b["t_values"], b["t_indices"], logits, 4)
@@ -331,6 +339,7 @@ def test_every_shuffled_view_is_paired_with_its_own_teacher_target(small_digits,
             assert torch.allclose(b["t_label_logits"], logits.gather(1, labels), atol=1e-4)
             seen.setdefault((rank, e), []).append(b)
     assert len(top1s) >= 5  # the teacher ranks classes differently from view to view
+    assert per_decode == 1 or mixed_epochs == {True, False}  # one group's batches hold views of both cached epochs
     for e in range(3):
         idx = [torch.cat([b["index"] for b in seen[(r, e)]]) for r in (0, 1)]
         assert not set(idx[0].tolist()) & set(idx[1].tolist())  # the ranks read disjoint shards
@@ -338,7 +347,8 @@ def test_every_shuffled_view_is_paired_with_its_own_teacher_target(small_digits,
             bs = seen[(r, e)]
             # shuffled within shards, and batches from both workers' shards
             assert any(not torch.equal(b["index"], b["index"].sort().values) for b in bs)
-            views = TrainViews(reader, get_recipe(RECIPE), 0, r, 2, order_seed=0)
+            views = TrainViews(reader, get_recipe(RECIPE), 0, r, 2, order_seed=0, epochs_per_decode=per_decode,
+                               epochs=3)
             views.set_epoch(e)
             by_worker = [set(views.shards(w, 2)) for w in (0, 1)]
             shards = {shard_of(int(i)) for b in bs for i in b["index"]}
