@@ -144,9 +144,10 @@ def _annotation(flag: Flag):
     help_ = flag.help
     if flag.kind == "choice":
         help_ = f"{help_} [{'|'.join(map(str, typing.get_args(strip_optional(flag.tp))))}]".strip()
-    cli_type = {"bool": bool, "int": int, "float": float, "path": Path, "kwargs": list[str]}.get(flag.kind, str)
+    cli_type = {"bool": bool, "int": int, "float": float, "path": Path, "kwargs": list[str],
+                "list": list[str]}.get(flag.kind, str)
     if flag.kind == "list":
-        help_ += " (comma-separated)"
+        help_ += " (comma-separated or repeated)"
     if flag.kind == "kwargs":
         help_ += " (name=value, repeatable)"
     if flag.default not in (None, {}, [], False) and "[default:" not in help_ and not dataclasses.is_dataclass(
@@ -162,10 +163,11 @@ def _annotation(flag: Flag):
 
 
 def _parse_list(text, item, option: str) -> list:
-    if isinstance(text, list):
-        return [item(t) for t in text]
+    if isinstance(text, list | tuple) and not all(isinstance(t, str) for t in text):
+        return [item(t) for t in text]  # a file's list
+    parts = text if isinstance(text, list | tuple) else [text]  # a repeated flag gives one string per repeat
     try:
-        return [item(t) for t in str(text).replace(",", " ").split()]
+        return [item(t) for p in parts for t in str(p).replace(",", " ").split()]
     except ValueError:
         raise UserError(f"{option} '{text}' is not a comma-separated list of {item.__name__}s, e.g. 1,2,3") from None
 
