@@ -69,3 +69,75 @@ def test_caches_of_other_views_or_a_wrong_weight_count_are_refused(small_digits,
     assert not (tmp_path / "b").exists()
     p = run_cli("train-student", *common, "--cache", small_store, "--ensemble", "logit", "--out", tmp_path / "c")
     assert p.returncode == 2 and "pass --cache more than once" in p.stderr, p.stderr
+
+
+def _same_store(a, b):
+    """Arrays, group attributes and unit records of two stores are equal."""
+    from cache.format import NAMES
+    from cache.store import CacheStore
+    sa, sb = CacheStore(a), CacheStore(b)
+    assert sa.description == sb.description
+    for name in NAMES:
+        assert np.array_equal(sa.read_all(name), sb.read_all(name)), name
+    assert sa.done_units() == sb.done_units()
+    for u in sa.done_units():
+        assert sa.unit_info(u) == sb.unit_info(u), u
+
+
+@pytest.fixture(scope="session")
+def side_by_side(small_digits, small_store, tmp_path_factory):
+    """One pass of small_store's request with a second teacher (test_convnext), and test_convnext's own pass."""
+    from cache.teacher_pass import CacheConfig, cache_teacher
+    from commands.options import build
+    root = tmp_path_factory.mktemp("side_by_side")
+    summary = cache_teacher(build(CacheConfig, data=small_digits, out=root / "both", progress=False,
+                                  add_teacher=["test_convnext"], **SMALL_STORE))
+    cache_teacher(build(CacheConfig, data=small_digits, out=root / "convnext.zarr", progress=False,
+                        **{**SMALL_STORE, "teacher": "test_convnext"}))
+    return root, summary
+
+
+def test_a_two_teacher_pass_writes_each_single_teacher_store(small_store, side_by_side):
+    root, summary = side_by_side
+    assert summary["stores"] == [str(root / "both" / "0-test_resnet.zarr"), str(root / "both" / "1-test_convnext.zarr")]
+    assert summary["views_written"] == 2 * 270  # each view built once
+    _same_store(small_store, root / "both" / "0-test_resnet.zarr")
+    _same_store(root / "convnext.zarr", root / "both" / "1-test_convnext.zarr")
+
+
+def test_a_killed_two_teacher_pass_redoes_only_what_each_store_misses(small_digits, side_by_side, tmp_path,
+                                                                       monkeypatch):
+    from cache.store import CacheStore
+    from cache.teacher_pass import CacheConfig, cache_teacher
+    from commands.options import build
+    root, _ = side_by_side
+    cfg = build(CacheConfig, data=small_digits, out=tmp_path / "both", progress=False, add_teacher=["test_convnext"],
+                **SMALL_STORE)
+    real, writes = CacheStore.write_unit, []
+
+    def dying_write(self, unit):
+        if len(writes) == 5:  # unit 2 is written to the first store, not the second
+            raise KeyboardInterrupt("simulated kill")
+        writes.append((self.path.name, unit.shard))
+        real(self, unit)
+
+    monkeypatch.setattr(CacheStore, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher(cfg)
+    first = [CacheStore(p).done_units() for _, p in cfg.teachers]
+    assert first == [{0, 1, 2}, {0, 1}]
+    writes.clear()
+    monkeypatch.setattr(CacheStore, "write_unit", lambda self, unit: (writes.append((self.path.name, unit.shard)),
+                                                                      real(self, unit)))
+    cache_teacher(cfg)
+    assert sorted(writes) == sorted([("0-test_resnet.zarr", u) for u in range(3, 6)] +
+                                    [("1-test_convnext.zarr", u) for u in range(2, 6)])
+    for (_, mine), theirs in zip(cfg.teachers, sorted((root / "both").iterdir()), strict=True):
+        _same_store(theirs, mine)
+
+
+def test_ambiguous_teacher_options_are_refused(small_digits, tmp_path):
+    p = run_cli("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--model-kwargs", "drop_rate=0.1",
+                "--add-teacher", "test_vit", "--out", tmp_path / "x")
+    assert p.returncode == 2 and "ambiguous with --add-teacher" in p.stderr, p.stderr
+    assert not (tmp_path / "x").exists()
