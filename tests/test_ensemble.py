@@ -69,6 +69,11 @@ def test_caches_of_other_views_or_a_wrong_weight_count_are_refused(small_digits,
     assert not (tmp_path / "b").exists()
     p = run_cli("train-student", *common, "--cache", small_store, "--ensemble", "logit", "--out", tmp_path / "c")
     assert p.returncode == 2 and "pass --cache more than once" in p.stderr, p.stderr
+    tail = tmp_path / "tail.zarr"  # the same views with a sampled tail: refused, not mixed with bias
+    cache_teacher(build(CacheConfig, data=small_digits, out=tail, progress=False, tail_samples=4, **SMALL_STORE))
+    p = run_cli("train-student", *common, "--cache", small_store, "--cache", tail, "--out", tmp_path / "d")
+    assert p.returncode == 2 and f"cache {tail} holds a sampled tail" in p.stderr, p.stderr
+    assert not (tmp_path / "d").exists()
 
 
 def _same_store(a, b):
