@@ -337,7 +337,8 @@ class TeacherEnsemble:
         if self.mode == "logit":
             return (w * zs).sum(0)
         log_p = torch.logsumexp(torch.log(w) + torch.log_softmax(zs / T, dim=2), dim=0)  # [B, C], log of the mix
-        return T * log_p
+        # a probability that underflowed to 0 (log -inf) would make the losses' p log p terms 0 * inf = NaN
+        return T * log_p.clamp(min=FILLER_LOG_P)
 
     def source(self, T: float):
         """What the losses take at temperature T: the ensemble's logits (`logits`)."""
