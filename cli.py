@@ -61,9 +61,9 @@ def cache_teacher(cfg: CacheConfig) -> None:
     from cache.teacher_pass import cache_teacher
     s = cache_teacher(cfg)
     if s["is_main"]:
-        print(f"{s['store']}: {s['views_written']} views written ({s['units_skipped_as_done']} of {s['units_total']} "
+        print(f"{', '.join(s['stores'])}: {s['views_written']} views written ({s['units_skipped_as_done']} of {s['units_total']} "
               f"units were already done), {s['views_per_second']:.1f} views/s, {s['raw_bytes_per_view']} raw / "
-              f"{s['disk_bytes_per_view']:.1f} on-disk bytes per view")
+              f"{s['disk_bytes_per_view']:.1f} on-disk bytes per view" + (" (all stores)" if len(s["stores"]) > 1 else ""))
 
 
 def inspect_cache(cfg: InspectConfig) -> None:

@@ -330,10 +330,10 @@ class CacheDescription:
                             tail_samples=self.tail_samples, tail_temperatures=self.tail_temperatures,
                             tail_draw_temperature=self.tail_draw_temperature)
 
-    def mismatches(self, request: CacheRequest, every: bool = False) -> list[str]:
-        """Each checked field where this store differs from the request, as readable phrases. Only the fields
-        the request gives are compared, or with `every` all of them (None included): a store reused by
-        `cache-teacher` must be what that exact request would make."""
+    def mismatches(self, request: CacheRequest, every: bool = False, theirs: str = "requested") -> list[str]:
+        """Each checked field where this store differs from the request, as readable phrases ("<field> is <ours>,
+        <theirs> <wanted>"). Only the fields the request gives are compared, or with `every` all of them (None
+        included): a store reused by `cache-teacher` must be what that exact request would make."""
         out, store = [], self.request()
         for label, of in _CHECKED:
             have, want = of(store), of(request)
@@ -344,7 +344,7 @@ class CacheDescription:
                         if have.get(k) != want.get(k)]
                 out.append(f"{label} differs ({'; '.join(diff)})")
             else:
-                out.append(f"{label} is {_show(have)}, requested {_show(want)}")
+                out.append(f"{label} is {_show(have)}, {theirs} {_show(want)}")
         return out
 
 

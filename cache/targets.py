@@ -158,11 +158,11 @@ class TeacherTargets(NamedTuple):
 
 
 class CacheJoin:
-    """`TrainViews` join: one cached epoch of one unit as per-view `TeacherTargets`, after checking that
-    the views rebuilt here are the ones the teacher saw (vectorised: runs once per shard, not per view)."""
+    """`TrainViews` join: one cached epoch of one unit as per-view `TeacherTargets` (under `key`), after checking
+    that the views rebuilt here are the ones the teacher saw (vectorised: runs once per shard, not per view)."""
 
-    def __init__(self, store: CacheStore):
-        self.store = store
+    def __init__(self, store: CacheStore, key: str = TEACHER_KEY):
+        self.store, self.key = store, key
         held = store.description.arrays  # the arrays a join reads: the teacher's outputs, the tail if any, the replay
         self.names = tuple(a.name for a in (*TEACHER_OUTPUTS, *TAIL, VIEW_SEED, PARTNER) if a in held)
 
@@ -182,7 +182,7 @@ class CacheJoin:
         self._check_pixels(epoch, shard, views)
         batch = TeacherTargets.from_arrays({name: a[pos] for name, a in t.items()},
                                            len(store.description.tail_temperatures))
-        return [{TEACHER_KEY: TeacherTargets(*row)} for row in zip(*batch, strict=True)]
+        return [{self.key: TeacherTargets(*row)} for row in zip(*batch, strict=True)]
 
     def prefetch(self, epoch: int, shards: list[int]) -> None:
         self.store.prefetch(epoch, shards, self.names)  # object stores: these units' rows ahead, in this order
@@ -204,7 +204,8 @@ class CachedTeacher:
     uses it too.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, key: str = TEACHER_KEY):
+        self.key = key  # the batch key of its targets (an ensemble's members have one each)
         self.store = CacheStore(path)
         self.store.check_complete()
         self.description = d = self.store.description
@@ -216,7 +217,7 @@ class CachedTeacher:
         if classes and len(classes["indices"]) != self.num_classes:
             raise UserError(f"cache {self.path} maps {len(classes['indices'])} classes onto its teacher but holds "
                             f"{self.num_classes}; the store is damaged: rebuild it with `cli.py cache-teacher`")
-        self.join = CacheJoin(self.store)
+        self.join = CacheJoin(self.store, key)
 
     def reader(self, data: str | Path, on_error: str | None = None) -> ShardReader:
         """The training split of `data`, refused unless it is the dataset the cache was made from."""
@@ -236,7 +237,7 @@ class CachedTeacher:
     def logits(self, batch: dict) -> torch.Tensor:
         """A collated batch of `views()` -> the teacher's logits [B, C] for its views, on the batch's device
         (the tail spread uniformly, even when the store holds tail samples: see `source` for those)."""
-        return batch[TEACHER_KEY].logits(batch["label"], batch["partner_label"], self.num_classes)
+        return batch[self.key].logits(batch["label"], batch["partner_label"], self.num_classes)
 
     def source(self, T: float):
         """What the losses take at temperature T, as a function of a collated batch: the teacher's logits
@@ -250,6 +251,98 @@ class CachedTeacher:
                             f"{', '.join(f'{t:g}' for t in d.temperatures)}, not at --temperature {T:g}; train at "
                             f"one of those, or rebuild the cache with --tail-temperatures including {T:g}")
         temps = [float(t) for t in d.tail_temperatures]
-        return lambda batch: batch[TEACHER_KEY].distribution(batch["label"], batch["partner_label"],
+        return lambda batch: batch[self.key].distribution(batch["label"], batch["partner_label"],
                                                              self.num_classes, float(T), temps,
                                                              d.tail_draw_temperature)
+
+    @property
+    def width(self) -> int:
+        """The teacher's feature width (num_features), which OFA heads project to."""
+        return self.description.teacher.num_features
+
+    def teacher_attrs(self) -> dict | list[dict]:
+        """The teacher record, as a run's config.json keeps it."""
+        return self.description.teacher.to_attrs()
+
+
+class EnsembleJoin:
+    """`TrainViews` join of several caches of the same views: each member's targets under its own key."""
+
+    def __init__(self, joins: list[CacheJoin]):
+        self.joins = joins
+
+    def __call__(self, epoch: int, shard: int, first: int, views: list[dict]) -> list[dict]:
+        out = [{} for _ in views]
+        for join in self.joins:
+            for o, extra in zip(out, join(epoch, shard, first, views), strict=True):
+                o.update(extra)
+        return out
+
+
+class TeacherEnsemble:
+    """Several complete caches of the same views (dataset, split, recipe, view seed, epochs, classes, corrupt-
+    sample policy) as one teacher, for teachers cached side by side (`cache-teacher` with several --teacher) or
+    one at a time. Member i's targets travel under key `teacher` (i = 0) or `teacher.i`; `source(T)` mixes them:
+
+        prob:  p = sum_i w_i softmax(z_i / T), handed to the losses as the logits T log p (their log_softmax at T
+               gives back log p exactly), so every loss sees the mixture of the teachers' distributions at T
+        logit: z = sum_i w_i z_i, the losses then take softmax(z / T) as for one teacher
+
+    with z_i each member's full logits (the top-k reconstruction, `TeacherTargets.logits`) and weights w_i >= 0
+    normalised to sum 1. Stores with a sampled tail are refused: their per-class weights (`scale`) differ per
+    teacher, and no loss here is linear in p through its log p terms, so a mix of unbiased per-teacher estimates
+    would not be an unbiased estimate of the mixture's loss."""
+
+    def __init__(self, paths: list[str | Path], weights: list[float] | None = None, mode: str = "prob"):
+        if weights is not None and len(weights) != len(paths):
+            raise UserError(f"--teacher-weights gives {len(weights)} weights for {len(paths)} caches; give one "
+                            f"weight per --cache, in the same order")
+        if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise UserError(f"--teacher-weights {weights} must be >= 0 with a positive sum")
+        self.members = [CachedTeacher(p, TEACHER_KEY if i == 0 else f"{TEACHER_KEY}.{i}") for i, p in enumerate(paths)]
+        first = self.members[0]
+        want = first.description.request()
+        want = CacheRequest(manifest_hash=want.manifest_hash, split=want.split, recipe=want.recipe, seed=want.seed,
+                            epochs=want.epochs, num_classes=want.num_classes)
+        for m in self.members[1:]:
+            problems = m.description.mismatches(want, theirs=f"in {first.path}")
+            if m.on_error != first.on_error:
+                problems.append(f"corrupt-sample policy is {m.on_error}, in {first.path} {first.on_error}")
+            if problems:
+                raise UserError(f"caches {first.path} and {m.path} do not hold the same views ({m.path}: "
+                                f"{problems[0]}); cache every teacher with the same --data, --split, --recipe, "
+                                f"--seed and --epochs (one `cache-teacher` run with several --teacher does)")
+        sampled = [m.path for m in self.members if m.description.tail_samples]
+        if sampled:
+            raise UserError(f"cache {sampled[0]} holds a sampled tail, which an ensemble cannot mix without bias (each "
+                            f"teacher's tail weights differ); train from it alone, or cache its teacher without "
+                            f"--tail-samples for the ensemble")
+        w = [1.0] * len(paths) if weights is None else [float(x) for x in weights]
+        self.weights = [x / sum(w) for x in w]
+        self.mode = mode
+        self.recipe, self.seed, self.epochs = first.recipe, first.seed, first.epochs
+        self.num_classes, self.split, self.on_error = first.num_classes, first.split, first.on_error
+        self.join = EnsembleJoin([m.join for m in self.members])
+
+    @property
+    def width(self) -> int:
+        """OFA heads project to the widest teacher's feature width (a head's width is a capacity choice: no
+        teacher feature is matched, only the teachers' logits)."""
+        return max(m.width for m in self.members)
+
+    def teacher_attrs(self) -> list[dict]:
+        return [{**m.teacher_attrs(), "ensemble_weight": w} for m, w in zip(self.members, self.weights, strict=True)]
+
+    def logits(self, batch: dict, T: float = 1.0) -> torch.Tensor:
+        """A collated batch -> the ensemble's logits [B, C] at temperature T (class docstring)."""
+        zs = torch.stack([m.logits(batch) for m in self.members])  # [n, B, C]
+        w = torch.tensor(self.weights, device=zs.device)[:, None, None]
+        if self.mode == "logit":
+            return (w * zs).sum(0)
+        log_p = torch.logsumexp(torch.log(w) + torch.log_softmax(zs / T, dim=2), dim=0)  # [B, C], log of the mix
+        # a probability that underflowed to 0 (log -inf) would make the losses' p log p terms 0 * inf = NaN
+        return T * log_p.clamp(min=FILLER_LOG_P)
+
+    def source(self, T: float):
+        """What the losses take at temperature T: the ensemble's logits (`logits`)."""
+        return lambda batch: self.logits(batch, float(T))

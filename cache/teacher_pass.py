@@ -1,5 +1,10 @@
 """Stage one: run the teacher once over every replayable view and store its top-k in zarr.
 
+Several teachers side by side (`--add-teacher`): each view is decoded and augmented once and every teacher runs
+on it; each teacher has its own store (--out/<i>-<name>.zarr), identical to the one its single-teacher pass makes,
+and a unit counts done per store (a rerun builds a unit's views if any store lacks it, and runs only the teachers
+whose stores lack it).
+
     units = data shards not yet marked complete, split across processes (rank::world)
     for each unit: decode the shard once; for each cached epoch, build its views (pipeline.views),
         run the teacher (eval, no_grad, bf16 autocast on CUDA), keep top-k logits + indices,
@@ -45,6 +50,7 @@ from cache.teacher import Teacher, TeacherSpec
 from pipeline.augment import Recipe, ViewSpec
 from pipeline.errors import UserError
 from pipeline.location import Location
+from pipeline.models import Weights
 from pipeline.preempt import EXIT_PREEMPTED, Preempted, active, ignore_stop_signals
 from pipeline.progress import Bar
 from pipeline.reader import ShardReader
@@ -59,10 +65,15 @@ class CacheConfig:
     data: str | Path
     """Dataset directory or fsspec URL (s3://, gs://, ...) made by `shards`."""
     out: str | Path
-    """Output zarr store (a directory or fsspec URL), e.g. runs/teacher.zarr or s3://bucket/teacher.zarr."""
+    """Output zarr store (a directory or fsspec URL), e.g. runs/teacher.zarr or s3://bucket/teacher.zarr; with
+    --add-teacher, the directory of one store per teacher."""
     teacher: TeacherSpec = field(default_factory=TeacherSpec, metadata=group(
         names={"name": "teacher", "classes": "teacher-classes"}, required=("name",), about="teacher",
         help={"name": "timm model name of the teacher."}))
+    add_teacher: list[str] | None = None
+    """More teachers in the same pass, each NAME or NAME=CHECKPOINT (over the dataset's classes, timm's default
+    kwargs): every view is decoded and augmented once and each teacher runs on it; --out is then a directory with
+    one store per teacher, <i>-<name>.zarr (0 is --teacher), each the store a single-teacher pass makes."""
     views: ViewSpec = mounted(ViewSpec, recipe="imagenet-cnn", seed=0)
     split: str = "train"
     """Split to cache."""
@@ -118,9 +129,33 @@ class CacheConfig:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             problems.append(f"--workers must be >= 0, got {self.workers}")
+        t = self.teacher
+        if self.add_teacher and (t.classes or t.model_kwargs or t.input_size or t.weights.pretrained
+                                 or t.weights.pretrained_file):
+            problems.append("--teacher-classes, --model-kwargs, --input-size, --pretrained and --pretrained-file "
+                            "would be ambiguous with --add-teacher (they describe one teacher); give every teacher "
+                            "as NAME or NAME=CHECKPOINT, or cache such a teacher in its own pass")
+        for spec in self.add_teacher or ():
+            name, _, ckpt = spec.partition("=")
+            if not name or (spec.count("=") and not ckpt):
+                problems.append(f"--add-teacher '{spec}' is not NAME or NAME=CHECKPOINT")
         problems += choice_problems(self)
         if problems:
             raise UserError("; ".join(problems))
+
+    @property
+    def teachers(self) -> list[tuple[TeacherSpec, str | Path]]:
+        """Every teacher of the pass with its store: --teacher alone writes --out; with --add-teacher, teacher i
+        writes --out/<i>-<name>.zarr."""
+        if not self.add_teacher:
+            return [(self.teacher, self.out)]
+        specs = [self.teacher]
+        for spec in self.add_teacher:
+            name, _, ckpt = spec.partition("=")
+            specs.append(TeacherSpec(name=name, weights=Weights(checkpoint=Path(ckpt) if ckpt else None)))
+        root = Location(self.out)
+        return [(t, root.child(f"{i}-{t.name.replace('/', '_').replace(':', '_')}.zarr").url)
+                for i, t in enumerate(specs)]
 
     @property
     def recipe(self) -> Recipe:
@@ -155,13 +190,13 @@ def versions() -> dict:
             "numcodecs": numcodecs.__version__}
 
 
-def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher) -> CacheDescription:
-    m, split, minput, ckpt = reader.manifest, reader.split, teacher.input, cfg.teacher.weights.checkpoint
+def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher, spec: TeacherSpec) -> CacheDescription:
+    m, split, minput, ckpt = reader.manifest, reader.split, teacher.input, spec.weights.checkpoint
     return CacheDescription(
-        teacher=TeacherRecord(name=cfg.teacher.name, checkpoint_sha256=teacher.checkpoint_sha256,
+        teacher=TeacherRecord(name=spec.name, checkpoint_sha256=teacher.checkpoint_sha256,
                               checkpoint=str(ckpt) if ckpt else None, weights=teacher.weights,
                               classes=teacher.class_map.to_dict() if teacher.class_map else None,
-                              model_kwargs=cfg.teacher.model_kwargs, input_size=minput.size, mean=list(minput.mean),
+                              model_kwargs=spec.model_kwargs, input_size=minput.size, mean=list(minput.mean),
                               std=list(minput.std), num_features=teacher.num_features),
         dataset=DatasetRecord(name=m.name, split=cfg.split, path=Location(cfg.data).resolved(),
                               manifest_hash=m.split_hash(cfg.split), num_samples=split.count,
@@ -285,15 +320,21 @@ def _cache_teacher(cfg: CacheConfig, stop) -> dict:
     if cfg.recipe.mixes and reader.split.samples_per_shard < 2:
         raise UserError("mixing recipes need at least 2 samples per shard; recreate the shards with a "
                         "larger --shard-size")
-    teacher = Teacher.from_spec(cfg.teacher, reader.manifest, cfg.recipe.input_size, device=device)
-    desc = describe(cfg, reader, teacher)
+    teachers = [Teacher.from_spec(spec, reader.manifest, cfg.recipe.input_size, device=device)
+                for spec, _ in cfg.teachers]
+    descs = [describe(cfg, reader, t, spec) for t, (spec, _) in zip(teachers, cfg.teachers, strict=True)]
+    paths = [out for _, out in cfg.teachers]
 
     if accelerator.is_main_process:
-        CacheStore.create(cfg.out, desc, overwrite=cfg.overwrite)
+        for path, desc in zip(paths, descs, strict=True):
+            CacheStore.create(path, desc, overwrite=cfg.overwrite)
     accelerator.wait_for_everyone()
-    store = CacheStore(cfg.out, mode="r+")
-    done = store.done_units(check=True)  # a damaged marker is refused, not trusted
-    todo = [u for u in range(store.num_units) if u not in done]
+    stores = [CacheStore(path, mode="r+") for path in paths]
+    # a unit counts done per store: the views of a unit are built when some store lacks it, and only the
+    # teachers whose stores lack it run on them (a rerun completes each store where it is missing)
+    dones = [store.done_units(check=True) for store in stores]  # a damaged marker is refused, not trusted
+    num_units = stores[0].num_units
+    todo = [u for u in range(num_units) if any(u not in done for done in dones)]
     accelerator.wait_for_everyone()  # everyone has read the same `done` before anyone marks more
     mine = todo[accelerator.process_index::accelerator.num_processes]
 
@@ -301,49 +342,52 @@ def _cache_teacher(cfg: CacheConfig, stop) -> dict:
     loader = DataLoader(UnitBatches(stream, cfg.batch_size), batch_size=None, num_workers=min(cfg.workers, len(mine)),
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     total_views = sum(reader.split.shards[u].count for u in mine) * cfg.epochs
-    buffers: dict[int, _UnitBuffer] = {}
+    buffers: dict[tuple[int, int], _UnitBuffer] = {}  # (teacher, shard) -> its outputs so far
     written, t0, finishing, stopped = 0, time.perf_counter(), None, False
+    done_before = sum(len(d) for d in dones) // len(dones)
+    names = ", ".join(spec.name for spec, _ in cfg.teachers)
     bar = Bar(cfg.progress and accelerator.is_local_main_process and total_views > 0, total_views,
-               f"teacher {cfg.teacher.name} [{len(done)}/{store.num_units} units done before]", unit="views")
+               f"teacher {names} [{done_before}/{num_units} units done before]", unit="views")
     with bar:
         for batch in loader:
+            in_flight = {shard for _, shard in buffers}
             if stop.requested:
                 if finishing is None:
-                    finishing = set(buffers)  # the units in flight: finish these, start no other
-                if not finishing & set(buffers) or time.monotonic() - stop.signal_time > cfg.stop_grace:
+                    finishing = set(in_flight)  # the units in flight: finish these, start no other
+                if not finishing & in_flight or time.monotonic() - stop.signal_time > cfg.stop_grace:
                     stopped = True
                     break
                 if int(batch["shard"][0]) not in finishing:  # a batch holds one unit (UnitBatches)
                     continue
             views = batch["view"].to(device, non_blocking=True)
-            logits = teacher(views)
-            out = summarize(logits, batch["label"].to(device), batch["partner_label"].to(device), cfg.topk,
-                            batch[VIEW_SEED.name].numpy(), cfg.tail)
-            out |= {a.name: batch[a.name].numpy().astype(a.dtype) for a in REPLAY}  # the views' replay record
-            shards = batch["shard"].numpy()
-            for shard in np.unique(shards):
-                sel = shards == shard
-                if shard not in buffers:
+            replay = {a.name: batch[a.name].numpy().astype(a.dtype) for a in REPLAY}  # the views' replay record
+            shard = int(batch["shard"][0])  # one unit per batch (UnitBatches)
+            for i, (teacher, store, desc) in enumerate(zip(teachers, stores, descs, strict=True)):
+                if shard in dones[i]:
+                    continue
+                logits = teacher(views)
+                out = summarize(logits, batch["label"].to(device), batch["partner_label"].to(device), cfg.topk,
+                                batch[VIEW_SEED.name].numpy(), cfg.tail) | replay
+                if (i, shard) not in buffers:
                     info = reader.split.shards[shard]
-                    buffers[shard] = _UnitBuffer(int(shard), info.first, info.count, desc)
-                buf = buffers[shard]
-                buf.expected = int(batch["n_valid"][sel][0]) * cfg.epochs
-                buf.add(batch["epoch"].numpy()[sel], batch["index"].numpy()[sel] - buf.first,
-                        {k: v[sel] for k, v in out.items()}, batch["digest"].numpy()[sel])
+                    buffers[i, shard] = _UnitBuffer(shard, info.first, info.count, desc)
+                buf = buffers[i, shard]
+                buf.expected = int(batch["n_valid"][0]) * cfg.epochs
+                buf.add(batch["epoch"].numpy(), batch["index"].numpy() - buf.first, out, batch["digest"].numpy())
                 if buf.whole():
                     try:
                         store.write_unit(buf.unit())
                     except OSError as e:  # disk full, quota, permissions: the unit stays unmarked
-                        raise UserError(f"writing data shard {shard} to cache {cfg.out} failed ({e.strerror or e}); "
-                                        f"free space or fix the location, then rerun the same command: it resumes "
+                        raise UserError(f"writing data shard {shard} to cache {store.path} failed ({e.strerror or e});"
+                                        f" free space or fix the location, then rerun the same command: it resumes "
                                         f"after the {len(store.done_units())} complete units") from e
-                    del buffers[shard]
-            written += len(shards)
-            bar.advance(len(shards))
+                    del buffers[i, shard]
+            written += len(batch["shard"])
+            bar.advance(len(batch["shard"]))
     if stopped:  # no collective from here: a rank that got no signal is stopped by its launcher
-        print(f"stopped by {stop.name}: {len(store.done_units())} of {store.num_units} units complete, "
-              f"{len(buffers)} in flight left unmarked; rerun the same command to complete the store "
-              f"(exit status {EXIT_PREEMPTED})", file=sys.stderr)
+        print(f"stopped by {stop.name}: {min(len(s.done_units()) for s in stores)} of {num_units} units complete, "
+              f"{len({shard for _, shard in buffers})} in flight left unmarked; rerun the same command to complete "
+              f"the store (exit status {EXIT_PREEMPTED})", file=sys.stderr)
         raise Preempted("the teacher pass")
     if buffers:  # the stream ended with a unit short of views: a bug, never a silent partial unit
         raise RuntimeError(f"units {sorted(buffers)} ended incomplete; they were not marked done")
@@ -351,9 +395,10 @@ def _cache_teacher(cfg: CacheConfig, stop) -> dict:
     accelerator.wait_for_everyone()
     counts = accelerator.reduce(torch.tensor([written], device=device), reduction="sum")
     total = int(counts.item())
-    return {"store": str(cfg.out), "views_written": total, "units_skipped_as_done": len(done),
-            "units_total": store.num_units, "seconds": elapsed,
+    n_views = max(1, stores[0].epochs * descs[0].dataset.num_samples)
+    return {"store": str(cfg.out), "stores": [str(p) for p in paths], "views_written": total,
+            "units_skipped_as_done": done_before, "units_total": num_units, "seconds": elapsed,
             "views_per_second": total / elapsed if elapsed > 0 else 0.0,
-            "disk_bytes_per_view": store.disk_bytes() / max(1, store.epochs * desc.dataset.num_samples),
-            "raw_bytes_per_view": desc.raw_bytes_per_view, "is_main": accelerator.is_main_process}
+            "disk_bytes_per_view": sum(s.disk_bytes() for s in stores) / n_views,
+            "raw_bytes_per_view": sum(d.raw_bytes_per_view for d in descs), "is_main": accelerator.is_main_process}
 

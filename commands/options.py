@@ -144,9 +144,10 @@ def _annotation(flag: Flag):
     help_ = flag.help
     if flag.kind == "choice":
         help_ = f"{help_} [{'|'.join(map(str, typing.get_args(strip_optional(flag.tp))))}]".strip()
-    cli_type = {"bool": bool, "int": int, "float": float, "path": Path, "kwargs": list[str]}.get(flag.kind, str)
+    cli_type = {"bool": bool, "int": int, "float": float, "path": Path, "kwargs": list[str],
+                "list": list[str]}.get(flag.kind, str)
     if flag.kind == "list":
-        help_ += " (comma-separated)"
+        help_ += " (comma-separated or repeated)"
     if flag.kind == "kwargs":
         help_ += " (name=value, repeatable)"
     if flag.default not in (None, {}, [], False) and "[default:" not in help_ and not dataclasses.is_dataclass(
@@ -179,8 +180,16 @@ def _number(kind: str, value, option: str):
 
 
 def _parse_list(text, item, option: str) -> list:
+    if isinstance(text, list | tuple) and not all(isinstance(t, str) for t in text):
+        items = list(text)  # a file's list
+    else:  # a flag's text, or a repeated flag's (one string per repeat): comma- or space-separated
+        parts = text if isinstance(text, list | tuple) else [text]
+        items = [t for p in parts for t in str(p).replace(",", " ").split()]
+    if item is str:
+        if not all(isinstance(t, str) for t in items):
+            raise UserError(f"{option} {text!r} is not a list of strings")
+        return items
     kind = "int" if item is int else "float"
-    items = text if isinstance(text, list) else str(text).replace(",", " ").split()
     try:
         return [_number(kind, t, option) for t in items]
     except UserError:

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cache.format import CacheRequest
-from cache.targets import CachedTeacher
+from cache.targets import CachedTeacher, TeacherEnsemble
 from cache.teacher import ClassMap, Teacher, TeacherSpec
 from pipeline import preempt
 from pipeline.augment import Recipe, ViewSpec, get_recipe
@@ -101,8 +101,14 @@ class TrainConfig:
         help={"name": "timm model name of the student (timm's pretrained weights fine-tune it: timm replaces the "
                       "classifier when the class count differs)."}))
     loss: LossConfig = field(default_factory=LossConfig, metadata=group())
-    cache: str | Path | None = None
-    """Teacher cache made by `cache-teacher` (path or URL); needed by kd/dkd/ofa unless --teacher-online."""
+    cache: list[str] | None = None
+    """Teacher cache made by `cache-teacher` (path or URL); needed by kd/dkd/ofa unless --teacher-online. Repeat
+    it (or list several) to distil from the ensemble of their teachers (they must hold the same views)."""
+    ensemble: Literal["prob", "logit"] | None = None
+    """With several --cache: the teachers' mean of probabilities at the loss temperature (prob), or mean of
+    logits (logit) [default: prob]."""
+    teacher_weights: list[float] | None = None
+    """With several --cache: one weight per cache, in order, normalised to sum 1 [default: equal]."""
     cache_teacher: str | None = field(default=None, metadata=flag_name("teacher"))
     """With --cache: the teacher the cache must come from (checked)."""
     teacher: TeacherSpec = field(default_factory=TeacherSpec, metadata=group(
@@ -180,6 +186,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        if isinstance(self.cache, str | Path):  # a Python caller's single store
+            self.cache = [str(self.cache)]
+        self.cache = [str(c) for c in self.cache] if self.cache else None
         problems = []
         if self.loss.needs_teacher and not (self.cache or self.teacher.name):
             problems.append(f"method '{self.loss.method}' needs a teacher: pass --cache STORE or --teacher-online NAME")
@@ -195,6 +204,13 @@ class TrainConfig:
                             "--teacher-online, or drop it")
         if self.cache_teacher and not self.cache:
             problems.append("--teacher names the teacher a cache must come from; pass --cache or drop it")
+        several = len(self.cache or ()) > 1
+        if (self.ensemble or self.teacher_weights) and not several:
+            problems.append("--ensemble and --teacher-weights mix the teachers of several caches; pass --cache "
+                            "more than once or drop them")
+        if several and (self.cache_teacher or t.classes):
+            problems.append("--teacher and --teacher-classes check the one teacher of a single --cache; with several "
+                            "caches drop them (each store records its teacher and class map)")
         for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size),
                             ("epochs_per_decode", self.epochs_per_decode),
                             ("grad_accum", self.optim.grad_accum), ("save_every_steps", self.save_every_steps or 1),
@@ -226,7 +242,7 @@ class Data:
     recipe: Recipe
     view_seed: int
     view_epochs: int | None
-    cached: CachedTeacher | None
+    cached: CachedTeacher | TeacherEnsemble | None
 
     @property
     def num_classes(self) -> int:
@@ -235,7 +251,12 @@ class Data:
 
 def open_data(cfg: TrainConfig, say=print) -> Data:
     """Readers and views; with a cache, its recipe and view seed, after checking it fits the request."""
-    cached = CachedTeacher(cfg.cache) if cfg.cache else None
+    if not cfg.cache:
+        cached = None
+    elif len(cfg.cache) == 1:
+        cached = CachedTeacher(cfg.cache[0])
+    else:  # refuses caches of different views, naming the first difference
+        cached = TeacherEnsemble(cfg.cache, cfg.teacher_weights, cfg.ensemble or "prob")
     on_error = cfg.on_error or (cached.on_error if cached else "raise")  # skip what the teacher pass skipped
     train_reader = ShardReader(cfg.data, cfg.train_split, on_error=on_error)
     val_reader = ShardReader(cfg.data, cfg.val_split, manifest=train_reader.manifest)
@@ -251,7 +272,8 @@ def open_data(cfg: TrainConfig, say=print) -> Data:
     request = CacheRequest(manifest_hash=train_reader.manifest.split_hash(cfg.train_split), split=cfg.train_split,
                            recipe=recipe.to_dict() if recipe else None, seed=cfg.views.seed, teacher=cfg.cache_teacher,
                            classes=class_map.to_dict() if class_map else None)
-    cached.store.check_request(request)
+    for member in getattr(cached, "members", [cached]):
+        member.store.check_request(request)
     if cfg.view_epochs and cfg.view_epochs != cached.epochs:
         raise UserError(f"--view-epochs {cfg.view_epochs} differs from the cache's {cached.epochs} epochs; omit it")
     if cfg.epochs > cached.epochs:
@@ -271,7 +293,7 @@ def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
         about_teacher = {"name": t.name, "weights": t.weights,
                          "classes": t.class_map.to_dict() if t.class_map else None}
     elif data.cached is not None:
-        teacher, teacher_width = data.cached.source(cfg.loss.T), data.cached.description.teacher.num_features
+        teacher, teacher_width = data.cached.source(cfg.loss.T), data.cached.width
     spec = cfg.student
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -753,7 +775,7 @@ def train_loop(runs: list[Run]) -> list[dict]:
                     "order_seed": data_order_seed(cfg), "eval_crop_pct": run.eval_recipe.eval_crop_pct,
                     "num_classes": data.num_classes, "loss": {**dataclasses.asdict(cfg.loss), "T": cfg.loss.T},
                     "processes": accelerator.num_processes, "mixed_precision": run.mixed_precision,
-                    "cache_teacher": data.cached.description.teacher.to_attrs() if data.cached else None,
+                    "cache_teacher": data.cached.teacher_attrs() if data.cached else None,
                     **run.model.describe()}
         if len(runs) > 1:  # the runs trained from the same view stream (--runs)
             resolved["stream_runs"] = [str(r.cfg.out) for r in runs]

@@ -1,0 +1,148 @@
+"""Teachers side by side (issue 21 item 4): train-student from several caches of the same views."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cache.targets import TeacherEnsemble
+from conftest import SMALL_STORE, run_cli
+
+
+@pytest.fixture(scope="session")
+def second_store(small_digits, tmp_path_factory):
+    """small_store's views (SMALL_STORE) with another teacher (a test_vit), made by its own single-teacher pass."""
+    from cache.teacher_pass import CacheConfig, cache_teacher
+    from commands.options import build
+    out = tmp_path_factory.mktemp("second_store") / "vit.zarr"
+    kw = {**SMALL_STORE, "teacher": "test_vit", "model_kwargs": {"img_size": 32, "patch_size": 4}, "topk": 3}
+    cache_teacher(build(CacheConfig, data=small_digits, out=out, progress=False, **kw))
+    return out
+
+
+def test_ensemble_targets_are_the_weighted_mean_of_the_teachers(small_digits, small_store, second_store):
+    one = TeacherEnsemble([small_store], None)  # each teacher alone, as a one-member ensemble reads it
+    prob = TeacherEnsemble([small_store, second_store], [1, 3], "prob")
+    logit = TeacherEnsemble([small_store, second_store], [1, 3], "logit")
+    views = prob.members[0].views(small_digits, epoch=1)
+    views.join = prob.join
+    batch = next(iter(DataLoader(views, batch_size=32)))
+    za = one.members[0].logits(batch)  # [B, C] reconstructed from top-4
+    zb = prob.members[1].logits(batch)  # from top-3
+    assert not torch.allclose(za, zb)
+    T = 4.0
+    p = 0.25 * torch.softmax(za / T, 1) + 0.75 * torch.softmax(zb / T, 1)
+    torch.testing.assert_close(torch.softmax(prob.source(T)(batch) / T, 1), p)
+    torch.testing.assert_close(logit.source(T)(batch), 0.25 * za + 0.75 * zb)
+    assert prob.width == max(m.width for m in prob.members)
+
+
+@pytest.mark.slow
+def test_train_student_distils_from_two_caches(small_digits, small_store, second_store, tmp_path):
+    common = ["--data", small_digits, "--student", "test_resnet", "--epochs", 1, "--batch-size", 32, "--workers", 0,
+              "--max-steps-per-epoch", 3, "--quiet"]
+    run_cli("train-student", *common, "--method", "ofa", "--cache", small_store, "--cache", second_store,
+            "--teacher-weights", "1,2", "--ensemble", "logit", "--out", tmp_path / "ens", check=True)
+    metrics = json.loads((tmp_path / "ens" / "metrics.json").read_text())
+    assert np.isfinite(metrics["history"][-1]["train/loss"])
+    teachers = json.loads((tmp_path / "ens" / "config.json").read_text())["resolved"]["cache_teacher"]
+    assert [t["name"] for t in teachers] == ["test_resnet", "test_vit"]
+    assert [round(t["ensemble_weight"], 4) for t in teachers] == [0.3333, 0.6667]
+
+
+def test_caches_of_other_views_or_a_wrong_weight_count_are_refused(small_digits, small_store, tmp_path):
+    from cache.teacher_pass import CacheConfig, cache_teacher
+    from commands.options import build
+    other = tmp_path / "seed1.zarr"
+    cache_teacher(build(CacheConfig, data=small_digits, out=other, progress=False, **{**SMALL_STORE, "seed": 1}))
+    common = ["--data", small_digits, "--student", "test_resnet", "--method", "kd", "--workers", 0, "--quiet"]
+    p = run_cli("train-student", *common, "--cache", small_store, "--cache", other, "--out", tmp_path / "a")
+    assert p.returncode == 2, p.stderr
+    assert f"caches {small_store} and {other} do not hold the same views" in p.stderr
+    assert f"view seed is 1, in {small_store} 0" in p.stderr
+    assert not (tmp_path / "a").exists()
+    p = run_cli("train-student", *common, "--cache", small_store, "--cache", small_store, "--teacher-weights", "1,2,3",
+                "--out", tmp_path / "b")
+    assert p.returncode == 2 and "gives 3 weights for 2 caches" in p.stderr, p.stderr
+    assert not (tmp_path / "b").exists()
+    p = run_cli("train-student", *common, "--cache", small_store, "--ensemble", "logit", "--out", tmp_path / "c")
+    assert p.returncode == 2 and "pass --cache more than once" in p.stderr, p.stderr
+    tail = tmp_path / "tail.zarr"  # the same views with a sampled tail: refused, not mixed with bias
+    cache_teacher(build(CacheConfig, data=small_digits, out=tail, progress=False, tail_samples=4, **SMALL_STORE))
+    p = run_cli("train-student", *common, "--cache", small_store, "--cache", tail, "--out", tmp_path / "d")
+    assert p.returncode == 2 and f"cache {tail} holds a sampled tail" in p.stderr, p.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def _same_store(a, b):
+    """Arrays, group attributes and unit records of two stores are equal."""
+    from cache.format import NAMES
+    from cache.store import CacheStore
+    sa, sb = CacheStore(a), CacheStore(b)
+    assert sa.description == sb.description
+    for name in NAMES:
+        assert np.array_equal(sa.read_all(name), sb.read_all(name)), name
+    assert sa.done_units() == sb.done_units()
+    for u in sa.done_units():
+        assert sa.unit_info(u) == sb.unit_info(u), u
+
+
+@pytest.fixture(scope="session")
+def side_by_side(small_digits, small_store, tmp_path_factory):
+    """One pass of small_store's request with a second teacher (test_convnext), and test_convnext's own pass."""
+    from cache.teacher_pass import CacheConfig, cache_teacher
+    from commands.options import build
+    root = tmp_path_factory.mktemp("side_by_side")
+    summary = cache_teacher(build(CacheConfig, data=small_digits, out=root / "both", progress=False,
+                                  add_teacher=["test_convnext"], **SMALL_STORE))
+    cache_teacher(build(CacheConfig, data=small_digits, out=root / "convnext.zarr", progress=False,
+                        **{**SMALL_STORE, "teacher": "test_convnext"}))
+    return root, summary
+
+
+def test_a_two_teacher_pass_writes_each_single_teacher_store(small_store, side_by_side):
+    root, summary = side_by_side
+    assert summary["stores"] == [str(root / "both" / "0-test_resnet.zarr"), str(root / "both" / "1-test_convnext.zarr")]
+    assert summary["views_written"] == 2 * 270  # each view built once
+    _same_store(small_store, root / "both" / "0-test_resnet.zarr")
+    _same_store(root / "convnext.zarr", root / "both" / "1-test_convnext.zarr")
+
+
+def test_a_killed_two_teacher_pass_redoes_only_what_each_store_misses(small_digits, side_by_side, tmp_path,
+                                                                       monkeypatch):
+    from cache.store import CacheStore
+    from cache.teacher_pass import CacheConfig, cache_teacher
+    from commands.options import build
+    root, _ = side_by_side
+    cfg = build(CacheConfig, data=small_digits, out=tmp_path / "both", progress=False, add_teacher=["test_convnext"],
+                **SMALL_STORE)
+    real, writes = CacheStore.write_unit, []
+
+    def dying_write(self, unit):
+        if len(writes) == 5:  # unit 2 is written to the first store, not the second
+            raise KeyboardInterrupt("simulated kill")
+        writes.append((self.path.name, unit.shard))
+        real(self, unit)
+
+    monkeypatch.setattr(CacheStore, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher(cfg)
+    first = [CacheStore(p).done_units() for _, p in cfg.teachers]
+    assert first == [{0, 1, 2}, {0, 1}]
+    writes.clear()
+    monkeypatch.setattr(CacheStore, "write_unit", lambda self, unit: (writes.append((self.path.name, unit.shard)),
+                                                                      real(self, unit)))
+    cache_teacher(cfg)
+    assert sorted(writes) == sorted([("0-test_resnet.zarr", u) for u in range(3, 6)] +
+                                    [("1-test_convnext.zarr", u) for u in range(2, 6)])
+    for (_, mine), theirs in zip(cfg.teachers, sorted((root / "both").iterdir()), strict=True):
+        _same_store(theirs, mine)
+
+
+def test_ambiguous_teacher_options_are_refused(small_digits, tmp_path):
+    p = run_cli("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--model-kwargs", "drop_rate=0.1",
+                "--add-teacher", "test_vit", "--out", tmp_path / "x")
+    assert p.returncode == 2 and "ambiguous with --add-teacher" in p.stderr, p.stderr
+    assert not (tmp_path / "x").exists()
