@@ -377,7 +377,7 @@ class Location:
         failure (an outage would read as a missing file), `info` raises it, and `retrying` retries it."""
         try:
             return self.fs.info(path)["type"]
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a path under a file does not exist either
             return None
 
     def exists(self) -> bool:
