@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,14 @@ def _upload_small_digits(small_digits, url: str) -> str:
     classes, splits = digits_source()
     write_split(url, "train", classes, splits["train"][:270], name="digits-small", shard_size=48, progress=False)
     write_split(url, "val", classes, splits["val"][:96], name="digits-small", shard_size=48, progress=False)
+    return url
+
+
+def _upload_store(local: Path, url: str) -> str:
+    """A local store's files copied byte for byte to `url`."""
+    for f in local.rglob("*"):
+        if f.is_file():
+            Location(url).child(f.relative_to(local).as_posix()).write_atomic(f.read_bytes())
     return url
 
 
@@ -326,10 +335,7 @@ def test_a_streamed_shard_survives_cut_answers_bit_for_bit(small_digits, bucket,
 def test_views_from_a_bucket_read_ahead_equal_the_local_ones(small_digits, local_ref, bucket):
     from cache.targets import TEACHER_KEY, CachedTeacher
     data = _upload_small_digits(small_digits, f"{bucket}/data")
-    out = f"{bucket}/teacher.zarr"
-    for f in local_ref.rglob("*"):
-        if f.is_file():
-            Location(out).child(f.relative_to(local_ref).as_posix()).write_atomic(f.read_bytes())
+    out = _upload_store(local_ref, f"{bucket}/teacher.zarr")
     streams = []
     for cache, d in ((local_ref, small_digits), (out, data)):
         views = CachedTeacher(cache).views(d, epoch=1)
@@ -354,11 +360,7 @@ def test_training_from_the_bucket_ends_with_the_same_weights_as_from_local_disk(
                                                                                 tmp_path, processes):
     from safetensors.numpy import load_file
     data = _upload_small_digits(small_digits, f"{bucket}/data")
-    out = f"{bucket}/teacher.zarr"
-    # the store's bytes copied as they are: training must read the same cache from both places
-    for f in local_ref.rglob("*"):
-        if f.is_file():
-            Location(out).child(f.relative_to(local_ref).as_posix()).write_atomic(f.read_bytes())
+    out = _upload_store(local_ref, f"{bucket}/teacher.zarr")  # training must read the same cache from both places
     args = ["--student", "test_resnet", "--method", "ofa", "--epochs", "1", "--max-steps-per-epoch", "3",
             "--batch-size", "16", "--workers", "1", "--mixed-precision", "no", "--quiet"]
     weights = []
@@ -470,10 +472,7 @@ def test_training_through_dropped_connections_ends_with_the_clean_runs_weights(s
                                                                                proxy, tmp_path):
     from safetensors.numpy import load_file
     data = _upload_small_digits(small_digits, f"{bucket}/data")
-    out = f"{bucket}/teacher.zarr"
-    for f in local_ref.rglob("*"):
-        if f.is_file():
-            Location(out).child(f.relative_to(local_ref).as_posix()).write_atomic(f.read_bytes())
+    out = _upload_store(local_ref, f"{bucket}/teacher.zarr")
     args = ["--student", "test_resnet", "--method", "ofa", "--epochs", "1", "--max-steps-per-epoch", "4",
             "--batch-size", "16", "--workers", "1", "--mixed-precision", "no", "--quiet"]
     run_cli("train-student", "--data", small_digits, "--cache", local_ref, "--out", tmp_path / "clean", *args,
