@@ -278,6 +278,10 @@ class EnsembleJoin:
                 o.update(extra)
         return out
 
+    def prefetch(self, epoch: int, shards: list[int]) -> None:
+        for join in self.joins:  # every member's rows ahead, as for one cache
+            join.prefetch(epoch, shards)
+
 
 class TeacherEnsemble:
     """Several complete caches of the same views (dataset, split, recipe, view seed, epochs, classes, corrupt-
