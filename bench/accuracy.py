@@ -14,14 +14,22 @@ heterogeneous teacher/student pairs, several seeds, on a dataset slice sized for
         --work runs/accuracy-tiny50 --name accuracy_tiny50_per_decode --label "Tiny-ImageNet, first 50 classes" \
         --seeds 0 1 --pairs cnn-vit --methods ofa --epochs-per-decode 1 4
 
-Runs are resumable (a finished run is not redone); results go to bench/results/<name>.{json,md,png}. A method
-run at G > 1 epochs per decode is reported as METHOD-gG (run directory METHOD-gG-seedS).
+    # what the cache keeps (issue 21): full logits (k = C) vs top-10 vs top-5 + 4 sampled tail classes (about
+    # top-10's bytes), OFA, 2 seeds, same student and views; with G = 4 beside them (issue 20) in one table:
+    python bench/accuracy.py --data runs/data/tiny50 --val-split val --train-shards 25 --val-shards 3 \
+        --work runs/accuracy-tiny50 --name accuracy_tiny50_cache_contents --label "Tiny-ImageNet, first 50 classes" \
+        --seeds 0 1 --pairs cnn-vit --variants ofa ofa-g4 ofa@top50 ofa@top5+s4
+
+Runs are resumable (a finished run is not redone); results go to bench/results/<name>.{json,md,png}. A variant
+is METHOD[-gG][@STORE]: METHOD at G epochs per decode (default 1) from a cache holding STORE (topK or
+topK+sM: top-k plus M sampled tail classes; default top10). Its run directory is VARIANT-seedS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +48,27 @@ PAIRS = {  # name -> teacher (name, kwargs, lr, opt), student (name, kwargs, lr,
     "vit-cnn": (("test_vit", VIT, 2e-3, "adamw"), ("test_resnet", [], 0.1, "sgd")),
 }
 METHODS = ("ce", "kd", "dkd", "ofa", "ofa-online")
+DEFAULT_STORE = "top10"
+VARIANT = re.compile(r"(?P<method>[a-z-]+?)(?:-g(?P<g>\d+))?(?:@(?P<store>top\d+(?:\+s\d+)?))?")
+STORE = re.compile(r"top(?P<k>\d+)(?:\+s(?P<m>\d+))?")
+
+
+def parse_variant(text: str) -> tuple[str, int, str]:
+    """'ofa-g4@top5+s4' -> ('ofa', 4, 'top5+s4')."""
+    m = VARIANT.fullmatch(text)
+    if m is None or m["method"] not in METHODS:
+        raise SystemExit(f"--variants: '{text}' is not METHOD[-gG][@topK[+sM]] with METHOD one of {', '.join(METHODS)}")
+    return m["method"], int(m["g"] or 1), m["store"] or DEFAULT_STORE
+
+
+def store_flags(store: str) -> list:
+    m = STORE.fullmatch(store)
+    return ["--topk", int(m["k"])] + (["--tail-samples", int(m["m"])] if m["m"] else [])
+
+
+def store_path(work: Path, t_name: str, store: str) -> Path:
+    # the default store keeps its old name, so runs made before variants existed are reused
+    return work / (f"teacher-{t_name}.zarr" if store == DEFAULT_STORE else f"teacher-{t_name}-{store}.zarr")
 
 
 def slice_dataset(src: Path, dest: Path, train_shards: int, val_shards: int, val_split: str) -> Path:
@@ -84,8 +113,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--epochs-per-decode", type=int, nargs="+", default=[1],
                     help="run each method at each of these --epochs-per-decode (G > 1 reported as METHOD-gG)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="explicit runs METHOD[-gG][@topK[+sM]] instead of --methods x --epochs-per-decode")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
+    if args.variants is None:
+        args.variants = [label(m, g, DEFAULT_STORE) for g in args.epochs_per_decode for m in args.methods]
+    variants = [parse_variant(v) for v in args.variants]
     data = slice_dataset(args.data, args.work / "data", args.train_shards, args.val_shards, args.val_split)
     common = ["--data", data, "--recipe", args.recipe, "--batch-size", 64, "--workers", 1]
     if not args.report_only:
@@ -96,18 +130,19 @@ def main(argv=None) -> dict:
                 cli("train-student", *common, "--student", t_name, *t_kw, "--method", "ce", "--epochs",
                     args.teacher_epochs, "--lr", t_lr, "--optimizer", t_opt, "--weight-decay",
                     5e-4 if t_opt == "sgd" else 0.05, "--warmup-epochs", 1, "--out", tdir)
-            store = args.work / f"teacher-{t_name}.zarr"
-            if not (store / "_units").exists() or len(list((store / "_units").glob("*.json"))) < args.train_shards:
-                cli("cache-teacher", "--data", data, "--teacher", t_name,
-                    *t_kw, "--checkpoint",
-                    tdir / "model.safetensors", "--recipe", args.recipe, "--epochs", args.epochs, "--topk", 10,
-                    "--batch-size", 250, "--workers", 1, "--out", store)
+            for store_kind in dict.fromkeys(st for method, _, st in variants if method not in ("ce", "ofa-online")):
+                store = store_path(args.work, t_name, store_kind)
+                if not (store / "_units").exists() or len(list((store / "_units").glob("*.json"))) < args.train_shards:
+                    cli("cache-teacher", "--data", data, "--teacher", t_name,
+                        *t_kw, "--checkpoint",
+                        tdir / "model.safetensors", "--recipe", args.recipe, "--epochs", args.epochs,
+                        *store_flags(store_kind), "--batch-size", 250, "--workers", 1, "--out", store)
         for seed in args.seeds:  # seeds outermost: every finished seed is a complete comparison
             for pair in args.pairs:
                 (t_name, t_kw, _, _), (s_name, s_kw, s_lr, s_opt) = PAIRS[pair]
-                tdir, store = args.work / f"teacher-{t_name}", args.work / f"teacher-{t_name}.zarr"
-                for method, g in ((m, g) for g in args.epochs_per_decode for m in args.methods):
-                    run = args.work / pair / f"{label(method, g)}-seed{seed}"
+                tdir = args.work / f"teacher-{t_name}"
+                for method, g, store_kind in variants:
+                    run = args.work / pair / f"{label(method, g, store_kind)}-seed{seed}"
                     if (run / "metrics.json").exists():
                         continue
                     if method == "ofa-online":
@@ -117,24 +152,27 @@ def main(argv=None) -> dict:
                     elif method == "ce":
                         src = ["--method", "ce"]
                     else:
-                        src = ["--method", method, "--cache", store]
+                        src = ["--method", method, "--cache", store_path(args.work, t_name, store_kind)]
                     cli("train-student", *common, "--student", s_name, *s_kw, *src, "--epochs", args.epochs,
                         "--lr", s_lr, "--optimizer", s_opt, "--weight-decay", 5e-4 if s_opt == "sgd" else 0.05,
                         "--warmup-epochs", 1, "--seed", seed, "--epochs-per-decode", g, "--out", run)
     return report(args)
 
 
-def label(method: str, per_decode: int) -> str:
-    return method if per_decode == 1 else f"{method}-g{per_decode}"
+def label(method: str, per_decode: int, store: str = DEFAULT_STORE) -> str:
+    return method + (f"-g{per_decode}" if per_decode != 1 else "") + (f"@{store}" if store != DEFAULT_STORE else "")
 
 
 def report(args) -> dict:
     m = load_manifest(args.work / "data")
-    args.methods = [label(method, g) for g in args.epochs_per_decode for method in args.methods]
+    args.methods = [label(*parse_variant(v)) for v in args.variants]
     out = {"setup": {"data": args.label, "classes": len(m.classes), "train_images": m.split("train").count,
                      "val_images": m.split("val").count, "resolution": get_recipe(args.recipe).input_size,
                      "student_epochs": args.epochs,
-                     "teacher_epochs": args.teacher_epochs, "recipe": args.recipe, "topk": 10},
+                     "teacher_epochs": args.teacher_epochs, "recipe": args.recipe,
+                     "stores": {st: {"flags": " ".join(map(str, store_flags(st))),
+                                     "raw_bytes_per_view": _bytes(st, len(m.classes))}
+                                for st in dict.fromkeys(s for _, _, s in map(parse_variant, args.variants))}},
            "pairs": {}}
     lines = ["| pair (teacher -> student) | teacher top-1 | " + " | ".join(args.methods) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in args.methods) + " |"]
@@ -165,6 +203,13 @@ def report(args) -> dict:
     _plot(curves, RESULTS / f"{args.name}.png", args.label)
     save(args.name, out)
     return out
+
+
+def _bytes(store: str, num_classes: int) -> int:
+    from cache.format import raw_bytes_per_view
+    m = STORE.fullmatch(store)
+    k, samples = int(m["k"]), int(m["m"] or 0)
+    return raw_bytes_per_view(k, num_classes, samples, 1 if samples else 0)  # one extra temperature (T = 4) by default
 
 
 def _plot(curves: dict, path: Path, label: str) -> None:

@@ -134,6 +134,18 @@ def small_store(small_digits, tmp_path_factory) -> Path:
     yield from shared(out)
 
 
+@pytest.fixture(scope="session")
+def second_store(small_digits, tmp_path_factory) -> Path:
+    """small_store's views (SMALL_STORE) with another teacher (a test_vit, top-3), made by its own single-teacher
+    pass: the second member of the ensembles in test_ensemble and test_object_store. Shared: read-only."""
+    from cache.teacher_pass import CacheConfig, cache_teacher
+    from commands.options import build
+    out = tmp_path_factory.mktemp("second_store") / "vit.zarr"
+    kw = {**SMALL_STORE, "teacher": "test_vit", "model_kwargs": {"img_size": 32, "patch_size": 4}, "topk": 3}
+    cache_teacher(build(CacheConfig, data=small_digits, out=out, progress=False, **kw))
+    yield from shared(out)
+
+
 def jpeg_bytes(seed=0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")

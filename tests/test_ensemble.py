@@ -11,17 +11,6 @@ from cache.targets import TeacherEnsemble
 from conftest import SMALL_STORE, run_cli
 
 
-@pytest.fixture(scope="session")
-def second_store(small_digits, tmp_path_factory):
-    """small_store's views (SMALL_STORE) with another teacher (a test_vit), made by its own single-teacher pass."""
-    from cache.teacher_pass import CacheConfig, cache_teacher
-    from commands.options import build
-    out = tmp_path_factory.mktemp("second_store") / "vit.zarr"
-    kw = {**SMALL_STORE, "teacher": "test_vit", "model_kwargs": {"img_size": 32, "patch_size": 4}, "topk": 3}
-    cache_teacher(build(CacheConfig, data=small_digits, out=out, progress=False, **kw))
-    return out
-
-
 def test_ensemble_targets_are_the_weighted_mean_of_the_teachers(small_digits, small_store, second_store):
     one = TeacherEnsemble([small_store], None)  # each teacher alone, as a one-member ensemble reads it
     prob = TeacherEnsemble([small_store, second_store], [1, 3], "prob")

@@ -352,6 +352,30 @@ def test_views_from_a_bucket_read_ahead_equal_the_local_ones(small_digits, local
             torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
 
 
+def test_an_ensemble_of_caches_in_a_bucket_reads_every_member_ahead_and_equals_local(small_digits, local_ref,
+                                                                                   second_store, bucket):
+    from cache.targets import TeacherEnsemble
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    remote = [_upload_store(p, f"{bucket}/{i}.zarr") for i, p in enumerate((local_ref, second_store))]
+    streams = []
+    for caches, d in (((local_ref, second_store), small_digits), (remote, data)):
+        ens = TeacherEnsemble(list(caches), [1, 3], "prob")
+        views = ens.members[0].views(d, epoch=1)
+        views.join = ens.join  # as train-student joins an ensemble
+        streams.append(list(views))
+        if d == data:  # every member's rows came through its own read-ahead, unit by unit, in order
+            for join in ens.join.joins:
+                store = join.store
+                assert store._ahead._next == store.num_units and not store._ahead._futures
+    local, remote_views = streams
+    assert [v["index"] for v in local] == [v["index"] for v in remote_views]
+    for a, b in zip(local, remote_views, strict=True):
+        assert torch.equal(a["view"], b["view"])
+        for key in ("teacher", "teacher.1"):  # both members' targets, exactly
+            for x, y in zip(a[key], b[key], strict=True):
+                torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------------------- training
 
 @pytest.mark.slow
