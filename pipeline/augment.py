@@ -94,6 +94,11 @@ def preserved_globals():
         torch.default_generator.set_state(torch_state)
 
 
+def global_seed(rng: np.random.Generator) -> int:
+    """The seed `seeded_globals(rng)` gives the global generators (its first draw from `rng`)."""
+    return int(rng.integers(0, 2**32))
+
+
 @contextmanager
 def seeded_globals(rng: np.random.Generator):
     """Run timm's random transforms as a function of `rng`: the global `random`, numpy and torch (CPU)
@@ -102,7 +107,7 @@ def seeded_globals(rng: np.random.Generator):
 
     Process-global state: call it from one thread at a time (the views are built in the data-loader workers
     or the main thread, never in two threads of one process)."""
-    seed = int(rng.integers(0, 2**32))
+    seed = global_seed(rng)
     with preserved_globals():
         random.seed(seed)
         np.random.seed(seed)
@@ -162,14 +167,25 @@ def auto_augment(img: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
     return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1)  # channels-last; base_view packs it
 
 
+def erases(recipe: Recipe, vseed: int) -> bool:
+    """Whether timm's RandomErasing erases the view of `vseed` at all. Its first draw decides it: no box when
+    `random.random() > probability` (timm.data.random_erasing.RandomErasing._erase), drawn from the global stream
+    `seeded_globals` seeds; reading that one number from a private generator seeded the same way skips the
+    canvas (a full-size allocation, the noise, the scan for the box: ~0.5 ms at 224 px) for the views that are
+    not erased, 1 - erase_prob of them. Written by hand because timm only erases in place; tests/test_augment.py
+    checks it against the full path, so a timm that drew otherwise fails there, not silently here."""
+    return random.Random(global_seed(draw_rng(vseed, DRAW_ERASE))).random() <= recipe.erase_prob
+
+
 def erase(view: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
     """timm's RandomErasing of a float view [3, S, S] in [0, 1], drawn from the view's DRAW_ERASE stream.
 
     timm erases the normalised tensor; here it erases a NaN canvas, so that the box and its noise are exactly
     timm's while the pixels outside the box stay bit for bit; the noise z is mapped back to the view's space
     as norm_mean + norm_std * z (a model normalising by (norm_mean, norm_std) sees z again, to float rounding).
-    Erased pixels may fall outside [0, 1], as they do in timm."""
-    if recipe.erase_prob <= 0:
+    Erased pixels may fall outside [0, 1], as they do in timm. A view that is not erased comes back as the same
+    tensor object (`shard_views` relies on it)."""
+    if recipe.erase_prob <= 0 or not erases(recipe, vseed):
         return view
     canvas = torch.full_like(view, float("nan"))
     with seeded_globals(draw_rng(vseed, DRAW_ERASE)):

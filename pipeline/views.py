@@ -95,7 +95,6 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
     with preserved_globals():  # timm's ops reseed the global generators: save them once for the whole shard
         bases = {s.index: base_view(s, recipe, seeds[s.index]) for s in samples}  # each decoded for its crop
     labels = {s.index: s.label for s in samples}
-    erases = recipe.erase_prob > 0
 
     def view(s: Sample) -> dict:
         rec = mix_record(recipe, seeds[s.index], s.index, first, count)
@@ -106,10 +105,12 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
         own = to_view(bases[s.index])
         mixed = rec.mode != MIX_NONE
         # erased after mixing, as timm's loader does it (its collate mixes, then the prefetcher erases)
-        v = erase(mix(own, bases[rec.partner] if mixed else None, rec, inplace=True), recipe, rec.view_seed)
+        m = mix(own, bases[rec.partner] if mixed else None, rec, inplace=True)
+        v = erase(m, recipe, rec.view_seed)
         return {"view": v, "label": s.label, "partner_label": labels[rec.partner] if mixed else s.label,
                 "lam": rec.lam, "index": s.index, "view_seed": rec.view_seed,
-                "partner": rec.partner, "mix_mode": rec.mode, "digest": view_digest(v, erases)}
+                "partner": rec.partner, "mix_mode": rec.mode,
+                "digest": view_digest(v, clip=v is not m)}  # only an erased view can leave [0, 1]
 
     for i in range(0, len(samples), VIEW_CHUNK):
         with preserved_globals():  # erasing reseeds them too: saved once per chunk, restored before yielding

@@ -17,6 +17,7 @@ from pipeline.augment import (
     base_view,
     draw_rng,
     erase,
+    erases,
     eval_view,
     get_recipe,
     mix,
@@ -193,6 +194,24 @@ def test_randaugment_and_erasing_pixels_are_timms():
         torch.testing.assert_close(got[box], want[box], rtol=0, atol=1e-5)  # ...and its noise to float rounding
         erased += bool(box.any())
     assert augmented >= 16 and 2 <= erased <= 12  # ops (each with p 0.5) and erasing (p 0.25) really happen
+
+
+@pytest.mark.parametrize("prob", [0.25, 0.5, 1.0])
+def test_the_erase_shortcut_agrees_with_timms_erasing_on_every_view(prob):
+    """`erases` (one draw read ahead) says exactly which views timm's RandomErasing, run on a canvas under the
+    view's seeding, writes a box into: a timm that drew in another order would fail here."""
+    from timm.data.random_erasing import RandomErasing
+    recipe = dataclasses.replace(PRESETS["imagenet-vit"], erase_prob=prob)
+    timm_erasing = RandomErasing(probability=prob, mode="pixel", device="cpu")
+    said = []
+    for i in range(300):
+        vs = view_seed(0, 1, i)
+        canvas = torch.full((3, 16, 16), float("nan"))
+        with seeded_globals(draw_rng(vs, DRAW_ERASE)):
+            timm_erasing(canvas)
+        said.append(erases(recipe, vs))
+        assert said[-1] == bool((~canvas.isnan()).any()), i
+    assert 0.6 * prob * 300 <= sum(said) <= min(300, 1.4 * prob * 300)  # both answers really occur
 
 
 def test_random_interpolation_picks_either_kernel_per_view():
