@@ -161,7 +161,8 @@ def _random_erasing(recipe: Recipe) -> RandomErasing:
 def auto_augment(img: torch.Tensor, recipe: Recipe, vseed: int) -> torch.Tensor:
     """timm's auto-augment of a uint8 [3, S, S] view, drawn from the view's DRAW_AUTO stream (the uint8 <-> PIL
     round trip is exact, so the pixels are the ones timm's transform makes of this image)."""
-    pil = Image.fromarray(np.ascontiguousarray(img.permute(1, 2, 0).numpy()))  # no copy when channels-last
+    # planes -> interleaved RGB in Pillow's own loop: ~7x faster than numpy's strided copy of the permuted tensor
+    pil = Image.merge("RGB", [Image.fromarray(plane) for plane in img.numpy()])
     with seeded_globals(draw_rng(vseed, DRAW_AUTO)):
         pil = _auto_augment(recipe)(pil)
     return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1)  # channels-last; base_view packs it
@@ -542,7 +543,7 @@ def mix_record(recipe: Recipe, vseed: int, index: int, first: int, count: int) -
 
 def mix(own: torch.Tensor, partner: torch.Tensor | None, rec: MixRecord, inplace: bool = False) -> torch.Tensor:
     """The mixed view: `own` float [3, S, S]; `partner` its float view or its uint8 base view (then only the part
-    the mix uses is converted: the cutmix box). `inplace`: cutmix may write into `own`."""
+    the mix uses is converted: the cutmix box). `inplace`: the mix may write into `own`."""
     if rec.mode == MIX_NONE or partner is None:
         return own
     if rec.mode == MIX_CUTMIX:
@@ -551,7 +552,9 @@ def mix(own: torch.Tensor, partner: torch.Tensor | None, rec: MixRecord, inplace
         box = partner[:, y0:y1, x0:x1]
         out[:, y0:y1, x0:x1] = to_view(box) if box.dtype == torch.uint8 else box
         return out
-    return own * rec.lam + (to_view(partner) if partner.dtype == torch.uint8 else partner) * (1.0 - rec.lam)
+    # own * lam + partner * (1 - lam), the same float32 operations, without two temporaries of the view's size
+    other = to_view(partner).mul_(1.0 - rec.lam) if partner.dtype == torch.uint8 else partner * (1.0 - rec.lam)
+    return (own.mul_(rec.lam) if inplace else own * rec.lam).add_(other)
 
 
 def eval_view(image, recipe: Recipe) -> torch.Tensor:
