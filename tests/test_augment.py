@@ -214,6 +214,20 @@ def test_the_erase_shortcut_agrees_with_timms_erasing_on_every_view(prob):
     assert 0.6 * prob * 300 <= sum(said) <= min(300, 1.4 * prob * 300)  # both answers really occur
 
 
+def test_mixup_is_timms_blend_in_float32_whichever_way_the_partner_comes():
+    """mix(): own * lam + partner * (1 - lam) as timm's Mixup computes it on [0, 1] views, bit for bit, from a
+    float partner or its uint8 base view, in place or not (in place leaves the partner alone)."""
+    own, partner = to_view(_image(3, 40, 40)), _image(4, 40, 40).permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    for lam in (0.0, 0.37, 0.999):
+        rec = dataclasses.replace(mix_record(PRESETS["imagenet-vit"], 1, 0, 0, 2), lam=lam, mode=MIX_MIXUP)
+        want = own * lam + (partner.float() / 255) * (1 - lam)
+        for p in (partner, to_view(partner)):
+            before = p.clone()
+            assert torch.equal(mix(own, p, rec), want)
+            assert torch.equal(mix(own.clone(), p, rec, inplace=True), want)
+            assert torch.equal(p, before)
+
+
 def test_random_interpolation_picks_either_kernel_per_view():
     recipe = dataclasses.replace(PRESETS["imagenet-cnn"], input_size=40, interpolation="random")
     image, kernels = _image(1), []
