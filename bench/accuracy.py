@@ -15,14 +15,16 @@ heterogeneous teacher/student pairs, several seeds, on a dataset slice sized for
         --seeds 0 1 --pairs cnn-vit --methods ofa --epochs-per-decode 1 4
 
     # what the cache keeps (issue 21): full logits (k = C) vs top-10 vs top-5 + 4 sampled tail classes (about
-    # top-10's bytes), OFA, 2 seeds, same student and views; with G = 4 beside them (issue 20) in one table:
+    # top-10's bytes; drawn at T = 1, the temperature OFA trains at), OFA, 2 seeds, same student and views; with
+    # G = 4 beside them (issue 20) in one table:
     python bench/accuracy.py --data runs/data/tiny50 --val-split val --train-shards 25 --val-shards 3 \
         --work runs/accuracy-tiny50 --name accuracy_tiny50_cache_contents --label "Tiny-ImageNet, first 50 classes" \
-        --seeds 0 1 --pairs cnn-vit --variants ofa ofa-g4 ofa@top50 ofa@top5+s4
+        --seeds 0 1 --pairs cnn-vit --variants ofa ofa-g4 ofa@top50 ofa@top5+s4t1
 
 Runs are resumable (a finished run is not redone); results go to bench/results/<name>.{json,md,png}. A variant
-is METHOD[-gG][@STORE]: METHOD at G epochs per decode (default 1) from a cache holding STORE (topK or
-topK+sM: top-k plus M sampled tail classes; default top10). Its run directory is VARIANT-seedS.
+is METHOD[-gG][@STORE]: METHOD at G epochs per decode (default 1) from a cache holding STORE (topK, or
+topK+sM[tT]: top-k plus M sampled tail classes drawn at temperature T, by default cache-teacher's; default
+top10). Its run directory is VARIANT-seedS.
 """
 
 from __future__ import annotations
@@ -49,21 +51,23 @@ PAIRS = {  # name -> teacher (name, kwargs, lr, opt), student (name, kwargs, lr,
 }
 METHODS = ("ce", "kd", "dkd", "ofa", "ofa-online")
 DEFAULT_STORE = "top10"
-VARIANT = re.compile(r"(?P<method>[a-z-]+?)(?:-g(?P<g>\d+))?(?:@(?P<store>top\d+(?:\+s\d+)?))?")
-STORE = re.compile(r"top(?P<k>\d+)(?:\+s(?P<m>\d+))?")
+VARIANT = re.compile(r"(?P<method>[a-z-]+?)(?:-g(?P<g>\d+))?(?:@(?P<store>top\d+(?:\+s\d+(?:t[\d.]+)?)?))?")
+STORE = re.compile(r"top(?P<k>\d+)(?:\+s(?P<m>\d+)(?:t(?P<t>[\d.]+))?)?")
 
 
 def parse_variant(text: str) -> tuple[str, int, str]:
     """'ofa-g4@top5+s4' -> ('ofa', 4, 'top5+s4')."""
     m = VARIANT.fullmatch(text)
     if m is None or m["method"] not in METHODS:
-        raise SystemExit(f"--variants: '{text}' is not METHOD[-gG][@topK[+sM]] with METHOD one of {', '.join(METHODS)}")
+        raise SystemExit(f"--variants: '{text}' is not METHOD[-gG][@topK[+sM[tT]]] with METHOD one of "
+                         f"{', '.join(METHODS)}")
     return m["method"], int(m["g"] or 1), m["store"] or DEFAULT_STORE
 
 
 def store_flags(store: str) -> list:
     m = STORE.fullmatch(store)
-    return ["--topk", int(m["k"])] + (["--tail-samples", int(m["m"])] if m["m"] else [])
+    return (["--topk", int(m["k"])] + (["--tail-samples", int(m["m"])] if m["m"] else [])
+            + (["--tail-draw-temperature", m["t"]] if m["t"] else []))
 
 
 def store_path(work: Path, t_name: str, store: str) -> Path:
@@ -114,7 +118,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs-per-decode", type=int, nargs="+", default=[1],
                     help="run each method at each of these --epochs-per-decode (G > 1 reported as METHOD-gG)")
     ap.add_argument("--variants", nargs="+", default=None,
-                    help="explicit runs METHOD[-gG][@topK[+sM]] instead of --methods x --epochs-per-decode")
+                    help="explicit runs METHOD[-gG][@topK[+sM[tT]]] instead of --methods x --epochs-per-decode")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     if args.variants is None:
