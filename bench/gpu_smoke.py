@@ -4,9 +4,12 @@
 
 Shards a slice of CIFAR-10 (from ../shared/data), runs the teacher pass at 224 px, then measures, for `--steps`
 steps each: the stage-two loader alone (views + cached targets, no model), the student with plain CE, with OFA from
-the cache and with OFA and the teacher online; images/s of each and the seconds each step waited for the loader.
-`--channels-last` and `--compile` pass through to train-student. Under 5 minutes on one H100; `--small` runs
-tiny models on a CPU to check the script itself. (Several students from one view stream do not exist yet.)
+the cache and with OFA and the teacher online, and `--students N` OFA students (seeds 0..N-1) trained from one
+view stream (`train-student --runs`); images/s of each and the share of the step time spent waiting for the
+loader. For the N students: the stream's views/s, the student-images/s (N per view), and the wall time of the
+one stream against N separate cached-OFA runs at the measured single-run rate. `--channels-last` and
+`--compile` pass through to train-student. Under 5 minutes on one H100; `--small` runs tiny models on a CPU to
+check the script itself.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "gpu-smoke")
     ap.add_argument("--channels-last", action="store_true", help="pass --channels-last to train-student")
     ap.add_argument("--compile", action="store_true", help="pass --compile to train-student")
+    ap.add_argument("--students", type=int, default=4, help="OFA students trained from one view stream (0: skip)")
     ap.add_argument("--small", action="store_true", help="tiny models at 32 px, for a CPU check of this script")
     args = ap.parse_args(argv)
     if args.small:
@@ -115,7 +119,21 @@ def main(argv=None) -> dict:
         res[f"{mode}_images_per_s"] = h["images_per_second"]
         res[f"{mode}_loader_wait_fraction"] = h["loader_wait_seconds"] / h["train_seconds"]
     res["cached_over_online_speedup"] = res["cached_ofa_images_per_s"] / res["online_ofa_images_per_s"]
-    res |= {"channels_last": args.channels_last, "compile": args.compile}
+    if args.students > 0:
+        n, group = args.students, args.work / "students"
+        shutil.rmtree(group, ignore_errors=True)
+        group.mkdir(parents=True)
+        (group / "runs.json").write_text(json.dumps([{"out": f"s{i}", "seed": i} for i in range(n)]))
+        cli("train-student", "--data", data, "--student", args.student, "--method", "ofa", "--cache", store,
+            "--epochs", 1, "--batch-size", args.batch_size, "--optimizer", "adamw", "--lr", 5e-4, "--workers",
+            args.workers, "--max-steps-per-epoch", args.steps, *step, "--runs", group / "runs.json", "--out", group)
+        h = json.loads((group / "s0" / "metrics.json").read_text())["history"][0]  # the stream's: same in every run
+        res[f"students{n}_stream_views_per_s"] = h["images_per_second"]
+        res[f"students{n}_student_images_per_s"] = n * h["images_per_second"]
+        res[f"students{n}_loader_wait_fraction"] = h["loader_wait_seconds"] / h["train_seconds"]
+        # wall of one stream over N separate runs at the single cached-OFA rate (same steps, same batches)
+        res[f"students{n}_over_separate_wall"] = (1 / h["images_per_second"]) / (n / res["cached_ofa_images_per_s"])
+    res |= {"channels_last": args.channels_last, "compile": args.compile, "students": args.students}
     save("gpu_smoke" if not args.small else "gpu_smoke_cpu_check", res)
     return res
 
