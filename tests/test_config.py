@@ -108,6 +108,18 @@ def test_a_flat_file_of_flag_names_reads_as_the_nested_one(tmp_path):
     assert a == b and yaml.safe_load(a)["teacher"]["weights"]["pretrained_file"] == "t.pth"
 
 
+def test_a_config_json_from_before_several_caches_reads_its_cache_as_a_list_of_one(tmp_path):
+    """Runs made before --cache became repeatable recorded `cache` as one string; their config.json still
+    reproduces them: the string is a list of that one cache, exactly as the flag given once."""
+    old = tmp_path / "config.json"
+    old.write_text(json.dumps({"data": "d", "student": {"name": "test_resnet"}, "out": "o",
+                               "loss": {"method": "ofa"}, "cache": "runs/t.zarr", "resolved": {}}))
+    a = yaml.safe_load(run_cli("train-student", "--config", old, "--print-config", check=True).stdout)
+    b = yaml.safe_load(run_cli("train-student", "--data", "d", "--student", "test_resnet", "--out", "o",
+                               "--method", "ofa", "--cache", "runs/t.zarr", "--print-config", check=True).stdout)
+    assert a["cache"] == ["runs/t.zarr"] and a == b
+
+
 def test_unknown_keys_and_bad_values_are_refused_naming_them(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("data: d\nstudent: s\nout: o\nloss: {methd: kd}\nlearning_rate: 1\n")
