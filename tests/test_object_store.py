@@ -262,7 +262,10 @@ def _arrays_written(fs, store: str) -> dict[int, int]:
     fs.invalidate_cache()
     counts: dict[int, int] = {}
     for name in NAMES:
-        units = {int(p.split(f"/{name}/c/0/", 1)[1].split("/")[0]) for p in fs.find(f"{store}/{name}/c/0/")}
+        key = f"/{name}/c/0/"
+        # `fs.find(prefix)` can answer the prefix itself: s3fs asks for its info when the listing came back empty,
+        # and a write landing between the two calls makes it a directory (seen under load): only objects count
+        units = {int(p.split(key, 1)[1].split("/")[0]) for p in fs.find(f"{store}{key}") if key in p}
         for u in units:
             counts[u] = counts.get(u, 0) + 1
     return counts
