@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from common import save
@@ -30,6 +31,7 @@ from commands.options import build
 from pipeline.augment import get_recipe
 from pipeline.models import Weights, create_model, model_input, parse_kwargs
 from pipeline.reader import ShardReader
+from pipeline.views import TrainViews
 from students.losses import kd_loss, ofa_loss, target_class
 
 
@@ -52,6 +54,28 @@ def load_pair(args, num_classes: int, view_size: int):
     student = create_model(args.student, num_classes, weights=Weights(checkpoint=args.student_checkpoint),
                            model_kwargs=parse_kwargs(args.student_kwargs), role="student").eval()
     return teacher, student, model_input(student, view_size)
+
+
+def pair_logits(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, int]:
+    """The `add_pair_args` slice's views of cached epoch 0 -> (teacher logits [N, C], student logits [N, C],
+    labels [N, 2] (label, partner label), view seeds [N], C), from one forward of each model per view (shared
+    with tail_model.py and tail_sampling.py)."""
+    recipe = get_recipe(args.recipe, args.view_size)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pair-"))
+    try:
+        reader = ShardReader(subset(args.data, args.shards, tmp / "data"))
+        C = reader.manifest.num_classes
+        teacher, student, s_in = load_pair(args, C, recipe.input_size)
+        zs, qs, ls, ss = [], [], [], []
+        for b in DataLoader(TrainViews(reader, recipe, 0, view_epochs=1), batch_size=250):
+            with torch.no_grad():
+                zs.append(teacher(b["view"]).float())
+                qs.append(student(s_in(b["view"])).float())
+            ls.append(torch.stack([b["label"], b["partner_label"]], 1))
+            ss.append(b["view_seed"].numpy().astype(np.int64))
+        return torch.cat(zs), torch.cat(qs), torch.cat(ls), np.concatenate(ss), C
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv=None) -> dict:

@@ -19,21 +19,13 @@ the uniform spread is already the estimate a shape model would give; only KD has
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from common import save
-from fidelity import add_pair_args, load_pair
-from scaling import subset
-from torch.utils.data import DataLoader
+from fidelity import add_pair_args, pair_logits
 
 from cache.targets import reconstruct_logits
-from pipeline.augment import get_recipe
-from pipeline.reader import ShardReader
-from pipeline.views import TrainViews
 from students.losses import kd_loss
 
 
@@ -65,21 +57,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--T", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--name", default="tail_model")
     args = ap.parse_args(argv)
-    recipe = get_recipe(args.recipe, args.view_size)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-tail-"))
-    try:
-        reader = ShardReader(subset(args.data, args.shards, tmp / "data"))
-        C = reader.manifest.num_classes
-        teacher, student, s_in = load_pair(args, C, recipe.input_size)
-        zs, qs, ls = [], [], []
-        for b in DataLoader(TrainViews(reader, recipe, 0, view_epochs=1), batch_size=250):
-            with torch.no_grad():
-                zs.append(teacher(b["view"]))
-                qs.append(student(s_in(b["view"])).float())
-            ls.append(torch.stack([b["label"], b["partner_label"]], 1))
-        z, q, labels = torch.cat(zs), torch.cat(qs), torch.cat(ls)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    z, q, labels, _, C = pair_logits(args)
     rows = []
     for k in args.topk:
         for T in args.T:

@@ -21,23 +21,16 @@ tests/test_tail_samples.py.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from common import ROOT, save
-from fidelity import add_pair_args, load_pair
-from scaling import subset
-from torch.utils.data import DataLoader
+from fidelity import add_pair_args, pair_logits
 
 from cache.format import raw_bytes_per_view
 from cache.targets import TeacherTargets
 from cache.teacher_pass import TailSpec, summarize
-from pipeline.augment import get_recipe
-from pipeline.reader import ShardReader
-from pipeline.views import TrainViews
 from students.losses import dkd_loss, kd_loss, ofa_loss
 
 TEMPS = [4.0]  # log Z_T recorded besides T = 1 (the default of --tail-temperatures)
@@ -111,22 +104,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default="tail_sampling")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(True)
-    recipe = get_recipe(args.recipe, args.view_size)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-tails-"))
-    try:
-        reader = ShardReader(subset(args.data, args.shards, tmp / "data"))
-        C = reader.manifest.num_classes
-        teacher, student, s_in = load_pair(args, C, recipe.input_size)
-        zs, qs, ls, ss = [], [], [], []
-        for b in DataLoader(TrainViews(reader, recipe, 0, view_epochs=1), batch_size=250):
-            with torch.no_grad():
-                zs.append(teacher(b["view"]).float())
-                qs.append(student(s_in(b["view"])).float())
-            ls.append(torch.stack([b["label"], b["partner_label"]], 1))
-            ss.append(b["view_seed"].numpy().astype(np.int64))
-        z, q, labels, seeds = torch.cat(zs), torch.cat(qs), torch.cat(ls), np.concatenate(ss)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    z, q, labels, seeds, C = pair_logits(args)
     if args.save_fixture:
         np.savez_compressed(args.save_fixture, teacher_logits=z[:32].half().numpy(), student_logits=q[:32].numpy(),
                             labels=labels[:32].numpy(), teacher=args.teacher, data=str(args.data))
