@@ -114,15 +114,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--teacher-epochs", type=int, default=12)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--pairs", nargs="+", default=list(PAIRS))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
-    ap.add_argument("--epochs-per-decode", type=int, nargs="+", default=[1],
+    ap.add_argument("--methods", nargs="+", default=None, help=f"default: {' '.join(METHODS)}")
+    ap.add_argument("--epochs-per-decode", type=int, nargs="+", default=None,
                     help="run each method at each of these --epochs-per-decode (G > 1 reported as METHOD-gG)")
     ap.add_argument("--variants", nargs="+", default=None,
                     help="explicit runs METHOD[-gG][@topK[+sM[tT]]] instead of --methods x --epochs-per-decode")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     if args.variants is None:
-        args.variants = [label(m, g, DEFAULT_STORE) for g in args.epochs_per_decode for m in args.methods]
+        args.variants = [label(m, g, DEFAULT_STORE) for g in args.epochs_per_decode or [1]
+                         for m in args.methods or METHODS]
+    elif args.methods or args.epochs_per_decode:
+        ap.error("--variants names every run; drop --methods/--epochs-per-decode, or drop --variants")
     variants = [parse_variant(v) for v in args.variants]
     data = slice_dataset(args.data, args.work / "data", args.train_shards, args.val_shards, args.val_split)
     common = ["--data", data, "--recipe", args.recipe, "--batch-size", 64, "--workers", 1]
