@@ -1,13 +1,12 @@
 """Shared helpers for benchmark scripts: machine description and result files.
 
-Every result file holds the numbers, the exact command that produced them and the machine.
+Every result file holds the numbers, the exact command that produced them, the commit of the code that ran
+(and whether the checkout was dirty), the machine with its load, and the date.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -21,26 +20,18 @@ sys.path.insert(0, str(ROOT))
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    """The CPU model, cores, load average, torch, Python (and GPU): `pipeline.provenance.machine`."""
+    from pipeline.provenance import machine as describe
+    return describe()
 
 
 def save(name: str, numbers: dict, out_dir: Path | None = None) -> Path:
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
+    from pipeline.provenance import code_version
     rec = {"name": name, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-           "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": numbers}
+           "code": code_version(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "results": numbers}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(rec, indent=1) + "\n")
     print(json.dumps(numbers, indent=1))

@@ -61,6 +61,7 @@ from cache.format import (
 from cache.store import CacheStore
 from pipeline.augment import Recipe
 from pipeline.errors import UserError
+from pipeline.provenance import config_hash
 from pipeline.reader import ShardReader
 from pipeline.views import TrainViews, library_versions, views_digest
 from students.losses import TeacherDist
@@ -264,6 +265,13 @@ class CachedTeacher:
         """The teacher record, as a run's config.json keeps it."""
         return self.description.teacher.to_attrs()
 
+    def identity(self) -> list[dict]:
+        """What a run records of the store it trained from: where, a hash of all its attributes (teacher, data,
+        views, contents, versions) and the commit that made it."""
+        return [{"path": str(self.path), "id": config_hash(self.store.attrs),
+                 "code": self.description.versions.get("code"),
+                 "teacher_sha256": self.description.teacher.checkpoint_sha256}]
+
 
 class EnsembleJoin:
     """`TrainViews` join of several caches of the same views: each member's targets under its own key."""
@@ -336,6 +344,9 @@ class TeacherEnsemble:
 
     def teacher_attrs(self) -> list[dict]:
         return [{**m.teacher_attrs(), "ensemble_weight": w} for m, w in zip(self.members, self.weights, strict=True)]
+
+    def identity(self) -> list[dict]:
+        return [i for m in self.members for i in m.identity()]
 
     def logits(self, batch: dict, T: float = 1.0) -> torch.Tensor:
         """A collated batch -> the ensemble's logits [B, C] at temperature T (class docstring)."""

@@ -53,6 +53,7 @@ from pipeline.location import Location
 from pipeline.models import Weights
 from pipeline.preempt import EXIT_PREEMPTED, Preempted, active, ignore_stop_signals
 from pipeline.progress import Bar
+from pipeline.provenance import code_label
 from pipeline.reader import ShardReader
 from pipeline.spec import choice_problems, group, mounted
 from pipeline.views import UnitViews, library_versions, views_digest
@@ -182,12 +183,13 @@ class TailSpec:
 
 
 def versions() -> dict:
-    """Libraries that make the views (pipeline.views.library_versions) and those that make the store."""
+    """Libraries that make the views (pipeline.views.library_versions) and those that make the store, and this
+    code's commit (`pipeline.provenance.code_label`)."""
     import numcodecs
     import timm
     import zarr
     return {**library_versions(), "timm": timm.__version__, "zarr": zarr.__version__,
-            "numcodecs": numcodecs.__version__}
+            "numcodecs": numcodecs.__version__, "code": code_label()}
 
 
 def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher, spec: TeacherSpec) -> CacheDescription:

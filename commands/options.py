@@ -39,7 +39,7 @@ import typer
 from pipeline.errors import UserError
 from pipeline.spec import group, strip_optional
 
-OUTPUT_ONLY = ("resolved",)  # keys a run writes into its config.json for reading, ignored on input
+OUTPUT_ONLY = ("resolved", "made_by")  # keys a run writes into its config.json for reading, ignored on input
 
 
 @functools.cache

@@ -45,6 +45,7 @@ from pipeline.manifest import write_atomic
 from pipeline.models import ModelSpec, Weights, create_model, model_input
 from pipeline.preempt import EXIT_PREEMPTED, Preempted, StopSignals
 from pipeline.progress import Bar
+from pipeline.provenance import code_version, config_hash, machine, stamp
 from pipeline.reader import ShardReader
 from pipeline.spec import choice_problems, flag_name, group
 from pipeline.views import EvalViews, TrainViews
@@ -558,26 +559,52 @@ def stop_agreed(run: Run) -> bool:
     return bool(flag.item())
 
 
+ECE_BINS = 15  # expected calibration error over 15 equal-width confidence bins (Guo et al. 2017)
+
+
 @torch.no_grad()
 def evaluate(runs: list[Run], ema: bool = False) -> list[dict]:
-    """Top-1/top-5 of each run's evaluated model (the bare student, or with `ema` its EMA) over this rank's val
-    shards, summed over ranks. The val views are made once for all the runs."""
+    """Top-1/top-5 and expected calibration error (in %, 15 bins) of each run's evaluated model (the bare student,
+    or with `ema` its EMA) over this rank's val shards, summed over ranks. The val views are made once for all the
+    runs."""
     accelerator = runs[0].accelerator
     models = [run.ema.module if ema else run.model.eval_model for run in runs]
     for model in models:
         model.eval()
     sums = torch.zeros(len(runs), 3, device=accelerator.device, dtype=torch.float64)  # top-1, top-5 hits, count
+    bins = torch.zeros(len(runs), 3, ECE_BINS, device=accelerator.device, dtype=torch.float64)
     for batch in runs[0].eval_loader:
         x, y = batch["view"].to(accelerator.device), batch["label"].to(accelerator.device)
         for r, (run, model) in enumerate(zip(runs, models, strict=True)):
             logits = run.model.predict(x, model)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            sums[r, 0] += (top5[:, 0] == y).sum()  # accumulated on the device: no sync per batch
+            hit = top5[:, 0] == y
+            sums[r, 0] += hit.sum()  # accumulated on the device: no sync per batch
             sums[r, 1] += (top5 == y[:, None]).any(1).sum()
             sums[r, 2] += len(y)
+            bins[r] += calibration_bins(logits, top5[:, 0], hit)
     sums = accelerator.reduce(sums, reduction="sum").tolist()
-    return [{"top1": 100.0 * t1 / max(1.0, n), "top5": 100.0 * t5 / max(1.0, n), "val_samples": int(n)}
-            for t1, t5, n in sums]
+    eces = calibration_error(accelerator.reduce(bins, reduction="sum")).tolist()
+    return [{"top1": 100.0 * t1 / max(1.0, n), "top5": 100.0 * t5 / max(1.0, n), "ece": 100.0 * ece,
+             "val_samples": int(n)} for (t1, t5, n), ece in zip(sums, eces, strict=True)]
+
+
+def calibration_bins(logits: torch.Tensor, predicted: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """logits [B, C], the predicted class [B] and whether it is right [B] -> [3, ECE_BINS] (float64): per
+    confidence bin (i/15, (i+1)/15], the sum of the predicted class's probability, the hits and the count."""
+    conf = logits.float().softmax(1).gather(1, predicted[:, None])[:, 0].double()
+    b = (conf * ECE_BINS).ceil().long().clamp(1, ECE_BINS) - 1
+    out = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=logits.device)
+    for row, values in enumerate((conf, hit.double(), torch.ones_like(conf))):
+        out[row].index_add_(0, b, values)
+    return out
+
+
+def calibration_error(bins: torch.Tensor) -> torch.Tensor:
+    """[..., 3, ECE_BINS] (`calibration_bins`, summed over batches and ranks) -> the expected calibration error
+    [...] as a fraction: sum over bins of (n_b / N) |accuracy_b - confidence_b| = sum_b |hits_b - confidence
+    sum_b| / N."""
+    return (bins[..., 1, :] - bins[..., 0, :]).abs().sum(-1) / bins[..., 2, :].sum(-1).clamp(min=1)
 
 
 def export(model: torch.nn.Module, path: Path) -> None:
@@ -636,8 +663,8 @@ def open_run(run: Run, resolved: dict) -> tuple[int, list[dict], Position | None
         except OSError as e:
             raise UserError(f"cannot create the run directory {out} ({e.strerror or e}); "
                             f"choose a writable --out") from e
-        write_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved}, indent=1,
-                                                     default=str).encode())
+        write_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "resolved": resolved, "made_by": stamp()},
+                                                     indent=1, default=str).encode())
     accelerator.wait_for_everyone()
     return 0, [], None
 
@@ -803,7 +830,7 @@ def train_loop(runs: list[Run]) -> list[dict]:
             run.history.append(m)
             name = f"{run.cfg.out.name}: " if len(runs) > 1 else ""
             lead.accelerator.print(f"{name}epoch {epoch + 1}: loss {m['train/loss']:.4f} top1 {m['top1']:.2f} top5 "
-                                   f"{m['top5']:.2f} ({m['images_per_second']:.0f} img/s, "
+                                   f"{m['top5']:.2f} ece {m['ece']:.2f} ({m['images_per_second']:.0f} img/s, "
                                    f"{m['loader_wait_seconds']:.1f} of {m['train_seconds']:.1f} s waiting for "
                                    f"views)")
             run.accelerator.log(m, step=epoch + 1)  # no-op without --log-with
@@ -821,11 +848,13 @@ def export_run(run: Run, history: list[dict]) -> dict:
     cfg, accelerator, ema = run.cfg, run.accelerator, run.ema
     out, final = cfg.out, history[-1] if history else {}
     summary = {"student": cfg.student.name, "method": cfg.loss.method, "epochs": cfg.epochs,
-               "top1": final.get("top1"), "top5": final.get("top5"),
+               "top1": final.get("top1"), "top5": final.get("top5"), "ece": final.get("ece"),
                "best_top1": max((h["top1"] for h in history), default=None),
-               "train_seconds": sum(h["train_seconds"] for h in history), "history": history}
+               "val_samples": final.get("val_samples"),
+               "train_seconds": sum(h["train_seconds"] for h in history), "provenance": provenance(run, final),
+               "history": history}
     if ema is not None:
-        summary |= {"ema_top1": final.get("ema_top1"), "ema_top5": final.get("ema_top5")}
+        summary |= {k: final.get(k) for k in ("ema_top1", "ema_top5", "ema_ece")}
     if accelerator.is_main_process:
         export(run.model.eval_model, out / "model.safetensors")
         if ema is not None:
@@ -833,6 +862,34 @@ def export_run(run: Run, history: list[dict]) -> dict:
         write_atomic(out / "metrics.json", json.dumps(summary, indent=1).encode())
     accelerator.wait_for_everyone()
     return summary
+
+
+RUN_LOCAL = ("out", "resume", "progress", "log_with", "runs")  # where a run writes and how it is watched
+
+
+def run_config_hash(cfg: TrainConfig) -> str:
+    """The hash of what a run computes: every option but where it writes and how it is watched (RUN_LOCAL)."""
+    return config_hash({k: v for k, v in cfg.to_dict().items() if k not in RUN_LOCAL})
+
+
+def provenance(run: Run, final: dict) -> dict:
+    """What made the run's numbers, for a reader (or a benchmark deciding whether to reuse it) to check: the code's
+    commit (also the one that started it, when it was resumed under another), the configuration's hash, the data
+    (split hashes, validation samples evaluated), the teacher's weights and the caches, the machine."""
+    cfg, data = run.cfg, run.data
+    try:
+        started = json.loads((cfg.out / "config.json").read_text()).get("made_by", {}).get("code")
+    except (OSError, ValueError):
+        started = None
+    online = run.model.provenance.get("online_teacher")
+    teachers = ([online["weights"].get("sha256")] if online else
+                [i["teacher_sha256"] for i in data.cached.identity()] if data.cached else [])
+    return {"code": code_version(), "code_at_start": started, "config_hash": run_config_hash(cfg),
+            "data": {"train": data.train.manifest.split_hash(cfg.train_split),
+                     "val": data.val.manifest.split_hash(cfg.val_split)},
+            "val_samples": final.get("val_samples"), "teacher_sha256": teachers,
+            "caches": data.cached.identity() if data.cached else [], "machine": machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
