@@ -130,6 +130,18 @@ for _name, (_config, _run) in COMMANDS.items():
     app.command(_name)(command_from(_config, _run, _name, tuple(COMMANDS)))
 
 
+def parse(command: str, argv: list) -> object:
+    """The configuration a command line gives, built exactly as running it would, without running it: how a
+    benchmark computes the configuration hash a run would record before deciding whether to reuse one."""
+    import typer.main
+    cls, _ = COMMANDS[command]
+    got: list = []
+    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    one.command(command)(command_from(cls, got.append, command, tuple(COMMANDS)))
+    typer.main.get_command(one).main(args=[str(a) for a in argv], standalone_mode=False)
+    return got[0]
+
+
 def main() -> None:
     try:
         app()

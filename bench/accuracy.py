@@ -1,81 +1,72 @@
-"""Accuracy evidence: CE vs KD vs DKD vs OFA (cache) vs OFA (online teacher, same views) for
-heterogeneous teacher/student pairs, several seeds, on a dataset slice sized for 2 CPU cores.
+"""Accuracy evidence from a declared plan: every cell of a table made by one commit, with intervals.
 
-    python bench/accuracy.py [--data runs/data/cifar10] [--train-shards 10] [--val-shards 2] [--epochs 6]
-        [--seeds 0 1 2] [--pairs cnn-vit vit-cnn]
-    # Tiny-ImageNet slice (first 50 classes, sharded as in the README), downsampled to 32 px:
-    python bench/accuracy.py --data runs/data/tiny50 --val-split val --train-shards 25 --val-shards 3 \
-        --work runs/accuracy-tiny50 --name accuracy_tiny50 --label "Tiny-ImageNet, first 50 classes" \
-        --seeds 0 --pairs cnn-vit
+    python bench/accuracy.py --plan bench/plans/tiny50.yaml --data runs/data/tiny50 [--jobs 2]
+    python bench/accuracy.py --plan bench/plans/tiny50.yaml --data runs/data/tiny50 --report-only
 
-    # several epochs per decode (issue 20): G = 1 vs G = 4, OFA from the cache, 2 seeds (about an hour on an
-    # idle 2-core machine; runs already made with the same --work are reused):
-    python bench/accuracy.py --data runs/data/tiny50 --val-split val --train-shards 25 --val-shards 3 \
-        --work runs/accuracy-tiny50 --name accuracy_tiny50_per_decode --label "Tiny-ImageNet, first 50 classes" \
-        --seeds 0 1 --pairs cnn-vit --methods ofa --epochs-per-decode 1 4
+A plan (YAML, committed before its runs start) names the data slice, the teacher, the student, the stores, the
+variants (a method with its flags and teacher source: a store, the online teacher, or none), the seeds, the
+tables and the comparisons each table reports, and the text written before any result was seen (hypotheses, the
+rule that picks the demo's settings). The script trains the teacher (CE), caches it, trains every (variant, seed)
+and writes bench/results/<name>.{json,md,png}: per variant the mean and sample standard deviation of top-1,
+top-5 and calibration error over seeds; per comparison the paired difference over seeds with a 95% t-interval,
+resolved only when the interval excludes 0.
 
-    # what the cache keeps (issue 21): full logits (k = C) vs top-10 vs top-5 + 4 sampled tail classes (about
-    # top-10's bytes; drawn at T = 1, the temperature OFA trains at), OFA, 2 seeds, same student and views; with
-    # G = 4 beside them (issue 20) in one table:
-    python bench/accuracy.py --data runs/data/tiny50 --val-split val --train-shards 25 --val-shards 3 \
-        --work runs/accuracy-tiny50 --name accuracy_tiny50_cache_contents --label "Tiny-ImageNet, first 50 classes" \
-        --seeds 0 1 --pairs cnn-vit --variants ofa ofa-g4 ofa@top50 ofa@top5+s4t1
-
-Runs are resumable (a finished run is not redone); results go to bench/results/<name>.{json,md,png}. A variant
-is METHOD[-gG][@STORE]: METHOD at G epochs per decode (default 1) from a cache holding STORE (topK, or
-topK+sM[tT]: top-k plus M sampled tail classes drawn at temperature T, by default cache-teacher's; default
-top10). Its run directory is VARIANT-seedS.
+Work is reused only when it was made by this commit from a clean checkout, with the configuration a run would
+have now (its hash), on the same data (split hashes, validation count), from the same teacher weights and store:
+otherwise the script stops naming the difference (pass --replace-stale to delete and redo such work). An
+interrupted run is resumed (`--resume`) under the same commit. `--report-only` renders the tables from finished
+runs, which must all come from one commit. With --jobs N, N runs train at once, each on one thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
+import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import yaml
 from common import RESULTS, ROOT, save
 
 sys.path.insert(0, str(ROOT))
 
-from pipeline.augment import get_recipe  # noqa: E402
-from pipeline.manifest import Manifest, load_manifest, write_atomic  # noqa: E402
+import cli  # noqa: E402
+from cache.store import CacheStore  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.manifest import Manifest, load_manifest, sha256_file, write_atomic  # noqa: E402
+from pipeline.provenance import code_label, code_version, config_hash  # noqa: E402
+from students.train import run_config_hash  # noqa: E402
 
-VIT = ["--model-kwargs", "img_size=32", "--model-kwargs", "patch_size=4"]
-PAIRS = {  # name -> teacher (name, kwargs, lr, opt), student (name, kwargs, lr, opt)
-    "cnn-vit": (("resnet18", [], 0.1, "sgd"), ("test_vit", VIT, 2e-3, "adamw")),
-    "vit-cnn": (("test_vit", VIT, 2e-3, "adamw"), ("test_resnet", [], 0.1, "sgd")),
-}
-METHODS = ("ce", "kd", "dkd", "ofa", "ofa-online")
-DEFAULT_STORE = "top10"
-VARIANT = re.compile(r"(?P<method>[a-z-]+?)(?:-g(?P<g>\d+))?(?:@(?P<store>top\d+(?:\+s\d+(?:t[\d.]+)?)?))?")
-STORE = re.compile(r"top(?P<k>\d+)(?:\+s(?P<m>\d+)(?:t(?P<t>[\d.]+))?)?")
+EXIT_PREEMPTED = 75
 
 
-def parse_variant(text: str) -> tuple[str, int, str]:
-    """'ofa-g4@top5+s4' -> ('ofa', 4, 'top5+s4')."""
-    m = VARIANT.fullmatch(text)
-    if m is None or m["method"] not in METHODS:
-        raise SystemExit(f"--variants: '{text}' is not METHOD[-gG][@topK[+sM[tT]]] with METHOD one of "
-                         f"{', '.join(METHODS)}")
-    return m["method"], int(m["g"] or 1), m["store"] or DEFAULT_STORE
+class Stale(Exception):
+    """Work on disk that this commit and plan would not make as it is."""
 
 
-def store_flags(store: str) -> list:
-    m = STORE.fullmatch(store)
-    return (["--topk", int(m["k"])] + (["--tail-samples", int(m["m"])] if m["m"] else [])
-            + (["--tail-draw-temperature", m["t"]] if m["t"] else []))
+# --- the plan -------------------------------------------------------------------------------------------------
 
 
-def store_path(work: Path, t_name: str, store: str) -> Path:
-    # the default store keeps its old name, so runs made before variants existed are reused
-    return work / (f"teacher-{t_name}.zarr" if store == DEFAULT_STORE else f"teacher-{t_name}-{store}.zarr")
+def load_plan(path: Path) -> dict:
+    plan = yaml.safe_load(Path(path).read_text())
+    known = set(plan["variants"])
+    for t in plan["tables"]:
+        bad = [v for v in t["variants"] + [x for pair in t.get("compare", []) for x in pair] if v not in known]
+        if bad:
+            raise SystemExit(f"plan {path}: table {t['name']} names unknown variants {bad}; declare them")
+    for name, v in plan["variants"].items():
+        if v["teacher"] not in ("none", "online", *plan.get("stores", {})):
+            raise SystemExit(f"plan {path}: variant {name} has teacher {v['teacher']!r}; use none, online or a store")
+    return plan
 
 
 def slice_dataset(src: Path, dest: Path, train_shards: int, val_shards: int, val_split: str) -> Path:
+    """The first shards of each split, hard-linked, under a manifest of their own."""
     m = load_manifest(src)
     dest.mkdir(parents=True, exist_ok=True)
     sub = Manifest(name=f"{m.name} slice", classes=m.classes, class_ids=m.class_ids)
@@ -89,156 +80,314 @@ def slice_dataset(src: Path, dest: Path, train_shards: int, val_shards: int, val
                 (dest / s.name).hardlink_to(src / s.name)
         sub.splits[new] = type(info)(count=sum(s.count for s in keep), samples_per_shard=info.samples_per_shard,
                                      class_counts=info.class_counts, shards=keep, order_seed=info.order_seed)
-    # the val split's shards keep their own names (e.g. test-*.tar): the reader resolves names from the manifest
     write_atomic(dest / "dataset.json", sub.to_json().encode())
     return dest
 
 
-def cli(*args) -> None:
-    cmd = [sys.executable, str(ROOT / "cli.py"), *map(str, args), "--quiet"]
-    print("$", " ".join(map(str, cmd[1:])), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+class Work:
+    """The commands of a plan and where their outputs live."""
+
+    def __init__(self, plan: dict, data: Path, work: Path):
+        self.plan, self.data, self.work = plan, data, work
+        self.manifest = load_manifest(data)
+        self.teacher_dir = work / "teacher"
+
+    def common(self) -> list:
+        return ["--data", self.data, "--recipe", self.plan["recipe"], "--batch-size", self.plan["batch_size"],
+                "--workers", 1, "--quiet"]
+
+    def teacher_argv(self) -> list:
+        t = self.plan["teacher"]
+        return ["train-student", *self.common(), "--student", t["name"], *t.get("flags", []), "--method", "ce",
+                "--epochs", t["epochs"], "--out", self.teacher_dir]
+
+    def checkpoint(self) -> Path:
+        return self.teacher_dir / "model.safetensors"
+
+    def store(self, name: str) -> Path:
+        return self.work / f"store-{name}.zarr"
+
+    def store_argv(self, name: str) -> list:
+        t = self.plan["teacher"]
+        return ["cache-teacher", "--data", self.data, "--teacher", t["name"], *t.get("model_flags", []),
+                "--checkpoint", self.checkpoint(), "--recipe", self.plan["recipe"], "--epochs", self.plan["epochs"],
+                *self.plan["stores"][name], "--batch-size", 250, "--workers", 1, "--out", self.store(name), "--quiet"]
+
+    def run_dir(self, variant: str, seed: int) -> Path:
+        return self.work / f"{variant}-seed{seed}"
+
+    def run_argv(self, variant: str, seed: int) -> list:
+        v, s, t = self.plan["variants"][variant], self.plan["student"], self.plan["teacher"]
+        if v["teacher"] == "online":
+            source = ["--teacher-online", t["name"], "--teacher-checkpoint", self.checkpoint(),
+                      "--view-epochs", self.plan["epochs"],
+                      *[f.replace("--model-kwargs", "--teacher-model-kwargs") for f in t.get("model_flags", [])]]
+        elif v["teacher"] == "none":
+            source = []
+        else:
+            source = ["--cache", self.store(v["teacher"])]
+        return ["train-student", *self.common(), "--student", s["name"], *s.get("flags", []), *v["flags"], *source,
+                "--epochs", self.plan["epochs"], "--seed", seed, "--out", self.run_dir(variant, seed)]
+
+    def expected(self, argv: list) -> dict:
+        """What a finished run of `argv` must have recorded to be reused."""
+        cfg = cli.parse(argv[0], argv[1:])
+        teacher = [] if cfg.loss.method == "ce" else [sha256_file(self.checkpoint())]
+        caches = [config_hash(CacheStore(c).attrs) for c in cfg.cache or []]
+        return {"config_hash": run_config_hash(cfg), "val_samples": self.manifest.split("val").count,
+                "data": {"train": self.manifest.split_hash("train"), "val": self.manifest.split_hash("val")},
+                "teacher_sha256": teacher, "caches": caches}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data" / "cifar10")
-    ap.add_argument("--val-split", default="test", help="split of --data evaluated on (CIFAR-10: test)")
-    ap.add_argument("--label", default="CIFAR-10 (shared JPEGs)", help="dataset description for the report")
-    ap.add_argument("--name", default="accuracy", help="results file stem under bench/results/")
-    ap.add_argument("--recipe", default="cifar", help="augmentation preset (cifar: resize to 32, pad 4 + crop + flip)")
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "accuracy")
-    ap.add_argument("--train-shards", type=int, default=10)
-    ap.add_argument("--val-shards", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--teacher-epochs", type=int, default=12)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--pairs", nargs="+", default=list(PAIRS))
-    ap.add_argument("--methods", nargs="+", default=None, help=f"default: {' '.join(METHODS)}")
-    ap.add_argument("--epochs-per-decode", type=int, nargs="+", default=None,
-                    help="run each method at each of these --epochs-per-decode (G > 1 reported as METHOD-gG)")
-    ap.add_argument("--variants", nargs="+", default=None,
-                    help="explicit runs METHOD[-gG][@topK[+sM[tT]]] instead of --methods x --epochs-per-decode")
-    ap.add_argument("--report-only", action="store_true")
-    args = ap.parse_args(argv)
-    if args.variants is None:
-        args.variants = [label(m, g, DEFAULT_STORE) for g in args.epochs_per_decode or [1]
-                         for m in args.methods or METHODS]
-    elif args.methods or args.epochs_per_decode:
-        ap.error("--variants names every run; drop --methods/--epochs-per-decode, or drop --variants")
-    variants = [parse_variant(v) for v in args.variants]
-    data = slice_dataset(args.data, args.work / "data", args.train_shards, args.val_shards, args.val_split)
-    common = ["--data", data, "--recipe", args.recipe, "--batch-size", 64, "--workers", 1]
-    if not args.report_only:
-        for pair in args.pairs:
-            (t_name, t_kw, t_lr, t_opt), _ = PAIRS[pair]
-            tdir = args.work / f"teacher-{t_name}"
-            if not (tdir / "metrics.json").exists():
-                cli("train-student", *common, "--student", t_name, *t_kw, "--method", "ce", "--epochs",
-                    args.teacher_epochs, "--lr", t_lr, "--optimizer", t_opt, "--weight-decay",
-                    5e-4 if t_opt == "sgd" else 0.05, "--warmup-epochs", 1, "--out", tdir)
-            for store_kind in dict.fromkeys(st for method, _, st in variants if method not in ("ce", "ofa-online")):
-                store = store_path(args.work, t_name, store_kind)
-                if not (store / "_units").exists() or len(list((store / "_units").glob("*.json"))) < args.train_shards:
-                    cli("cache-teacher", "--data", data, "--teacher", t_name,
-                        *t_kw, "--checkpoint",
-                        tdir / "model.safetensors", "--recipe", args.recipe, "--epochs", args.epochs,
-                        *store_flags(store_kind), "--batch-size", 250, "--workers", 1, "--out", store)
-        for seed in args.seeds:  # seeds outermost: every finished seed is a complete comparison
-            for pair in args.pairs:
-                (t_name, t_kw, _, _), (s_name, s_kw, s_lr, s_opt) = PAIRS[pair]
-                tdir = args.work / f"teacher-{t_name}"
-                for method, g, store_kind in variants:
-                    run = args.work / pair / f"{label(method, g, store_kind)}-seed{seed}"
-                    if (run / "metrics.json").exists():
-                        continue
-                    if method == "ofa-online":
-                        src = ["--method", "ofa", "--teacher-online", t_name, "--teacher-checkpoint",
-                               tdir / "model.safetensors", "--view-epochs", args.epochs,
-                               *[x.replace("--model-kwargs", "--teacher-model-kwargs") for x in t_kw]]
-                    elif method == "ce":
-                        src = ["--method", "ce"]
-                    else:
-                        src = ["--method", method, "--cache", store_path(args.work, t_name, store_kind)]
-                    cli("train-student", *common, "--student", s_name, *s_kw, *src, "--epochs", args.epochs,
-                        "--lr", s_lr, "--optimizer", s_opt, "--weight-decay", 5e-4 if s_opt == "sgd" else 0.05,
-                        "--warmup-epochs", 1, "--seed", seed, "--epochs-per-decode", g, "--out", run)
-    return report(args)
+# --- keyed reuse ----------------------------------------------------------------------------------------------
 
 
-def label(method: str, per_decode: int, store: str = DEFAULT_STORE) -> str:
-    return method + (f"-g{per_decode}" if per_decode != 1 else "") + (f"@{store}" if store != DEFAULT_STORE else "")
+def run_state(run: Path, expected: dict | None, code: dict) -> str:
+    """'done' (finished, and made as `expected` by `code`), 'resume', 'fresh'; raises Stale otherwise.
+    expected None: only check that it was made by `code` (a report of finished runs)."""
+    if (run / "metrics.json").exists():
+        p = json.loads((run / "metrics.json").read_text()).get("provenance")
+        if p is None:
+            raise Stale(f"{run} records no provenance (made by an older version)")
+        problems = []
+        for made in (p["code"], p.get("code_at_start") or p["code"]):
+            if made != code:
+                problems.append(f"commit {made['commit']}{' (dirty)' if made['dirty'] else ''}, not {code['commit']}")
+        for key, want in (expected or {}).items():
+            got = [c["id"] for c in p["caches"]] if key == "caches" else p.get(key)
+            if got != want:
+                problems.append(f"{key} {got}, not {want}")
+        if problems:
+            raise Stale(f"{run} was made with {'; '.join(problems)}")
+        return "done"
+    if (run / "config.json").exists():
+        made = json.loads((run / "config.json").read_text()).get("made_by", {}).get("code")
+        if made != code:
+            raise Stale(f"{run} was started by commit {made and made['commit']}, not {code['commit']}")
+        return "resume" if (run / "progress.json").exists() else "fresh"
+    if run.exists() and any(run.iterdir()):
+        raise Stale(f"{run} holds files but no run")
+    return "fresh"
 
 
-def report(args) -> dict:
-    m = load_manifest(args.work / "data")
-    args.methods = [label(*parse_variant(v)) for v in args.variants]
-    out = {"setup": {"data": args.label, "classes": len(m.classes), "train_images": m.split("train").count,
-                     "val_images": m.split("val").count, "resolution": get_recipe(args.recipe).input_size,
-                     "student_epochs": args.epochs,
-                     "teacher_epochs": args.teacher_epochs, "recipe": args.recipe,
-                     "stores": {st: {"flags": " ".join(map(str, store_flags(st))),
-                                     "raw_bytes_per_view": _bytes(st, len(m.classes))}
-                                for st in dict.fromkeys(s for _, _, s in map(parse_variant, args.variants))}},
-           "pairs": {}}
-    lines = ["| pair (teacher -> student) | teacher top-1 | " + " | ".join(args.methods) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in args.methods) + " |"]
-    curves = {}
-    for pair in args.pairs:
-        (t_name, _, _, _), (s_name, _, _, _) = PAIRS[pair]
-        tm = args.work / f"teacher-{t_name}" / "metrics.json"
-        t_top1 = json.loads(tm.read_text())["top1"] if tm.exists() else float("nan")
-        cells, res = [], {"teacher": t_name, "student": s_name, "teacher_top1": t_top1, "methods": {}}
-        for method in args.methods:
-            runs = sorted((args.work / pair).glob(f"{method}-seed*/metrics.json"))
-            vals = [json.loads(r.read_text())["top1"] for r in runs]
-            hist = [[h["top1"] for h in json.loads(r.read_text())["history"]] for r in runs]
-            res["methods"][method] = {"top1": vals, "mean": float(np.mean(vals)) if vals else None,
-                                      "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
-                                      "seconds": [json.loads(r.read_text())["train_seconds"] for r in runs]}
-            if vals:
-                spread = f" ± {np.std(vals, ddof=1):.2f}" if len(vals) > 1 else ""
-                cells.append(f"{np.mean(vals):.2f}{spread} (n={len(vals)})")
-                curves[(f"{t_name} -> {s_name}", method)] = np.mean(np.array(hist), 0)
-            else:
-                cells.append("-")
-        out["pairs"][pair] = res
-        lines.append(f"| {t_name} -> {s_name} | {t_top1:.2f} | " + " | ".join(cells) + " |")
-    md = "\n".join(lines) + "\n"
-    (RESULTS / f"{args.name}.md").write_text(md)
-    print(md)
-    _plot(curves, RESULTS / f"{args.name}.png", args.label)
-    save(args.name, out)
+def store_state(path: Path) -> str:
+    """'make' (absent, or unfinished by this commit: cache-teacher resumes it and checks its request) or 'done'."""
+    if not path.exists():
+        return "make"
+    try:
+        store = CacheStore(path)
+    except UserError as e:
+        raise Stale(f"{path}: {e}") from None
+    made = store.description.versions.get("code")
+    if made != code_label():
+        raise Stale(f"{path} was made by commit {made}, not {code_label()}")
+    return "make"  # cache-teacher refuses a store of another request, finishes an incomplete one, skips done units
+
+
+def settle(path: Path, check, replace: bool) -> str:
+    """check() -> state; stale work is refused (one sentence) or, with --replace-stale, removed."""
+    try:
+        return check()
+    except Stale as e:
+        if not replace:
+            raise SystemExit(f"{e}; remove it or pass --replace-stale to redo it with this commit") from None
+        print(f"replacing stale work: {e}", flush=True)
+        shutil.rmtree(path)
+        return check()
+
+
+def cli_run(argv: list, resume: bool = False) -> None:
+    cmd = [sys.executable, str(ROOT / "cli.py"), *map(str, argv), *(["--resume"] if resume else [])]
+    print("$ python cli.py", " ".join(map(str, cmd[2:])), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if proc.returncode == EXIT_PREEMPTED:
+        raise SystemExit(f"stopped by a signal in {argv[-1] if argv[-1] != '--quiet' else argv}; run the same "
+                         f"command again to resume")
+    if proc.returncode:
+        raise SystemExit(f"`{' '.join(map(str, argv[:1]))}` failed with status {proc.returncode}: {cmd}")
+
+
+def make_all(w: Work, jobs: int, replace: bool, allow_dirty: bool = False) -> None:
+    code = code_version()
+    if code["commit"] is None or (code["dirty"] and not allow_dirty):
+        raise SystemExit("the checkout is not a clean git checkout: commit first, so that every run records the "
+                         "commit that made it (or pass --allow-dirty to try a plan, or use --report-only)")
+    plan = w.plan
+    state = settle(w.teacher_dir, lambda: run_state(w.teacher_dir, None, code), replace)
+    if state != "done":
+        cli_run(w.teacher_argv(), resume=state == "resume")
+    run_state(w.teacher_dir, w.expected(w.teacher_argv()), code)  # the teacher is what this plan asks for
+    for store in dict.fromkeys(v["teacher"] for v in plan["variants"].values()):
+        if store in plan.get("stores", {}):
+            settle(w.store(store), lambda s=store: store_state(w.store(s)), replace)
+            cli_run(w.store_argv(store))
+    todo, queued = [], set()
+    for t in plan["tables"]:  # tables in order; within one, seeds outermost: a finished seed is a whole comparison
+        for seed in plan["seeds"]:
+            for variant in t["variants"]:
+                if (variant, seed) in queued:
+                    continue
+                queued.add((variant, seed))
+                argv, run = w.run_argv(variant, seed), w.run_dir(variant, seed)
+                state = settle(run, lambda r=run, a=argv: run_state(r, w.expected(a), code), replace)
+                if state != "done":
+                    todo.append((argv, state == "resume"))
+    print(f"{len(todo)} runs to make, {jobs} at a time", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        for f in [pool.submit(cli_run, argv, resume) for argv, resume in todo]:
+            f.result()
+
+
+# --- statistics and report ------------------------------------------------------------------------------------
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict:
+    """a - b over the seeds both have: mean, sample sd and the 95% t-interval of the mean difference."""
+    from scipy import stats
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds])
+    out = {"seeds": seeds, "differences": d.tolist(), "mean": float(d.mean()) if len(d) else None}
+    if len(d) > 1:
+        half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+        out |= {"sd": float(d.std(ddof=1)), "ci95": [out["mean"] - half, out["mean"] + half],
+                "resolved": bool(out["mean"] - half > 0 or out["mean"] + half < 0)}
     return out
 
 
-def _bytes(store: str, num_classes: int) -> int:
-    from cache.format import raw_bytes_per_view
-    m = STORE.fullmatch(store)
-    k, samples = int(m["k"]), int(m["m"] or 0)
-    return raw_bytes_per_view(k, num_classes, samples, 1 if samples else 0)  # one extra temperature (T = 4) by default
+def summarize(values: list[float]) -> dict:
+    v = np.array(values, dtype=float)
+    return {"mean": float(v.mean()) if len(v) else None, "sd": float(v.std(ddof=1)) if len(v) > 1 else None}
 
 
-def _plot(curves: dict, path: Path, label: str) -> None:
+def collect(w: Work, allow_dirty: bool = False) -> dict:
+    """Every finished cell's numbers; all runs (teacher included) must come from one clean commit."""
+    t_metrics = json.loads((w.teacher_dir / "metrics.json").read_text())
+    code = t_metrics["provenance"]["code"]
+    if code["commit"] is None or (code["dirty"] and not allow_dirty):
+        raise SystemExit(f"{w.teacher_dir} was made from a dirty checkout or outside git: not reportable (pass "
+                         f"--allow-dirty to render it marked so)")
+    variants = {}
+    for variant in dict.fromkeys(v for t in w.plan["tables"] for v in t["variants"]):
+        cells = {}
+        for seed in w.plan["seeds"]:
+            run = w.run_dir(variant, seed)
+            if not (run / "metrics.json").exists():
+                continue
+            try:
+                run_state(run, None, code)
+            except Stale as e:
+                raise SystemExit(f"{e}: a table holds the runs of one commit ({code['commit']}, the teacher's)") \
+                    from None
+            m = json.loads((run / "metrics.json").read_text())
+            cells[seed] = {k: m[k] for k in ("top1", "top5", "ece", "train_seconds", "val_samples")} | {
+                "history": [h["top1"] for h in m["history"]], "config_hash": m["provenance"]["config_hash"]}
+        variants[variant] = {"about": w.plan["variants"][variant].get("about", ""),
+                             "flags": " ".join(map(str, w.plan["variants"][variant]["flags"])),
+                             "teacher": w.plan["variants"][variant]["teacher"], "seeds": cells,
+                             **{k: summarize([c[k] for c in cells.values()]) for k in ("top1", "top5", "ece")}}
+    tables = []
+    for t in w.plan["tables"]:
+        comps = [{"a": a, "b": b, **paired({s: c["top1"] for s, c in variants[a]["seeds"].items()},
+                                           {s: c["top1"] for s, c in variants[b]["seeds"].items()})}
+                 for a, b in t.get("compare", [])]
+        tables.append({"name": t["name"], "title": t["title"], "variants": t["variants"], "comparisons": comps})
+    return {"label": w.plan["label"], "commit": code["commit"], "dirty": code["dirty"], "plan": w.plan,
+            "setup": {"classes": len(w.manifest.classes), "train_images": w.manifest.split("train").count,
+                      "val_images": w.manifest.split("val").count, "epochs": w.plan["epochs"],
+                      "seeds": w.plan["seeds"]},
+            "teacher": {"name": w.plan["teacher"]["name"], "top1": t_metrics["top1"], "ece": t_metrics.get("ece"),
+                        "epochs": w.plan["teacher"]["epochs"]},
+            "variants": variants, "tables": tables}
+
+
+def _cell(s: dict, digits: int = 2) -> str:
+    if s["mean"] is None:
+        return "-"
+    return f"{s['mean']:.{digits}f}" + (f" ± {s['sd']:.{digits}f}" if s["sd"] is not None else "")
+
+
+def table(record: dict) -> str:
+    """The markdown of a saved results record (bench/results/<name>.json): one section per table."""
+    r = record["results"]
+    m = record.get("machine", {})
+    lines = []
+    for t in r["tables"]:
+        lines += [f"#### {t['title']}", "",
+                  f"{r['label']}: {r['setup']['train_images']:,} training and {r['setup']['val_images']:,} validation "
+                  f"images, {r['setup']['classes']} classes, {r['setup']['epochs']} epochs, seeds "
+                  f"{', '.join(map(str, r['setup']['seeds']))}; teacher {r['teacher']['name']} "
+                  f"{r['teacher']['top1']:.2f}% top-1. Mean ± sample sd over seeds (n).", "",
+                  "| variant | top-1 | top-5 | ECE (%) | n | what |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for name in t["variants"]:
+            v = r["variants"][name]
+            lines.append(f"| {name} | {_cell(v['top1'])} | {_cell(v['top5'])} | {_cell(v['ece'])} | "
+                         f"{len(v['seeds'])} | {v['about']} |")
+        if t["comparisons"]:
+            lines += ["", "| paired difference (top-1) | mean | 95% interval | n | resolved |",
+                      "| --- | ---: | :---: | ---: | --- |"]
+            for c in t["comparisons"]:
+                ci = f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]" if "ci95" in c else "-"
+                verdict = ("yes" if c["resolved"] else "no: the interval holds 0") if "resolved" in c else "-"
+                mean = f"{c['mean']:+.2f}" if c["mean"] is not None else "-"
+                lines.append(f"| {c['a']} - {c['b']} | {mean} | {ci} | {len(c['seeds'])} | {verdict} |")
+        lines += [""]
+    dirty = " with uncommitted changes" if r.get("dirty") else ""
+    lines.append(f"Made by commit {r['commit'][:12]}{dirty} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores); "
+                 f"`{record.get('command', '')}`.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    """One panel per table, one colour per variant: mean validation top-1 per epoch over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pairs = sorted({p for p, _ in curves})
-    if not pairs:
-        return
-    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.2), squeeze=False)
-    for ax, pair in zip(axes[0], pairs, strict=True):
-        for (p, method), c in curves.items():
-            if p == pair:
-                ax.plot(range(1, len(c) + 1), c, marker="o", label=method)
-        ax.set_title(f"{label}: {pair} (mean over seeds)", fontsize=10)
+    fig, axes = plt.subplots(1, len(r["tables"]), figsize=(6 * len(r["tables"]), 4.2), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, t in zip(axes[0], r["tables"], strict=True):
+        for i, name in enumerate(t["variants"]):
+            hist = [c["history"] for c in r["variants"][name]["seeds"].values()]
+            if hist:
+                mean = np.mean(np.array(hist), 0)
+                ax.plot(range(1, len(mean) + 1), mean, marker="o", color=colours(i % 10), label=name)
+        ax.set_title(f"{t['title']} (mean over seeds)", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("val top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan", type=Path, required=True, help="YAML plan (bench/plans/)")
+    ap.add_argument("--data", type=Path, help="dataset made by `cli.py shards` to slice [default: the plan's]")
+    ap.add_argument("--work", type=Path, help="where runs and stores go [default: the plan's, under the repo]")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="directory of the results files")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
+    ap.add_argument("--replace-stale", action="store_true", help="delete and redo work another commit made")
+    ap.add_argument("--report-only", action="store_true", help="render the tables from finished runs")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="run or report from a checkout with uncommitted changes (to try a plan: its runs and tables "
+                         "are marked dirty, and reuse cannot tell one uncommitted change from another)")
+    args = ap.parse_args(argv)
+    plan = load_plan(args.plan)
+    work = args.work or ROOT / plan["work"]
+    d = plan["data"]
+    data = slice_dataset(args.data or ROOT / d["source"], work / "data", d["train_shards"], d["val_shards"],
+                         d["val_split"])
+    w = Work(plan, data, work)
+    if not args.report_only:
+        make_all(w, args.jobs, args.replace_stale, args.allow_dirty)
+    results = collect(w, args.allow_dirty)
+    record = json.loads(save(plan["name"], results, args.results).read_text())
+    (args.results / f"{plan['name']}.md").write_text(table(record))
+    plot(results, args.results / f"{plan['name']}.png")
+    print(table(record))
+    return record
 
 
 if __name__ == "__main__":

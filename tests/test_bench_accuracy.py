@@ -1,0 +1,65 @@
+"""bench/accuracy.py end to end on the digits: a declared plan, keyed reuse, refusal of stale work, intervals."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+PLAN = {
+    "name": "accuracy_smoke", "label": "digits smoke", "work": "unused",
+    "data": {"source": "unused", "val_split": "val", "train_shards": 3, "val_shards": 1},
+    "recipe": "digits", "epochs": 1, "batch_size": 32, "seeds": [0, 1],
+    "teacher": {"name": "test_resnet", "epochs": 1, "flags": ["--lr", 0.1, "--max-steps-per-epoch", 4]},
+    "student": {"name": "test_vit", "flags": ["--model-kwargs", "img_size=32", "--model-kwargs", "patch_size=4",
+                                             "--lr", 1e-3, "--optimizer", "adamw", "--max-steps-per-epoch", 3]},
+    "stores": {"top4": ["--topk", 4]},
+    "variants": {"ce": {"teacher": "none", "flags": ["--method", "ce"]},
+                 "kd": {"teacher": "top4", "flags": ["--method", "kd"]}},
+    "tables": [{"name": "main", "title": "smoke", "variants": ["ce", "kd"], "compare": [["kd", "ce"]]}],
+    "declared": "a smoke plan",
+}
+
+
+def bench(plan, data, work, results, *extra):
+    cmd = [sys.executable, str(ROOT / "bench" / "accuracy.py"), "--plan", plan, "--data", data, "--work", work,
+           "--results", results, "--allow-dirty", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+
+
+@pytest.mark.slow
+def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump(PLAN))
+    work, results = tmp_path / "work", tmp_path / "results"
+    first = bench(plan, digits, work, results, "--jobs", "2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.stdout.count("$ python cli.py train-student") == 5  # the teacher, 2 variants x 2 seeds
+    record = json.loads((results / "accuracy_smoke.json").read_text())
+    r = record["results"]
+    assert record["code"]["commit"] == r["commit"] and len(r["commit"]) == 40
+    assert {v: sorted(r["variants"][v]["seeds"]) for v in r["variants"]} == {v: ["0", "1"] for v in r["variants"]}
+    assert all(c["val_samples"] == 200 for v in r["variants"].values() for c in v["seeds"].values())
+    (kd_ce,), kd = r["tables"][0]["comparisons"], r["variants"]["kd"]["seeds"]
+    ce = r["variants"]["ce"]["seeds"]
+    assert kd_ce["differences"] == pytest.approx([kd[s]["top1"] - ce[s]["top1"] for s in ("0", "1")])
+    assert len(kd_ce["ci95"]) == 2 and kd_ce["ci95"][0] <= kd_ce["mean"] <= kd_ce["ci95"][1]
+    assert (results / "accuracy_smoke.md").read_text().count("| kd - ce |") == 1
+
+    again = bench(plan, digits, work, results)  # everything reused: no command runs
+    assert again.returncode == 0 and "0 runs to make" in again.stdout and "cli.py train-student" not in again.stdout
+
+    metrics = work / "kd-seed1" / "metrics.json"  # a run made under another configuration is never reused
+    m = json.loads(metrics.read_text())
+    m["provenance"]["config_hash"] = "0" * 64
+    metrics.write_text(json.dumps(m))
+    stale = bench(plan, digits, work, results)
+    assert stale.returncode != 0 and "Traceback" not in stale.stderr
+    assert "kd-seed1 was made with config_hash" in stale.stderr and "--replace-stale" in stale.stderr
+    redo = bench(plan, digits, work, results, "--replace-stale")
+    assert redo.returncode == 0 and "1 runs to make" in redo.stdout
+    assert redo.stdout.count("$ python cli.py train-student") == 1
+    assert json.loads(metrics.read_text())["provenance"]["config_hash"] != "0" * 64
