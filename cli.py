@@ -31,7 +31,7 @@ from commands.demo import DemoConfig
 from commands.options import command_from
 from pipeline.errors import UserError
 from pipeline.shards import ShardsConfig
-from students.train import TrainConfig
+from students.config import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cross-architecture distillation (OFA-KD) with an offline, replayable teacher cache.")
@@ -99,12 +99,12 @@ def train_student(cfg: TrainConfig) -> None:
     with --runs, several students from one view stream.
 
     On SIGTERM/SIGINT it saves at the next optimizer step and exits with status 75 (continue with --resume)."""
-    from students.runs import expand_runs
-    from students.train import train_runs
-    cfgs = expand_runs(cfg)  # --runs: several students from one view stream; else this one
-    for c, summary in zip(cfgs, train_runs(cfgs), strict=True):
-        print(f"{c.out}: top1 {summary['top1']:.2f} top5 {summary['top5']:.2f} after {summary['epochs']} epochs "
-              f"({summary['train_seconds']:.1f} s of training); student exported to {c.out / 'model.safetensors'}")
+    from commands.runs import expand_runs
+    from students.train import train
+    stream, runs = expand_runs(cfg)  # --runs: several students from one view stream; else this one
+    for run, summary in zip(runs, train(stream, runs), strict=True):
+        print(f"{run.out}: top1 {summary['top1']:.2f} top5 {summary['top5']:.2f} after {summary['epochs']} epochs "
+              f"({summary['train_seconds']:.1f} s of training); student exported to {run.out / 'model.safetensors'}")
 
 
 def demo(cfg: DemoConfig) -> None:

@@ -40,7 +40,7 @@ from cache.store import CacheStore  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.manifest import Manifest, load_manifest, sha256_file, write_atomic  # noqa: E402
 from pipeline.provenance import code_label, code_version, config_hash  # noqa: E402
-from students.train import run_config_hash  # noqa: E402
+from students.checkpoint import run_config_hash  # noqa: E402
 
 EXIT_PREEMPTED = 75
 

@@ -31,7 +31,8 @@ from commands.options import build
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.shards import make_shards
-from students.train import TrainConfig, train
+from students.config import TrainConfig
+from students.train import train_student
 
 RECIPE = "digits-demo"
 TEACHER = "test_resnet"
@@ -106,7 +107,7 @@ def _run(out, epochs, teacher_epochs, topk, batch_size, seeds, processes, max_st
     if (teacher_dir / "metrics.json").exists():
         reused += 1
     else:
-        train(build(TrainConfig, student=TEACHER, out=teacher_dir, method="ce", epochs=teacher_epochs, lr=0.1,
+        train_student(build(TrainConfig, student=TEACHER, out=teacher_dir, method="ce", epochs=teacher_epochs, lr=0.1,
                     **common))
     teacher = json.loads((teacher_dir / "metrics.json").read_text())
 
@@ -178,7 +179,7 @@ def _train_student(cfg: TrainConfig) -> dict:
     """One student run in a worker process (spawned: a fresh interpreter that builds models through
     pipeline.models, which registers resmlp_demo with timm)."""
     torch.set_num_threads(1)
-    return train(cfg)
+    return train_student(cfg)
 
 
 def _groups(runs: list[dict]) -> list[dict]:

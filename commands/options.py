@@ -9,8 +9,14 @@ spelled there (the online teacher's weights are `--teacher-pretrained-file`, CKA
 
     teacher: {name: resnet50, weights: {pretrained_file: r50.pth}, classes: imagenet-1k}
 
-A flat file (flag names as keys, as this tool's first config.json files were written) is read too:
-a key that is no field of the file's level but is a flag's name goes where that flag goes.
+A file may also be flat, with flag names as keys: a key that is no field of the file's level but is a
+flag's name goes where that flag goes. A group mounted `transparent` exists in the code only (train-student's
+stream and run options are one set of keys). Where a list is expected, one value is a list of one.
+
+Compatibility: these spellings (nested by group, flat by flag name) are the whole input language of option
+files, whatever version wrote them; anything else (a key no option has, a value of the wrong type) is refused,
+naming it. What the tool writes to be read back by itself (a cache's format, a run directory's state) carries
+a version, and another version is refused with one sentence naming both (README, "Compatibility").
 
 Precedence: a flag given on the command line, then the file, then the default. Unknown keys are
 refused, naming them. A file may hold one section per command (`cache-teacher:`, `train-student:`),
@@ -44,7 +50,8 @@ OUTPUT_ONLY = ("resolved", "made_by")  # keys a run writes into its config.json 
 
 @functools.cache
 def field_docs(cls) -> dict[str, str]:
-    """{field: its attribute docstring} (the string literal right after the field, as litgpt writes them)."""
+    """{field: the first paragraph of its attribute docstring} (the string literal right after the field, as litgpt
+    writes them; later paragraphs are details for the reader of the code and the README, not for --help)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -53,7 +60,8 @@ def field_docs(cls) -> dict[str, str]:
         for node, nxt in zip(body, body[1:], strict=False):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
                     and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
+                first = nxt.value.value.strip().split("\n\n")[0]  # --help shows the first paragraph
+                docs[node.target.id] = " ".join(first.split())
     return docs
 
 
@@ -88,6 +96,7 @@ class Flag:
 
     dest: str  # the command's parameter name: the flag without dashes, underscores for dashes
     path: tuple[str, ...]  # attribute path in the configuration
+    key: tuple[str, ...]  # key path in files: the attribute path without transparent groups
     owner: type  # the dataclass that declares the field (its docstring is the help)
     tp: Any
     kind: str
@@ -96,6 +105,7 @@ class Flag:
     required: bool = False
     decls: tuple[str, ...] = ()  # explicit spelling, e.g. ("--progress/--quiet",)
     argument: bool = False
+    panel: str = ""  # the --help panel it is listed in
 
     @property
     def option(self) -> str:
@@ -106,7 +116,7 @@ class Flag:
 _TOP = group()["group"]
 
 
-def flags_of(cls, prefix: tuple[str, ...] = (), mount: dict | None = None) -> list[Flag]:
+def flags_of(cls, prefix: tuple[str, ...] = (), mount: dict | None = None, key: tuple[str, ...] = ()) -> list[Flag]:
     """Every option of a configuration class, groups expanded (in declaration order)."""
     mount = mount or _TOP
     hints = typing.get_type_hints(cls)
@@ -120,8 +130,9 @@ def flags_of(cls, prefix: tuple[str, ...] = (), mount: dict | None = None) -> li
             inner = f.metadata.get("group", _TOP)
             about = ": ".join(a for a in (mount["about"], inner["about"]) if a)
             sub = {**inner, "prefix": mount["prefix"] + inner["prefix"], "suffix": inner["suffix"] + mount["suffix"],
-                   "about": about}
-            out += flags_of(strip_optional(hints[f.name]), (*prefix, f.name), sub)
+                   "about": about, "panel": inner["panel"] or mount["panel"]}
+            out += flags_of(strip_optional(hints[f.name]), (*prefix, f.name), sub,
+                            key if inner["transparent"] else (*key, f.name))
             continue
         default = mount["defaults"][f.name] if f.name in mount["defaults"] else _default(f)
         name = f.metadata.get("flag") or mount["names"].get(f.name) or \
@@ -130,9 +141,10 @@ def flags_of(cls, prefix: tuple[str, ...] = (), mount: dict | None = None) -> li
         if mount["about"] and f.name not in mount["help"]:
             help_ = f"{mount['about']}: {help_[:1].lower()}{help_[1:]}"
         required = default is dataclasses.MISSING or f.name in mount["required"]
-        out.append(Flag(name.replace("-", "_"), (*prefix, f.name), cls, hints[f.name], kind, help_,
+        out.append(Flag(name.replace("-", "_"), (*prefix, f.name), (*key, f.name), cls, hints[f.name], kind, help_,
                         None if default is dataclasses.MISSING else default, required,
-                        tuple(f.metadata.get("flags", ())), bool(f.metadata.get("argument"))))
+                        tuple(f.metadata.get("flags", ())), bool(f.metadata.get("argument")),
+                        f.metadata.get("panel") or mount["panel"]))
     dests = [fl.dest for fl in out]
     dup = sorted({d for d in dests if dests.count(d) > 1})
     if dup:  # a declaration bug, not a user error
@@ -159,7 +171,8 @@ def _annotation(flag: Flag):
         return Annotated[cli_type, typer.Argument(help=escape(help_), show_default=False, metavar=flag.dest.upper())]
     dashed = flag.dest.replace("_", "-")
     spelling = flag.decls or ((f"--{dashed}/--no-{dashed}",) if flag.kind == "bool" else (f"--{dashed}",))
-    return Annotated[cli_type | None, typer.Option(*spelling, help=escape(help_), show_default=False)]
+    return Annotated[cli_type | None, typer.Option(*spelling, help=escape(help_), show_default=False,
+                                                   rich_help_panel=flag.panel or None)]
 
 
 def _number(kind: str, value, option: str):
@@ -260,11 +273,11 @@ def read_file(path: Path) -> dict:
     return data
 
 
-def _flatten_file(data: dict, flags: list[Flag], path: Path) -> dict[tuple[str, ...], Any]:
+def file_values(data: dict, flags: list[Flag], path: Path) -> dict[tuple[str, ...], Any]:
     """File keys -> {option path: value}: nested by group, or (a flat file) by flag name."""
-    known = {f.path: f for f in flags}
+    known = {f.key: f for f in flags}
     by_dest = {f.dest: f for f in flags}
-    groups = {f.path[:i] for f in flags for i in range(1, len(f.path))}
+    groups = {f.key[:i] for f in flags for i in range(1, len(f.key))}
     out, unknown = {}, []
 
     def walk(d: dict, prefix: tuple[str, ...]):
@@ -273,7 +286,7 @@ def _flatten_file(data: dict, flags: list[Flag], path: Path) -> dict[tuple[str, 
             if p in groups and isinstance(v, dict):
                 walk(v, p)
             elif p in known:
-                out[p] = v
+                out[known[p].path] = v
             elif prefix == () and str(k) in by_dest:  # a flat file: the key is a flag's name
                 out[by_dest[str(k)].path] = v
             elif not (prefix == () and k in OUTPUT_ONLY):
@@ -295,7 +308,7 @@ def resolve(flags: list[Flag], given: dict[str, Any], config: Path | None, secti
             raise UserError(f"config file {config} mixes command sections with other keys ({', '.join(others)}); "
                             f"put every option under one of {', '.join(sections)}")
         data = data.get(section) or {}
-    from_file = _flatten_file(data, flags, config) if config else {}
+    from_file = file_values(data, flags, config) if config else {}
     values = {}
     for f in flags:
         if f.dest in given:
@@ -347,9 +360,9 @@ def to_plain(cfg, flags: list[Flag] | None = None) -> dict:
         for p in f.path:
             v = getattr(v, p)
         d = out
-        for p in f.path[:-1]:
+        for p in f.key[:-1]:
             d = d.setdefault(p, {})
-        d[f.path[-1]] = json.loads(json.dumps(dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v,
+        d[f.key[-1]] = json.loads(json.dumps(dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v,
                                               default=str))
     return out
 
@@ -373,13 +386,18 @@ def command_from(cls, run, section: str | None = None, sections: tuple[str, ...]
     params += [inspect.Parameter(f.dest, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_annotation(f),
                                  default=inspect.Parameter.empty if f.required else None)
                for f in flags if f.argument]
-    params += [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        Path | None, typer.Option("--config", help="YAML file of options (a run's config.json works too); "
-                                                   "flags given here override it")]),
-               inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
-                   bool, typer.Option("--print-config", help="print the resolved configuration and exit")])]
+    panels = getattr(cls, "panels", ())  # the --help panels in this order (typer lists them as first met)
+    listed = sorted((f for f in flags if not f.argument),
+                    key=lambda f: panels.index(f.panel) if f.panel in panels else len(panels))
     params += [inspect.Parameter(f.dest, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_annotation(f))
-               for f in flags if not f.argument]
+               for f in listed]
+    params += [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Path | None, typer.Option("--config", rich_help_panel=getattr(cls, "config_panel", None),
+                                  help="YAML file of options (a run's config.json works too); flags given here "
+                                       "override it")]),
+               inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+                   bool, typer.Option("--print-config", help="print the resolved configuration and exit",
+                                      rich_help_panel=getattr(cls, "config_panel", None))])]
     callback.__signature__ = inspect.Signature(params)
     callback.__annotations__ = {p.name: p.annotation for p in params}
     callback.__doc__ = run.__doc__
@@ -391,8 +409,8 @@ def override(cfg, data: dict, source: str):
     name) over its own; `source` names `data` in messages. What `train-student --runs` builds each run from."""
     flags = flags_of(type(cfg))
     values = {p: _convert(f, v, "the base options")
-              for p, v in _flatten_file(to_plain(cfg, flags), flags, "the base options").items()
+              for p, v in file_values(to_plain(cfg, flags), flags, "the base options").items()
               for f in flags if f.path == p}
-    values |= {p: _convert(f, v, source) for p, v in _flatten_file(data, flags, source).items()
+    values |= {p: _convert(f, v, source) for p, v in file_values(data, flags, source).items()
                for f in flags if f.path == p}
     return instantiate(type(cfg), values, flags)

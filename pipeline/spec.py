@@ -16,16 +16,24 @@ import typing
 
 def group(prefix: str = "", suffix: str = "", names: dict[str, str] | None = None, about: str = "",
           help: dict[str, str] | None = None, required: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-          defaults: dict | None = None) -> dict:
+          defaults: dict | None = None, panel: str = "", transparent: bool = False) -> dict:
     """Field metadata mounting a nested dataclass (a group) in a configuration.
 
     Its fields' flags are `--{prefix}{field}{suffix}` (underscores as dashes), except those `names`
     spells out (without the dashes); `about` prefixes their help ("teacher: ..."), `help` replaces a
     field's help here, `required` makes fields required here, `exclude` leaves fields out here, and
-    `defaults` replaces fields' defaults here (the field's own default_factory must agree: `mounted`)."""
+    `defaults` replaces fields' defaults here (the field's own default_factory must agree: `mounted`).
+    `panel` names the --help panel its options are listed in (a field's own `in_panel` wins). A `transparent`
+    group structures the code only: in files its fields sit at the level of the group's field (`TrainConfig`'s
+    stream and run options are one flat set of options)."""
     return {"group": {"prefix": prefix, "suffix": suffix, "names": dict(names or {}), "about": about,
                       "help": dict(help or {}), "required": tuple(required), "exclude": tuple(exclude),
-                      "defaults": dict(defaults or {})}}
+                      "defaults": dict(defaults or {}), "panel": panel, "transparent": transparent}}
+
+
+def in_panel(name: str) -> dict:
+    """Field metadata: list this option in the --help panel `name` (Data, Student, Loss, ...)."""
+    return {"panel": name}
 
 
 def mounted(cls, **defaults) -> dataclasses.Field:

@@ -21,7 +21,9 @@ from pipeline.models import model_input
 from pipeline.provenance import code_label, code_version, config_hash
 from pipeline.reader import ShardReader
 from pipeline.views import EvalViews
-from students.train import TrainConfig, run_config_hash, train
+from students.checkpoint import run_config_hash
+from students.config import TrainConfig
+from students.train import train_student
 
 COMMON = dict(student="test_resnet", method="ce", epochs=1, batch_size=32, workers=0, lr=0.05, progress=False)
 
@@ -79,7 +81,7 @@ def _ece_by_hand(model, data, recipe, num_bins=15) -> float:
 def test_calibration_error_by_bin():
     """Two bins off in opposite directions: 4 predictions at confidence 0.9 with 2 right (over-confident by 0.4)
     and 4 at 0.25 with 3 right (under-confident by 0.5): ECE = 0.5 * 0.4 + 0.5 * 0.5."""
-    from students.train import calibration_bins, calibration_error
+    from students.evaluate import calibration_bins, calibration_error
     def logits_at(p: float) -> list[float]:  # 5 classes, class 0 at probability p
         rest = (1 - p) / 4
         return [float(np.log(p)), *[float(np.log(rest))] * 4]
@@ -95,7 +97,7 @@ def test_run_records_its_provenance_and_calibration(small_digits, small_store, t
     its ECE equals the one computed by hand from the exported model."""
     cfg = build(TrainConfig, data=small_digits, out=tmp_path / "kd", cache=str(small_store),
                 **{**COMMON, "method": "kd"})
-    summary = train(cfg)
+    summary = train_student(cfg)
     m = json.loads((tmp_path / "kd" / "metrics.json").read_text())
     p = m["provenance"]
     assert p["code"] == code_version() and p["code_at_start"] == code_version()
@@ -120,6 +122,6 @@ def test_online_teacher_weights_are_recorded(small_digits, tmp_path):
     torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), ckpt)
     cfg = build(TrainConfig, data=small_digits, out=tmp_path / "kd", teacher_online="test_resnet",
                 teacher_checkpoint=str(ckpt), max_steps_per_epoch=2, recipe="digits", **{**COMMON, "method": "kd"})
-    train(cfg)
+    train_student(cfg)
     p = json.loads((tmp_path / "kd" / "metrics.json").read_text())["provenance"]
     assert p["teacher_sha256"] == [hashlib.sha256(ckpt.read_bytes()).hexdigest()] and p["caches"] == []

@@ -189,11 +189,14 @@ def test_online_teacher_logits_match_the_cache(small_digits, teacher_files, mapp
 
     from cache.targets import CachedTeacher
     from commands.options import build
-    from students.train import TrainConfig, build_task, open_data
+    from students.config import TrainConfig
+    from students.run import build_task
+    from students.stream import open_stream
     cfg = build(TrainConfig, data=small_digits, student="test_convnext", out=tmp_path / "x", method="kd",
                 teacher_online="test_resnet", teacher_pretrained_file=teacher_files / "full.safetensors",
                 teacher_classes=str(teacher_files / "classes.txt"), recipe="digits", view_epochs=2, workers=0)
-    task = build_task(cfg, open_data(cfg), "cpu")
+    stream_cfg, run_cfg = cfg.split()
+    task = build_task(run_cfg, open_stream(stream_cfg, 0, 1), "cpu")
     views = CachedTeacher(mapped_store).views(small_digits, 0)
     batch = next(iter(DataLoader(views, batch_size=32)))
     online = task.teacher_logits(batch)  # [32, 10]

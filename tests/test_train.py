@@ -197,7 +197,8 @@ def test_online_teacher_trains_to_the_weights_of_a_full_cache(small_digits, full
 
 def _lrs(updates: int, **cfg) -> list[float]:
     """The learning rate of each optimizer update under the schedule training builds (build_scheduler)."""
-    from students.train import ScheduleConfig, build_scheduler
+    from students.config import ScheduleConfig
+    from students.run import build_scheduler
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.pop("lr", 0.1))
     sched = build_scheduler(ScheduleConfig(**{k: v for k, v in cfg.items() if k != "epochs"}), cfg["epochs"], opt,
                             updates)

@@ -4,7 +4,7 @@
 
 (with PYTHONPATH=<repo root>, as launch_env sets it). At exit each rank writes DIR/rank-<rank>.json: the
 rank, world size, distributed type and local rank accelerate saw, the node rank torchrun gave (GROUP_RANK),
-the cache units this rank wrote, the run files it wrote (students.train.write_atomic) and the stores it
+the cache units this rank wrote, the run files it wrote (students.checkpoint.write_atomic) and the stores it
 created. PROBE_BATCHES=1 also saves every training batch this rank stepped on (views, joined cache targets, indices) to
 DIR/batches-<rank>.pt. PROBE_STALL=E,S makes training step S of epoch E touch DIR/stalled-<rank> and sleep,
 so that a test can kill it mid-epoch; the stall ends when a stop signal reaches the command (SIGTERM/SIGINT,
@@ -21,8 +21,8 @@ import torch
 
 import cli
 import pipeline.preempt as preempt
+import students.checkpoint as checkpoint_mod
 import students.task as task_mod
-import students.train as train_mod
 import tests.support.chaos_cli  # noqa: F401  (OFAKD_CHAOS_SLOW_WRITES: slowed zarr writes, for kills mid-unit)
 from cache.store import CacheStore
 from cache.targets import TEACHER_KEY
@@ -67,9 +67,9 @@ def distill_losses(out, teacher_logits, batch, cfg, num_classes, **kw):
 
 CacheStore.write_unit, TrainViews.set_epoch, task_mod.distill_losses = write_unit, set_epoch, distill_losses
 
-# files only the main process may write: the run's own files (students.train.write_atomic) and a new store's
+# files only the main process may write: the run's own files (students.checkpoint.write_atomic) and a new store's
 # metadata (CacheStore._build, which writes the group's attributes)
-real_train_write, real_build = train_mod.write_atomic, CacheStore._build
+real_train_write, real_build = checkpoint_mod.write_atomic, CacheStore._build
 
 
 def train_write(path, data):
@@ -82,7 +82,7 @@ def build(where, description):
     real_build(where, description)
 
 
-train_mod.write_atomic, CacheStore._build = train_write, staticmethod(build)
+checkpoint_mod.write_atomic, CacheStore._build = train_write, staticmethod(build)
 
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)

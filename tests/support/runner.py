@@ -173,3 +173,14 @@ def _deadline(seconds, argv):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def set_up_one(cfg):
+    """A train-student configuration set up as `students.train.train` sets up its runs, without training:
+    (stream, run) for tests that look inside a run or step it by hand (students.train.train_epoch)."""
+    from students.run import accelerator_for, set_up_run
+    from students.stream import open_stream
+    stream_cfg, run_cfg = cfg.split()
+    accelerator = accelerator_for(run_cfg, stream_cfg)
+    stream = open_stream(stream_cfg, accelerator.process_index, accelerator.num_processes)
+    return stream, set_up_run(run_cfg, stream, accelerator)
