@@ -213,7 +213,7 @@ def _convert(flag: Flag, value, source: str):
     """A value from the command line or a file -> the field's type; bad values (of any type, from a file)
     name the option."""
     optional = strip_optional(flag.tp) is not flag.tp
-    option = flag.option if source == "flag" else f"'{'.'.join(flag.path)}' in {source}"
+    option = flag.option if source == "flag" else f"'{'.'.join(flag.key)}' in {source}"
     if value is None:  # a file's null
         if not optional:
             raise UserError(f"{option} cannot be null; give a value or remove the key to use the default")
