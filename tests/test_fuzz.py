@@ -75,9 +75,9 @@ def config_file(draw, command: str):
         value = draw(plausible(flag))
         if how == "nested":
             d = data
-            for p in flag.path[:-1]:
+            for p in flag.key[:-1]:
                 d = d.setdefault(p, {}) if isinstance(d.get(p, {}), dict) else d
-            d[flag.path[-1]] = value
+            d[flag.key[-1]] = value
         elif how == "flat":
             data[flag.dest] = value
         else:
@@ -140,7 +140,7 @@ def test_config_files_of_any_shape_end_in_a_sentence_or_a_typed_configuration(tm
         resolved = yaml.safe_load(proc.stdout)
         for flag in FLAGS[command]:
             value = resolved
-            for p in flag.path:
+            for p in flag.key:  # the file layout (transparent groups add no level)
                 value = value[p]
             assert typed(flag, value), f"{command}: {flag.option} resolved to {value!r} from\n{body!r}"
 
@@ -163,7 +163,7 @@ def test_command_line_values_end_in_a_sentence_or_a_typed_configuration(command,
         resolved = yaml.safe_load(proc.stdout)
         for flag in FLAGS[command]:
             value = resolved
-            for p in flag.path:
+            for p in flag.key:  # the file layout (transparent groups add no level)
                 value = value[p]
             assert typed(flag, value), f"{command}: {flag.option} resolved to {value!r} from {args}"
 
