@@ -160,7 +160,7 @@ def verify_cache(path: str | Path, samples: int = 32, data: str | Path | None = 
                         f"right --checkpoint")
     teacher = Teacher.build(t.name, store.num_classes, d.recipe["input_size"], weights=weights,
                             class_map=ClassMap.from_dict(t.classes), model_kwargs=t.model_kwargs,
-                            input_size=t.input_size)
+                            input_size=t.input_size, mean=t.mean, std=t.std)
     if teacher.checkpoint_sha256 != t.checkpoint_sha256:
         raise UserError(f"teacher weights {teacher.weights.get('file') or teacher.weights.get('source')} are not the "
                         f"ones cache {path} was made with (sha256 {t.checkpoint_sha256}); pass the right "

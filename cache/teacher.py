@@ -127,9 +127,9 @@ class Teacher:
     no gradients."""
 
     def __init__(self, model: torch.nn.Module, view_size: int, input_size: int | None = None,
-                 class_map: ClassMap | None = None):
+                 class_map: ClassMap | None = None, mean=None, std=None):
         self.model = model.eval()
-        self.input = model_input(model, view_size, input_size)  # before any cut: the model's own pretrained_cfg
+        self.input = model_input(model, view_size, input_size, mean, std)  # before any cut: its own pretrained_cfg
         self.class_map = class_map
         self.select = None  # logits to keep after the forward, when the classifier could not be cut
         if class_map is not None:
@@ -145,7 +145,7 @@ class Teacher:
     @classmethod
     def build(cls, name: str, num_classes: int, view_size: int, *, weights: Weights | None = None,
               class_map: ClassMap | None = None, model_kwargs: dict | None = None, input_size: int | None = None,
-              device="cpu") -> Teacher:
+              device="cpu", mean=None, std=None) -> Teacher:
         """`num_classes`: the dataset's. The teacher has the outputs of its weights (timm's pretrained loader),
         else of the class map, else `num_classes`; they must be the class map's, else the dataset's."""
         weights = weights or Weights()
@@ -157,7 +157,7 @@ class Teacher:
             raise UserError(f"teacher {name} has {have} outputs but the dataset has {num_classes} classes; pass "
                             f"--teacher-classes imagenet-1k (or a file of its class ids in output order) to map the "
                             f"dataset's classes onto its outputs, or fine-tune it on this dataset first")
-        t = cls(model.to(device), view_size, input_size, class_map)
+        t = cls(model.to(device), view_size, input_size, class_map, mean, std)
         t.name = name
         return t
 
@@ -166,7 +166,8 @@ class Teacher:
         """The teacher a spec names, over the classes of a dataset (`spec.classes` maps them)."""
         class_map = ClassMap.resolve(spec.classes, manifest) if spec.classes else None
         return cls.build(spec.name, manifest.num_classes, view_size, weights=spec.weights, class_map=class_map,
-                         model_kwargs=spec.model_kwargs, input_size=spec.input_size, device=device)
+                         model_kwargs=spec.model_kwargs, input_size=spec.input_size, device=device, mean=spec.mean,
+                         std=spec.std)
 
     @property
     def num_features(self) -> int:

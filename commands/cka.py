@@ -124,7 +124,7 @@ class StageModel:
 
 
 def stage_model(name: str, num_classes: int, view_size: int, weights=None, model_kwargs=None,
-                every_block: bool = False, input_size: int | None = None) -> StageModel:
+                every_block: bool = False, input_size: int | None = None, mean=None, std=None) -> StageModel:
     """`weights` (pipeline.models.Weights): pretrained ones keep their own classifier (the stages are what count)."""
     from pipeline.models import create_model, model_input
     from students.heads import feature_levels
@@ -137,7 +137,7 @@ def stage_model(name: str, num_classes: int, view_size: int, weights=None, model
     else:
         idx = levels
         labels = [f"stage{i + 1}" + (f" (b{b})" if isotropic else "") for i, b in enumerate(levels)]
-    return StageModel(name, model, model_input(model, view_size, input_size), idx, labels)
+    return StageModel(name, model, model_input(model, view_size, input_size, mean, std), idx, labels)
 
 
 def compute_cka(a: StageModel, b: StageModel, batches, mode: str = "minibatch") -> np.ndarray:
@@ -204,8 +204,8 @@ def run_cka(cfg: CkaConfig) -> dict:
     r = cfg.views.get()
     reader = ShardReader(cfg.data, cfg.split)
     C = reader.manifest.num_classes
-    a, b = (stage_model(m.name, C, r.input_size, m.weights, m.model_kwargs, cfg.every_block, m.input_size)
-            for m in (cfg.model_a, cfg.model_b))
+    a, b = (stage_model(m.name, C, r.input_size, m.weights, m.model_kwargs, cfg.every_block, m.input_size, m.mean,
+                        m.std) for m in (cfg.model_a, cfg.model_b))
     n_batches = -(-cfg.samples // cfg.batch_size)
     loader = DataLoader(EvalViews(reader, r), batch_size=cfg.batch_size)
     views = (batch["view"][: cfg.samples - i * cfg.batch_size] for i, batch in enumerate(islice(loader, n_batches)))

@@ -105,6 +105,19 @@ class ModelSpec:
     """timm keyword arguments, e.g. img_size=32."""
     input_size: int | None = None
     """Input size [default: the model's fixed size, else the view size]."""
+    mean: list[float] | None = None
+    """Normalise the input with this per-channel (RGB) mean instead of the model's own [default: its config's].
+
+    Weights trained with another normalisation than timm's config for the name need their own: the authors'
+    CIFAR teachers, say, were trained with the CIFAR-100 mean (0.5071, 0.4865, 0.4409)."""
+    std: list[float] | None = None
+    """Normalise the input with this per-channel (RGB) standard deviation [default: its config's]."""
+
+    def __post_init__(self):
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v is not None and (len(v) != 3 or (name == "std" and min(v) <= 0)):
+                raise UserError(f"--{name} needs 3 values (R, G, B){', each > 0' if name == 'std' else ''}, got {v}")
 
 
 def _classifier_key(name: str) -> str | None:
@@ -281,9 +294,10 @@ def fixed_input_size(model: torch.nn.Module) -> int | None:
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
-def model_input(model: torch.nn.Module, view_size: int, size: int | None = None) -> ModelInput:
+def model_input(model: torch.nn.Module, view_size: int, size: int | None = None, mean=None, std=None) -> ModelInput:
     """The model's own resize and normalisation of a view: an explicit size, else the size a
-    fixed-grid model was built for, else the view size; mean/std from the model's config."""
+    fixed-grid model was built for, else the view size; mean/std as given, else from the model's config."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return ModelInput(size=int(size or fixed_input_size(model) or view_size),
-                      mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
+                      mean=tuple(mean or cfg.get("mean", IMAGENET_MEAN)),
+                      std=tuple(std or cfg.get("std", IMAGENET_STD)))

@@ -51,10 +51,15 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The learning-rate schedule, stepped per optimizer update (timm's scheduler factory)."""
+    """The learning-rate schedule (timm's scheduler factory), stepped per optimizer update or per epoch."""
 
     sched: Literal["cosine", "step"] = "cosine"
-    """Learning-rate schedule, stepped per optimizer update (timm's scheduler factory)."""
+    """Learning-rate schedule (timm's scheduler factory)."""
+    sched_step: Literal["update", "epoch"] = "update"
+    """Step the schedule after every optimizer update, or once per epoch as the authors' timm 0.6.5 did.
+
+    Per epoch (timm's t_in_epochs): each epoch runs at one learning rate, the first at --warmup-lr when there
+    is a warm-up, which is then a staircase; the shipped configs use it, as the authors' runs did."""
     warmup_epochs: float = 0.0
     """Linear warm-up from --warmup-lr to --lr over this many epochs, then the schedule."""
     warmup_lr: float = 1e-5

@@ -20,7 +20,9 @@ What the heads are (the authors' `distillers/ofa.py` and `distillers/utils.py`):
   final width W with GELU (later merges W -> W, GELU but for the last); then max(4 - stage, 1) ViT
   blocks of width W with 4 heads and no qkv bias; read out through the class token when the student
   has one (its prefix tokens bypass the merges and join the blocks), else the mean of the tokens; then
-  a linear classifier.
+  a linear classifier. (The authors' released code finds the class token through `num_tokens`, which their
+  own timm pin, 0.6.5, no longer has, and crashes on DeiT students; reading the class token is what it
+  evidently intends.)
 - their initialisation: convs Kaiming-normal (fan out, ReLU), BatchNorm 1/0, linears truncated normal
   (std 0.02) with zero bias; LayerNorms and the 1x1 conv's bias keep PyTorch's defaults.
 

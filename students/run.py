@@ -86,7 +86,7 @@ def build_task(cfg: RunConfig, stream: Stream, device) -> DistillationTask:
         torch.manual_seed(cfg.seed)
         bare = create_model(s.name, C, weights=s.weights, model_kwargs=s.model_kwargs, role="student",
                             init_seed=cfg.seed)
-        s_input = model_input(bare, stream.recipe.input_size, s.input_size)
+        s_input = model_input(bare, stream.recipe.input_size, s.input_size, s.mean, s.std)
         student = StudentWithHeads(bare, C, s_input.size, teacher_width=teacher_width, stages=cfg.heads.stages,
                                    block_indices=cfg.heads.block_indices, head_kind=cfg.heads.head_kind,
                                    with_heads=cfg.loss.method == "ofa")
@@ -109,12 +109,13 @@ def build_optimizer(cfg: RunConfig, task: DistillationTask):
 
 
 def build_scheduler(sched: ScheduleConfig, epochs: int, optimizer, updates_per_epoch: int):
-    """timm's scheduler factory, stepped per optimizer update (`step_update(n)` after update n)."""
+    """timm's scheduler factory, stepped per optimizer update (`step_update(n)` after update n) or per epoch
+    (`step(e + 1)` after epoch e); each call is a no-op for a scheduler of the other kind."""
     import timm.scheduler
     scheduler = timm.scheduler.create_scheduler_v2(
         optimizer, sched=sched.sched, num_epochs=epochs, warmup_epochs=sched.warmup_epochs,
         warmup_lr=sched.warmup_lr, min_lr=sched.min_lr, decay_epochs=sched.decay_epochs, decay_rate=sched.decay_rate,
-        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+        step_on_epochs=sched.sched_step == "epoch", updates_per_epoch=updates_per_epoch)
     return scheduler[0] if isinstance(scheduler, tuple) else scheduler  # some timm versions add the epoch count
 
 

@@ -92,6 +92,8 @@ def train_loop(stream: Stream, runs: list[Run], stop) -> list[dict]:
     for epoch in range(first, epochs):
         metrics = train_epoch(stream, runs, epoch, stop, ats)
         ats = None
+        for run in runs:  # a per-epoch schedule sets the next epoch's rate now, so that the epoch's save holds it
+            run.scheduler.step(epoch + 1)
         for m, e in zip(metrics, evaluate(runs, stream.eval_loader), strict=True):
             m |= e
         emas = [run for run in runs if run.ema is not None]

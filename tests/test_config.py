@@ -216,5 +216,8 @@ def test_shipped_configs_run_one_step_on_the_digits(path, digits, tmp_path):
         if key in file_cfg["loss"]:
             assert cfg["loss"][key] == file_cfg["loss"][key], key
     assert cfg["loss"]["label_smoothing"] == 0.1
+    # the authors' schedule stepping and precision, as each file states them
+    assert cfg["schedule"]["sched_step"] == "epoch" and cfg["mixed_precision"] == file_cfg["mixed_precision"]
+    assert cfg["mixed_precision"] == ("no" if "cifar" in path.stem else "fp16")
     term = {"kd": "kd/final", "dkd": "dkd/final"}.get(file_cfg["loss"]["method"], "ofa/stage1")
     assert json.loads((run / "metrics.json").read_text())["history"][0][f"train/{term}"] > 0
