@@ -43,6 +43,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from cache.distribution import TeacherDist
 from cache.format import (
     LABEL_LOGITS,
     LOG_Z,
@@ -64,7 +65,6 @@ from pipeline.errors import UserError
 from pipeline.provenance import config_hash
 from pipeline.reader import ShardReader
 from pipeline.views import TrainViews, library_versions, views_digest
-from students.losses import TeacherDist
 
 TEACHER_KEY = "teacher"
 

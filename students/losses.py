@@ -21,23 +21,12 @@ Losses (student logits s, teacher log-probs at temperature T, c = target class):
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
+from cache.distribution import TeacherDist
 
-class TeacherDist(NamedTuple):
-    """The teacher at temperature T as a sampled-tail cache gives it.
-
-    log_p [B, C]: log p_j = z_j / T - log Z_T, exact on known and sampled classes, finite filler elsewhere;
-    scale [B, C]: 1 on known classes (top-k, labels), count_j / (M r_j) on sampled tail classes, 0 on the rest."""
-
-    log_p: torch.Tensor
-    scale: torch.Tensor
-
-
-Teacher = torch.Tensor | TeacherDist  # logits [B, C], or a TeacherDist at the loss's temperature
+TeacherOutput = torch.Tensor | TeacherDist  # logits [B, C], or a TeacherDist at the loss's temperature
 
 
 def soft_target(label: torch.Tensor, partner_label: torch.Tensor, lam: torch.Tensor, num_classes: int,
@@ -58,7 +47,7 @@ def soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target)
 
 
-def kd_loss(logits: torch.Tensor, teacher_logits: Teacher, T: float = 4.0) -> torch.Tensor:
+def kd_loss(logits: torch.Tensor, teacher_logits: TeacherOutput, T: float = 4.0) -> torch.Tensor:
     """KL(p_teacher || p_student) at temperature T, times T^2, batch mean."""
     log_q = F.log_softmax(logits.float() / T, dim=1)
     if isinstance(teacher_logits, TeacherDist):
@@ -68,7 +57,7 @@ def kd_loss(logits: torch.Tensor, teacher_logits: Teacher, T: float = 4.0) -> to
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * T * T
 
 
-def ofa_loss(logits: torch.Tensor, teacher_logits: Teacher, target: torch.Tensor, gamma: float = 1.0,
+def ofa_loss(logits: torch.Tensor, teacher_logits: TeacherOutput, target: torch.Tensor, gamma: float = 1.0,
              T: float = 1.0, form: str = "paper", label: torch.Tensor | None = None) -> torch.Tensor:
     """OFA loss with the target class `target` [B]; see the module docstring for the two forms.
 
@@ -94,7 +83,7 @@ def ofa_loss(logits: torch.Tensor, teacher_logits: Teacher, target: torch.Tensor
     return -(w * log_q).sum(1).mean()
 
 
-def dkd_loss(logits: torch.Tensor, teacher_logits: Teacher, target: torch.Tensor, alpha: float = 1.0,
+def dkd_loss(logits: torch.Tensor, teacher_logits: TeacherOutput, target: torch.Tensor, alpha: float = 1.0,
              beta: float = 8.0, T: float = 4.0) -> torch.Tensor:
     """Decoupled KD: target-class (binary) KL + non-target KL, in log space for stability."""
     if isinstance(teacher_logits, TeacherDist):

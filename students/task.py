@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.augment import ModelInput
 from pipeline.errors import UserError
 from students.heads import StudentWithHeads
-from students.losses import Teacher, dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class
+from students.losses import TeacherOutput, dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class
 
 if TYPE_CHECKING:
     from cache.teacher import Teacher
@@ -76,7 +76,7 @@ class LossConfig:
         return self.method != "ce"
 
 
-TeacherSource = Callable[[dict], Teacher]
+TeacherSource = Callable[[dict], TeacherOutput]
 """A collated batch -> the teacher for its views, as the losses take it: logits [B, C] from
 `online(teacher)` (the stage-one `cache.teacher.Teacher` run in the loop) or a top-k cache, or a
 `TeacherDist` at the loss's temperature from a cache with a sampled tail (`cache.targets.CachedTeacher.source`)."""
@@ -97,7 +97,7 @@ def per_output(values: list[float], heads: list[str], option: str) -> list[float
     return list(values)
 
 
-def distill_losses(out: dict, teacher_logits: Teacher | None, batch: dict, cfg: LossConfig,
+def distill_losses(out: dict, teacher_logits: TeacherOutput | None, batch: dict, cfg: LossConfig,
                    num_classes: int, progress: float = float("inf")) -> dict:
     """out: {"logits": [B, C], "heads": {name: [B, C]}} -> {"loss": total, "ce": ..., "kd/final": ...}.
 
@@ -180,7 +180,7 @@ class DistillationTask(nn.Module):
         return {"student_input": dataclasses.asdict(self.student_input), "heads": self.student.names,
                 **self.provenance}
 
-    def teacher_logits(self, batch: dict) -> Teacher | None:
+    def teacher_logits(self, batch: dict) -> TeacherOutput | None:
         return self.teacher_source(batch) if self.teacher_source is not None else None
 
     def forward(self, batch: dict) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache.distribution import TeacherDist
 from cache.format import raw_bytes_per_view
 from cache.inspect import inspect_cache, verify_cache
 from cache.targets import TEACHER_KEY, CachedTeacher, TeacherTargets
@@ -15,7 +16,7 @@ from cache.teacher_pass import CacheConfig, TailSpec, summarize
 from commands.options import build
 from conftest import run_cli
 from pipeline.errors import UserError
-from students.losses import TeacherDist, dkd_loss, kd_loss, ofa_loss
+from students.losses import dkd_loss, kd_loss, ofa_loss
 
 # the first 32 views of bench/tail_sampling.py's run: a CE-trained resnet18 teacher on the Tiny-ImageNet 50-class
 # slice (fp16 logits: the values a store keeps, so the estimate and the full-logit value share them), the student
