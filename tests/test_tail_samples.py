@@ -11,8 +11,9 @@ import torch
 from cache.distribution import TeacherDist
 from cache.format import raw_bytes_per_view
 from cache.inspect import inspect_cache, verify_cache
+from cache.summary import TailSpec, summarize
 from cache.targets import TEACHER_KEY, CachedTeacher, TeacherTargets
-from cache.teacher_pass import CacheConfig, TailSpec, summarize
+from cache.teacher_pass import CacheConfig
 from commands.options import build
 from conftest import run_cli
 from pipeline.errors import UserError
