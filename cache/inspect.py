@@ -9,11 +9,13 @@ import numpy as np
 import torch
 
 from cache.format import (
-    LABEL_LOGITS,
+    LABEL_LOG_ODDS,
     LOG_Z,
+    LOGIT_STD,
     LSE,
     PARTNER,
     TAIL_IDS,
+    TAIL_LABEL_LOG_ODDS,
     TAIL_LSE,
     TOPK_INDICES,
     TOPK_VALUES,
@@ -62,7 +64,7 @@ def topk_mass(store: CacheStore, units: list[int]) -> np.ndarray:
     for u in units:
         for e in range(store.epochs):
             d = store.read_epoch(e, u, names=(TOPK_VALUES.name, LSE.name))
-            out.append(np.exp(d[TOPK_VALUES.name].astype(np.float64) - d[LSE.name][:, None]).sum(1))
+            out.append(np.exp(d[TOPK_VALUES.name].astype(np.float64)).sum(1))  # values are log-probabilities
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -87,6 +89,8 @@ def inspect_cache(path: str | Path) -> dict:
                 "none: the tail is spread uniformly (biased); cache with --tail-samples M to sample it",
         "tail_temperatures": d.temperatures if d.tail_samples else [],
         "tail_draw_temperature": d.tail_draw_temperature if d.tail_samples else None,
+        "value_dtype": d.value_dtype, "standardize": d.standardize,
+        "standard_temperatures": d.standard_temperatures if d.tail_samples else [],
         "format_version": d.format_version, "versions": d.versions,
         "units_done": f"{len(done)}/{store.num_units}", "complete": len(done) == store.num_units,
         "skipped_samples": len(store.skipped()),
@@ -113,6 +117,8 @@ def check_ranges(store: CacheStore) -> list[str]:
                 problems.append(f"unit {u} epoch {e}: class index outside [0, {C})")
             if idx.size and store.topk > 1 and (np.diff(val, axis=1) > 0).any():
                 problems.append(f"unit {u} epoch {e}: top-k values are not in descending order")
+            if (val > 0).any():
+                problems.append(f"unit {u} epoch {e}: top-k values above 0 (they are log-probabilities)")
             p = d[PARTNER.name][ok]
             if ((p != -1) & ((p < first) | (p >= first + n))).any():
                 problems.append(f"unit {u} epoch {e}: mixing partner outside the unit's data shard")
@@ -214,15 +220,15 @@ def _compare_views(store: CacheStore, teacher: Teacher, u: int, e: int, batch: l
     logits = teacher(torch.stack([v["view"] for v in batch]))
     fresh = summarize(logits, torch.tensor([v["label"] for v in batch]),
                       torch.tensor([v["partner_label"] for v in batch]), store.topk,
-                      np.array([v[VIEW_SEED.name] for v in batch]),
-                      TailSpec(d.tail_samples, d.tail_temperatures, d.tail_draw_temperature))
+                      np.array([v[VIEW_SEED.name] for v in batch]), TailSpec.of(d), d.value_dtype, d.standardize)
     cached = store.read_epoch(e, u)
-    if d.tail_samples:  # the draw replays from the view seed; a logit one fp16 step off may move a rare draw
+    if d.tail_samples:  # the draw replays from the view seed; a value one fp16 step off may move a rare draw
         drawn = fresh[TAIL_IDS.name] != cached[TAIL_IDS.name][pos]
         if drawn.mean() > 0.01:
             problems.append(f"unit {u} epoch {e}: {drawn.mean():.1%} of the cached tail samples differ from "
                             f"those the view seeds draw")
-    for name in (TOPK_VALUES.name, LSE.name, LABEL_LOGITS.name, TAIL_LSE.name, LOG_Z.name):
+    for name in (TOPK_VALUES.name, LSE.name, LABEL_LOG_ODDS.name, LOGIT_STD.name, TAIL_LSE.name, LOG_Z.name,
+                 TAIL_LABEL_LOG_ODDS.name):
         if name not in fresh:
             continue
         want, got = fresh[name].astype(np.float32), cached[name][pos].astype(np.float32)

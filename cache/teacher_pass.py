@@ -7,9 +7,9 @@ whose stores lack it).
 
     units = data shards not yet marked complete, split across processes (rank::world)
     for each unit: decode the shard once; for each cached epoch, build its views (pipeline.views),
-        run the teacher (eval, no_grad, bf16 autocast on CUDA), keep top-k logits + indices,
-        log-sum-exp, the logits of both label classes, optionally M tail classes drawn from the
-        rest (`--tail-samples`, see `draw_tail`), and the replay record
+        run the teacher (eval, no_grad, bf16 autocast on CUDA), keep what cache.summary makes of its
+        logits (top-k log-probabilities + indices, log-sum-exp, both label classes' log-odds, optionally
+        the logits' std and M tail classes drawn from the rest), and the replay record
     when a unit is whole: write its zarr shards, fsync, then write its completion marker
 
 Killed at any moment, a rerun skips the marked units and redoes the rest; unmarked data is never read.
@@ -67,7 +67,13 @@ class CacheConfig:
     epochs: int = 1
     """Epochs of views to cache."""
     topk: int = 10
-    """Teacher logits kept per view."""
+    """Classes whose teacher log-probabilities are kept per view (the largest)."""
+    value_dtype: Literal["float16", "float32"] = "float16"
+    """dtype of the kept log-probabilities: float16 (2 bytes each; rounding error |log p| x 2^-12 relative on each
+    probability) or float32 (4 bytes; exact to float32)."""
+    standardize: bool = False
+    """Also keep each view's logit standard deviation (4 bytes per view), which `train-student --standardize`
+    (logit standardization, Sun et al. CVPR 2024) needs."""
     tail_samples: int = 0
     """M: tail classes (outside top-k and labels) drawn per view from the teacher's distribution, stored with their
     logits, so that training estimates the tail's share of every loss without bias (0: the tail is spread
@@ -79,6 +85,9 @@ class CacheConfig:
     """With --tail-samples: the temperature of the teacher distribution the tail classes are drawn from. Drawing
     flatter than a loss's temperature is safe, sharper can make the estimate's variance explode; drawing at the
     training temperature is best (1 for OFA) [default: the largest temperature held, 4 by default]."""
+    standard_temperatures: list[float] | None = None
+    """With --tail-samples and --standardize: the temperatures of the standardized logits that training may use;
+    log Z and the label log-odds are stored for each (12 bytes per view each) [default: 1 2]."""
     batch_size: int = 256
     """Teacher batch size."""
     workers: int = 2
@@ -110,7 +119,11 @@ class CacheConfig:
         if not self.tail_samples and (self.tail_temperatures is not None or self.tail_draw_temperature is not None):
             problems.append("--tail-temperatures and --tail-draw-temperature describe the sampled tail; pass "
                             "--tail-samples M (M > 0) or drop them")
-        if any(t <= 0 for t in self.tail_temperatures or ()) or (self.tail_draw_temperature or 1.0) <= 0:
+        if self.standard_temperatures is not None and not (self.tail_samples and self.standardize):
+            problems.append("--standard-temperatures describes the sampled tail of standardized logits; pass "
+                            "--tail-samples M (M > 0) and --standardize, or drop it")
+        if any(t <= 0 for t in [*(self.tail_temperatures or ()), *(self.standard_temperatures or ())]) or \
+                (self.tail_draw_temperature or 1.0) <= 0:
             problems.append("tail temperatures must be > 0")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
@@ -156,7 +169,9 @@ class CacheConfig:
             return TailSpec()
         temps = sorted({float(t) for t in ([4.0] if self.tail_temperatures is None else self.tail_temperatures)})
         draw = self.tail_draw_temperature or max([1.0, *temps])
-        return TailSpec(self.tail_samples, [t for t in temps if t != 1.0], float(draw))
+        std_temps = [1.0, 2.0] if self.standard_temperatures is None else self.standard_temperatures
+        return TailSpec(self.tail_samples, [t for t in temps if t != 1.0], float(draw),
+                        sorted({float(t) for t in std_temps}) if self.standardize else [])
 
 
 def versions() -> dict:
@@ -183,7 +198,8 @@ def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher, spec: Teac
                               classes=m.classes),
         num_classes=m.num_classes, topk=cfg.topk, epochs=cfg.epochs, seed=cfg.views.seed, recipe=cfg.recipe.to_dict(),
         recipe_name=cfg.views.name, on_error=cfg.on_error, tail_samples=cfg.tail.samples,
-        tail_temperatures=cfg.tail.temperatures, tail_draw_temperature=cfg.tail.draw_temperature, versions=versions())
+        tail_temperatures=cfg.tail.temperatures, tail_draw_temperature=cfg.tail.draw_temperature, versions=versions(),
+        value_dtype=cfg.value_dtype, standardize=cfg.standardize, standard_temperatures=cfg.tail.standard_temperatures)
 
 
 class _UnitBuffer:
@@ -194,7 +210,7 @@ class _UnitBuffer:
         self.data = {}
         for a in desc.arrays:
             self.data[a.name] = np.full((desc.epochs, count, *desc.trailing_shape(a)), a.fill,
-                                        dtype=a.dtype_for(desc.num_classes))
+                                        dtype=desc.dtype(a))
         self.seen = np.zeros((self.epochs, count), dtype=bool)
         self.digests = np.zeros((self.epochs, count), dtype=np.int64)
         self.expected = None
@@ -329,7 +345,7 @@ class TeacherPass:
                 continue
             logits = teacher(views)
             out = summarize(logits, batch["label"].to(self.device), batch["partner_label"].to(self.device), cfg.topk,
-                            batch[VIEW_SEED.name].numpy(), cfg.tail) | replay
+                            batch[VIEW_SEED.name].numpy(), cfg.tail, cfg.value_dtype, cfg.standardize) | replay
             if (i, shard) not in self.buffers:
                 info = self.reader.split.shards[shard]
                 self.buffers[i, shard] = _UnitBuffer(shard, info.first, info.count, self.descs[i])

@@ -294,7 +294,8 @@ def build_task(cfg: TrainConfig, data: Data, device) -> DistillationTask:
         about_teacher = {"name": t.name, "weights": t.weights,
                          "classes": t.class_map.to_dict() if t.class_map else None}
     elif data.cached is not None:
-        teacher, teacher_width = data.cached.source(cfg.loss.T), data.cached.width
+        teacher = data.cached.source(cfg.loss.T, cfg.loss.standardize, cfg.loss.teacher_nonlinearity)
+        teacher_width = data.cached.width
     spec = cfg.student
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

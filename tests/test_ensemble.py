@@ -58,11 +58,19 @@ def test_caches_of_other_views_or_a_wrong_weight_count_are_refused(small_digits,
     assert not (tmp_path / "b").exists()
     p = run_cli("train-student", *common, "--cache", small_store, "--ensemble", "logit", "--out", tmp_path / "c")
     assert p.returncode == 2 and "pass --cache more than once" in p.stderr, p.stderr
-    tail = tmp_path / "tail.zarr"  # the same views with a sampled tail: refused, not mixed with bias
+    tail = tmp_path / "tail.zarr"  # the same views with a sampled tail: mixed where that is unbiased, else refused
     cache_teacher(build(CacheConfig, data=small_digits, out=tail, progress=False, tail_samples=4, **SMALL_STORE))
-    p = run_cli("train-student", *common, "--cache", small_store, "--cache", tail, "--out", tmp_path / "d")
-    assert p.returncode == 2 and f"cache {tail} holds a sampled tail" in p.stderr, p.stderr
+    p = run_cli("train-student", *common, "--cache", small_store, "--cache", tail, "--ensemble", "logit",
+                "--out", tmp_path / "d")
+    assert p.returncode == 2 and f"cache {tail} holds a sampled tail, which --ensemble logit cannot mix" in p.stderr
+    assert "use --ensemble prob" in p.stderr, p.stderr
     assert not (tmp_path / "d").exists()
+    p = run_cli("train-student", *common[:-4], "ofa", "--workers", 0, "--quiet", "--ofa-form", "released",
+                "--gamma", 1.5, "--cache", small_store, "--cache", tail, "--out", tmp_path / "e")
+    assert p.returncode == 2, p.stderr
+    assert f"cache {tail} holds a sampled tail, and released-form OFA with --gamma 1.5 weights each class by " \
+           "p_j^gamma, which is not linear in the teacher's probabilities" in p.stderr, p.stderr
+    assert not (tmp_path / "e").exists()
 
 
 def _same_store(a, b):

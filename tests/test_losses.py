@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cache.distribution import label_log_odds
 from cache.targets import reconstruct_logits
 from students.losses import dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class
 
@@ -103,16 +104,17 @@ def test_gamma_one_is_ce_plus_soft_ce(logits):
 
 
 def _cache_of(t, labels, k):
+    """What a store keeps: top-k log-probabilities (fp16) and indices, lse, the label classes' log-odds."""
     vals, idx = t.topk(k, 1)
     lse = torch.logsumexp(t, 1)
-    return vals.half(), idx, lse.float(), t.gather(1, labels).float()
+    return (vals - lse[:, None]).half(), idx, lse.float(), label_log_odds(t.float(), labels)
 
 
 def test_reconstruction_with_k_equal_classes_is_the_online_teacher(logits):
     s, t, y = logits
     t = t.float()
     labels = torch.stack([y, y.roll(1)], 1)
-    z = reconstruct_logits(*_cache_of(t, labels, C)[:3], labels, t.gather(1, labels), C)
+    z = reconstruct_logits(*_cache_of(t, labels, C)[:3], labels, label_log_odds(t, labels), C)
     for loss in (lambda u: ofa_loss(s.float(), u, y, 1.5), lambda u: kd_loss(s.float(), u, 4.0),
                  lambda u: dkd_loss(s.float(), u, y)):
         assert loss(z).item() == pytest.approx(loss(t).item(), rel=2e-3)
@@ -142,8 +144,8 @@ def test_gradients_finite_with_extreme_logits():
         loss = fn()
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
-    vals, idx = t.topk(2, 1)
-    z = reconstruct_logits(vals.half(), idx, torch.logsumexp(t, 1), y[:, None], t.gather(1, y[:, None]), 4)
+    vals, idx, lse, odds = _cache_of(t, y[:, None], 2)
+    z = reconstruct_logits(vals, idx, lse, y[:, None], odds, 4)
     assert torch.isfinite(z).all()
 
 
@@ -194,12 +196,14 @@ def test_reconstruction_at_high_temperature_with_k_below_classes():
     flat.scatter_(1, tail, flat.gather(1, tail).mean(1, keepdim=True).expand_as(tail).contiguous())
     flat.scatter_(1, labels, t.gather(1, labels))  # label classes stay exact (stored in float32)
     vals, idx = flat.topk(4, 1)
-    z = reconstruct_logits(vals, idx, torch.logsumexp(flat, 1), labels, flat.gather(1, labels), C)
+    lse = torch.logsumexp(flat, 1)
+    z = reconstruct_logits(vals - lse[:, None], idx, lse, labels, label_log_odds(flat, labels), C)
     assert kd_loss(s, z, 4.0).item() == pytest.approx(kd_loss(s, flat, 4.0).item(), rel=1e-4)
     errors = []
     for k in (2, 6, C):
         vals, idx = t.topk(k, 1)
-        z = reconstruct_logits(vals, idx, torch.logsumexp(t, 1), labels, t.gather(1, labels), C)
+        lse = torch.logsumexp(t, 1)
+        z = reconstruct_logits(vals - lse[:, None], idx, lse, labels, label_log_odds(t, labels), C)
         errors.append(abs(kd_loss(s, z, 4.0).item() - kd_loss(s, t, 4.0).item()))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
 
