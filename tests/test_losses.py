@@ -246,3 +246,42 @@ def test_dkd_warm_up_ramps_the_dkd_term_linearly():
         assert out["loss"].item() == pytest.approx((out["ce"] + ramp * out["dkd/final"]).item(), rel=1e-6)
     no_ramp = distill_losses({"logits": s, "heads": {}}, t, batch, LossConfig("dkd"), 5, progress=0.0)
     assert no_ramp["loss"].item() == pytest.approx((no_ramp["ce"] + no_ramp["dkd/final"]).item(), rel=1e-6)
+
+
+def _z_score(z):
+    """Sun et al. (CVPR 2024)'s logit standardization, written out: (z - mean) / (1e-7 + std), std unbiased."""
+    z = z.double()
+    mean, std = z.mean(1, keepdim=True), z.std(1, keepdim=True)
+    return (z - mean) / (1e-7 + std)
+
+
+@pytest.mark.parametrize("loss", ["kd", "dkd", "ofa paper", "ofa released"])
+def test_standardize_z_scores_teacher_and_student_before_the_temperature(logits, loss):
+    """standardize=True is the loss of the z-scored logits, teacher's and student's (T^2 unchanged, as theirs)."""
+    s, t, y = logits
+    fn = {"kd": lambda a, b, **kw: kd_loss(a, b, 2.0, **kw),
+          "dkd": lambda a, b, **kw: dkd_loss(a, b, y, 1, 8, 2.0, **kw),
+          "ofa paper": lambda a, b, **kw: ofa_loss(a, b, y, 1.5, 1.0, "paper", **kw),
+          "ofa released": lambda a, b, **kw: ofa_loss(a, b, y, 1.5, 1.0, "released", **kw)}[loss]
+    want = fn(_z_score(s), _z_score(t)).item()
+    assert fn(s, t, standardize=True).item() == pytest.approx(want, rel=1e-6)
+    assert fn(s, t).item() != pytest.approx(want, rel=1e-2)  # it changes the loss: these logits are not z-scores
+
+
+def test_the_loss_option_standardizes_every_distillation_term():
+    from students.task import LossConfig, distill_losses
+    s, t = torch.randn(4, 5) * 3, torch.randn(4, 5) * 5
+    heads = {"stage1": torch.randn(4, 5)}
+    batch = {"label": torch.tensor([0, 1, 2, 3]), "partner_label": torch.tensor([0, 1, 2, 3]), "lam": torch.ones(4)}
+    c = batch["label"]
+    for cfg, want in ((LossConfig("kd", standardize=True), {"kd/final": kd_loss(_z_score(s), _z_score(t), 4.0)}),
+                      (LossConfig("dkd", standardize=True), {"dkd/final": dkd_loss(_z_score(s), _z_score(t), c)}),
+                      (LossConfig("ofa", standardize=True, gamma=[1.5]),
+                       {"ofa/final": ofa_loss(_z_score(s), _z_score(t), c, 1.5),
+                        "ofa/stage1": ofa_loss(_z_score(heads["stage1"]), _z_score(t), c, 1.5)})):
+        out = distill_losses({"logits": s, "heads": heads}, t, batch, cfg, 5)
+        for k, v in want.items():
+            assert out[k].item() == pytest.approx(v.item(), rel=1e-5), (cfg.method, k)
+    from pipeline.errors import UserError
+    with pytest.raises(UserError, match="--standardize z-scores .* method ce has none"):
+        LossConfig("ce", standardize=True)

@@ -162,6 +162,56 @@ def test_dkd_from_the_store_is_exact_for_confident_teachers(eps, T):
     assert abs(got / want - 1) < 1e-5, (got, want)
 
 
+STD_TEMPS = [1.0, 2.0]  # the default --standard-temperatures
+STD_LOSSES = {  # logit standardization: name -> (T, loss(student, teacher, target)), the student z-scored in the loss
+    "kd T=2": (2.0, lambda s, t, c: kd_loss(s, t, 2.0, standardize=True)),
+    "dkd T=2": (2.0, lambda s, t, c: dkd_loss(s, t, c, 1.0, 8.0, 2.0, standardize=True)),
+    "ofa paper gamma=1.5": (1.0, lambda s, t, c: ofa_loss(s, t, c, 1.5, 1.0, "paper", standardize=True)),
+    "ofa released gamma=1.5": (1.0, lambda s, t, c: ofa_loss(s, t, c, 1.5, 1.0, "released", standardize=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(STD_LOSSES))
+def test_standardized_losses_from_a_k_equal_c_store_are_the_full_logit_ones(name):
+    """A k = C store made with --standardize (float32 values): the teacher at T (std + 1e-7), from the std the store
+    kept, gives every standardized loss to 1e-5."""
+    z, q, labels = _fixture()
+    C = z.shape[1]
+    arrays = summarize(z, labels[:, 0], labels[:, 1], C, value_dtype="float32", standardize=True)
+    assert np.allclose(arrays["logit_std"], z.std(1).numpy(), rtol=1e-6)
+    T, fn = STD_LOSSES[name]
+    d = TeacherTargets.from_arrays(arrays).standardized(labels[:, 0], labels[:, 1], C, T)
+    got, want = float(fn(q, d, labels[:, 0])), float(fn(q, z, labels[:, 0]))
+    assert abs(got / want - 1) < 1e-5, (got, want)
+
+
+@pytest.fixture(scope="module")
+def standardized_draws():
+    """As `draws`, from a store made with --standardize: {T: TeacherDist of the standardized teacher at T}."""
+    z, q, labels = _fixture()
+    B, C = z.shape
+    zz, ll = z.repeat(DRAWS, 1), labels.repeat(DRAWS, 1)
+    arrays = summarize(zz, ll[:, 0], ll[:, 1], K, np.arange(DRAWS * B), TailSpec(M, TEMPS, DRAW_T, STD_TEMPS),
+                       "float32", standardize=True)
+    tt = TeacherTargets.from_arrays(arrays, len(TEMPS) + len(STD_TEMPS))
+    return {T: tt.distribution(ll[:, 0], ll[:, 1], C, T, TEMPS, DRAW_T, True, STD_TEMPS) for T in STD_TEMPS}
+
+
+@pytest.mark.parametrize("name", list(STD_LOSSES))
+def test_standardized_losses_from_a_sampled_tail_are_unbiased(standardized_draws, name):
+    """The tail's standardized temperature slots: over DRAWS draws, each standardized loss and its gradient are the
+    full-logit ones within 5 standard errors (of that mean), as for the raw logits."""
+    z, q, labels = _fixture()
+    T, fn = STD_LOSSES[name]
+    c = labels[:, 0]
+    full_v, full_g = _value_and_grad(fn, q, z, c)
+    v, g = _per_draw(fn, q, standardized_draws[T], c)
+    se_v, se_g = v.std() / DRAWS ** 0.5, g.std(0) / DRAWS ** 0.5
+    assert abs(float(v.mean()) - full_v) <= 5 * float(se_v) + 1e-6, (name, float(v.mean()), full_v, float(se_v))
+    assert float(((g.mean(0) - full_g).abs() - (5 * se_g + 1e-7)).max()) <= 0, name
+    assert float(se_v) < 0.05 * abs(full_v), "the bound must be tight enough to mean something"
+
+
 # ----------------------------------------------------------------------------------------- the store
 
 @pytest.fixture(scope="module")
@@ -223,3 +273,27 @@ def test_train_student_distils_from_the_sampled_tail_and_refuses_a_temperature_i
     p = run_cli("train-student", *common, "--method", "kd", "--temperature", 2, "--out", tmp_path / "kd")
     assert p.returncode == 2 and "not at --temperature 2" in p.stderr, p.stderr
     assert not (tmp_path / "kd" / "metrics.json").exists()
+
+
+def test_train_student_standardizes_from_a_store_that_keeps_the_std_and_refuses_one_that_does_not(
+        small_digits, tail_store, tmp_path):
+    out = tmp_path / "std.zarr"
+    run_cli("cache-teacher", "--data", small_digits, "--out", out, "--teacher", "test_resnet", "--recipe", "digits-mix",
+            "--epochs", 1, "--topk", 3, "--tail-samples", 4, "--standardize", "--batch-size", 40, "--workers", 0,
+            "--quiet", check=True)
+    info = inspect_cache(out)
+    assert info["standardize"] and info["standard_temperatures"] == [1.0, 2.0]
+    assert info["raw_bytes_per_view"] == raw_bytes_per_view(3, 10, 4, 3, standardize=True) == 4 * 3 + 27 + 16 + 4 + 36
+    assert verify_cache(out, samples=8)["ok"]
+    common = ["--data", small_digits, "--student", "test_resnet", "--epochs", 1, "--batch-size", 16,
+              "--max-steps-per-epoch", 2, "--workers", 0, "--quiet", "--standardize", "--method", "kd"]
+    run_cli("train-student", *common, "--cache", out, "--temperature", 2, "--out", tmp_path / "kd", check=True)
+    last = json.loads((tmp_path / "kd" / "metrics.json").read_text())["history"][-1]
+    assert np.isfinite(last["train/kd/final"]) and last["train/kd/final"] > 0, last
+    p = run_cli("train-student", *common, "--cache", out, "--temperature", 3, "--out", tmp_path / "t3")
+    assert p.returncode == 2 and "for standardized logits at temperatures 1, 2, not at --temperature 3" in p.stderr
+    p = run_cli("train-student", *common, "--cache", tail_store, "--temperature", 2, "--out", tmp_path / "nostd")
+    assert p.returncode == 2 and f"cache {tail_store} does not hold its teacher's logit standard deviations" in p.stderr
+    assert not (tmp_path / "t3").exists() and not (tmp_path / "nostd").exists()
+    r = run_cli("cache-teacher", "--data", "d", "--out", "o", "--teacher", "test_resnet", "--standard-temperatures", 2)
+    assert r.returncode == 2 and "--tail-samples M (M > 0) and --standardize" in r.stderr + r.stdout
