@@ -12,7 +12,8 @@ quantity computed in float64 from the teacher's float32 logits:
   largest error of one view's estimate over the batch mean (one view's estimate can be near 0 by its draw). The
   non-target logits are multiples of 1/32, so that fp16 holds them exactly in either storage form (logits, or
   log-probabilities): what is measured is the arithmetic, not the rounding.
-- fp16: the views of tests/fixtures/tail_logits_tiny50.npz (a trained resnet18 teacher on the Tiny-ImageNet 50-class
+- fp16 (with --value-dtype float32, the same for float32 values): the views of
+  tests/fixtures/tail_logits_tiny50.npz (a trained resnet18 teacher on the Tiny-ImageNet 50-class
   slice; its fp16 logits plus uniform noise within half an fp16 step, as float32 logits are not fp16 values), the
   same logits times 4 (range about -13 to 23) and scaled to a largest |z| of 100 (CLIP-like). For each: a k = C store
   (no tail: the only error is the storage's rounding) gives the L1 distance between the teacher's probabilities from
@@ -117,14 +118,15 @@ def per_draw(fn, q: torch.Tensor, d, c: torch.Tensor, draws: int) -> torch.Tenso
     return v.double()
 
 
-def measure_fp16(draws: int) -> dict:
+def measure_fp16(draws: int, value_dtype: str | None) -> dict:
+    kw = {"value_dtype": value_dtype} if value_dtype else {}  # a store's value dtype (float16 unless asked)
     out = {}
     for name, (z, q, labels) in _teachers().items():
         B, C = z.shape
         c = labels[:, 0]
         exact = _exact_losses(z, q, c)
-        full = TeacherTargets.from_arrays(summarize(z, labels[:, 0], labels[:, 1], C)).logits(labels[:, 0],
-                                                                                           labels[:, 1], C)
+        full = TeacherTargets.from_arrays(summarize(z, labels[:, 0], labels[:, 1], C, **kw)).logits(labels[:, 0],
+                                                                                                 labels[:, 1], C)
         row = {"logit_range": [float(z.min()), float(z.max())]}
         for T in (1.0, 4.0):
             p, p_store = F.softmax(z.double() / T, 1), F.softmax(full.double() / T, 1)
@@ -133,7 +135,7 @@ def measure_fp16(draws: int) -> dict:
                                      for n, (_, fn) in LOSSES.items()}
         zz, ll = z.repeat(draws, 1), labels.repeat(draws, 1)
         tt = TeacherTargets.from_arrays(summarize(zz, ll[:, 0], ll[:, 1], K, np.arange(draws * B),
-                                                  TailSpec(M, TEMPS, DRAW_T)), len(TEMPS))
+                                                  TailSpec(M, TEMPS, DRAW_T), **kw), len(TEMPS))
         dists = {T: tt.distribution(ll[:, 0], ll[:, 1], C, T, TEMPS, DRAW_T) for T in (1.0, 4.0)}
         bias = {}
         for n, (T, fn) in LOSSES.items():
@@ -148,9 +150,12 @@ def measure_fp16(draws: int) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draws", type=int, default=2000)
+    ap.add_argument("--value-dtype", choices=["float16", "float32"],
+                    help="the stores' value dtype [default: the store's default]")
     ap.add_argument("--name", default="cache_numerics")
     args = ap.parse_args(argv)
-    res = {"dkd_confident": measure_dkd(), "fp16": measure_fp16(args.draws),
+    res = {"dkd_confident": measure_dkd(), "fp16": measure_fp16(args.draws, args.value_dtype),
+           "value_dtype": args.value_dtype or "default",
            "machine_note": "2-core CPU shared with other jobs; numbers are not timings"}
     save(args.name, res)
     return res
