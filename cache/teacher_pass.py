@@ -87,7 +87,8 @@ class CacheConfig:
     training temperature is best (1 for OFA) [default: the largest temperature held, 4 by default]."""
     standard_temperatures: list[float] | None = None
     """With --tail-samples and --standardize: the temperatures of the standardized logits that training may use;
-    log Z and the label log-odds are stored for each (12 bytes per view each) [default: 1 2]."""
+    log Z and the label log-odds are stored for each (12 bytes per view each). On the raw logits such a T is
+    T x their std: draw the tail at least that flat (--tail-draw-temperature) [default: 1 2]."""
     batch_size: int = 256
     """Teacher batch size."""
     workers: int = 2
