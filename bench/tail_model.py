@@ -7,7 +7,7 @@ The cache keeps the top-k logits, their classes and the log-sum-exp; which class
 remaining logits is lost. On real teacher and student logits this script compares the KD loss (at each
 T) from full logits with three reconstructions of the tail:
 - uniform: the tail's probability mass spread evenly: the cache's own reconstruction
-  (`reconstruct_logits`, with the exact label-class logits the cache also keeps);
+  (`reconstruct_logits`, with the exact label-class log-odds the cache also keeps);
 - oracle shape, unknown classes: the exact tail logit values (an upper bound on any shape model fitted
   to what the cache stores), with the classes that hold them unknown, i.e. each tail class weighted by
   the mean;
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from common import save
 from fidelity import add_pair_args, pair_logits
 
+from cache.distribution import label_log_odds
 from cache.targets import reconstruct_logits
 from students.losses import kd_loss
 
@@ -34,7 +35,8 @@ def estimates(z: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, k: int, T:
     reconstruction; labels [B, m] are the label classes of each view, whose logits the cache keeps exactly."""
     C = z.shape[1]
     v, idx = z.topk(k, 1)
-    uniform = reconstruct_logits(v, idx, z.logsumexp(1), labels, z.gather(1, labels), C)
+    lse = z.logsumexp(1)
+    uniform = reconstruct_logits(v - lse[:, None], idx, lse, labels, label_log_odds(z, labels), C)
     tail = torch.ones_like(z, dtype=torch.bool).scatter_(1, idx, False).scatter_(1, labels, False)
     # oracle shape, classes unknown: exact teacher terms; the cross term weights every tail class by the mean
     log_p, log_q = F.log_softmax(z / T, 1), F.log_softmax(q / T, 1)

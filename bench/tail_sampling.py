@@ -4,7 +4,7 @@
         [--student-kwargs k=v ...] [--recipe cifar] [--shards 2] [--draws 100] [--batch 64] [--save-fixture NPZ]
 
 On real teacher and student logits (the views of `--shards` data shards, as bench/tail_model.py gets them),
-each configuration rebuilds the teacher from exactly what a store would hold (`cache.teacher_pass.summarize`,
+each configuration rebuilds the teacher from exactly what a store would hold (`cache.summary.summarize`,
 read back through `cache.targets.TeacherTargets`): top-k only (the uniform tail, deterministic) or top-k + M
 tail samples (`--draws` independent draws: the view seeds are shifted per draw, as each cached epoch draws
 anew). For every loss, per batch of `--batch` views, against the same loss from the full logits:
@@ -29,8 +29,8 @@ from common import ROOT, save
 from fidelity import add_pair_args, pair_logits
 
 from cache.format import raw_bytes_per_view
+from cache.summary import TailSpec, summarize
 from cache.targets import TeacherTargets
-from cache.teacher_pass import TailSpec, summarize
 from students.losses import dkd_loss, kd_loss, ofa_loss
 
 TEMPS = [4.0]  # log Z_T recorded besides T = 1 (the default of --tail-temperatures)

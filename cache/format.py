@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -26,9 +26,14 @@ FORMAT = "ofakd-teacher-cache"
 # 3: an optional sampled tail (issue 21: tail_ids, tail_logits, tail_lse, log_z) and the description keys that size
 # it (tail_samples, tail_temperatures, tail_draw_temperature); a version-2 store lacks those keys, so it is refused
 # by version rather than read with a guessed "no samples".
-FORMAT_VERSION = 3
+# 4: values are log-probabilities (logit - lse), in float16 or float32 (value_dtype); the label classes are kept as
+# log-odds, at T = 1 and at every tail temperature (exact 1 - p for confident teachers); optional logit_std and
+# standardized tail temperatures (logit standardization). A version-3 store's values are logits: refused by version.
+FORMAT_VERSION = 4
 UNITS_DIR = "_units"
 INDEX = "index"  # dtype marker: class indices, int16 while C fits it, else int32 (see `index_dtype`)
+VALUE = "value"  # dtype marker: the store's value_dtype (float16, or float32 with --value-dtype float32)
+VALUE_DTYPES = ("float16", "float32")
 
 
 def index_dtype(num_classes: int) -> str:
@@ -41,38 +46,49 @@ class ArraySpec:
 
     name: str
     dtype: str
-    """numpy dtype name, or `INDEX` for class indices."""
+    """numpy dtype name, `INDEX` for class indices, or `VALUE` for the store's value dtype."""
     trailing: tuple[int | str, ...]
     """Trailing shape after [E, N]; "k" stands for the store's top-k, "M" for its tail samples, "t" for its
-    recorded tail temperatures."""
+    tail temperature slots (tail_temperatures, then standard_temperatures)."""
     fill: int | float
     """Value of what was never written (a sample the error policy skipped)."""
     doc: str
 
-    def dtype_for(self, num_classes: int) -> str:
-        return index_dtype(num_classes) if self.dtype == INDEX else self.dtype
+    def dtype_for(self, num_classes: int, value_dtype: str = "float16") -> str:
+        return {INDEX: index_dtype(num_classes), VALUE: value_dtype}.get(self.dtype, self.dtype)
 
     def trailing_shape(self, k: int, m: int = 0, t: int = 0) -> tuple[int, ...]:
         return tuple({"k": k, "M": m, "t": t}.get(d, d) for d in self.trailing)
 
 
-# the teacher's outputs per view (what `summarize` makes and a training view needs)
-TOPK_VALUES = ArraySpec("topk_values", "float16", ("k",), 0, "teacher logits of the k largest classes, descending")
+# the teacher's outputs per view (what `summarize` makes and a training view needs). Values are log-probabilities at
+# T = 1 (logit - lse): their rounding error in float16, |log p| x 2^-12 relative, is small where the probability is
+TOPK_VALUES = ArraySpec("topk_values", VALUE, ("k",), 0,
+                        "the teacher's log-probabilities (logit - lse) of the k largest classes, descending")
 TOPK_INDICES = ArraySpec("topk_indices", INDEX, ("k",), 0, "their class indices (dataset classes; never float)")
-LSE = ArraySpec("lse", "float32", (), 0, "log-sum-exp of all C logits (T = 1)")
-LABEL_LOGITS = ArraySpec("label_logits", "float32", (2,), 0,
-                         "teacher logit of the view's label and of its mixing partner's label (exact p_target)")
+LSE = ArraySpec("lse", "float32", (), 0, "log-sum-exp of all C logits (T = 1): a value + lse is the logit")
+LABEL_LOG_ODDS = ArraySpec("label_log_odds", "float32", (2,), 0,
+                           "log-odds against the view's label class and its mixing partner's label, a_c = "
+                           "log((1 - p_c) / p_c) = logsumexp_{j != c}(z_j - z_c): log p_c = -softplus(a_c) and "
+                           "log(1 - p_c) = -softplus(-a_c), both exact however confident the teacher")
+LOGIT_STD = ArraySpec("logit_std", "float32", (), 0,
+                      "standard deviation of the C logits (unbiased, as torch.std): logit standardization's "
+                      "temperature scale, T_eff = T (std + 1e-7) (only with --standardize)")
 # the sampled tail (only with --tail-samples M > 0): what importance-sampling the classes outside the known ones
 # (top-k + label classes) needs; see cache.targets for the estimator
 TAIL_SEED_SALT = 0x7A11  # second word of a view's tail-draw seed, so the draw never reuses the view's own stream
 TAIL_IDS = ArraySpec("tail_ids", INDEX, ("M",), -1,
-                     "M tail classes drawn with replacement from r_j = exp(z_j / T_d - tail_lse) over the classes "
+                     "M tail classes drawn with replacement from r_j = exp(v_j / T_d - tail_lse) over the classes "
                      f"outside top-k and labels (-1: no tail); numpy default_rng([view_seed, {TAIL_SEED_SALT}])")
-TAIL_LOGITS = ArraySpec("tail_logits", "float16", ("M",), 0, "their teacher logits (the draw used these fp16 values)")
-TAIL_LSE = ArraySpec("tail_lse", "float32", (),  0,
-                     "log-partition of the draw: log-sum-exp of z_j / T_d over the tail classes (fp16 logits)")
+TAIL_VALUES = ArraySpec("tail_values", VALUE, ("M",), 0,
+                        "their log-probabilities v_j (logit - lse; the draw used these stored values)")
+TAIL_LSE = ArraySpec("tail_lse", "float32", (), 0,
+                     "log-partition of the draw: log-sum-exp of tail_values / T_d over the tail classes")
 LOG_Z = ArraySpec("log_z", "float32", ("t",), 0,
-                  "log-sum-exp of all C logits / T for each of tail_temperatures (T = 1 is lse)")
+                  "per tail temperature slot: log-sum-exp over all C of (logit - lse) / T_eff, T_eff = T (a tail "
+                  "temperature) or T (logit_std + 1e-7) (a standardized one); raw T = 1 needs no slot (there it is 0)")
+TAIL_LABEL_LOG_ODDS = ArraySpec("tail_label_log_odds", "float32", ("t", 2), 0,
+                                "label_log_odds at each slot's T_eff")
 
 # the replay record: named as the fields of a view (pipeline.views) that they store
 VIEW_SEED = ArraySpec("view_seed", "uint32", (), 0, "replay record: the view seed, SeedSequence([seed, epoch, index])")
@@ -80,26 +96,35 @@ PARTNER = ArraySpec("partner", "int32", (), -1, "replay record: the mixing partn
 LAM = ArraySpec("lam", "float16", (), 1.0, "replay record: weight of the sample's own label")
 MIX_MODE = ArraySpec("mix_mode", "uint8", (), 0, "replay record: 0 none, 1 mixup, 2 cutmix")
 
-TEACHER_OUTPUTS = (TOPK_VALUES, TOPK_INDICES, LSE, LABEL_LOGITS)
-TAIL = (TAIL_IDS, TAIL_LOGITS, TAIL_LSE, LOG_Z)
+TEACHER_OUTPUTS = (TOPK_VALUES, TOPK_INDICES, LSE, LABEL_LOG_ODDS)
+STANDARD = (LOGIT_STD,)
+TAIL = (TAIL_IDS, TAIL_VALUES, TAIL_LSE, LOG_Z, TAIL_LABEL_LOG_ODDS)
+SLOTTED = (LOG_Z, TAIL_LABEL_LOG_ODDS)  # one entry per tail temperature slot
 REPLAY = (VIEW_SEED, PARTNER, LAM, MIX_MODE)
-ARRAYS = TEACHER_OUTPUTS + TAIL + REPLAY  # in this order a store creates those it holds (`held_arrays`)
+ARRAYS = TEACHER_OUTPUTS + STANDARD + TAIL + REPLAY  # in this order a store creates those it holds (`held_arrays`)
 NAMES = tuple(a.name for a in TEACHER_OUTPUTS + REPLAY)  # the arrays every store holds
 ALL_NAMES = tuple(a.name for a in ARRAYS)
 
 
-def held_arrays(tail_samples: int, tail_temperatures: int) -> tuple[ArraySpec, ...]:
-    """The arrays a store holds: the tail arrays only with tail samples, log_z only with temperatures."""
-    return tuple(a for a in ARRAYS if a not in TAIL or (tail_samples and (a is not LOG_Z or tail_temperatures)))
+def held_arrays(tail_samples: int, tail_slots: int, standardize: bool = False) -> tuple[ArraySpec, ...]:
+    """The arrays a store holds: logit_std only with --standardize, the tail arrays only with tail samples, and of
+    those the per-slot ones only with temperature slots."""
+    def held(a: ArraySpec) -> bool:
+        if a in STANDARD:
+            return standardize
+        return a not in TAIL or bool(tail_samples and (a not in SLOTTED or tail_slots))
+    return tuple(a for a in ARRAYS if held(a))
 
 
-def raw_bytes_per_view(k: int, num_classes: int, tail_samples: int = 0, tail_temperatures: int = 0) -> int:
-    """Bytes of one (epoch, sample) over every array before compression: 4k + 23 with int16 indices, plus
-    4M + 4 + 4t with M tail samples and t temperatures."""
+def raw_bytes_per_view(k: int, num_classes: int, tail_samples: int = 0, tail_slots: int = 0,
+                       value_dtype: str = "float16", standardize: bool = False) -> int:
+    """Bytes of one (epoch, sample) over every array before compression: 4k + 23 with float16 values and int16
+    indices (6k + 23 with float32 values), + 4 with --standardize, + 4M + 4 + 12t with M tail samples (float16)
+    and t temperature slots."""
     total = 0
-    for a in held_arrays(tail_samples, tail_temperatures):
-        shape = a.trailing_shape(k, tail_samples, tail_temperatures)
-        total += np.dtype(a.dtype_for(num_classes)).itemsize * int(np.prod(shape, dtype=np.int64))
+    for a in held_arrays(tail_samples, tail_slots, standardize):
+        shape = a.trailing_shape(k, tail_samples, tail_slots)
+        total += np.dtype(a.dtype_for(num_classes, value_dtype)).itemsize * int(np.prod(shape, dtype=np.int64))
     return total
 
 
@@ -213,6 +238,9 @@ class CacheRequest:
     tail_samples: int | None = None
     tail_temperatures: list[float] | None = None
     tail_draw_temperature: float | None = None
+    value_dtype: str | None = None
+    standardize: bool | None = None
+    standard_temperatures: list[float] | None = None
 
 
 def _show(v) -> str:
@@ -241,6 +269,9 @@ _CHECKED = (
     ("tail samples", lambda r: r.tail_samples),
     ("tail temperatures", lambda r: r.tail_temperatures),
     ("tail draw temperature", lambda r: r.tail_draw_temperature),
+    ("value dtype", lambda r: r.value_dtype),
+    ("logit standard deviation kept", lambda r: r.standardize),
+    ("standardized tail temperatures", lambda r: r.standard_temperatures),
 )
 
 
@@ -253,7 +284,7 @@ class CacheDescription:
     teacher: TeacherRecord = _doc("see the teacher keys below")
     dataset: DatasetRecord = _doc("see the dataset keys below")
     num_classes: int = _doc("C, the dataset's classes (the teacher's logits are over these)")
-    topk: int = _doc("k, teacher logits kept per view")
+    topk: int = _doc("k, classes whose log-probabilities are kept per view")
     epochs: int = _doc("E, cached epochs of views")
     seed: int = _doc("run seed of the views (--seed of cache-teacher, --view-seed of train-student)")
     recipe: dict = _doc("the augmentation recipe's fields (pipeline.augment.Recipe)")
@@ -261,28 +292,46 @@ class CacheDescription:
     on_error: str = _doc("the corrupt-sample policy of the pass (raise or skip); training applies the same")
     index_dtype: str = _doc("dtype of topk_indices (from num_classes)", init=False)
     raw_bytes_per_view: int = _doc("bytes per (epoch, sample) before compression (from topk, num_classes, "
-                                   "tail_samples and tail_temperatures)", init=False)
+                                   "value_dtype, standardize and the tail's keys)", init=False)
     versions: dict = _doc("library versions that made the views and the store")
     tail_samples: int = _doc("M, tail classes drawn per view (0: none; the tail is then spread uniformly)", default=0)
-    tail_temperatures: list[float] = _doc("temperatures T != 1 whose log Z_T (log_z) is stored, ascending; with "
-                                          "samples, training runs at 1 or one of these", default_factory=list)
+    tail_temperatures: list[float] = _doc("temperatures T != 1 whose log Z_T (log_z) and label log-odds are stored, "
+                                          "ascending; with samples, training runs at 1 or one of these",
+                                          default_factory=list)
     tail_draw_temperature: float = _doc("T_d, the temperature of the distribution the tail classes are drawn from",
                                         default=1.0)
+    value_dtype: Literal["float16", "float32"] = _doc("dtype of topk_values and tail_values", default="float16")
+    standardize: bool = _doc("whether logit_std is kept (training with --standardize needs it)", default=False)
+    standard_temperatures: list[float] = _doc("with samples and standardize: temperatures of the standardized logits "
+                                              "whose log Z and label log-odds are stored (slots after "
+                                              "tail_temperatures), ascending", default_factory=list)
 
     def __post_init__(self):
         derived = {"format": FORMAT, "format_version": FORMAT_VERSION, "index_dtype": index_dtype(self.num_classes),
                    "raw_bytes_per_view": raw_bytes_per_view(self.topk, self.num_classes, self.tail_samples,
-                                                            len(self.tail_temperatures))}
+                                                            len(self.slots), self.value_dtype, self.standardize)}
         for k, v in derived.items():
             object.__setattr__(self, k, v)
 
     @property
     def arrays(self) -> tuple[ArraySpec, ...]:
         """The arrays this store holds, in creation order."""
-        return held_arrays(self.tail_samples, len(self.tail_temperatures))
+        return held_arrays(self.tail_samples, len(self.slots), self.standardize)
 
     def trailing_shape(self, a: ArraySpec) -> tuple[int, ...]:
-        return a.trailing_shape(self.topk, self.tail_samples, len(self.tail_temperatures))
+        return a.trailing_shape(self.topk, self.tail_samples, len(self.slots))
+
+    def dtype(self, a: ArraySpec) -> str:
+        return a.dtype_for(self.num_classes, self.value_dtype)
+
+    @property
+    def slots(self) -> list[tuple[float, bool]]:
+        """The tail temperature slots of log_z and tail_label_log_odds: (T, standardized), the tail temperatures
+        first, then the standardized ones (none without tail samples)."""
+        if not self.tail_samples:
+            return []
+        return [(float(t), False) for t in self.tail_temperatures] + [(float(t), True)
+                                                                       for t in self.standard_temperatures]
 
     @property
     def temperatures(self) -> list[float]:
@@ -328,7 +377,8 @@ class CacheDescription:
                             classes=t.classes, manifest_hash=ds.manifest_hash, split=ds.split, recipe=self.recipe,
                             seed=self.seed, topk=self.topk, epochs=self.epochs, num_classes=self.num_classes,
                             tail_samples=self.tail_samples, tail_temperatures=self.tail_temperatures,
-                            tail_draw_temperature=self.tail_draw_temperature)
+                            tail_draw_temperature=self.tail_draw_temperature, value_dtype=self.value_dtype,
+                            standardize=self.standardize, standard_temperatures=self.standard_temperatures)
 
     def mismatches(self, request: CacheRequest, every: bool = False, theirs: str = "requested") -> list[str]:
         """Each checked field where this store differs from the request, as readable phrases ("<field> is <ours>,
@@ -351,7 +401,8 @@ class CacheDescription:
 # ---------------------------------------------------------------------------------------------- reference
 
 def _dtype_doc(a: ArraySpec) -> str:
-    return "int16 (int32 beyond 32,767 classes)" if a.dtype == INDEX else a.dtype
+    return {INDEX: "int16 (int32 beyond 32,767 classes)", VALUE: "value_dtype (float16 or float32)"}.get(a.dtype,
+                                                                                                         a.dtype)
 
 
 def _rows(record, prefix: str = "") -> list[str]:
@@ -371,13 +422,19 @@ def format_reference() -> str:
         f"A store is a zarr v3 group, `format` `{FORMAT}`, `format_version` {FORMAT_VERSION}. A store of another "
         "format version (older or newer) is refused, naming both versions: rebuild it with this version. "
         "E = cached epochs, N = samples in the split, k = top-k, C = classes, M = tail samples, t = tail "
-        "temperatures. The tail arrays exist only in a store made with `--tail-samples M` (M > 0), `log_z` only "
-        "when it records temperatures.",
+        "temperature slots (`tail_temperatures`, then `standard_temperatures`). `logit_std` exists only in a store "
+        "made with `--standardize`; the tail arrays only with `--tail-samples M` (M > 0), and `log_z` and "
+        "`tail_label_log_odds` only when it records temperature slots.",
         "",
         f"**Arrays** (`[E, N, ...]`; {raw_bytes_per_view(1, 10) - raw_bytes_per_view(0, 10)}k + "
-        f"{raw_bytes_per_view(0, 10)} bytes per (epoch, sample) (+ 4M + 4 + 4t with a sampled tail) before "
-        "compression with int16 indices; Blosc-zstd, byte shuffle; zarr shard `[E, samples_per_shard, ...]` = one "
-        "unit, inner chunk `[1, samples_per_shard, ...]` = one epoch of one unit):",
+        f"{raw_bytes_per_view(0, 10)} bytes per (epoch, sample) before compression with float16 values and int16 "
+        f"indices ({raw_bytes_per_view(1, 10, value_dtype='float32') - raw_bytes_per_view(0, 10)}k + "
+        f"{raw_bytes_per_view(0, 10)} with float32 values), + "
+        f"{raw_bytes_per_view(0, 10, standardize=True) - raw_bytes_per_view(0, 10)} with `--standardize`, "
+        f"+ {raw_bytes_per_view(0, 10, 1) - raw_bytes_per_view(0, 10) - 4}M + 4 + "
+        f"{raw_bytes_per_view(0, 10, 1, 1) - raw_bytes_per_view(0, 10, 1)}t with M float16 tail samples and t "
+        "temperature slots; Blosc-zstd, byte shuffle; zarr shard `[E, samples_per_shard, ...]` = one unit, inner "
+        "chunk `[1, samples_per_shard, ...]` = one epoch of one unit):",
         "",
         "| array | dtype | shape | fill | meaning |",
         "| --- | --- | --- | --- | --- |",

@@ -9,11 +9,13 @@ import numpy as np
 import torch
 
 from cache.format import (
-    LABEL_LOGITS,
+    LABEL_LOG_ODDS,
     LOG_Z,
+    LOGIT_STD,
     LSE,
     PARTNER,
     TAIL_IDS,
+    TAIL_LABEL_LOG_ODDS,
     TAIL_LSE,
     TOPK_INDICES,
     TOPK_VALUES,
@@ -21,8 +23,8 @@ from cache.format import (
     TeacherRecord,
 )
 from cache.store import CacheStore
+from cache.summary import TailSpec, summarize
 from cache.teacher import ClassMap, Teacher
-from cache.teacher_pass import TailSpec, summarize
 from pipeline.augment import Recipe
 from pipeline.errors import UserError
 from pipeline.models import Weights, file_sha256
@@ -62,7 +64,7 @@ def topk_mass(store: CacheStore, units: list[int]) -> np.ndarray:
     for u in units:
         for e in range(store.epochs):
             d = store.read_epoch(e, u, names=(TOPK_VALUES.name, LSE.name))
-            out.append(np.exp(d[TOPK_VALUES.name].astype(np.float64) - d[LSE.name][:, None]).sum(1))
+            out.append(np.exp(d[TOPK_VALUES.name].astype(np.float64)).sum(1))  # values are log-probabilities
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -87,6 +89,8 @@ def inspect_cache(path: str | Path) -> dict:
                 "none: the tail is spread uniformly (biased); cache with --tail-samples M to sample it",
         "tail_temperatures": d.temperatures if d.tail_samples else [],
         "tail_draw_temperature": d.tail_draw_temperature if d.tail_samples else None,
+        "value_dtype": d.value_dtype, "standardize": d.standardize,
+        "standard_temperatures": d.standard_temperatures if d.tail_samples else [],
         "format_version": d.format_version, "versions": d.versions,
         "units_done": f"{len(done)}/{store.num_units}", "complete": len(done) == store.num_units,
         "skipped_samples": len(store.skipped()),
@@ -113,6 +117,8 @@ def check_ranges(store: CacheStore) -> list[str]:
                 problems.append(f"unit {u} epoch {e}: class index outside [0, {C})")
             if idx.size and store.topk > 1 and (np.diff(val, axis=1) > 0).any():
                 problems.append(f"unit {u} epoch {e}: top-k values are not in descending order")
+            if (val > 0).any():
+                problems.append(f"unit {u} epoch {e}: top-k values above 0 (they are log-probabilities)")
             p = d[PARTNER.name][ok]
             if ((p != -1) & ((p < first) | (p >= first + n))).any():
                 problems.append(f"unit {u} epoch {e}: mixing partner outside the unit's data shard")
@@ -142,7 +148,7 @@ def verify_cache(path: str | Path, samples: int = 32, data: str | Path | None = 
                  seed: int = 0, atol: float = 0.02, rtol: float = 0.01) -> dict:
     """Rebuild `samples` random views, rerun the teacher (`weights`; default: those recorded), compare."""
     store = CacheStore(path)
-    d, t, ds = store.description, store.description.teacher, store.description.dataset
+    d, ds = store.description, store.description.dataset
     problems = []
     missing = store.num_units - len(store.done_units())
     if missing:
@@ -153,6 +159,32 @@ def verify_cache(path: str | Path, samples: int = 32, data: str | Path | None = 
     if reader.manifest.split_hash(ds.split) != ds.manifest_hash:
         raise UserError(f"dataset {data} is not the one cache {path} was made from (manifest hash differs); "
                         f"pass the right --data")
+    teacher = recorded_teacher(store, weights)
+    recipe = Recipe.from_dict(d.recipe)
+    checked, worst = 0, 0.0
+    skipped = store.skipped()
+    for (u, e), positions in sorted(_picks(store, samples, seed).items()):
+        info = reader.split.shards[u]
+        samples_u = list(reader.read_shard(u))
+        views = {v["index"]: v for v in shard_views(samples_u, recipe, d.seed, e, info.first, info.count)}
+        if views_digest([v["digest"] for v in views.values()]) != store.unit_info(u).view_digests[e]:
+            problems.append(f"unit {u} epoch {e}: the rebuilt views differ pixel for pixel from those the teacher saw")
+        idx = [info.first + p for p in sorted(set(positions)) if info.first + p not in skipped]
+        if not idx:
+            continue
+        batch = [views[i] for i in idx]
+        found, diff = _compare_views(store, teacher, u, e, batch, np.array(idx) - info.first, atol, rtol)
+        problems += found
+        worst = max(worst, diff)
+        checked += len(idx)
+    return {"store": str(path), "views_checked": checked, "max_abs_difference": worst,
+            "problems": problems, "ok": not problems}
+
+
+def recorded_teacher(store: CacheStore, weights: Weights | None = None) -> Teacher:
+    """The store's teacher with `weights` (default: those recorded), refused unless they are the weights the
+    store was made with."""
+    path, d, t = store.path, store.description, store.description.teacher
     if weights is None or not (weights.checkpoint or weights.from_timm):
         weights = recorded_weights(t)
     if weights.checkpoint and file_sha256(weights.checkpoint) != t.checkpoint_sha256:  # before building
@@ -165,7 +197,11 @@ def verify_cache(path: str | Path, samples: int = 32, data: str | Path | None = 
         raise UserError(f"teacher weights {teacher.weights.get('file') or teacher.weights.get('source')} are not the "
                         f"ones cache {path} was made with (sha256 {t.checkpoint_sha256}); pass the right "
                         f"--checkpoint or --pretrained-file")
-    recipe = Recipe.from_dict(d.recipe)
+    return teacher
+
+
+def _picks(store: CacheStore, samples: int, seed: int) -> dict[tuple[int, int], list[int]]:
+    """`samples` random (unit, epoch, position) of the complete units, grouped by (unit, epoch)."""
     rng = np.random.default_rng(seed)
     done = sorted(store.done_units())
     picks: dict[tuple[int, int], list[int]] = {}
@@ -173,50 +209,43 @@ def verify_cache(path: str | Path, samples: int = 32, data: str | Path | None = 
         u = int(rng.choice(done))
         e = int(rng.integers(store.epochs))
         picks.setdefault((u, e), []).append(int(rng.integers(store.unit_info(u).count)))
-    checked, worst = 0, 0.0
-    skipped = store.skipped()
-    for (u, e), positions in sorted(picks.items()):
-        info = reader.split.shards[u]
-        samples_u = list(reader.read_shard(u))
-        views = {v["index"]: v for v in shard_views(samples_u, recipe, d.seed, e, info.first, info.count)}
-        if views_digest([v["digest"] for v in views.values()]) != store.unit_info(u).view_digests[e]:
-            problems.append(f"unit {u} epoch {e}: the rebuilt views differ pixel for pixel from those the teacher saw")
-        idx = [info.first + p for p in sorted(set(positions)) if info.first + p not in skipped]
-        if not idx:
+    return picks
+
+
+def _compare_views(store: CacheStore, teacher: Teacher, u: int, e: int, batch: list[dict], pos: np.ndarray,
+                   atol: float, rtol: float) -> tuple[list[str], float]:
+    """Rerun the teacher on rebuilt views (`batch`, at positions `pos` of unit u) and compare what the store holds
+    for them with what a fresh pass would write -> (problems, largest absolute difference)."""
+    d, problems, worst = store.description, [], 0.0
+    logits = teacher(torch.stack([v["view"] for v in batch]))
+    fresh = summarize(logits, torch.tensor([v["label"] for v in batch]),
+                      torch.tensor([v["partner_label"] for v in batch]), store.topk,
+                      np.array([v[VIEW_SEED.name] for v in batch]), TailSpec.of(d), d.value_dtype, d.standardize)
+    cached = store.read_epoch(e, u)
+    if d.tail_samples:  # the draw replays from the view seed; a value one fp16 step off may move a rare draw
+        drawn = fresh[TAIL_IDS.name] != cached[TAIL_IDS.name][pos]
+        if drawn.mean() > 0.01:
+            problems.append(f"unit {u} epoch {e}: {drawn.mean():.1%} of the cached tail samples differ from "
+                            f"those the view seeds draw")
+    for name in (TOPK_VALUES.name, LSE.name, LABEL_LOG_ODDS.name, LOGIT_STD.name, TAIL_LSE.name, LOG_Z.name,
+                 TAIL_LABEL_LOG_ODDS.name):
+        if name not in fresh:
             continue
-        batch = [views[i] for i in idx]
-        logits = teacher(torch.stack([v["view"] for v in batch]))
-        fresh = summarize(logits, torch.tensor([v["label"] for v in batch]),
-                          torch.tensor([v["partner_label"] for v in batch]), store.topk,
-                          np.array([v[VIEW_SEED.name] for v in batch]),
-                          TailSpec(d.tail_samples, d.tail_temperatures, d.tail_draw_temperature))
-        cached = store.read_epoch(e, u)
-        pos = np.array(idx) - info.first
-        if d.tail_samples:  # the draw replays from the view seed; a logit one fp16 step off may move a rare draw
-            drawn = fresh[TAIL_IDS.name] != cached[TAIL_IDS.name][pos]
-            if drawn.mean() > 0.01:
-                problems.append(f"unit {u} epoch {e}: {drawn.mean():.1%} of the cached tail samples differ from "
-                                f"those the view seeds draw")
-        for name in (TOPK_VALUES.name, LSE.name, LABEL_LOGITS.name, TAIL_LSE.name, LOG_Z.name):
-            if name not in fresh:
-                continue
-            want, got = fresh[name].astype(np.float32), cached[name][pos].astype(np.float32)
-            err = np.abs(want - got) - rtol * np.abs(want)
-            worst = max(worst, float(np.abs(want - got).max()))
-            if (err > atol).any():
-                problems.append(f"unit {u} epoch {e}: cached {name} differ from a fresh teacher pass "
-                                f"(max abs difference {np.abs(want - got).max():.4g})")
-        # indices may legitimately swap where two logits tie within fp16; compare as sets of near-ties
-        for j in range(len(pos)):
-            fi, ci = fresh[TOPK_INDICES.name][j], cached[TOPK_INDICES.name][pos[j]]
-            if not np.array_equal(fi, ci):
-                fv = logits[j].float().cpu().numpy()
-                if np.abs(np.sort(fv[fi]) - np.sort(fv[ci.astype(np.int64)])).max() > atol + rtol * np.abs(fv).max():
-                    problems.append(f"unit {u} epoch {e} sample {idx[j]}: cached top-k classes differ")
-        for name in (VIEW_SEED.name, PARTNER.name):  # a view's fields are named as the replay arrays
-            want = np.array([v[name] for v in batch])
-            if not np.array_equal(want, cached[name][pos]):
-                problems.append(f"unit {u} epoch {e}: cached replay record '{name}' differs from the rebuilt view")
-        checked += len(idx)
-    return {"store": str(path), "views_checked": checked, "max_abs_difference": worst,
-            "problems": problems, "ok": not problems}
+        want, got = fresh[name].astype(np.float32), cached[name][pos].astype(np.float32)
+        err = np.abs(want - got) - rtol * np.abs(want)
+        worst = max(worst, float(np.abs(want - got).max()))
+        if (err > atol).any():
+            problems.append(f"unit {u} epoch {e}: cached {name} differ from a fresh teacher pass "
+                            f"(max abs difference {np.abs(want - got).max():.4g})")
+    # indices may legitimately swap where two logits tie within fp16; compare as sets of near-ties
+    for j in range(len(pos)):
+        fi, ci = fresh[TOPK_INDICES.name][j], cached[TOPK_INDICES.name][pos[j]]
+        if not np.array_equal(fi, ci):
+            fv = logits[j].float().cpu().numpy()
+            if np.abs(np.sort(fv[fi]) - np.sort(fv[ci.astype(np.int64)])).max() > atol + rtol * np.abs(fv).max():
+                problems.append(f"unit {u} epoch {e} sample {batch[j]['index']}: cached top-k classes differ")
+    for name in (VIEW_SEED.name, PARTNER.name):  # a view's fields are named as the replay arrays
+        want = np.array([v[name] for v in batch])
+        if not np.array_equal(want, cached[name][pos]):
+            problems.append(f"unit {u} epoch {e}: cached replay record '{name}' differs from the rebuilt view")
+    return problems, worst

@@ -131,9 +131,9 @@ class CacheStore:
             d = self.description
             spec = next(a for a in ARRAYS if a.name == name)
             want = (d.epochs, d.dataset.num_samples, *d.trailing_shape(spec))
-            if tuple(arr.shape) != want or str(arr.dtype) != spec.dtype_for(d.num_classes):
+            if tuple(arr.shape) != want or str(arr.dtype) != d.dtype(spec):
                 raise UserError(f"cache {self.path} has array {name} of shape {tuple(arr.shape)} ({arr.dtype}) where "
-                                f"its attributes give {want} ({spec.dtype_for(d.num_classes)}): it is damaged; "
+                                f"its attributes give {want} ({d.dtype(spec)}): it is damaged; "
                                 f"rebuild it (`cli.py cache-teacher ... --overwrite`)")
             self._arrays[name] = arr
         return arr
@@ -225,7 +225,7 @@ class CacheStore:
         for a in d.arrays:
             t = d.trailing_shape(a)
             group.create_array(a.name, shape=(E, N, *t), chunks=(1, S, *t), shards=(E, S, *t),
-                               dtype=a.dtype_for(d.num_classes), compressors=compressor, fill_value=a.fill)
+                               dtype=d.dtype(a), compressors=compressor, fill_value=a.fill)
         group.attrs.update(d.to_attrs())
         (where / UNITS_DIR).mkdir()
 

@@ -9,21 +9,24 @@
 after checking that the views rebuilt here are the ones the teacher saw (replay record and pixel
 fingerprint); the default collate batches them into one `TeacherTargets` of [B, ...] tensors.
 
-Reconstruction (`TeacherTargets.logits`): the cache holds, per view, the top-k logits z_1..z_k, the
-log-sum-exp L of all C logits, and the exact logits of the view's label classes. Known classes (top-k
-and label classes) keep their logits; the remaining C - n_known classes share the leftover mass
+Reconstruction (`TeacherTargets.logits`): the cache holds, per view, the teacher's log-probabilities
+v_1..v_k of its top-k classes (v = z - L, L the log-sum-exp of all C logits, also kept), and the label
+classes' log-odds a_c = log((1 - p_c) / p_c), from which log p_c and log(1 - p_c) are exact. Known classes
+(top-k and label classes) keep their values; the remaining C - n_known classes share the leftover mass
 equally, each getting
-    z_tail = L + log(1 - sum_known exp(z_i - L)) - log(C - n_known).
-At T = 1 this reproduces the known probabilities and the tail's total mass exactly; at other
-temperatures the tail's shape is an approximation (its total is what top-k cannot tell). With
-k = C nothing is approximated. This tail is biased: which class holds which tail logit is lost.
+    v_tail = log(1 - p_label - sum_{known j != label} p_j) - log(C - n_known),
+computed from the label's exact 1 - p_label, so that it keeps its precision for confident teachers; the
+logits are v + L. At T = 1 this reproduces the known probabilities and the tail's total mass exactly; at
+other temperatures the tail's shape is an approximation (its total is what top-k cannot tell). With k = C
+nothing is approximated. This tail is biased: which class holds which tail logit is lost.
 
 Sampled tail (`cache-teacher --tail-samples M`, `TeacherTargets.distribution`): the pass also draws M
-tail classes j_1..j_M per view, with replacement, from r_j = exp(z_j / T_d - tail_lse), the teacher's
+tail classes j_1..j_M per view, with replacement, from r_j = exp(v_j / T_d - tail_lse), the teacher's
 distribution at the draw temperature T_d restricted to the tail (the classes outside top-k and labels),
-and stores their fp16 logits, tail_lse and log Z_T = logsumexp(z / T) over all C for each recorded T.
-Training then knows the teacher's log-probability z_j / T - log Z_T exactly on every known and sampled
-class and gives each class a weight
+and stores their values, tail_lse, and for each recorded temperature T (a slot) log Z_T = logsumexp(v / T)
+over all C and the label classes' log-odds at T. Training then knows the teacher's log-probability
+v_j / T - log Z_T on every known and sampled class (the label classes' from their log-odds) and gives each
+class a weight
     scale_j = 1 (known),  count_j / (M r_j) (sampled count_j times),  0 (other tail classes).
 count_j ~ Binomial(M, r_j), so E[scale_j] = 1 for every class: any per-class sum sum_j scale_j h(p_j, q_j)
 (every loss here: see students.losses) is an unbiased importance-sampling estimate of the exact sum, and
@@ -31,8 +34,14 @@ so is its gradient w.r.t. the student logits. Var[scale_j] = (1 - r_j) / (M r_j)
 (1/M) times the variance, over tail classes drawn from r, of h_j / r_j: it falls as 1/M, is small when the
 tail holds little of the loss's weight, and stays bounded when r is at least as flat as the loss's tail
 terms (T_d >= the training temperature; a sharper r leaves rare classes with huge weights). The known
-terms (top-k, labels, p_target, DKD's 1 - p_target) stay exact. What is not exact: the fp16 rounding of
-the stored logits, as for top-k.
+terms (top-k, labels, p_target, DKD's 1 - p_target) stay exact. What is not exact: the rounding of the
+stored values in float16 (|log p_j| x 2^-12 relative on p_j; none with --value-dtype float32).
+
+Logit standardization (`train-student --standardize`, a store made with `--standardize`): the losses
+z-score the teacher's logits per view before the temperature, which is softmax(z / T_eff) with
+T_eff = T (std + 1e-7) (cache.distribution.effective_temperature; the mean is a shift, which softmax
+drops). The store keeps each view's std; with a sampled tail, its standardized temperature slots hold
+log Z and the label log-odds at T_eff, so the estimate stays exact on known classes and unbiased.
 """
 
 from __future__ import annotations
@@ -43,15 +52,28 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from cache.distribution import (
+    FILLER_LOG_P,
+    TeacherDist,
+    dist_of_logits,
+    effective_temperature,
+    mix,
+    reconstruct_log_p,
+    reconstruct_logits,
+    sampled_distribution,
+)
 from cache.format import (
-    LABEL_LOGITS,
+    LABEL_LOG_ODDS,
     LOG_Z,
+    LOGIT_STD,
     LSE,
     PARTNER,
+    STANDARD,
     TAIL,
     TAIL_IDS,
-    TAIL_LOGITS,
+    TAIL_LABEL_LOG_ODDS,
     TAIL_LSE,
+    TAIL_VALUES,
     TEACHER_OUTPUTS,
     TOPK_INDICES,
     TOPK_VALUES,
@@ -64,98 +86,73 @@ from pipeline.errors import UserError
 from pipeline.provenance import config_hash
 from pipeline.reader import ShardReader
 from pipeline.views import TrainViews, library_versions, views_digest
-from students.losses import TeacherDist
 
 TEACHER_KEY = "teacher"
 
 
-def reconstruct_logits(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
-                       label_classes: torch.Tensor, label_logits: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """values/indices [B, k], lse [B], label_classes/label_logits [B, m] -> full logits [B, C] (float32)."""
-    B = values.shape[0]
-    known = torch.zeros(B, num_classes, dtype=torch.bool, device=values.device)
-    z = torch.zeros(B, num_classes, dtype=torch.float32, device=values.device)
-    z.scatter_(1, indices, values.float())
-    known.scatter_(1, indices, True)
-    z.scatter_(1, label_classes, label_logits.float())  # exact label logits win over fp16 top-k copies
-    known.scatter_(1, label_classes, True)
-    n_tail = num_classes - known.sum(1)  # [B]
-    lse_known = torch.logsumexp(z.masked_fill(~known, float("-inf")), dim=1)
-    frac = torch.exp(lse_known - lse.float()).clamp(max=1.0 - 1e-6)
-    z_tail = lse.float() + torch.log1p(-frac) - torch.log(n_tail.clamp(min=1).float())
-    return torch.where(known, z, z_tail[:, None])
-
-
-FILLER_LOG_P = -80.0  # log p of unsampled tail classes: finite (their scale is 0, and 0 * inf would be NaN)
-
-
-def sampled_distribution(values: torch.Tensor, indices: torch.Tensor, label_classes: torch.Tensor,
-                         label_logits: torch.Tensor, tail_ids: torch.Tensor, tail_logits: torch.Tensor,
-                         tail_lse: torch.Tensor, log_z: torch.Tensor, T: float, draw_T: float,
-                         num_classes: int) -> TeacherDist:
-    """The teacher at temperature T from a sampled-tail cache (module docstring): values/indices [B, k],
-    label_classes/label_logits [B, m], tail_ids/tail_logits [B, M] (ids -1: no tail), tail_lse [B], log_z [B]
-    (log Z_T) -> TeacherDist of [B, C]."""
-    B, M, C = values.shape[0], tail_ids.shape[1], num_classes
-    dev = values.device
-    valid = (tail_ids >= 0) & torch.isfinite(tail_lse)[:, None]
-    ids = torch.where(valid, tail_ids, C)  # invalid draws land in a spare column C, dropped below
-    z = torch.zeros(B, C + 1, dtype=torch.float32, device=dev)
-    scale = torch.zeros(B, C + 1, dtype=torch.float32, device=dev)
-    z.scatter_(1, ids, tail_logits.float())
-    w = torch.exp(tail_lse[:, None].float() - tail_logits.float() / draw_T) / M  # 1 / (M r_j) per draw
-    scale.scatter_add_(1, ids, torch.where(valid, w, 0.0))
-    z, scale = z[:, :C], scale[:, :C]
-    z.scatter_(1, indices, values.float())
-    z.scatter_(1, label_classes, label_logits.float())  # exact label logits win over fp16 top-k copies
-    scale.scatter_(1, indices, 1.0).scatter_(1, label_classes, 1.0)  # known classes are never drawn
-    log_p = torch.where(scale > 0, z / T - log_z[:, None].float(), FILLER_LOG_P)
-    return TeacherDist(log_p, scale)
-
-
 class TeacherTargets(NamedTuple):
-    """The cached teacher outputs of one view (or, collated, of a batch: a leading [B] dimension). A store
-    without tail samples gives empty tail fields ([0], and tail_lse NaN)."""
+    """The cached teacher outputs of one view (or, collated, of a batch: a leading [B] dimension), as
+    cache.format's arrays. A store without tail samples gives empty tail fields ([0], tail_lse NaN); one without
+    --standardize a NaN logit_std."""
 
-    values: torch.Tensor  # [k] float: the k largest logits, descending
+    values: torch.Tensor  # [k] float: log-probabilities of the k largest classes, descending
     indices: torch.Tensor  # [k] int64: their classes
     lse: torch.Tensor  # [] float: log-sum-exp of all C logits
-    label_logits: torch.Tensor  # [2] float: logits of the view's label and of its mixing partner's label
+    label_log_odds: torch.Tensor  # [2] float: log-odds against the view's label and its mixing partner's label
+    logit_std: torch.Tensor  # [] float: standard deviation of the logits
     tail_ids: torch.Tensor  # [M] int64: sampled tail classes (-1: none)
-    tail_logits: torch.Tensor  # [M] float: their logits
+    tail_values: torch.Tensor  # [M] float: their log-probabilities
     tail_lse: torch.Tensor  # [] float: log-partition of the draw over the tail
-    log_z: torch.Tensor  # [t] float: log Z_T at the store's tail temperatures
+    log_z: torch.Tensor  # [t] float: log Z at each tail temperature slot
+    tail_label_log_odds: torch.Tensor  # [t, 2] float: label_log_odds at each slot
 
     def to(self, device, non_blocking: bool = False) -> TeacherTargets:
         return TeacherTargets(*(t.to(device, non_blocking=non_blocking) for t in self))
 
     @classmethod
-    def from_arrays(cls, t: dict[str, np.ndarray], temperatures: int = 0) -> TeacherTargets:
+    def from_arrays(cls, t: dict[str, np.ndarray], slots: int = 0) -> TeacherTargets:
         """A batch from arrays as the store holds them (name -> [B, ...]: read back, or `summarize`'s output);
-        without tail arrays the tail fields are empty ([B, 0], tail_lse NaN, log_z [B, temperatures] zeros)."""
+        arrays the store lacks give the empty fields of the class docstring (log_z [B, slots] zeros)."""
         def get(a, dtype, empty):
             return torch.from_numpy(t[a.name].astype(dtype)) if a.name in t else empty
         n = len(t[LSE.name])
         return cls(get(TOPK_VALUES, np.float32, None), get(TOPK_INDICES, np.int64, None),  # int64: scatter/gather
-                   get(LSE, np.float32, None), get(LABEL_LOGITS, np.float32, None),
+                   get(LSE, np.float32, None), get(LABEL_LOG_ODDS, np.float32, None),
+                   get(LOGIT_STD, np.float32, torch.full((n,), torch.nan)),
                    get(TAIL_IDS, np.int64, torch.zeros(n, 0, dtype=torch.int64)),
-                   get(TAIL_LOGITS, np.float32, torch.zeros(n, 0)),
+                   get(TAIL_VALUES, np.float32, torch.zeros(n, 0)),
                    get(TAIL_LSE, np.float32, torch.full((n,), torch.nan)),
-                   get(LOG_Z, np.float32, torch.zeros(n, temperatures)))
+                   get(LOG_Z, np.float32, torch.zeros(n, slots)),
+                   get(TAIL_LABEL_LOG_ODDS, np.float32, torch.zeros(n, slots, 2)))
 
     def logits(self, label: torch.Tensor, partner_label: torch.Tensor, num_classes: int) -> torch.Tensor:
         """[B] labels -> the teacher's full logits [B, C], with the uniform tail of the module docstring."""
         labels = torch.stack([label, partner_label], 1)
-        return reconstruct_logits(self.values, self.indices, self.lse, labels, self.label_logits, num_classes)
+        return reconstruct_logits(self.values, self.indices, self.lse, labels, self.label_log_odds, num_classes)
 
     def distribution(self, label: torch.Tensor, partner_label: torch.Tensor, num_classes: int, T: float,
-                     temperatures: list[float], draw_T: float) -> TeacherDist:
-        """[B] labels -> the teacher at T with the sampled tail (module docstring); `temperatures`: those of the
-        store's log_z, T one of them or 1."""
-        log_z = self.lse if T == 1.0 else self.log_z[:, temperatures.index(T)]
+                     temperatures: list[float], draw_T: float, standardize: bool = False,
+                     standard_temperatures: list[float] = ()) -> TeacherDist:
+        """[B] labels -> the teacher at T with the sampled tail (module docstring), of the raw logits or (with
+        `standardize`) of the standardized ones; `temperatures` and `standard_temperatures`: the store's slots
+        (its tail_temperatures and standard_temperatures), T one of the asked kind's, or raw 1."""
         labels = torch.stack([label, partner_label], 1)
-        return sampled_distribution(self.values, self.indices, labels, self.label_logits, self.tail_ids,
-                                    self.tail_logits, self.tail_lse, log_z, T, draw_T, num_classes)
+        if not standardize and T == 1.0:
+            log_z, odds, T_eff = torch.zeros_like(self.lse), self.label_log_odds, 1.0
+        else:
+            i = len(temperatures) + list(standard_temperatures).index(T) if standardize else temperatures.index(T)
+            log_z, odds = self.log_z[:, i], self.tail_label_log_odds[:, i]
+            T_eff = effective_temperature(T, self.logit_std) if standardize else T
+        return sampled_distribution(self.values, self.indices, labels, odds, self.tail_ids, self.tail_values,
+                                    self.tail_lse, log_z, T_eff, draw_T, num_classes)
+
+    def standardized(self, label: torch.Tensor, partner_label: torch.Tensor, num_classes: int,
+                     T: float) -> TeacherDist:
+        """[B] labels -> the teacher's standardized logits at T from a store without a sampled tail: the uniform-tail
+        reconstruction at T_eff = T (std + 1e-7), std the one the store kept (exact at k = C)."""
+        labels = torch.stack([label, partner_label], 1)
+        v = reconstruct_log_p(self.values, self.indices, labels, self.label_log_odds, num_classes)
+        return dist_of_logits(v, effective_temperature(T, self.logit_std), labels)
 
 
 class CacheJoin:
@@ -165,7 +162,7 @@ class CacheJoin:
     def __init__(self, store: CacheStore, key: str = TEACHER_KEY):
         self.store, self.key = store, key
         held = store.description.arrays  # the arrays a join reads: the teacher's outputs, the tail if any, the replay
-        self.names = tuple(a.name for a in (*TEACHER_OUTPUTS, *TAIL, VIEW_SEED, PARTNER) if a in held)
+        self.names = tuple(a.name for a in (*TEACHER_OUTPUTS, *STANDARD, *TAIL, VIEW_SEED, PARTNER) if a in held)
 
     def __call__(self, epoch: int, shard: int, first: int, views: list[dict]) -> list[dict]:
         store = self.store
@@ -181,8 +178,7 @@ class CacheJoin:
                 f"{epoch} than this run rebuilds (replay record mismatch: another seed, recipe or tool version "
                 f"made it); rebuild the cache with this version")
         self._check_pixels(epoch, shard, views)
-        batch = TeacherTargets.from_arrays({name: a[pos] for name, a in t.items()},
-                                           len(store.description.tail_temperatures))
+        batch = TeacherTargets.from_arrays({name: a[pos] for name, a in t.items()}, len(store.description.slots))
         return [{self.key: TeacherTargets(*row)} for row in zip(*batch, strict=True)]
 
     def prefetch(self, epoch: int, shards: list[int]) -> None:
@@ -240,21 +236,30 @@ class CachedTeacher:
         (the tail spread uniformly, even when the store holds tail samples: see `source` for those)."""
         return batch[self.key].logits(batch["label"], batch["partner_label"], self.num_classes)
 
-    def source(self, T: float):
+    def source(self, T: float, standardize: bool = False, nonlinearity: str | None = None):
         """What the losses take at temperature T, as a function of a collated batch: the teacher's logits
-        (`logits`) for a store without tail samples, else its sampled-tail `TeacherDist` at T. A temperature
-        whose log Z_T the store does not hold is refused now."""
-        d = self.description
+        (`logits`) for a store without tail samples, else its sampled-tail `TeacherDist` at T; with `standardize`
+        (logit standardization), the `TeacherDist` of the standardized logits at T. A store that lacks what T or
+        `standardize` needs is refused now. (`nonlinearity` concerns ensembles only: one teacher's estimate is
+        unbiased for every loss.)"""
+        d, key, C = self.description, self.key, self.num_classes
+        if standardize and not d.standardize:
+            raise UserError(f"cache {self.path} does not hold its teacher's logit standard deviations, which "
+                            f"--standardize needs; rebuild it with `cli.py cache-teacher ... --standardize`")
         if not d.tail_samples:
+            if standardize:
+                return lambda batch: batch[key].standardized(batch["label"], batch["partner_label"], C, float(T))
             return self.logits
-        if float(T) not in d.temperatures:
-            raise UserError(f"cache {self.path} holds its sampled tail at temperatures "
-                            f"{', '.join(f'{t:g}' for t in d.temperatures)}, not at --temperature {T:g}; train at "
-                            f"one of those, or rebuild the cache with --tail-temperatures including {T:g}")
-        temps = [float(t) for t in d.tail_temperatures]
-        return lambda batch: batch[self.key].distribution(batch["label"], batch["partner_label"],
-                                                             self.num_classes, float(T), temps,
-                                                             d.tail_draw_temperature)
+        held = d.standard_temperatures if standardize else d.temperatures
+        if float(T) not in held:
+            what, flag = ("standardized logits", "--standard-temperatures") if standardize else ("logits",
+                                                                                               "--tail-temperatures")
+            raise UserError(f"cache {self.path} holds its sampled tail for {what} at temperatures "
+                            f"{', '.join(f'{t:g}' for t in held) or 'none'}, not at --temperature {T:g}; train at "
+                            f"one of those, or rebuild the cache with {flag} including {T:g}")
+        temps, std_temps = [float(t) for t in d.tail_temperatures], [float(t) for t in d.standard_temperatures]
+        return lambda batch: batch[key].distribution(batch["label"], batch["partner_label"], C, float(T), temps,
+                                                     d.tail_draw_temperature, standardize, std_temps)
 
     @property
     def width(self) -> int:
@@ -301,9 +306,15 @@ class TeacherEnsemble:
         logit: z = sum_i w_i z_i, the losses then take softmax(z / T) as for one teacher
 
     with z_i each member's full logits (the top-k reconstruction, `TeacherTargets.logits`) and weights w_i >= 0
-    normalised to sum 1. Stores with a sampled tail are refused: their per-class weights (`scale`) differ per
-    teacher, and no loss here is linear in p through its log p terms, so a mix of unbiased per-teacher estimates
-    would not be an unbiased estimate of the mixture's loss."""
+    normalised to sum 1.
+
+    Stores with a sampled tail mix in prob mode only, as `cache.distribution.mix`: each class gets the weight
+    p_j = sum_i w_i scale_ij p_ij, an unbiased estimate of the mixture's p_j, so the losses linear in the teacher's
+    probabilities (KD, DKD, paper-form OFA, released-form OFA with gamma 1) keep an unbiased gradient and, up to
+    the teacher's own entropy terms (constant for the student), an unbiased value. Refused, because no estimate
+    from per-teacher samples can be unbiased: logit mode (the mix of logits needs every teacher's logit of every
+    class) and a loss nonlinear in p (released-form OFA with gamma != 1: p_j^gamma). With --standardize in prob
+    mode, each teacher's standardized distribution is mixed the same way."""
 
     def __init__(self, paths: list[str | Path], weights: list[float] | None = None, mode: str = "prob"):
         if weights is not None and len(weights) != len(paths):
@@ -324,11 +335,13 @@ class TeacherEnsemble:
                 raise UserError(f"caches {first.path} and {m.path} do not hold the same views ({m.path}: "
                                 f"{problems[0]}); cache every teacher with the same --data, --split, --recipe, "
                                 f"--seed and --epochs (one `cache-teacher` run with several --teacher does)")
-        sampled = [m.path for m in self.members if m.description.tail_samples]
-        if sampled:
-            raise UserError(f"cache {sampled[0]} holds a sampled tail, which an ensemble cannot mix without bias (each "
-                            f"teacher's tail weights differ); train from it alone, or cache its teacher without "
-                            f"--tail-samples for the ensemble")
+        self.sampled = [m.path for m in self.members if m.description.tail_samples]
+        if self.sampled and mode == "logit":
+            raise UserError(f"cache {self.sampled[0]} holds a sampled tail, which --ensemble logit cannot mix without "
+                            f"bias: the mixed logits sum_i w_i z_i need every teacher's logit of every class, while a "
+                            f"sampled class is known only to the teacher that drew it, with a weight that makes its "
+                            f"probability, not its logit, unbiased; use --ensemble prob, or caches without "
+                            f"--tail-samples")
         w = [1.0] * len(paths) if weights is None else [float(x) for x in weights]
         self.weights = [x / sum(w) for x in w]
         self.mode = mode
@@ -358,6 +371,22 @@ class TeacherEnsemble:
         # a probability that underflowed to 0 (log -inf) would make the losses' p log p terms 0 * inf = NaN
         return T * log_p.clamp(min=FILLER_LOG_P)
 
-    def source(self, T: float):
-        """What the losses take at temperature T: the ensemble's logits (`logits`)."""
-        return lambda batch: self.logits(batch, float(T))
+    def source(self, T: float, standardize: bool = False, nonlinearity: str | None = None):
+        """What the losses take at temperature T: the ensemble's logits (`logits`), or, in prob mode with sampled
+        tails or `standardize`, the mixture of the members' `TeacherDist`s (class docstring). `nonlinearity`: why
+        the loss is not linear in the teacher's probabilities (None: it is), which a sampled tail cannot mix."""
+        T = float(T)
+        if self.mode == "logit" or not (self.sampled or standardize):
+            return lambda batch: self.logits(batch, T)  # logit mode: the losses standardize the mixed logits
+        if self.sampled and nonlinearity:
+            raise UserError(f"cache {self.sampled[0]} holds a sampled tail, and {nonlinearity}, which is not linear "
+                            f"in the teacher's probabilities: each teacher's tail classes carry their own weights, "
+                            f"and only a loss linear in p mixes those unbiased estimates into an unbiased one; use "
+                            f"--ofa-form paper or --gamma 1, or caches without --tail-samples")
+        sources = [m.source(T, standardize) for m in self.members]
+
+        def mixed(batch: dict) -> TeacherDist:
+            labels = torch.stack([batch["label"], batch["partner_label"]], 1)
+            dists = [d if isinstance(d := s(batch), TeacherDist) else dist_of_logits(d, T, labels) for s in sources]
+            return mix(dists, self.weights)
+        return mixed

@@ -7,9 +7,9 @@ whose stores lack it).
 
     units = data shards not yet marked complete, split across processes (rank::world)
     for each unit: decode the shard once; for each cached epoch, build its views (pipeline.views),
-        run the teacher (eval, no_grad, bf16 autocast on CUDA), keep top-k logits + indices,
-        log-sum-exp, the logits of both label classes, optionally M tail classes drawn from the
-        rest (`--tail-samples`, see `draw_tail`), and the replay record
+        run the teacher (eval, no_grad, bf16 autocast on CUDA), keep what cache.summary makes of its
+        logits (top-k log-probabilities + indices, log-sum-exp, both label classes' log-odds, optionally
+        the logits' std and M tail classes drawn from the rest), and the replay record
     when a unit is whole: write its zarr shards, fsync, then write its completion marker
 
 Killed at any moment, a rerun skips the marked units and redoes the rest; unmarked data is never read.
@@ -29,23 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
-from cache.format import (
-    LABEL_LOGITS,
-    LOG_Z,
-    LSE,
-    REPLAY,
-    TAIL_IDS,
-    TAIL_LOGITS,
-    TAIL_LSE,
-    TAIL_SEED_SALT,
-    TOPK_INDICES,
-    TOPK_VALUES,
-    VIEW_SEED,
-    CacheDescription,
-    DatasetRecord,
-    TeacherRecord,
-)
+from cache.format import REPLAY, VIEW_SEED, CacheDescription, DatasetRecord, TeacherRecord
 from cache.store import CacheStore, Unit
+from cache.summary import TailSpec, summarize
 from cache.teacher import Teacher, TeacherSpec
 from pipeline.augment import Recipe, ViewSpec
 from pipeline.errors import UserError
@@ -81,7 +67,13 @@ class CacheConfig:
     epochs: int = 1
     """Epochs of views to cache."""
     topk: int = 10
-    """Teacher logits kept per view."""
+    """Classes whose teacher log-probabilities are kept per view (the largest)."""
+    value_dtype: Literal["float16", "float32"] = "float16"
+    """dtype of the kept log-probabilities: float16 (2 bytes each; rounding error |log p| x 2^-12 relative on each
+    probability) or float32 (4 bytes; exact to float32)."""
+    standardize: bool = False
+    """Also keep each view's logit standard deviation (4 bytes per view), which `train-student --standardize`
+    (logit standardization, Sun et al. CVPR 2024) needs."""
     tail_samples: int = 0
     """M: tail classes (outside top-k and labels) drawn per view from the teacher's distribution, stored with their
     logits, so that training estimates the tail's share of every loss without bias (0: the tail is spread
@@ -93,6 +85,10 @@ class CacheConfig:
     """With --tail-samples: the temperature of the teacher distribution the tail classes are drawn from. Drawing
     flatter than a loss's temperature is safe, sharper can make the estimate's variance explode; drawing at the
     training temperature is best (1 for OFA) [default: the largest temperature held, 4 by default]."""
+    standard_temperatures: list[float] | None = None
+    """With --tail-samples and --standardize: the temperatures of the standardized logits that training may use;
+    log Z and the label log-odds are stored for each (12 bytes per view each). On the raw logits such a T is
+    T x their std: draw the tail at least that flat (--tail-draw-temperature) [default: 1 2]."""
     batch_size: int = 256
     """Teacher batch size."""
     workers: int = 2
@@ -124,7 +120,11 @@ class CacheConfig:
         if not self.tail_samples and (self.tail_temperatures is not None or self.tail_draw_temperature is not None):
             problems.append("--tail-temperatures and --tail-draw-temperature describe the sampled tail; pass "
                             "--tail-samples M (M > 0) or drop them")
-        if any(t <= 0 for t in self.tail_temperatures or ()) or (self.tail_draw_temperature or 1.0) <= 0:
+        if self.standard_temperatures is not None and not (self.tail_samples and self.standardize):
+            problems.append("--standard-temperatures describes the sampled tail of standardized logits; pass "
+                            "--tail-samples M (M > 0) and --standardize, or drop it")
+        if any(t <= 0 for t in [*(self.tail_temperatures or ()), *(self.standard_temperatures or ())]) or \
+                (self.tail_draw_temperature or 1.0) <= 0:
             problems.append("tail temperatures must be > 0")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
@@ -170,16 +170,9 @@ class CacheConfig:
             return TailSpec()
         temps = sorted({float(t) for t in ([4.0] if self.tail_temperatures is None else self.tail_temperatures)})
         draw = self.tail_draw_temperature or max([1.0, *temps])
-        return TailSpec(self.tail_samples, [t for t in temps if t != 1.0], float(draw))
-
-
-@dataclass(frozen=True)
-class TailSpec:
-    """What `summarize` draws and records of the tail: M samples, log Z_T at `temperatures`, draw temperature."""
-
-    samples: int = 0
-    temperatures: list[float] = field(default_factory=list)
-    draw_temperature: float = 1.0
+        std_temps = [1.0, 2.0] if self.standard_temperatures is None else self.standard_temperatures
+        return TailSpec(self.tail_samples, [t for t in temps if t != 1.0], float(draw),
+                        sorted({float(t) for t in std_temps}) if self.standardize else [])
 
 
 def versions() -> dict:
@@ -206,52 +199,8 @@ def describe(cfg: CacheConfig, reader: ShardReader, teacher: Teacher, spec: Teac
                               classes=m.classes),
         num_classes=m.num_classes, topk=cfg.topk, epochs=cfg.epochs, seed=cfg.views.seed, recipe=cfg.recipe.to_dict(),
         recipe_name=cfg.views.name, on_error=cfg.on_error, tail_samples=cfg.tail.samples,
-        tail_temperatures=cfg.tail.temperatures, tail_draw_temperature=cfg.tail.draw_temperature, versions=versions())
-
-
-def draw_tail(logits16: np.ndarray, known: np.ndarray, view_seeds: np.ndarray, m: int, draw_T: float):
-    """Draw m tail classes per view, with replacement, from r_j = exp(z_j / T_d - tail_lse) over the classes not
-    `known` (the fp16-rounded logits, so that training recomputes r_j from the stored values exactly).
-
-    logits16 [B, C] float64 of fp16 values, known [B, C] bool, view_seeds [B] -> (ids [B, m] int64, -1 where the
-    tail is empty; tail_lse [B] float64, -inf there). Each view draws from its own generator seeded
-    [view_seed, TAIL_SEED_SALT], so the draw replays from the replay record whatever the batch."""
-    a = np.where(known, -np.inf, logits16 / draw_T)
-    top = a.max(1, keepdims=True)
-    empty = ~np.isfinite(top[:, 0])
-    top[empty] = 0.0
-    e = np.exp(a - top)  # [B, C], 0 on known classes
-    cdf = np.cumsum(e, 1)
-    tail_lse = np.where(empty, -np.inf, top[:, 0] + np.log(np.where(empty, 1.0, cdf[:, -1])))
-    ids = np.full((len(a), m), -1, dtype=np.int64)
-    for b in np.flatnonzero(~empty):
-        u = np.random.default_rng([int(view_seeds[b]), TAIL_SEED_SALT]).random(m) * cdf[b, -1]
-        # first class whose cumulative mass exceeds u: never a known class (its mass adds nothing), never past C - 1
-        ids[b] = np.searchsorted(cdf[b], u, side="right")
-    return ids, tail_lse
-
-
-def summarize(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, k: int,
-              view_seeds: np.ndarray | None = None, tail: TailSpec = TailSpec()) -> dict:
-    """logits [B, C] -> what the cache keeps of them: array name -> numpy in the array's dtype (cast in torch,
-    so that a float16 rounds as the pass has always rounded it). With `tail.samples`, also the sampled tail
-    (`draw_tail`; view_seeds [B] from the replay record) and log Z_T at `tail.temperatures`."""
-    C = logits.shape[1]
-    values, indices = logits.topk(k, dim=1)  # sorted, descending
-    label_logits = torch.stack([logits.gather(1, labels[:, None])[:, 0],
-                                logits.gather(1, partner_labels[:, None])[:, 0]], dim=1)
-    out = {TOPK_VALUES: values, TOPK_INDICES: indices, LSE: torch.logsumexp(logits, dim=1), LABEL_LOGITS: label_logits}
-    if tail.samples:
-        known = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, indices, True)
-        known.scatter_(1, labels[:, None], True).scatter_(1, partner_labels[:, None], True)
-        z16 = logits.to(torch.float16).double().cpu().numpy()
-        ids, tail_lse = draw_tail(z16, known.cpu().numpy(), view_seeds, tail.samples, tail.draw_temperature)
-        tail_logits = np.take_along_axis(z16, np.maximum(ids, 0), 1) * (ids >= 0)
-        out |= {TAIL_IDS: torch.from_numpy(ids), TAIL_LOGITS: torch.from_numpy(tail_logits),
-                TAIL_LSE: torch.from_numpy(tail_lse)}
-        if tail.temperatures:
-            out[LOG_Z] = torch.stack([torch.logsumexp(logits.float() / t, dim=1) for t in tail.temperatures], 1)
-    return {a.name: t.to(getattr(torch, a.dtype_for(C))).cpu().numpy() for a, t in out.items()}
+        tail_temperatures=cfg.tail.temperatures, tail_draw_temperature=cfg.tail.draw_temperature, versions=versions(),
+        value_dtype=cfg.value_dtype, standardize=cfg.standardize, standard_temperatures=cfg.tail.standard_temperatures)
 
 
 class _UnitBuffer:
@@ -262,7 +211,7 @@ class _UnitBuffer:
         self.data = {}
         for a in desc.arrays:
             self.data[a.name] = np.full((desc.epochs, count, *desc.trailing_shape(a)), a.fill,
-                                        dtype=a.dtype_for(desc.num_classes))
+                                        dtype=desc.dtype(a))
         self.seen = np.zeros((self.epochs, count), dtype=bool)
         self.digests = np.zeros((self.epochs, count), dtype=np.int64)
         self.expected = None
@@ -306,101 +255,126 @@ def cache_teacher(cfg: CacheConfig) -> dict:
     """Run (or resume) the teacher pass; returns a summary dict. Raises Preempted (exit 75) after a stop signal,
     once the units in flight are written."""
     with active() as stop:  # before the loader starts: its workers inherit the handler
-        return _cache_teacher(cfg, stop)
+        return TeacherPass(cfg).run(stop)
 
 
-def _cache_teacher(cfg: CacheConfig, stop) -> dict:
-    from accelerate import Accelerator
+class TeacherPass:
+    """One process's share of the pass: its teachers and their stores, the units it owns, and the outputs of the
+    units in flight (`buffers`)."""
 
-    accelerator = Accelerator()
-    device = accelerator.device
-    reader = ShardReader(cfg.data, cfg.split, on_error=cfg.on_error)
-    reader.check_files(verify=accelerator.is_main_process)
-    C = reader.manifest.num_classes
-    if cfg.topk > C:
-        raise UserError(f"--topk {cfg.topk} is larger than the {C} classes of {cfg.data}; use at most {C}")
-    if cfg.recipe.mixes and reader.split.samples_per_shard < 2:
-        raise UserError("mixing recipes need at least 2 samples per shard; recreate the shards with a "
-                        "larger --shard-size")
-    teachers = [Teacher.from_spec(spec, reader.manifest, cfg.recipe.input_size, device=device)
-                for spec, _ in cfg.teachers]
-    descs = [describe(cfg, reader, t, spec) for t, (spec, _) in zip(teachers, cfg.teachers, strict=True)]
-    paths = [out for _, out in cfg.teachers]
+    def __init__(self, cfg: CacheConfig):
+        from accelerate import Accelerator
 
-    if accelerator.is_main_process:
-        for path, desc in zip(paths, descs, strict=True):
-            CacheStore.create(path, desc, overwrite=cfg.overwrite)
-    accelerator.wait_for_everyone()
-    stores = [CacheStore(path, mode="r+") for path in paths]
-    # a unit counts done per store: the views of a unit are built when some store lacks it, and only the
-    # teachers whose stores lack it run on them (a rerun completes each store where it is missing)
-    dones = [store.done_units(check=True) for store in stores]  # a damaged marker is refused, not trusted
-    num_units = stores[0].num_units
-    todo = [u for u in range(num_units) if any(u not in done for done in dones)]
-    accelerator.wait_for_everyone()  # everyone has read the same `done` before anyone marks more
-    mine = todo[accelerator.process_index::accelerator.num_processes]
+        self.cfg, self.accelerator = cfg, Accelerator()
+        self.device = self.accelerator.device
+        self.reader = reader = ShardReader(cfg.data, cfg.split, on_error=cfg.on_error)
+        reader.check_files(verify=self.accelerator.is_main_process)
+        C = reader.manifest.num_classes
+        if cfg.topk > C:
+            raise UserError(f"--topk {cfg.topk} is larger than the {C} classes of {cfg.data}; use at most {C}")
+        if cfg.recipe.mixes and reader.split.samples_per_shard < 2:
+            raise UserError("mixing recipes need at least 2 samples per shard; recreate the shards with a "
+                            "larger --shard-size")
+        self.teachers = [Teacher.from_spec(spec, reader.manifest, cfg.recipe.input_size, device=self.device)
+                         for spec, _ in cfg.teachers]
+        self.descs = [describe(cfg, reader, t, spec) for t, (spec, _) in zip(self.teachers, cfg.teachers, strict=True)]
+        self.paths = [out for _, out in cfg.teachers]
+        self.buffers: dict[tuple[int, int], _UnitBuffer] = {}  # (teacher, shard) -> its outputs so far
+        self._open_stores()
 
-    stream = UnitViews(reader, cfg.recipe, cfg.views.seed, cfg.epochs, mine)
-    loader = DataLoader(UnitBatches(stream, cfg.batch_size), batch_size=None, num_workers=min(cfg.workers, len(mine)),
-                        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
-    total_views = sum(reader.split.shards[u].count for u in mine) * cfg.epochs
-    buffers: dict[tuple[int, int], _UnitBuffer] = {}  # (teacher, shard) -> its outputs so far
-    written, t0, finishing, stopped = 0, time.perf_counter(), None, False
-    done_before = sum(len(d) for d in dones) // len(dones)
-    names = ", ".join(spec.name for spec, _ in cfg.teachers)
-    bar = Bar(cfg.progress and accelerator.is_local_main_process and total_views > 0, total_views,
-               f"teacher {names} [{done_before}/{num_units} units done before]", unit="views")
-    with bar:
-        for batch in loader:
-            in_flight = {shard for _, shard in buffers}
-            if stop.requested:
-                if finishing is None:
-                    finishing = set(in_flight)  # the units in flight: finish these, start no other
-                if not finishing & in_flight or time.monotonic() - stop.signal_time > cfg.stop_grace:
-                    stopped = True
-                    break
-                if int(batch["shard"][0]) not in finishing:  # a batch holds one unit (UnitBatches)
-                    continue
-            views = batch["view"].to(device, non_blocking=True)
-            replay = {a.name: batch[a.name].numpy().astype(a.dtype) for a in REPLAY}  # the views' replay record
-            shard = int(batch["shard"][0])  # one unit per batch (UnitBatches)
-            for i, (teacher, store, desc) in enumerate(zip(teachers, stores, descs, strict=True)):
-                if shard in dones[i]:
-                    continue
-                logits = teacher(views)
-                out = summarize(logits, batch["label"].to(device), batch["partner_label"].to(device), cfg.topk,
-                                batch[VIEW_SEED.name].numpy(), cfg.tail) | replay
-                if (i, shard) not in buffers:
-                    info = reader.split.shards[shard]
-                    buffers[i, shard] = _UnitBuffer(shard, info.first, info.count, desc)
-                buf = buffers[i, shard]
-                buf.expected = int(batch["n_valid"][0]) * cfg.epochs
-                buf.add(batch["epoch"].numpy(), batch["index"].numpy() - buf.first, out, batch["digest"].numpy())
-                if buf.whole():
-                    try:
-                        store.write_unit(buf.unit())
-                    except OSError as e:  # disk full, quota, permissions: the unit stays unmarked
-                        raise UserError(f"writing data shard {shard} to cache {store.path} failed ({e.strerror or e});"
-                                        f" free space or fix the location, then rerun the same command: it resumes "
-                                        f"after the {len(store.done_units())} complete units") from e
-                    del buffers[i, shard]
-            written += len(batch["shard"])
-            bar.advance(len(batch["shard"]))
-    if stopped:  # no collective from here: a rank that got no signal is stopped by its launcher
-        print(f"stopped by {stop.name}: {min(len(s.done_units()) for s in stores)} of {num_units} units complete, "
-              f"{len({shard for _, shard in buffers})} in flight left unmarked; rerun the same command to complete "
-              f"the store (exit status {EXIT_PREEMPTED})", file=sys.stderr)
-        raise Preempted("the teacher pass")
-    if buffers:  # the stream ended with a unit short of views: a bug, never a silent partial unit
-        raise RuntimeError(f"units {sorted(buffers)} ended incomplete; they were not marked done")
-    elapsed = time.perf_counter() - t0
-    accelerator.wait_for_everyone()
-    counts = accelerator.reduce(torch.tensor([written], device=device), reduction="sum")
-    total = int(counts.item())
-    n_views = max(1, stores[0].epochs * descs[0].dataset.num_samples)
-    return {"store": str(cfg.out), "stores": [str(p) for p in paths], "views_written": total,
-            "units_skipped_as_done": done_before, "units_total": num_units, "seconds": elapsed,
-            "views_per_second": total / elapsed if elapsed > 0 else 0.0,
-            "disk_bytes_per_view": sum(s.disk_bytes() for s in stores) / n_views,
-            "raw_bytes_per_view": sum(d.raw_bytes_per_view for d in descs), "is_main": accelerator.is_main_process}
+    def _open_stores(self) -> None:
+        """Create (or reopen) every store, then split the units some store lacks across the processes."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            for path, desc in zip(self.paths, self.descs, strict=True):
+                CacheStore.create(path, desc, overwrite=self.cfg.overwrite)
+        accelerator.wait_for_everyone()
+        self.stores = [CacheStore(path, mode="r+") for path in self.paths]
+        # a unit counts done per store: the views of a unit are built when some store lacks it, and only the
+        # teachers whose stores lack it run on them (a rerun completes each store where it is missing)
+        self.dones = [store.done_units(check=True) for store in self.stores]  # a damaged marker is refused
+        self.num_units = self.stores[0].num_units
+        todo = [u for u in range(self.num_units) if any(u not in done for done in self.dones)]
+        accelerator.wait_for_everyone()  # everyone has read the same `done` before anyone marks more
+        self.mine = todo[accelerator.process_index::accelerator.num_processes]
 
+    def run(self, stop) -> dict:
+        """Every unit this process owns, batch by batch; on a stop signal, finish the units in flight (within
+        --stop-grace) and raise Preempted."""
+        cfg, reader, mine = self.cfg, self.reader, self.mine
+        stream = UnitViews(reader, cfg.recipe, cfg.views.seed, cfg.epochs, mine)
+        loader = DataLoader(UnitBatches(stream, cfg.batch_size), batch_size=None,
+                            num_workers=min(cfg.workers, len(mine)), pin_memory=self.device.type == "cuda",
+                            worker_init_fn=ignore_stop_signals)
+        total_views = sum(reader.split.shards[u].count for u in mine) * cfg.epochs
+        written, t0, finishing, stopped = 0, time.perf_counter(), None, False
+        self.done_before = sum(len(d) for d in self.dones) // len(self.dones)
+        names = ", ".join(spec.name for spec, _ in cfg.teachers)
+        bar = Bar(cfg.progress and self.accelerator.is_local_main_process and total_views > 0, total_views,
+                  f"teacher {names} [{self.done_before}/{self.num_units} units done before]", unit="views")
+        with bar:
+            for batch in loader:
+                in_flight = {shard for _, shard in self.buffers}
+                if stop.requested:
+                    if finishing is None:
+                        finishing = set(in_flight)  # the units in flight: finish these, start no other
+                    if not finishing & in_flight or time.monotonic() - stop.signal_time > cfg.stop_grace:
+                        stopped = True
+                        break
+                    if int(batch["shard"][0]) not in finishing:  # a batch holds one unit (UnitBatches)
+                        continue
+                self.add_batch(batch)
+                written += len(batch["shard"])
+                bar.advance(len(batch["shard"]))
+        if stopped:  # no collective from here: a rank that got no signal is stopped by its launcher
+            print(f"stopped by {stop.name}: {min(len(s.done_units()) for s in self.stores)} of {self.num_units} "
+                  f"units complete, {len({shard for _, shard in self.buffers})} in flight left unmarked; rerun the "
+                  f"same command to complete the store (exit status {EXIT_PREEMPTED})", file=sys.stderr)
+            raise Preempted("the teacher pass")
+        if self.buffers:  # the stream ended with a unit short of views: a bug, never a silent partial unit
+            raise RuntimeError(f"units {sorted(self.buffers)} ended incomplete; they were not marked done")
+        return self.summary(written, time.perf_counter() - t0)
+
+    def add_batch(self, batch: dict) -> None:
+        """Run every teacher whose store lacks the batch's unit on its views, and write each unit made whole."""
+        cfg = self.cfg
+        views = batch["view"].to(self.device, non_blocking=True)
+        replay = {a.name: batch[a.name].numpy().astype(a.dtype) for a in REPLAY}  # the views' replay record
+        shard = int(batch["shard"][0])  # one unit per batch (UnitBatches)
+        for i, teacher in enumerate(self.teachers):
+            if shard in self.dones[i]:
+                continue
+            logits = teacher(views)
+            out = summarize(logits, batch["label"].to(self.device), batch["partner_label"].to(self.device), cfg.topk,
+                            batch[VIEW_SEED.name].numpy(), cfg.tail, cfg.value_dtype, cfg.standardize) | replay
+            if (i, shard) not in self.buffers:
+                info = self.reader.split.shards[shard]
+                self.buffers[i, shard] = _UnitBuffer(shard, info.first, info.count, self.descs[i])
+            buf = self.buffers[i, shard]
+            buf.expected = int(batch["n_valid"][0]) * cfg.epochs
+            buf.add(batch["epoch"].numpy(), batch["index"].numpy() - buf.first, out, batch["digest"].numpy())
+            if buf.whole():
+                self._write(self.stores[i], buf)
+                del self.buffers[i, shard]
+
+    @staticmethod
+    def _write(store: CacheStore, buf: _UnitBuffer) -> None:
+        try:
+            store.write_unit(buf.unit())
+        except OSError as e:  # disk full, quota, permissions: the unit stays unmarked
+            raise UserError(f"writing data shard {buf.shard} to cache {store.path} failed ({e.strerror or e}); free "
+                            f"space or fix the location, then rerun the same command: it resumes after the "
+                            f"{len(store.done_units())} complete units") from e
+
+    def summary(self, written: int, elapsed: float) -> dict:
+        """What the pass did, over every process: views written, their rate, bytes per view."""
+        accelerator, stores, descs = self.accelerator, self.stores, self.descs
+        accelerator.wait_for_everyone()
+        counts = accelerator.reduce(torch.tensor([written], device=self.device), reduction="sum")
+        total = int(counts.item())
+        n_views = max(1, stores[0].epochs * descs[0].dataset.num_samples)
+        return {"store": str(self.cfg.out), "stores": [str(p) for p in self.paths], "views_written": total,
+                "units_skipped_as_done": self.done_before, "units_total": self.num_units, "seconds": elapsed,
+                "views_per_second": total / elapsed if elapsed > 0 else 0.0,
+                "disk_bytes_per_view": sum(s.disk_bytes() for s in stores) / n_views,
+                "raw_bytes_per_view": sum(d.raw_bytes_per_view for d in descs), "is_main": accelerator.is_main_process}

@@ -80,7 +80,8 @@ def build_task(cfg: RunConfig, stream: Stream, device) -> DistillationTask:
         about_teacher = {"name": t.name, "weights": t.weights,
                          "classes": t.class_map.to_dict() if t.class_map else None}
     elif stream.cached is not None:
-        teacher, teacher_width = stream.cached.source(cfg.loss.T), stream.cached.width
+        teacher = stream.cached.source(cfg.loss.T, cfg.loss.standardize, cfg.loss.teacher_nonlinearity)
+        teacher_width = stream.cached.width
     s = cfg.student
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

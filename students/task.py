@@ -17,7 +17,16 @@ from torch import nn
 from pipeline.augment import ModelInput
 from pipeline.errors import UserError
 from students.heads import StudentWithHeads
-from students.losses import Teacher, dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class
+from students.losses import (
+    TeacherOutput,
+    dkd_loss,
+    kd_loss,
+    ofa_loss,
+    soft_ce,
+    soft_target,
+    target_class,
+    teacher_nonlinearity,
+)
 
 if TYPE_CHECKING:
     from cache.teacher import Teacher
@@ -54,6 +63,14 @@ class LossConfig:
     """DKD: ramp the DKD term's weight linearly from 0 over this many epochs (the DKD paper uses 20)."""
     label_smoothing: float = 0.0
     """Label smoothing of the label term (CE, or the paper OFA form's label term)."""
+    standardize: bool = False
+    """Logit standardization (Sun et al., CVPR 2024): z-score the teacher's and the student's logits per view
+    before the temperature, in KD, DKD and OFA; from a cache, one made with `cache-teacher --standardize`."""
+
+    @property
+    def teacher_nonlinearity(self) -> str | None:
+        """Why this loss is not linear in the teacher's probabilities (None: it is); see `teacher_nonlinearity`."""
+        return teacher_nonlinearity(self.method, self.ofa_form, self.gamma)
 
     def __post_init__(self):
         self.T = self.temperature if self.temperature is not None else (1.0 if self.method == "ofa" else 4.0)
@@ -68,6 +85,9 @@ class LossConfig:
             problems.append(f"gamma must be >= 1, got {self.gamma}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.standardize and self.method == "ce":
+            problems.append("--standardize z-scores the teacher's and the student's logits in a distillation loss; "
+                            "method ce has none: drop it or pick kd, dkd or ofa")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -76,7 +96,7 @@ class LossConfig:
         return self.method != "ce"
 
 
-TeacherSource = Callable[[dict], Teacher]
+TeacherSource = Callable[[dict], TeacherOutput]
 """A collated batch -> the teacher for its views, as the losses take it: logits [B, C] from
 `online(teacher)` (the stage-one `cache.teacher.Teacher` run in the loop) or a top-k cache, or a
 `TeacherDist` at the loss's temperature from a cache with a sampled tail (`cache.targets.CachedTeacher.source`)."""
@@ -97,7 +117,7 @@ def per_output(values: list[float], heads: list[str], option: str) -> list[float
     return list(values)
 
 
-def distill_losses(out: dict, teacher_logits: Teacher | None, batch: dict, cfg: LossConfig,
+def distill_losses(out: dict, teacher_logits: TeacherOutput | None, batch: dict, cfg: LossConfig,
                    num_classes: int, progress: float = float("inf")) -> dict:
     """out: {"logits": [B, C], "heads": {name: [B, C]}} -> {"loss": total, "ce": ..., "kd/final": ...}.
 
@@ -111,21 +131,22 @@ def distill_losses(out: dict, teacher_logits: Teacher | None, batch: dict, cfg: 
         terms["ce"] = soft_ce(logits, y)
         total = total + cfg.w_ce * terms["ce"]
     if cfg.method == "kd":
-        terms["kd/final"] = kd_loss(logits, teacher_logits, cfg.T)
+        terms["kd/final"] = kd_loss(logits, teacher_logits, cfg.T, cfg.standardize)
         total = total + cfg.w_kd * terms["kd/final"]
     elif cfg.method == "dkd":
-        terms["dkd/final"] = dkd_loss(logits, teacher_logits, c, cfg.dkd_alpha, cfg.dkd_beta, cfg.T)
+        terms["dkd/final"] = dkd_loss(logits, teacher_logits, c, cfg.dkd_alpha, cfg.dkd_beta, cfg.T, cfg.standardize)
         ramp = min(1.0, progress / cfg.dkd_warmup_epochs) if cfg.dkd_warmup_epochs > 0 else 1.0
         total = total + cfg.w_kd * ramp * terms["dkd/final"]
     elif cfg.method == "ofa":
         heads = out["heads"]
         gammas = per_output(cfg.gamma, list(heads), "--gamma")
         label = y if cfg.ofa_form == "paper" else None  # the released form has its label in the separate CE
-        terms["ofa/final"] = ofa_loss(logits, teacher_logits, c, gammas[-1], cfg.T, cfg.ofa_form, label)
+        terms["ofa/final"] = ofa_loss(logits, teacher_logits, c, gammas[-1], cfg.T, cfg.ofa_form, label,
+                                      cfg.standardize)
         total = total + cfg.w_kd * terms["ofa/final"]
         weights = cfg.stage_weights or [1.0] * len(heads)
         for (name, h), g, w in zip(heads.items(), gammas[:-1], weights, strict=True):
-            terms[f"ofa/{name}"] = ofa_loss(h, teacher_logits, c, g, cfg.T, cfg.ofa_form, label)
+            terms[f"ofa/{name}"] = ofa_loss(h, teacher_logits, c, g, cfg.T, cfg.ofa_form, label, cfg.standardize)
             total = total + cfg.w_ofa * w * terms[f"ofa/{name}"]
     return {"loss": total, **terms}
 
@@ -180,7 +201,7 @@ class DistillationTask(nn.Module):
         return {"student_input": dataclasses.asdict(self.student_input), "heads": self.student.names,
                 **self.provenance}
 
-    def teacher_logits(self, batch: dict) -> Teacher | None:
+    def teacher_logits(self, batch: dict) -> TeacherOutput | None:
         return self.teacher_source(batch) if self.teacher_source is not None else None
 
     def forward(self, batch: dict) -> dict:

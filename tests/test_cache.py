@@ -51,14 +51,16 @@ def test_cache_holds_the_teacher_outputs_of_the_replayed_views(small_digits, ref
     for b in loader:
         logits = teacher(b["view"])
         e, i = b["epoch"].numpy(), b["index"].numpy()
-        vals, idx = logits.topk(4, dim=1)
+        log_p = torch.log_softmax(logits, 1)  # the values a store keeps are log-probabilities
+        vals, idx = log_p.topk(4, dim=1)
         cached_vals = torch.from_numpy(store.read_all("topk_values")[e, i].astype(np.float32))
         cached_idx = torch.from_numpy(store.read_all("topk_indices")[e, i].astype(np.int64))
         assert torch.allclose(cached_vals, vals.half().float(), atol=1e-2, rtol=1e-3)
         assert (cached_idx == idx).float().mean() > 0.99  # fp16 ties may swap neighbours
-        lab = torch.stack([logits.gather(1, b["label"][:, None])[:, 0],
-                           logits.gather(1, b["partner_label"][:, None])[:, 0]], 1)
-        assert torch.allclose(torch.from_numpy(store.read_all("label_logits")[e, i]), lab, atol=1e-5)
+        labels = torch.stack([b["label"], b["partner_label"]], 1)
+        odds = torch.from_numpy(store.read_all("label_log_odds")[e, i])  # log((1 - p) / p) of each label class
+        want = log_p.gather(1, labels) - torch.log1p(-log_p.gather(1, labels).exp())
+        assert torch.allclose(-odds, want, atol=1e-4)
         assert torch.allclose(torch.from_numpy(store.read_all("lse")[e, i]), torch.logsumexp(logits, 1), atol=1e-5)
         assert np.array_equal(store.read_all("view_seed")[e, i], b["view_seed"].numpy().astype(np.uint32))
         assert np.array_equal(store.read_all("partner")[e, i], b["partner"].numpy())

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cache.distribution import label_log_odds
 from cache.format import NAMES
 from cache.store import CacheStore
 from cache.teacher import Teacher
@@ -338,13 +339,14 @@ def test_every_shuffled_view_is_paired_with_its_own_teacher_target(small_digits,
                 mixed_epochs |= {int(s) == view_seed(0, 1, int(i)) for s, i in zip(b["view_seed"], idx, strict=True)}
             logits = teacher(b["view"])
             top1s.update(logits.argmax(1).tolist())
-            ok = _topk_agree(b["t_values"], b["t_indices"], logits, 4)
+            log_p = torch.log_softmax(logits, 1)  # a store keeps log-probabilities
+            ok = _topk_agree(b["t_values"], b["t_indices"], log_p, 4)
             assert ok.all(), f"rank {rank} epoch {e}: views {idx[~ok].tolist()} carry another view's target"
             # the check can fail: the same targets one row off do not match
-            assert (~_topk_agree(b["t_values"].roll(1, 0), b["t_indices"].roll(1, 0), logits, 4)).float().mean() > .5
+            assert (~_topk_agree(b["t_values"].roll(1, 0), b["t_indices"].roll(1, 0), log_p, 4)).float().mean() > .5
             assert torch.allclose(b["t_lse"], torch.logsumexp(logits, 1), atol=1e-4)
             labels = torch.stack([b["label"], b["partner_label"]], 1)
-            assert torch.allclose(b["t_label_logits"], logits.gather(1, labels), atol=1e-4)
+            assert torch.allclose(b["t_label_log_odds"], label_log_odds(logits, labels), atol=1e-4)
             seen.setdefault((rank, e), []).append(b)
     assert len(top1s) >= 5  # the teacher ranks classes differently from view to view
     assert per_decode == 1 or mixed_epochs == {True, False}  # one group's batches hold views of both cached epochs

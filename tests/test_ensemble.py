@@ -1,14 +1,18 @@
-"""Teachers side by side (issue 21 item 4): train-student from several caches of the same views."""
+"""Teachers side by side: train-student from several caches of the same views, sampled tails included."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cache.targets import TeacherEnsemble
+from cache.distribution import TeacherDist, mix
+from cache.summary import TailSpec, summarize
+from cache.targets import TeacherEnsemble, TeacherTargets
 from conftest import SMALL_STORE, run_cli
+from students.losses import dkd_loss, kd_loss, ofa_loss
 
 
 def test_ensemble_targets_are_the_weighted_mean_of_the_teachers(small_digits, small_store, second_store):
@@ -28,6 +32,83 @@ def test_ensemble_targets_are_the_weighted_mean_of_the_teachers(small_digits, sm
     assert prob.width == max(m.width for m in prob.members)
 
 
+# two teachers with sampled tails, mixed in prob mode: the real fixture teacher of tests/test_tail_samples.py and a
+# second one (its logits shuffled per view and sharpened), 2000 independent draws of the same 32 views
+FIXTURE = Path(__file__).parent / "fixtures" / "tail_logits_tiny50.npz"
+K, M, DRAWS, WEIGHTS = 5, 8, 2000, [0.25, 0.75]
+LINEAR = {  # the losses linear in the teacher's probabilities: name -> (T, loss(student, teacher, target))
+    "kd T=4": (4.0, lambda s, t, c: kd_loss(s, t, 4.0)),
+    "dkd T=4": (4.0, lambda s, t, c: dkd_loss(s, t, c, 1.0, 8.0, 4.0)),
+    "ofa paper gamma=1.5": (1.0, lambda s, t, c: ofa_loss(s, t, c, 1.5, 1.0, "paper")),
+    "ofa released gamma=1": (1.0, lambda s, t, c: ofa_loss(s, t, c, 1.0, 1.0, "released")),
+}
+
+
+@pytest.fixture(scope="module")
+def two_teachers():
+    f = np.load(FIXTURE)
+    z1 = torch.from_numpy(f["teacher_logits"]).float()
+    gen = torch.Generator().manual_seed(0)
+    z2 = 1.5 * z1.gather(1, torch.stack([torch.randperm(z1.shape[1], generator=gen) for _ in z1]))
+    q, labels = torch.from_numpy(f["student_logits"]), torch.from_numpy(f["labels"]).long()
+    B, C = z1.shape
+    ll = labels.repeat(DRAWS, 1)
+    dists = {}
+    for T in (1.0, 4.0):  # each teacher's store (float32 values: the estimator alone is under test), read back at T
+        members = []
+        for z in (z1, z2):
+            arrays = summarize(z.repeat(DRAWS, 1), ll[:, 0], ll[:, 1], K, np.arange(DRAWS * B),
+                               TailSpec(M, [4.0], 4.0), "float32")
+            members.append(TeacherTargets.from_arrays(arrays, 1).distribution(ll[:, 0], ll[:, 1], C, T, [4.0], 4.0))
+        dists[T] = members
+    return z1, z2, q, labels, dists
+
+
+def _mixture_logits(z1, z2, T):
+    """The exact mixture as prob mode hands it to the losses: T log(sum_i w_i softmax(z_i / T))."""
+    p = WEIGHTS[0] * torch.softmax(z1.double() / T, 1) + WEIGHTS[1] * torch.softmax(z2.double() / T, 1)
+    return T * torch.log(p)
+
+
+def _draws(fn, q, d: TeacherDist, c):
+    """Per draw: the loss [R] and its gradient w.r.t. the student logits [R, B, C] (rows are independent)."""
+    B = len(q)
+    qq = q.repeat(DRAWS, 1).requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(qq, d, c.repeat(DRAWS)), qq)
+    with torch.no_grad():
+        v = torch.vmap(lambda *f: fn(q, TeacherDist(*f), c))(*(x.view(DRAWS, B, -1) for x in d))
+    return v.double(), (g * DRAWS).view(DRAWS, B, -1).double()
+
+
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_sampled_tails_mix_without_bias_for_losses_linear_in_p(two_teachers, name):
+    """Each class weighted by sum_i w_i scale_i p_i: over DRAWS draws the gradient w.r.t. the student's logits is
+    the exact mixture's within 5 standard errors, and so is the student-dependent part of the value (the loss at q
+    minus the loss at another student q': the teacher's own p log p terms cancel; the paper-form OFA value has none
+    and is compared as is). Mixing the teachers' probabilities without their tail weights misses by far more."""
+    z1, z2, q, labels, dists = two_teachers
+    T, fn = LINEAR[name]
+    c = labels[:, 0]
+    exact_z = _mixture_logits(z1, z2, T)
+    q2 = q + torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    s = q.clone().requires_grad_(True)
+    exact = fn(s, exact_z, c)
+    (exact_g,) = torch.autograd.grad(exact, s)
+    exact_diff = float(exact.detach()) - float(fn(q2, exact_z, c))
+    d = mix(dists[T], WEIGHTS)
+    v, g = _draws(fn, q, d, c)
+    v2, _ = _draws(fn, q2, d, c)
+    diff = v - v2
+    assert abs(float(diff.mean()) - exact_diff) <= 5 * float(diff.std() / DRAWS ** 0.5) + 1e-6, name
+    if name.startswith("ofa paper"):
+        assert abs(float(v.mean()) - float(exact.detach())) <= 5 * float(v.std() / DRAWS ** 0.5) + 1e-6, name
+    se_g = g.std(0) / DRAWS ** 0.5
+    assert float(((g.mean(0) - exact_g).abs() - (5 * se_g + 1e-7)).max()) <= 0, name
+    unweighted = mix([TeacherDist(x.log_p, (x.scale > 0).float(), x.log_rest) for x in dists[T]], WEIGHTS)
+    _, g_bad = _draws(fn, q, unweighted, c)
+    assert float(((g_bad.mean(0) - exact_g).abs() / (5 * se_g + 1e-7)).max()) > 3, name
+
+
 @pytest.mark.slow
 def test_train_student_distils_from_two_caches(small_digits, small_store, second_store, tmp_path):
     common = ["--data", small_digits, "--student", "test_resnet", "--epochs", 1, "--batch-size", 32, "--workers", 0,
@@ -41,7 +122,39 @@ def test_train_student_distils_from_two_caches(small_digits, small_store, second
     assert [round(t["ensemble_weight"], 4) for t in teachers] == [0.3333, 0.6667]
 
 
-def test_caches_of_other_views_or_a_wrong_weight_count_are_refused(small_digits, small_store, tmp_path):
+@pytest.fixture(scope="module")
+def sampled_store(small_digits, tmp_path_factory) -> Path:
+    """small_store's views and teacher with a sampled tail (4 classes per view)."""
+    from cache.teacher_pass import CacheConfig, cache_teacher
+    from commands.options import build
+    out = tmp_path_factory.mktemp("sampled") / "tail.zarr"
+    cache_teacher(build(CacheConfig, data=small_digits, out=out, progress=False, tail_samples=4, **SMALL_STORE))
+    return out
+
+
+def test_an_ensemble_with_a_sampled_tail_mixes_the_members_distributions(small_digits, small_store, sampled_store,
+                                                                         tmp_path):
+    """prob mode: the source is the mix of each member's TeacherDist at T (the top-k member's, from its logits),
+    through the real join; train-student distils from it."""
+    from cache.distribution import dist_of_logits
+    ens = TeacherEnsemble([small_store, sampled_store], [1, 3], "prob")
+    views = ens.members[0].views(small_digits, epoch=0)
+    views.join = ens.join
+    batch = next(iter(DataLoader(views, batch_size=32)))
+    labels = torch.stack([batch["label"], batch["partner_label"]], 1)
+    got = ens.source(4.0)(batch)
+    want = mix([dist_of_logits(ens.members[0].logits(batch), 4.0, labels), ens.members[1].source(4.0)(batch)],
+               [0.25, 0.75])
+    assert isinstance(got, TeacherDist) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert (got.scale == 1).all()  # the top-k member holds every class (its uniform tail)
+    run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "dkd", "--cache",
+            small_store, "--cache", sampled_store, "--epochs", 1, "--batch-size", 32, "--max-steps-per-epoch", 2,
+            "--workers", 0, "--quiet", "--out", tmp_path / "run", check=True)
+    last = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"][-1]
+    assert np.isfinite(last["train/dkd/final"]) and last["train/dkd/final"] > 0, last
+
+
+def test_caches_of_other_views_or_a_wrong_weight_count_are_refused(small_digits, small_store, sampled_store, tmp_path):
     from cache.teacher_pass import CacheConfig, cache_teacher
     from commands.options import build
     other = tmp_path / "seed1.zarr"
@@ -58,11 +171,18 @@ def test_caches_of_other_views_or_a_wrong_weight_count_are_refused(small_digits,
     assert not (tmp_path / "b").exists()
     p = run_cli("train-student", *common, "--cache", small_store, "--ensemble", "logit", "--out", tmp_path / "c")
     assert p.returncode == 2 and "pass --cache more than once" in p.stderr, p.stderr
-    tail = tmp_path / "tail.zarr"  # the same views with a sampled tail: refused, not mixed with bias
-    cache_teacher(build(CacheConfig, data=small_digits, out=tail, progress=False, tail_samples=4, **SMALL_STORE))
-    p = run_cli("train-student", *common, "--cache", small_store, "--cache", tail, "--out", tmp_path / "d")
-    assert p.returncode == 2 and f"cache {tail} holds a sampled tail" in p.stderr, p.stderr
+    tail = sampled_store  # the same views with a sampled tail: mixed where that is unbiased, else refused
+    p = run_cli("train-student", *common, "--cache", small_store, "--cache", tail, "--ensemble", "logit",
+                "--out", tmp_path / "d")
+    assert p.returncode == 2 and f"cache {tail} holds a sampled tail, which --ensemble logit cannot mix" in p.stderr
+    assert "use --ensemble prob" in p.stderr, p.stderr
     assert not (tmp_path / "d").exists()
+    p = run_cli("train-student", *common[:-4], "ofa", "--workers", 0, "--quiet", "--ofa-form", "released",
+                "--gamma", 1.5, "--cache", small_store, "--cache", tail, "--out", tmp_path / "e")
+    assert p.returncode == 2, p.stderr
+    assert f"cache {tail} holds a sampled tail, and released-form OFA with --gamma 1.5 weights each class by " \
+           "p_j^gamma, which is not linear in the teacher's probabilities" in p.stderr, p.stderr
+    assert not (tmp_path / "e").exists()
 
 
 def _same_store(a, b):

@@ -64,7 +64,7 @@ def test_arrays_are_what_the_specs_say(store_path):
     assert {a.name for a in d.arrays} == set(NAMES)  # no tail arrays without --tail-samples
     for a in d.arrays:
         arr = store.array(a.name)
-        assert arr.dtype == np.dtype(a.dtype_for(d.num_classes)), a.name
+        assert arr.dtype == np.dtype(d.dtype(a)), a.name
         assert arr.shape == (d.epochs, d.dataset.num_samples, *d.trailing_shape(a)), a.name
         assert arr.metadata.fill_value == a.fill, a.name
     assert d.raw_bytes_per_view == raw_bytes_per_view(3, 10) == 4 * 3 + 23

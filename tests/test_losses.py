@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cache.distribution import label_log_odds
 from cache.targets import reconstruct_logits
 from students.losses import dkd_loss, kd_loss, ofa_loss, soft_ce, soft_target, target_class
 
@@ -103,16 +104,17 @@ def test_gamma_one_is_ce_plus_soft_ce(logits):
 
 
 def _cache_of(t, labels, k):
+    """What a store keeps: top-k log-probabilities (fp16) and indices, lse, the label classes' log-odds."""
     vals, idx = t.topk(k, 1)
     lse = torch.logsumexp(t, 1)
-    return vals.half(), idx, lse.float(), t.gather(1, labels).float()
+    return (vals - lse[:, None]).half(), idx, lse.float(), label_log_odds(t.float(), labels)
 
 
 def test_reconstruction_with_k_equal_classes_is_the_online_teacher(logits):
     s, t, y = logits
     t = t.float()
     labels = torch.stack([y, y.roll(1)], 1)
-    z = reconstruct_logits(*_cache_of(t, labels, C)[:3], labels, t.gather(1, labels), C)
+    z = reconstruct_logits(*_cache_of(t, labels, C)[:3], labels, label_log_odds(t, labels), C)
     for loss in (lambda u: ofa_loss(s.float(), u, y, 1.5), lambda u: kd_loss(s.float(), u, 4.0),
                  lambda u: dkd_loss(s.float(), u, y)):
         assert loss(z).item() == pytest.approx(loss(t).item(), rel=2e-3)
@@ -142,8 +144,8 @@ def test_gradients_finite_with_extreme_logits():
         loss = fn()
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
-    vals, idx = t.topk(2, 1)
-    z = reconstruct_logits(vals.half(), idx, torch.logsumexp(t, 1), y[:, None], t.gather(1, y[:, None]), 4)
+    vals, idx, lse, odds = _cache_of(t, y[:, None], 2)
+    z = reconstruct_logits(vals, idx, lse, y[:, None], odds, 4)
     assert torch.isfinite(z).all()
 
 
@@ -194,12 +196,14 @@ def test_reconstruction_at_high_temperature_with_k_below_classes():
     flat.scatter_(1, tail, flat.gather(1, tail).mean(1, keepdim=True).expand_as(tail).contiguous())
     flat.scatter_(1, labels, t.gather(1, labels))  # label classes stay exact (stored in float32)
     vals, idx = flat.topk(4, 1)
-    z = reconstruct_logits(vals, idx, torch.logsumexp(flat, 1), labels, flat.gather(1, labels), C)
+    lse = torch.logsumexp(flat, 1)
+    z = reconstruct_logits(vals - lse[:, None], idx, lse, labels, label_log_odds(flat, labels), C)
     assert kd_loss(s, z, 4.0).item() == pytest.approx(kd_loss(s, flat, 4.0).item(), rel=1e-4)
     errors = []
     for k in (2, 6, C):
         vals, idx = t.topk(k, 1)
-        z = reconstruct_logits(vals, idx, torch.logsumexp(t, 1), labels, t.gather(1, labels), C)
+        lse = torch.logsumexp(t, 1)
+        z = reconstruct_logits(vals - lse[:, None], idx, lse, labels, label_log_odds(t, labels), C)
         errors.append(abs(kd_loss(s, z, 4.0).item() - kd_loss(s, t, 4.0).item()))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
 
@@ -242,3 +246,42 @@ def test_dkd_warm_up_ramps_the_dkd_term_linearly():
         assert out["loss"].item() == pytest.approx((out["ce"] + ramp * out["dkd/final"]).item(), rel=1e-6)
     no_ramp = distill_losses({"logits": s, "heads": {}}, t, batch, LossConfig("dkd"), 5, progress=0.0)
     assert no_ramp["loss"].item() == pytest.approx((no_ramp["ce"] + no_ramp["dkd/final"]).item(), rel=1e-6)
+
+
+def _z_score(z):
+    """Sun et al. (CVPR 2024)'s logit standardization, written out: (z - mean) / (1e-7 + std), std unbiased."""
+    z = z.double()
+    mean, std = z.mean(1, keepdim=True), z.std(1, keepdim=True)
+    return (z - mean) / (1e-7 + std)
+
+
+@pytest.mark.parametrize("loss", ["kd", "dkd", "ofa paper", "ofa released"])
+def test_standardize_z_scores_teacher_and_student_before_the_temperature(logits, loss):
+    """standardize=True is the loss of the z-scored logits, teacher's and student's (T^2 unchanged, as theirs)."""
+    s, t, y = logits
+    fn = {"kd": lambda a, b, **kw: kd_loss(a, b, 2.0, **kw),
+          "dkd": lambda a, b, **kw: dkd_loss(a, b, y, 1, 8, 2.0, **kw),
+          "ofa paper": lambda a, b, **kw: ofa_loss(a, b, y, 1.5, 1.0, "paper", **kw),
+          "ofa released": lambda a, b, **kw: ofa_loss(a, b, y, 1.5, 1.0, "released", **kw)}[loss]
+    want = fn(_z_score(s), _z_score(t)).item()
+    assert fn(s, t, standardize=True).item() == pytest.approx(want, rel=1e-6)
+    assert fn(s, t).item() != pytest.approx(want, rel=1e-2)  # it changes the loss: these logits are not z-scores
+
+
+def test_the_loss_option_standardizes_every_distillation_term():
+    from students.task import LossConfig, distill_losses
+    s, t = torch.randn(4, 5) * 3, torch.randn(4, 5) * 5
+    heads = {"stage1": torch.randn(4, 5)}
+    batch = {"label": torch.tensor([0, 1, 2, 3]), "partner_label": torch.tensor([0, 1, 2, 3]), "lam": torch.ones(4)}
+    c = batch["label"]
+    for cfg, want in ((LossConfig("kd", standardize=True), {"kd/final": kd_loss(_z_score(s), _z_score(t), 4.0)}),
+                      (LossConfig("dkd", standardize=True), {"dkd/final": dkd_loss(_z_score(s), _z_score(t), c)}),
+                      (LossConfig("ofa", standardize=True, gamma=[1.5]),
+                       {"ofa/final": ofa_loss(_z_score(s), _z_score(t), c, 1.5),
+                        "ofa/stage1": ofa_loss(_z_score(heads["stage1"]), _z_score(t), c, 1.5)})):
+        out = distill_losses({"logits": s, "heads": heads}, t, batch, cfg, 5)
+        for k, v in want.items():
+            assert out[k].item() == pytest.approx(v.item(), rel=1e-5), (cfg.method, k)
+    from pipeline.errors import UserError
+    with pytest.raises(UserError, match="--standardize z-scores .* method ce has none"):
+        LossConfig("ce", standardize=True)

@@ -59,7 +59,7 @@ def distill_losses(out, teacher_logits, batch, cfg, num_classes, **kw):
         if TEACHER_KEY in batch:  # the cached targets joined to these views
             t = batch[TEACHER_KEY]
             rec |= {"t_values": t.values.cpu().clone(), "t_indices": t.indices.cpu().clone(),
-                    "t_lse": t.lse.cpu().clone(), "t_label_logits": t.label_logits.cpu().clone()}
+                    "t_lse": t.lse.cpu().clone(), "t_label_log_odds": t.label_log_odds.cpu().clone()}
         state["batches"].append(rec)
     state["step"] += 1
     return real_losses(out, teacher_logits, batch, cfg, num_classes, **kw)
