@@ -218,7 +218,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--stages", nargs="+", default=["one", "two"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save", action="store_true", help="write bench/results/chaos.json")
+    ap.add_argument("--save", action="store_true", help="write chaos.json to bench/results (or $OFAKD_BENCH_RESULTS)")
     args = ap.parse_args(argv)
     random.seed(args.seed)
     work = Path(tempfile.mkdtemp(prefix="chaos-"))
@@ -246,6 +246,23 @@ def main(argv=None) -> dict:
         from common import save
         save("chaos", report)
     return report
+
+
+def table(record: dict) -> str:
+    from common import fmt, md_table
+    rows = []
+    for i, rnd in enumerate(record["results"]["rounds"], 1):
+        for stage, v in rnd.items():
+            points = v.get("kill_points", [])
+            identical = v["ok"] if stage.startswith("stage_one") else \
+                f"weights {fmt(v.get('weights_identical'))}, metrics {fmt(v.get('metrics_identical'))}"
+            rows.append([i, stage, sum(p["killed"] for p in points), v.get("kills_mid_write"),
+                         max((p.get("ranks_running", 0) for p in points), default=0) or None, identical,
+                         "; ".join(v.get("problems", [])) or v.get("error", "")])
+    verdict = "PASSED" if record["results"]["ok"] else "FAILED"
+    return (f"Every resumed result against an uninterrupted run: {verdict} (target: bit-identical in every round)."
+            "\n\n" + md_table(["round", "stage", "kills", "kills inside a unit write", "ranks running at a kill",
+                               "identical", "problems"], rows))
 
 
 if __name__ == "__main__":
