@@ -167,6 +167,5 @@ def table(record: dict) -> str:
                         "raw B/view", "disk B/view"], rows))
 
 
-_UNITS: dict = {}
-
-
+if __name__ == "__main__":
+    main()
