@@ -70,15 +70,15 @@ def loader_rate(store: Path, data: Path, batch_size: int, workers: int, steps: i
 
 
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--teacher", default="resnet50")
-    ap.add_argument("--student", default="deit_tiny_patch16_224")
-    ap.add_argument("--view-size", type=int, default=224)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", help="default resnet50 (test_resnet with --small)")
+    ap.add_argument("--student", help="default deit_tiny_patch16_224 (test_vit with --small)")
+    ap.add_argument("--view-size", type=int, help="default 224 (32 with --small)")
     ap.add_argument("--data", type=Path, help="a shards directory with train and val splits, instead of CIFAR-10")
     ap.add_argument("--shards", type=int, help="CIFAR-10 training shards to keep (default 10)")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, help="default 256 (32 with --small)")
+    ap.add_argument("--workers", type=int, help="default 8 (1 with --small)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "gpu-smoke")
     ap.add_argument("--channels-last", action="store_true", help="pass --channels-last to train-student")
     ap.add_argument("--compile", action="store_true", help="pass --compile to train-student")
@@ -87,9 +87,11 @@ def parse(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.data is not None and args.shards is not None:
         ap.error("--shards keeps CIFAR-10 shards; with --data, pass a directory of the shards you want")
-    if args.small:
-        args.teacher, args.student, args.view_size, args.batch_size, args.workers = \
-            "test_resnet", "test_vit", 32, 32, 1
+    defaults = {"teacher": ("resnet50", "test_resnet"), "student": ("deit_tiny_patch16_224", "test_vit"),
+                "view_size": (224, 32), "batch_size": (256, 32), "workers": (8, 1)}
+    for name, (full, small) in defaults.items():  # what the user gave stands, --small or not
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.small else full)
     return args
 
 
