@@ -56,13 +56,17 @@ def rank_main(reps: int, steps: int, rounds: int) -> None:
                           "seconds_per_step_best": min(step), "seconds_per_step_median": sorted(step)[rounds // 2],
                           "check_over_step_best": min(check) / min(step),
                           "step": "test_resnet, batch 16 per rank, 32 px, DDP forward + backward + SGD step"}))
+    acc.wait_for_everyone()
+    acc.end_training()  # closes the process group: a rank exiting with gloo's threads alive can abort
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
     from tests.support.launch import launch_cmd, launch_env
     cmd = launch_cmd(2, __file__, "--reps", args.reps, "--steps", args.steps, "--rounds", args.rounds)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=ROOT, check=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"the 2 ranks failed (status {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     res = {"ranks": 2, "backend": "gloo (CPU)", "reps": args.reps, "steps": args.steps, "rounds": args.rounds,
            **result}
