@@ -47,7 +47,7 @@ BENCHES = [
     Bench("scaling", "scaling.py", [], "tiny2k", ["--teacher", "test_resnet", "--sizes", 1, 2, "--topk", 5, 10]),
     Bench("loader_vs_timm", "loader_vs_timm.py", ["--images", 192, "--rounds", 6], None,
           ["--images", 8, "--shard-size", 4, "--rounds", 1, "--recipes", "imagenet-cnn@64", "imagenet-vit@64"]),
-    Bench("loader_memory", "loader_memory.py", [], None, ["--shard-sizes", 4, "--per-decode", 1, 2,
+    Bench("loader_memory", "loader_memory.py", [], None, ["--shard-sizes", 4, "--per-decode", 2,
                                                           "--recipe", "imagenet-cnn"]),
     Bench("multi_teacher", "multi_teacher.py", ["--workers", 0, "--shards", 8], "tiny2k",
           ["--shards", 2, "--repeats", 1, "--view-size", 32]),
