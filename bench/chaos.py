@@ -262,7 +262,7 @@ def table(record: dict) -> str:
                 f"weights {fmt(v.get('weights_identical'))}, metrics {fmt(v.get('metrics_identical'))}"
             rows.append([i, stage, sum(p["killed"] for p in points), v.get("kills_mid_write"),
                          max((p.get("ranks_running", 0) for p in points), default=0) or None, identical,
-                         "; ".join(v.get("problems", [])) or v.get("error", "")])
+                         "; ".join(v.get("problems", [])) or " ".join(v.get("error", "").split()[-30:])])
     verdict = "PASSED" if record["results"]["ok"] else "FAILED"
     return (f"Every resumed result against an uninterrupted run: {verdict} (target: bit-identical in every round)."
             "\n\n" + md_table(["round", "stage", "kills", "kills inside a unit write", "ranks running at a kill",
