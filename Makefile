@@ -25,7 +25,7 @@ BATCH ?= 64
 RUN ?= runs/student
 ARGS ?=
 
-.PHONY: setup test lint shards cache-teacher inspect-cache train-student demo cka bench gpu-smoke chaos clean
+.PHONY: setup test lint shards cache-teacher inspect-cache train-student demo cka bench bench-report gpu-smoke chaos clean
 
 setup: $(STAMP)
 
@@ -78,8 +78,14 @@ gpu-smoke: $(STAMP)
 chaos: $(STAMP)
 	$(PY) bench/chaos.py --save $(ARGS)
 
+# every performance benchmark, then bench/results/README.md from all the records (ARGS=--small: a quick check of
+# the scripts, written to runs/bench-small/results)
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(ARGS)
+
+# bench/results/README.md from the JSON records already there, without running anything
+bench-report: $(STAMP)
+	$(PY) bench/report.py $(ARGS)
 
 clean:
 	rm -rf runs data/digits

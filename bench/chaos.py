@@ -2,6 +2,7 @@
 check the result is bit-identical to an uninterrupted run.
 
     python bench/chaos.py [--kills 5] [--rounds 3] [--processes 1 2] [--stages one two] [--seed 0]
+                          [--samples 600] [--save]
 
 Stage one: each round starts the teacher pass, kills it `--kills` times at random moments (with
 writes slowed by OFAKD_CHAOS_SLOW_WRITES so that kills land inside unit writes), then lets it finish
@@ -36,12 +37,14 @@ from cache.store import CacheStore  # noqa: E402
 from tests.support.launch import launch_cmd, launch_env  # noqa: E402
 
 
-def make_data(root: Path) -> Path:
+def make_data(root: Path, samples: int) -> Path:
+    """The first `samples` training digits (and a fifth as many for validation), 30 a shard."""
     from pipeline.shards import digits_source, write_split
     classes, splits = digits_source()
     out = root / "data"
-    write_split(out, "train", classes, splits["train"][:600], name="chaos", shard_size=30, progress=False)
-    write_split(out, "val", classes, splits["val"][:120], name="chaos", shard_size=30, progress=False)
+    write_split(out, "train", classes, splits["train"][:samples], name="chaos", shard_size=30, progress=False)
+    write_split(out, "val", classes, splits["val"][:max(samples // 5, 30)], name="chaos", shard_size=30,
+                progress=False)
     return out
 
 
@@ -218,13 +221,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--stages", nargs="+", default=["one", "two"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save", action="store_true", help="write bench/results/chaos.json")
+    ap.add_argument("--samples", type=int, default=600, help="training images (digits, 30 a shard)")
+    ap.add_argument("--save", action="store_true", help="write chaos.json to bench/results (or $OFAKD_BENCH_RESULTS)")
     args = ap.parse_args(argv)
     random.seed(args.seed)
     work = Path(tempfile.mkdtemp(prefix="chaos-"))
     report = {"rounds": []}
     try:
-        data = make_data(work)
+        data = make_data(work, args.samples)
         ref = work / "ref.zarr"
         subprocess.run(cli_cmd(1, *cache_args(data, ref)), env=env(), check=True, capture_output=True)
         for r in range(args.rounds):
@@ -246,6 +250,23 @@ def main(argv=None) -> dict:
         from common import save
         save("chaos", report)
     return report
+
+
+def table(record: dict) -> str:
+    from common import fmt, md_table
+    rows = []
+    for i, rnd in enumerate(record["results"]["rounds"], 1):
+        for stage, v in rnd.items():
+            points = v.get("kill_points", [])
+            identical = v["ok"] if stage.startswith("stage_one") else \
+                f"weights {fmt(v.get('weights_identical'))}, metrics {fmt(v.get('metrics_identical'))}"
+            rows.append([i, stage, sum(p["killed"] for p in points), v.get("kills_mid_write"),
+                         max((p.get("ranks_running", 0) for p in points), default=0) or None, identical,
+                         "; ".join(v.get("problems", [])) or " ".join(v.get("error", "").split()[-30:])])
+    verdict = "PASSED" if record["results"]["ok"] else "FAILED"
+    return (f"Every resumed result against an uninterrupted run: {verdict} (target: bit-identical in every round)."
+            "\n\n" + md_table(["round", "stage", "kills", "kills inside a unit write", "ranks running at a kill",
+                               "identical", "problems"], rows))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""Shared helpers for benchmark scripts: machine description and result files.
+"""Shared helpers for benchmark scripts: machine description, result files and their markdown.
 
 Every result file holds the numbers, the exact command that produced them, the commit of the code that ran
-(and whether the checkout was dirty), the machine with its load, and the date.
+(and whether the checkout was dirty), the machine with its load, and the date. Results go to bench/results/,
+or to the folder named by $OFAKD_BENCH_RESULTS (the tests' smoke runs write to a temporary one, so that they
+never overwrite committed results). Every script that saves records also defines `table(record) -> str`, the
+markdown of one of its records, which bench/report.py gathers into bench/results/README.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shlex
 import sys
 import time
@@ -16,7 +21,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+RESULTS_ENV = "OFAKD_BENCH_RESULTS"
 sys.path.insert(0, str(ROOT))
+
+
+def results_dir() -> Path:
+    """Where results are written: $OFAKD_BENCH_RESULTS when set, else bench/results."""
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS)
 
 
 def machine() -> dict:
@@ -25,13 +36,23 @@ def machine() -> dict:
     return describe()
 
 
+def command() -> str:
+    """This process's command line as a user in the repository root would type it (the script's path relative
+    to the root when it lies inside)."""
+    argv = list(sys.argv)
+    script = Path(argv[0]).resolve()
+    if script.is_relative_to(ROOT):
+        argv[0] = script.relative_to(ROOT).as_posix()
+    return "python " + " ".join(shlex.quote(a) for a in argv)
+
+
 def save(name: str, numbers: dict, out_dir: Path | None = None) -> Path:
-    out_dir = out_dir or RESULTS
+    """Write `<out_dir or results_dir()>/<name>.json`: the numbers with the command, code, machine and date."""
+    out_dir = out_dir or results_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     from pipeline.provenance import code_version
-    rec = {"name": name, "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-           "code": code_version(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "results": numbers}
+    rec = {"name": name, "command": command(), "code": code_version(), "machine": machine(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": numbers}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(rec, indent=1) + "\n")
     print(json.dumps(numbers, indent=1))
@@ -50,3 +71,31 @@ def timed(fn, repeats: int = 1) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def fmt(x, digits: int = 3) -> str:
+    """A table cell: floats to `digits` significant figures, but `digits` decimals from 0.1 to 10 (ratios against
+    their targets) and whole from 1,000 up (thousands separated); None as '-'."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        if 0.1 <= abs(x) < 10:
+            return f"{x:.{digits}f}"
+        return f"{x:.{digits}g}"
+    if isinstance(x, int) and abs(x) >= 1000:
+        return f"{x:,}"
+    return str(x)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; cells that are not strings go through `fmt`."""
+    cell = [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in cell]
+    return "\n".join(lines)

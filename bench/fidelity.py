@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import save
+from common import md_table, save
 from scaling import subset
 from torch.utils.data import DataLoader
 
@@ -149,6 +149,23 @@ def main(argv=None) -> dict:
     return res
 
 
-_UNITS: dict = {}
+def pair_line(r: dict) -> str:
+    """The teacher, student and data of a record of this script, tail_model.py or tail_sampling.py."""
+    kw = f" ({' '.join(r['student_kwargs'])})" if r.get("student_kwargs") else ""
+    return (f"Teacher {r['teacher']} (`{r['checkpoint']}`), student {r['student']}{kw}, {r['num_classes']} classes, "
+            f"recipe `{r['recipe']}`")
 
 
+def table(record: dict) -> str:
+    r = record["results"]
+    rows = [[x["topk"], x["views"], x["ofa_g1_rel_error"], x["ofa_g1.5_rel_error"], x["kd_T4_rel_error"], x["tv_T1"],
+             x["tv_T4"], x["topk_mass_mean"], x["raw_bytes_per_view"], x["disk_bytes_per_view"]] for x in r["rows"]]
+    return (pair_line(r) + f" at {r['view_size']} px. Relative error of each loss from the cache against the same "
+            "loss from full logits; total-variation distance of the rebuilt teacher distribution; the teacher's "
+            "probability mass in its top k. No target: the evidence for the default k.\n\n"
+            + md_table(["k", "views", "OFA γ=1 rel. error", "OFA γ=1.5", "KD T=4", "TV T=1", "TV T=4", "top-k mass",
+                        "raw B/view", "disk B/view"], rows))
+
+
+if __name__ == "__main__":
+    main()

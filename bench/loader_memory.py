@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, save
+from common import ROOT, md_table, save
 
 sys.path.insert(0, str(ROOT))
 
@@ -77,6 +77,15 @@ def main(argv=None) -> dict:
                 print(row, flush=True)
     save(args.name, res)
     return res
+
+
+def table(record: dict) -> str:
+    r = record["results"]
+    rows = [[x["shard_size"], x["per_decode"], x["views"], x["peak_growth_mb"], x["accounted_mb"]] for x in r["rows"]]
+    return (f"Recipe `{r['recipe']}` at {r['view_size']} px, {r['shards']} shards of {r['image_size']} JPEGs; one "
+            "loader process iterating one group of G epochs. No target: the figure the README's advice on shard "
+            "sizes rests on.\n\n"
+            + md_table(["images a shard", "G", "views", "peak RSS growth MB", "TrainViews' stated terms MB"], rows))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import save
+from common import md_table, save
 from PIL import Image
 
 from pipeline.augment import get_recipe, pillow_compatible
@@ -223,6 +223,26 @@ def measure(tmp: Path, args) -> dict:
         results["recipes"][name] = rec
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}, flush=True)
     return results
+
+
+def table(record: dict) -> str:
+    r = record["results"]
+    G = r.get("per_decode")
+    variants = ["ours", "ours_draft"] + ([f"ours_g{G}", f"ours_draft_g{G}"] if G else [])
+    label = {"ours": "G = 1, full", "ours_draft": "G = 1, draft", f"ours_g{G}": f"G = {G}, full",
+             f"ours_draft_g{G}": f"G = {G}, draft"}
+    rows = []
+    for name, x in r["recipes"].items():
+        reduced = 1 - x["draft_reductions"].get("1/1", 0.0) if "draft_reductions" in x else None
+        rows.append([f"`{name}`", x["timm_views_per_cpu_s"], *(x.get(f"{v}_over_timm") for v in variants),
+                     reduced, *([x.get(f"draft_decodes_per_image_g{G}")] if G else [])])
+    head = ["recipe", "timm views/CPU-s", *(f"ours / timm, {label[v]}" for v in variants),
+            "share of draft views decoded reduced", *([f"draft decodes per image per group of {G}"] if G else [])]
+    return (f"{r['images']} JPEG photos ({', '.join(r['image_sizes'])}, quality {r['jpeg_quality']}, "
+            f"{r['bytes_per_image'] / 1000:.0f} KB each) in shards of {r['shard_size']}, {r['rounds']} rounds, "
+            f"{r['threads']} thread; training views per CPU-second.\n\n" + md_table(head, rows)
+            + "\n\nTargets: at least on par with timm at G = 1; at G = 4 epochs per decode >= 2x timm for "
+            "`imagenet-cnn`, >= 1.5x for `imagenet-vit`.")
 
 
 if __name__ == "__main__":

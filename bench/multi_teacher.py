@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, save, timed
+from common import ROOT, md_table, save, timed
 from torch.utils.data import DataLoader
 
 from cache.teacher import Teacher
@@ -113,6 +113,22 @@ def main(argv=None) -> dict:
            "torch_threads": torch.get_num_threads()}
     save(args.name, res)
     return res
+
+
+def table(record: dict) -> str:
+    r = record["results"]
+    a, b = r["teachers"]
+    s = r["seconds"]
+    rows = [["views alone (decode + augment), s", s["views"], ""],
+            [f"bare inference {a}, {b}, s", f"{s[f'infer_{a}']:.3g}, {s[f'infer_{b}']:.3g}", ""],
+            [f"single pass {a}, {b}, s", f"{s[f'single_{a}']:.3g}, {s[f'single_{b}']:.3g}", ""],
+            ["2-teacher pass, s", s["both"], ""],
+            ["2-teacher pass / (views + both inferences)", r["both_over_floor"], f"<= {r['target_both_over_floor']}"],
+            ["2-teacher pass / two single passes", r["both_over_two_singles"], ""],
+            ["2-teacher pass / (two single passes - views)", r["both_over_two_singles_less_one_views"], ""]]
+    return (f"{r['views']:,} views at {r['view_size']} px (`{r['recipe']}`), batch {r['batch_size']}, "
+            f"{r['workers']} loader worker(s), best of {r['repeats']}, {r['torch_threads']} torch threads.\n\n"
+            + md_table(["what", "measured", "target"], rows))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 import s3fs
-from common import ROOT, save
+from common import ROOT, md_table, save
 from stage_one import ensure_digits
 from torch.utils.data import DataLoader
 
@@ -166,6 +166,25 @@ def main(argv=None) -> dict:
     res["load_average_after"] = os.getloadavg()  # the machine is shared: how loaded it was
     save(args.name, res)
     return res
+
+
+def table(record: dict) -> str:
+    r = record["results"]
+    rows = []
+    for w in sorted(k for k in r if k.startswith("workers_")):
+        x = r[w]
+        for mode in x["loader_cpu_s_per_epoch"]:
+            rows.append([w.removeprefix("workers_"), mode, x[f"{mode}_views_per_s"], x.get(f"{mode}_over_local", 1.0),
+                         x["server_and_proxy_cpu_s_per_epoch"][mode], x["loader_cpu_s_per_epoch"][mode]])
+    load = r.get("load_average_after")
+    ms = f"{r['latency_ms']:g}"
+    return (f"{r['samples']:,} samples in {r['shards']} shards, batch {r['batch_size']}, best of {r['rounds']} "
+            f"rounds; {r['server']}. `s3_{ms}ms`: through the fault proxy adding {ms} ms a request, with the "
+            "read-ahead (`_no_prefetch`: without)"
+            + (f"; load average after the run {load[0]:.2f}" if load else "") + ". No target: what a bucket costs "
+            "against local disk, and whether the read-ahead hides the latency.\n\n"
+            + md_table(["loader workers", "source", "views/s", "/ local", "server + proxy CPU s/epoch",
+                        "loader CPU s/epoch"], rows))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, save
+from common import ROOT, md_table, save
 from torch.utils.data import DataLoader
 
 from cache.store import CacheStore
@@ -100,6 +100,21 @@ def main(argv=None) -> dict:
                        "in views (see rows), and k changes bytes, not time"}}
     save(args.name, res)
     return res
+
+
+def table(record: dict) -> str:
+    r = record["results"]
+    rows = [[x["samples"], x["shards"], x["topk"], x["epochs"], x["stage_one_s"], x["stage_one_views_per_s"],
+             x["raw_bytes_per_view"], x["disk_bytes_per_view"], x["stage_two_cache_side_ms_per_view"]]
+            for x in r["rows"]]
+    e = r["extrapolation_imagenet_300_epochs_k10"]
+    return (f"Teacher {r['teacher']}, recipe `{r['recipe']}` at {r['view_size']} px. Stage two's cache side: one "
+            "epoch of the loader joined with the cache, teacher logits rebuilt and the OFA loss, per view.\n\n"
+            + md_table(["samples", "shards", "k", "epochs", "stage one s", "stage one views/s", "raw B/view",
+                        "disk B/view", "stage two cache side ms/view"], rows)
+            + f"\n\nImageNet-1k x 300 epochs at k = 10 ({e['views']:,} views), extrapolated from the largest k = 10 "
+            f"row: raw {e['raw_GB']:.1f} GB, on disk {e['disk_GB_at_measured_compression']:.1f} GB at the measured "
+            f"compression (target: about 25 GB raw). {e['note']}.")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, save, timed
+from common import ROOT, md_table, save, timed
 from torch.utils.data import DataLoader
 
 from cache.store import CacheStore
@@ -83,6 +83,22 @@ def main(argv=None) -> dict:
            "disk_bytes_per_view": disk / n_views, "torch_threads": torch.get_num_threads()}
     save(args.name, res)
     return res
+
+
+def table(record: dict) -> str:
+    r = record["results"]
+    rows = [["views (epochs x samples), batch", f"{r['views']}, {r['batch_size']}", ""],
+            ["bare teacher views/s", r["bare_views_per_s"], ""],
+            ["teacher pass views/s", r["pass_views_per_s"], ""],
+            ["pass / bare", r["pass_over_bare"], f">= {r['target_pass_over_bare']:.2f}"],
+            [f"raw bytes per (epoch, sample), k = {r['topk']}", r["raw_bytes_per_view"],
+             f"<= 4k + 24 = {r['raw_budget_4k_plus_24']}"],
+            ["on-disk bytes per (epoch, sample)", r["disk_bytes_per_view"], ""]]
+    return (f"Teacher {r['teacher']} ({r['num_classes']} classes) at {r['view_size']} px, {r['workers']} loader "
+            f"worker(s), {r['torch_threads']} torch threads. The ratio's target is about a teacher that dominates the "
+            "cost, as on a GPU node whose loader workers run on other cores; on a CPU the views are built on the "
+            "teacher's own cores, so a teacher that costs no more than decoding and augmenting a view (a small "
+            "teacher at 32 px) halves it.\n\n" + md_table(["what", "measured", "target"], rows))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from common import ROOT, save
+from common import ROOT, md_table, save
 from stage_one import ensure_digits
 from torch.utils.data import DataLoader
 
@@ -48,9 +48,9 @@ def loader_rates(reader, recipe, cached: CachedTeacher, rounds: int, batch_size:
     what is measured), and the share of loader time spent in the pixel fingerprint."""
     real_digest, spent = pipeline.views.view_digest, [0.0]
 
-    def timed_digest(view):
+    def timed_digest(*args, **kwargs):
         t0 = time.perf_counter()
-        d = real_digest(view)
+        d = real_digest(*args, **kwargs)
         spent[0] += time.perf_counter() - t0
         return d
 
@@ -175,6 +175,32 @@ def steps(args, cached: CachedTeacher, reader, recipe, C: int) -> dict:
             "saving_measured": med["measured"], "saving_predicted": med["predicted"],
             "saving_relative_error": abs(med["measured"] - med["predicted"]) / med["predicted"],
             "target_saving_relative_error": 0.10}
+
+
+def table(record: dict) -> str:
+    r = record["results"]
+    rows = [["loader views/s without the cache, with it", f"{r['loader_without_cache_views_per_s']:,.0f}, "
+             f"{r['loader_with_cache_views_per_s']:,.0f}", ""],
+            ["loader with cache / without", r["loader_with_over_without"], f">= {r['target_loader_ratio']}"],
+            ["pixel fingerprint / loader time", r["digest_share_of_loader_time"], f"<= {r['target_digest_share']}"]]
+    head = f"Loader: {r['samples']} samples, recipe `{r['recipe']}` at {r['view_size']} px."
+    if "cached_over_free" in r:  # not a --loader-only record
+        head += (f" Steps: student {r['student']} + heads ({len(r['heads'])}), teacher {r['teacher']}, batch "
+                 f"{r['batch_size']}, {r['steps']} steps x {r['rounds']} rounds on {r['device']}.")
+        rows += [["OFA step s: free teacher, cached, online; teacher forward; CE step",
+                  ", ".join(f"{r[k]:.3g}" for k in ("free_ofa_step_s", "cached_ofa_step_s", "online_ofa_step_s",
+                                                   "teacher_forward_s", "ce_task_step_s")), ""],
+                 ["cached OFA step / free-teacher OFA step", r["cached_over_free"],
+                  f"<= {r['target_cached_over_free']}"],
+                 ["online-teacher saving: measured, predicted from the teacher's forward",
+                  f"{r['saving_measured']:.3f}, {r['saving_predicted']:.3f}", ""],
+                 ["saving: relative error of the prediction", r["saving_relative_error"],
+                  f"<= {r['target_saving_relative_error']}"]]
+    note = (" Step-time ratios are medians of per-round ratios over interleaved, rotated rounds on the same "
+            "batches." if "cached_over_free" in r else "")
+    return head + note + " The loader's ratio counts the cache's fixed cost per shard (one unit read and its checks) "\
+        "against the views' own cost, so it is lowest where views are cheapest.\n\n" + \
+        md_table(["what", "measured", "target"], rows)
 
 
 if __name__ == "__main__":

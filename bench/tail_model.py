@@ -22,8 +22,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import save
-from fidelity import add_pair_args, pair_logits
+from common import md_table, save
+from fidelity import add_pair_args, pair_line, pair_logits
 
 from cache.distribution import label_log_odds
 from cache.targets import reconstruct_logits
@@ -76,6 +76,16 @@ def main(argv=None) -> dict:
            "student_kwargs": args.student_kwargs, "recipe": args.recipe, "num_classes": C, "rows": rows}
     save(args.name, res)
     return res
+
+
+def table(record: dict) -> str:
+    r = record["results"]
+    rows = [[x["topk"], x["T"], x["views"], x["full"], x["uniform_rel_error"],
+             x["oracle_shape_unknown_classes_rel_error"], x["oracle_shape_student_order_rel_error"]] for x in r["rows"]]
+    return (pair_line(r) + ". Relative error of the KD loss from each reconstruction of the tail against full "
+            "logits. No target: whether a model of the tail would beat the uniform one.\n\n"
+            + md_table(["k", "T", "views", "KD from full logits", "uniform tail (the cache's)",
+                        "oracle shape, classes unknown", "oracle shape, student's order"], rows))
 
 
 if __name__ == "__main__":
