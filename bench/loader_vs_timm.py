@@ -40,8 +40,7 @@ import torch
 from common import save
 from PIL import Image
 
-from pipeline.augment import get_recipe
-from pipeline.draws import pillow_compatible
+from pipeline.augment import get_recipe, pillow_compatible
 from pipeline.reader import ShardReader
 from pipeline.shards import make_shards
 from pipeline.views import TrainViews, shard_views
@@ -122,8 +121,8 @@ def timm_views(dataset, batch_size: int, mixer, epoch: int) -> int:
 
 def draft_reductions(reader: ShardReader, recipe, epochs) -> dict:
     """How the draft views of these epochs were decoded: the share of views at each JPEG reduction (1 = full)."""
-    from pipeline.augment import _rrc_params, draft_reduction
-    from pipeline.draws import DRAW_CROP, draw_rng, seed_of_view
+    from pipeline.augment import DRAW_CROP, draw_rng, seed_of_view
+    from pipeline.transforms import _rrc_params, draft_reduction
     S, seen = recipe.input_size, {}
     for shard in range(reader.num_shards):
         for s in reader.read_shard(shard):
@@ -140,8 +139,8 @@ def draft_reductions(reader: ShardReader, recipe, epochs) -> dict:
 def draft_decodes_per_image(reader: ShardReader, recipe, groups, per_decode: int) -> float:
     """With draft decoding and G epochs per decode: JPEG decodes per image per group (the distinct reductions
     its G crops ask for; each is decoded once, `Sample.decoded` keeps it for the others)."""
-    from pipeline.augment import _rrc_params, draft_reduction
-    from pipeline.draws import DRAW_CROP, draw_rng, seed_of_view
+    from pipeline.augment import DRAW_CROP, draw_rng, seed_of_view
+    from pipeline.transforms import _rrc_params, draft_reduction
     S, decodes, n = recipe.input_size, 0, 0
     for shard in range(reader.num_shards):
         for s in reader.read_shard(shard):

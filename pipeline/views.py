@@ -12,7 +12,7 @@ Seeds and epochs, one meaning each: the *view seed* (`view_seed`) and the *view 
 *order seed* (`order_seed`) and the *training epoch* (`epoch`) decide their order. The view epoch of training epoch
 e is e modulo the view epochs (the teacher cache's epochs), so a student replays the views the teacher saw. Each
 view's own seed (`vseed`, its field `view_seed` in the replay record) is drawn from the view seed, view epoch and
-sample index (`pipeline.draws.seed_of_view`).
+sample index (`pipeline.augment.seed_of_view`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.augment import MIX_NONE, Recipe, base_view, eval_view, mix, mix_record, to_view
-from pipeline.draws import erase, preserved_globals, seed_of_view
+from pipeline.augment import Recipe, erase, preserved_globals, seed_of_view
 from pipeline.errors import UserError
 from pipeline.preempt import ignore_stop_signals
 from pipeline.reader import Sample, ShardReader, assign_shards, current_worker, shard_order
@@ -45,6 +44,7 @@ from pipeline.stages import (
     unit_items,
     units_of,
 )
+from pipeline.transforms import MIX_NONE, base_view, eval_view, mix, mix_record, to_view
 
 VIEW_CHUNK = 16  # views made between two yields of `shard_views` (16 float views at 224 px: 9.6 MB)
 

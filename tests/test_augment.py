@@ -8,30 +8,22 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.augment import (
-    MIX_CUTMIX,
-    MIX_MIXUP,
-    PRESETS,
-    Recipe,
-    base_view,
-    eval_view,
-    get_recipe,
-    mix,
-    mix_record,
-    to_view,
-)
-from pipeline.draws import (
     DRAW_AUTO,
     DRAW_ERASE,
+    PRESETS,
+    Recipe,
     auto_augment_op,
     draw_rng,
     erase,
     erases,
+    get_recipe,
     pillow_compatible,
     seed_of_view,
     seeded_globals,
 )
 from pipeline.errors import UserError
 from pipeline.reader import ShardReader
+from pipeline.transforms import MIX_CUTMIX, MIX_MIXUP, base_view, eval_view, mix, mix_record, to_view
 from pipeline.views import TrainViews, UnitViews, view_digest
 
 

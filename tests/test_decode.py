@@ -16,18 +16,11 @@ from cache.format import CacheRequest
 from cache.targets import CachedTeacher
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
-from pipeline.augment import (
-    DRAFT_MARGIN,
-    _decode_for,
-    _rrc_params,
-    base_view,
-    eval_view,
-    get_recipe,
-)
-from pipeline.draws import DRAW_CROP, draw_rng, seed_of_view
+from pipeline.augment import DRAW_CROP, draw_rng, get_recipe, seed_of_view
 from pipeline.errors import UserError
 from pipeline.reader import Sample, ShardReader, decode_image, image_size
 from pipeline.shards import make_shards
+from pipeline.transforms import DRAFT_MARGIN, _decode_for, _rrc_params, base_view, eval_view
 
 
 def photo_jpegs(root: Path, n: int = 12, size=(200, 150), classes=("a", "b", "c")) -> Path:

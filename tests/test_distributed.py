@@ -20,8 +20,7 @@ from cache.format import NAMES
 from cache.store import CacheStore
 from cache.teacher import Teacher
 from conftest import ROOT, launch_cmd, launch_env, run_cli
-from pipeline.augment import get_recipe
-from pipeline.draws import seed_of_view
+from pipeline.augment import get_recipe, seed_of_view
 from pipeline.models import Weights, create_model
 from pipeline.reader import ShardReader
 from pipeline.views import TrainViews

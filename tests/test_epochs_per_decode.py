@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from pipeline.augment import get_recipe
-from pipeline.draws import seed_of_view
+from pipeline.augment import get_recipe, seed_of_view
 from pipeline.errors import UserError
 from pipeline.reader import ShardReader
 from pipeline.stages import window_shuffle
