@@ -121,13 +121,14 @@ def timm_views(dataset, batch_size: int, mixer, epoch: int) -> int:
 
 def draft_reductions(reader: ShardReader, recipe, epochs) -> dict:
     """How the draft views of these epochs were decoded: the share of views at each JPEG reduction (1 = full)."""
-    from pipeline.augment import DRAW_CROP, _rrc_params, draft_reduction, draw_rng, view_seed
+    from pipeline.augment import DRAW_CROP, draw_rng, seed_of_view
+    from pipeline.transforms import _rrc_params, draft_reduction
     S, seen = recipe.input_size, {}
     for shard in range(reader.num_shards):
         for s in reader.read_shard(shard):
             w, h = s.size
             for e in epochs:
-                _, _, ch, cw = _rrc_params(draw_rng(view_seed(0, e, s.index), DRAW_CROP), h, w, recipe.scale,
+                _, _, ch, cw = _rrc_params(draw_rng(seed_of_view(0, e, s.index), DRAW_CROP), h, w, recipe.scale,
                                            recipe.ratio)
                 r = draft_reduction(ch, cw, S, S)
                 seen[r] = seen.get(r, 0) + 1
@@ -138,7 +139,8 @@ def draft_reductions(reader: ShardReader, recipe, epochs) -> dict:
 def draft_decodes_per_image(reader: ShardReader, recipe, groups, per_decode: int) -> float:
     """With draft decoding and G epochs per decode: JPEG decodes per image per group (the distinct reductions
     its G crops ask for; each is decoded once, `Sample.decoded` keeps it for the others)."""
-    from pipeline.augment import DRAW_CROP, _rrc_params, draft_reduction, draw_rng, view_seed
+    from pipeline.augment import DRAW_CROP, draw_rng, seed_of_view
+    from pipeline.transforms import _rrc_params, draft_reduction
     S, decodes, n = recipe.input_size, 0, 0
     for shard in range(reader.num_shards):
         for s in reader.read_shard(shard):
@@ -146,7 +148,7 @@ def draft_decodes_per_image(reader: ShardReader, recipe, groups, per_decode: int
             for g in groups:
                 r = set()
                 for e in range(g * per_decode, (g + 1) * per_decode):
-                    _, _, ch, cw = _rrc_params(draw_rng(view_seed(0, e, s.index), DRAW_CROP), h, w, recipe.scale,
+                    _, _, ch, cw = _rrc_params(draw_rng(seed_of_view(0, e, s.index), DRAW_CROP), h, w, recipe.scale,
                                                recipe.ratio)
                     r.add(draft_reduction(ch, cw, S, S) if s.reducible else 1)
                 decodes, n = decodes + len(r), n + 1

@@ -46,9 +46,6 @@ class SplitInfo:
     max_size: int | None = None  # images stored with their shorter side at most this (`shards --max-size`)
     quality: int | None = None  # JPEG quality of the images so resized
 
-    def shard_of(self, index: int) -> int:
-        return index // self.samples_per_shard
-
 
 @dataclass
 class Manifest:

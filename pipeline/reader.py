@@ -1,14 +1,14 @@
 """The shard reader: (decoded image, label, global index) from webdataset tar shards.
 
-The data path is a list of small stages (webdataset style):
+The first stages of the view stream (webdataset style; the others, and how they compose: `pipeline.stages`):
 
-    shard_order(seed, epoch) -> assign_shards(rank, world, worker, workers) -> read_shard -> decode
+    shard_order(order_seed, epoch) -> assign_shards(rank, world, worker, workers) -> read_shard -> decode
 
 `read_shard` reads each image's header (size, format); the pixels are decoded when a view asks for them
 (`Sample.decoded`), at the size that view needs (a recipe with decode="draft" lets JPEGs decode at 1/2, 1/4
 or 1/8 of their size where the view's crop allows it).
 
-Shard order is a pure function of (seed, epoch); which process and worker reads which shard is
+Shard order is a pure function of (order seed, training epoch); which process and worker reads which shard is
 explicit arithmetic on that order, never an implicit environment lookup. Errors follow an
 explicit policy: "raise" (default) stops with a message naming the shard and key, "skip" drops
 the sample and reports its key to `on_skip`. The policy sees what the header shows (not an image, an
@@ -73,9 +73,9 @@ class Sample:
         return self._decoded[reduce]
 
 
-def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of shard ids that depends on nothing but (seed, epoch)."""
-    return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(num_shards).tolist()
+def shard_order(num_shards: int, order_seed: int, epoch: int) -> list[int]:
+    """A permutation of shard ids that depends on nothing but (order seed, training epoch)."""
+    return np.random.default_rng([order_seed, epoch, 0x5A4D]).permutation(num_shards).tolist()
 
 
 def assign_shards(order: list[int], rank: int = 0, world: int = 1, worker: int = 0, workers: int = 1) -> list[int]:
@@ -228,14 +228,6 @@ class ShardReader:
         if seen != info.count:
             raise UserError(f"shard {path} holds {seen} samples but dataset.json lists {info.count} "
                             f"(truncated copy?); restore it or recreate the split")
-
-    def iter_epoch(self, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                   worker: int | None = None, workers: int | None = None) -> Iterator[Sample]:
-        """This (rank, worker)'s share of one epoch, shards in the (seed, epoch) order."""
-        if worker is None:
-            worker, workers = current_worker()
-        for shard_id in assign_shards(shard_order(self.num_shards, seed, epoch), rank, world, worker, workers):
-            yield from self.read_shard(shard_id)
 
 
 def _tar_samples(stream, url: str) -> Iterator[dict]:

@@ -202,6 +202,42 @@ def _prepare_out(out: Location, split: str, classes: list[str], overwrite: bool)
     return existing
 
 
+def _open_split(out: Location, split: str, classes: list[str], name: str, class_ids: list[str] | None,
+                overwrite: bool) -> Manifest:
+    """The manifest the split is added to (`_prepare_out`), with the shards it replaces removed: the split's
+    own, or every shard of a dataset it replaces (whose manifest is gone or replaced)."""
+    manifest = _prepare_out(out, split, classes, overwrite)
+    out.mkdir()
+    if manifest is None:
+        stale = [n for n in out.listdir() if SHARD_RE.match(n)]
+        manifest = Manifest(name=name, classes=classes, class_ids=class_ids)
+    else:
+        stale = [n for n in out.listdir() if SHARD_RE.match(n) and n.startswith(f"{split}-")]
+        manifest.splits.pop(split, None)
+        (out / MANIFEST).write_atomic(manifest.to_json().encode())
+    for n in stale:
+        (out / n).rm()
+    return manifest
+
+
+def _write_shard(path: Path, chunk: list[SourceImage], first: int, max_size: int | None, quality: int | None,
+                 class_counts: list[int], bar: Bar) -> None:
+    """One shard's tar at the local `path`: per sample (global index `first` on), its image (checked, and fitted
+    to `max_size`), class and source path; each sample counted in `class_counts` and on `bar`."""
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for j, s in enumerate(chunk):
+            data = s.read()
+            check_image(data, s.src if s.path is None else str(s.path))
+            if max_size:
+                data = fit_image(data, s.ext, max_size, quality)
+            key = sample_key(first + j)
+            _tar_member(tar, f"{key}.{s.ext}", data)
+            _tar_member(tar, f"{key}.cls", str(s.label).encode())
+            _tar_member(tar, f"{key}.json", json.dumps({"src": s.src}).encode())
+            class_counts[s.label] += 1
+            bar.advance(1)
+
+
 def write_split(out: str | os.PathLike | Location, split: str, classes: list[str], samples: list[SourceImage], *,
                 name: str, shard_size: int = DEFAULT_SHARD_SIZE, order_seed: int | None = 0,
                 class_ids: list[str] | None = None, overwrite: bool = False, progress: bool = True,
@@ -220,19 +256,7 @@ def write_split(out: str | os.PathLike | Location, split: str, classes: list[str
     quality = (quality or DEFAULT_QUALITY) if max_size else None
     out = Location(out)
     out.check_writable_root()
-    manifest = _prepare_out(out, split, classes, overwrite)
-    out.mkdir()
-    if manifest is None:
-        # a fresh dataset: forget shards of any earlier dataset here (their manifest is gone/replaced)
-        stale = [n for n in out.listdir() if SHARD_RE.match(n)]
-        manifest = Manifest(name=name, classes=classes, class_ids=class_ids)
-    else:
-        stale = [n for n in out.listdir() if SHARD_RE.match(n) and n.startswith(f"{split}-")]
-        manifest.splits.pop(split, None)
-        (out / MANIFEST).write_atomic(manifest.to_json().encode())
-    for n in stale:
-        (out / n).rm()
-
+    manifest = _open_split(out, split, classes, name, class_ids, overwrite)
     order = np.arange(len(samples))
     if order_seed is not None:
         order = np.random.default_rng(order_seed).permutation(len(samples))
@@ -246,18 +270,7 @@ def write_split(out: str | os.PathLike | Location, split: str, classes: list[str
             chunk = ordered[first:first + shard_size]
             final = out / shard_name(split, num)
             tmp = tmp_dir / f".{final.name}.partial"
-            with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for j, s in enumerate(chunk):
-                    data = s.read()
-                    check_image(data, s.src if s.path is None else str(s.path))
-                    if max_size:
-                        data = fit_image(data, s.ext, max_size, quality)
-                    key = sample_key(first + j)
-                    _tar_member(tar, f"{key}.{s.ext}", data)
-                    _tar_member(tar, f"{key}.cls", str(s.label).encode())
-                    _tar_member(tar, f"{key}.json", json.dumps({"src": s.src}).encode())
-                    class_counts[s.label] += 1
-                    bar.advance(1)
+            _write_shard(tmp, chunk, first, max_size, quality, class_counts, bar)
             digest, size = sha256_file(tmp), tmp.stat().st_size
             final.put_file(tmp)
             shards.append(ShardInfo(final.name, first, len(chunk), digest, size))

@@ -1,39 +1,51 @@
 """Streams of replayable views: per data shard, per epoch, as the teacher pass and the student see them.
 
 `shard_views` is the one place a training view is made. Both stages call it with the same
-(recipe, seed, epoch, shard samples) and get bit-identical tensors, whatever process, worker or
+(recipe, view seed, view epoch, shard samples) and get bit-identical tensors, whatever process, worker or
 batch they run in. It needs the whole shard because mixing partners are other samples of it.
+
+The streams are compositions of the stages in `pipeline.stages`: `TrainViews` (the student's: one training epoch,
+or a group of them, joined with the teacher cache, shuffled, resumable), `UnitViews` (the teacher pass's: every
+view epoch of each of its data shards) and `EvalViews` (evaluation, no augmentation).
+
+Seeds and epochs, one meaning each: the *view seed* (`view_seed`) and the *view epoch* decide the views; the
+*order seed* (`order_seed`) and the *training epoch* (`epoch`) decide their order. The view epoch of training epoch
+e is e modulo the view epochs (the teacher cache's epochs), so a student replays the views the teacher saw. Each
+view's own seed (`vseed`, its field `view_seed` in the replay record) is drawn from the view seed, view epoch and
+sample index (`pipeline.augment.seed_of_view`).
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import weakref
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.augment import (
-    MIX_NONE,
-    Recipe,
-    base_view,
-    erase,
-    eval_view,
-    mix,
-    mix_record,
-    preserved_globals,
-    to_view,
-    view_seed,
-)
+from pipeline.augment import Recipe, erase, preserved_globals, seed_of_view
 from pipeline.errors import UserError
 from pipeline.preempt import ignore_stop_signals
 from pipeline.reader import Sample, ShardReader, assign_shards, current_worker, shard_order
+from pipeline.stages import (
+    Join,
+    join_views,
+    loader_position,
+    permuted,
+    resume_needed,
+    shuffle_units,
+    skip_items,
+    trimmed,
+    unit_items,
+    units_of,
+)
+from pipeline.transforms import MIX_NONE, base_view, eval_view, mix, mix_record, to_view
 
-Join = Callable[[int, int, int, list[dict]], list[dict]]
 VIEW_CHUNK = 16  # views made between two yields of `shard_views` (16 float views at 224 px: 9.6 MB)
 
 
@@ -63,35 +75,15 @@ def views_digest(digests) -> str:
     return hashlib.blake2b(np.asarray(digests, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
 
 
-def window_shuffle(sizes: Iterable[int], buffer: int, rng: np.random.Generator) -> Iterator[tuple[int, int]]:
-    """(unit, position) of every item of a sequence of units, out through a shuffle buffer of `buffer` items.
-
-    Units enter whole, in order (`sizes` is read lazily: the next unit's size is asked for only once the previous
-    unit has entered, so a caller can make a unit's items at that moment); once the buffer holds more than
-    `buffer` items, each entering item sends a random one out; at the end the rest leave in random order. The
-    output is a pure function of the sizes and the generator's state, so a resumed stream can compute which
-    items it skips without making them. (webdataset's `shuffle` stage works on the items themselves and cannot
-    say in advance which items it will hand out first.)"""
-    buf: list[tuple[int, int]] = []
-    for u, n in enumerate(sizes):
-        for p in range(n):
-            buf.append((u, p))
-            if len(buf) > buffer:
-                k = int(rng.integers(len(buf)))
-                buf[k], buf[-1] = buf[-1], buf[k]
-                yield buf.pop()
-    for k in rng.permutation(len(buf)):
-        yield buf[k]
-
-
-def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, first: int,
+def shard_views(samples: list[Sample], recipe: Recipe, view_seed: int, view_epoch: int, first: int,
                 count: int) -> Iterator[dict]:
-    """Views of every sample of one shard in one epoch, in stored order.
+    """Views of every sample of one shard in one view epoch, in stored order (`first`, `count`: the shard's first
+    global index and its sample count in the manifest).
 
     Each item: view [3, S, S] float, label, partner_label, lam, index, view_seed, partner, mix_mode,
     digest (of the view's pixels, see `view_digest`).
     """
-    seeds = {s.index: view_seed(seed, epoch, s.index) for s in samples}
+    seeds = {s.index: seed_of_view(view_seed, view_epoch, s.index) for s in samples}
     with preserved_globals():  # timm's ops reseed the global generators: save them once for the whole shard
         bases = {s.index: base_view(s, recipe, seeds[s.index]) for s in samples}  # each decoded for its crop
     labels = {s.index: s.label for s in samples}
@@ -118,54 +110,27 @@ def shard_views(samples: list[Sample], recipe: Recipe, seed: int, epoch: int, fi
         yield from chunk
 
 
-class ShardStream(IterableDataset):
-    """The one per-shard loop under every view stream: this rank's and data-loader worker's shards, each
-    read once and turned into items by `items(shard, samples)`."""
-
-    reader: ShardReader
-
-    def shards(self, worker: int, workers: int) -> list[int]:
-        raise NotImplementedError
-
-    def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
-        raise NotImplementedError
-
-    def prefetch(self, shards: list[int]) -> None:
-        """Start fetching these shards' inputs ahead, in this order (object stores; nothing read changes)."""
-        self.reader.prefetch(shards)
-
-    def __iter__(self):
-        worker, workers = current_worker()
-        shards = self.shards(worker, workers)
-        self.prefetch(shards)
-        for shard in shards:
-            yield from self.items(shard, self.reader.read_shard(shard))
+def _former_keywords(**renamed: str):
+    """Accept parameters' former names (old="new") as keywords, until their callers use the new ones."""
+    def wrap(init):
+        @functools.wraps(init)
+        def call(self, *args, **kwargs):
+            for old, new in renamed.items():
+                if old in kwargs:
+                    kwargs[new] = kwargs.pop(old)
+            return init(self, *args, **kwargs)
+        return call
+    return wrap
 
 
-class UnitViews(ShardStream):
-    """Stage one: for each assigned unit (data shard), every epoch's views, decoding the shard once."""
-
-    def __init__(self, reader: ShardReader, recipe: Recipe, seed: int, epochs: int, units: list[int]):
-        self.reader, self.recipe, self.seed, self.epochs, self.units = reader, recipe, seed, epochs, units
-
-    def shards(self, worker: int, workers: int) -> list[int]:
-        return self.units[worker::workers]
-
-    def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
-        info, samples = self.reader.split.shards[shard], list(samples)
-        for epoch in range(self.epochs):
-            for v in shard_views(samples, self.recipe, self.seed, epoch, info.first, info.count):
-                yield {**v, "shard": shard, "epoch": epoch, "n_valid": len(samples)}
-
-
-class TrainViews(ShardStream):
+class TrainViews(IterableDataset):
     """Stage two: this rank's views of one training epoch, optionally joined with per-view extras.
 
     `set_epoch(e)` before iterating (or take `loader(e, ...)`). Views are a function of the view seed
-    `seed`; the order (shards, then a permutation within each shard) is a function of (order_seed,
-    epoch), so students with different seeds see the same views in different orders. The views are
-    those of `view_epoch` (= epoch modulo `view_epochs`), so they match what a teacher cache of that
-    many epochs saw.
+    `view_seed`; the order (shards, then a permutation within each shard) is a function of (order_seed,
+    epoch), so students with different order seeds see the same views in different orders. The views of training
+    epoch `epoch` are those of its view epoch (= epoch modulo `view_epochs`), so they match what a teacher cache
+    of that many epochs saw.
 
     Every rank must take the same number of steps (a collective waits otherwise), and a view must not
     depend on how batches are split: the stream owns both rules. Shards are assigned to ranks and
@@ -192,18 +157,18 @@ class TrainViews(ShardStream):
     where uneven shards leave the group's stream fewer full batches), and a position is counted from the
     group's start: `loader(e, ..., start)` with start = batches of the group's earlier epochs + those of e
     taken. Every view of the group is made once and stepped at most once; which views of the group fall into
-    which of its epochs is the shuffle's.
+    which of its epochs is the shuffle's. G = 1 is the same stream with a group of one epoch and a buffer of 0.
 
-    `join(view_epoch, shard, first, views) -> [dict per view]` adds data to each view of a shard
-    before shuffling (the teacher cache's targets: `cache.targets.CacheJoin`); the pipeline does not
-    know what it adds.
+    `join` (a `pipeline.stages.Join`: the teacher cache's targets, `cache.targets.CacheJoin`) adds data to each
+    view of a unit before shuffling; the pipeline does not know what it adds.
     """
 
-    def __init__(self, reader: ShardReader, recipe: Recipe, seed: int, rank: int = 0, world: int = 1,
+    @_former_keywords(seed="view_seed")
+    def __init__(self, reader: ShardReader, recipe: Recipe, view_seed: int, rank: int = 0, world: int = 1,
                  join: Join | None = None, view_epochs: int | None = None, order_seed: int | None = None,
                  epochs_per_decode: int = 1, epochs: int | None = None):
-        self.reader, self.recipe, self.seed, self.rank, self.world = reader, recipe, seed, rank, world
-        self.order_seed = seed if order_seed is None else order_seed  # the student's seed: data order only
+        self.reader, self.recipe, self.view_seed, self.rank, self.world = reader, recipe, view_seed, rank, world
+        self.order_seed = view_seed if order_seed is None else order_seed  # the student's seed: data order only
         self.join = join
         self.view_epochs = view_epochs
         if epochs_per_decode < 1:
@@ -217,24 +182,41 @@ class TrainViews(ShardStream):
         self._rotate = 0
         self._live: _Continued | None = None  # G > 1: the group stream the last `loader` call handed out
 
+    @property
+    def join(self) -> Join | None:
+        return self._join
+
+    @join.setter
+    def join(self, join: Join | None) -> None:
+        if join is not None and not isinstance(join, Join):
+            raise TypeError(f"a join is a pipeline.stages.Join (called per unit, with read-ahead: `prefetch`), "
+                            f"not a {type(join).__name__}")
+        self._join = join
+
     def set_epoch(self, epoch: int) -> None:
+        """The training epoch that iterating this stream gives (with its group, at G > 1)."""
         self.epoch = epoch
 
     @property
     def view_epoch(self) -> int:
-        return self._view_epoch(self.epoch)
+        return self.view_epoch_of(self.epoch)
 
-    def _view_epoch(self, epoch: int) -> int:
+    def view_epoch_of(self, epoch: int) -> int:
+        """The view epoch (the cached epoch) of training epoch `epoch`."""
         return epoch % self.view_epochs if self.view_epochs else epoch
 
     def group(self, epoch: int) -> range:
         """The training epochs that share `epoch`'s stream (one decode): [gG, gG + G), cut at `epochs`."""
         first = epoch - epoch % self.per_decode
-        return range(first, first + self.per_decode if self.epochs is None else min(first + self.per_decode,
-                                                                                     self.epochs))
+        end = first + self.per_decode if self.epochs is None else min(first + self.per_decode, self.epochs)
+        return range(first, max(end, epoch + 1))  # (an epoch past `epochs` is still its own stream's)
 
     def _order(self, epoch: int) -> list[int]:
         return shard_order(self.reader.num_shards, self.order_seed, epoch)
+
+    def shards(self, worker: int, workers: int) -> list[int]:
+        """The data shards that loader worker `worker` of `workers` reads for the current epoch's group, in order."""
+        return assign_shards(self._order(self.group(self.epoch).start), self.rank, self.world, worker, workers)
 
     def workers_for(self, epoch: int, workers: int, rank: int | None = None) -> int:
         """Data-loader workers a rank uses in an epoch: no more than it has shards (0: in-process)."""
@@ -253,17 +235,12 @@ class TrainViews(ShardStream):
         epochs per decode, G = 1's count, trimmed from the group's last epochs where its stream holds fewer."""
         def one(e: int) -> int:
             return min(sum(self._batches(self._order(e), 1, batch_size, workers, r)) for r in range(self.world))
-        group = self.group(epoch)
         if self.per_decode == 1:
             return one(epoch)
-        want = [one(e) for e in group]
+        group = self.group(epoch)
         room = min(sum(self._batches(self._order(group.start), len(group), batch_size, workers, r))
                    for r in range(self.world))
-        excess = max(0, sum(want) - room)
-        for j in reversed(range(len(want))):
-            cut = min(excess, want[j])
-            want[j], excess = want[j] - cut, excess - cut
-        return want[epoch - group.start]
+        return trimmed([one(e) for e in group], room)[epoch - group.start]
 
     def worker_batches(self, epoch: int, batch_size: int, workers: int) -> list[int]:
         """Full batches each of this rank's loader workers makes in an epoch's stream (one entry in-process);
@@ -273,23 +250,10 @@ class TrainViews(ShardStream):
 
     def resume_plan(self, epoch: int, batch_size: int, workers: int, start: int) -> tuple[list[int], int]:
         """Where the loader stands after `start` batches of an epoch (of its group's stream) -> (batches each
-        worker has made, the worker that makes batch `start`).
-
-        torch's DataLoader asks its workers for batches in turn (worker 0, 1, ..., 0, 1, ...), each worker
-        batching its own shards; a worker that runs out drops out of the turn. So the uninterrupted order
-        is round r = 0, 1, ...: worker k's r-th batch, for each k that has more than r batches. This
-        simulates it from the per-worker batch counts (exact: `read_shard` refuses a shard whose sample
-        count differs from the manifest's; under --on-error skip a dropped sample can shift it)."""
-        made, per_worker = 0, self.worker_batches(epoch, batch_size, workers)
-        done = [0] * len(per_worker)
-        for r in range(max(per_worker, default=0)):
-            for k, n in enumerate(per_worker):
-                if r < n:
-                    if made == start:
-                        return done, k
-                    done[k] += 1
-                    made += 1
-        return done, 0  # past the end: every worker has run out
+        worker has made, the worker that makes batch `start`): `pipeline.stages.loader_position` of the workers'
+        batch counts (exact: `read_shard` refuses a shard whose sample count differs from the manifest's; under
+        --on-error skip a dropped sample can shift it)."""
+        return loader_position(self.worker_batches(epoch, batch_size, workers), start)
 
     def loader(self, epoch: int, batch_size: int, workers: int, pin_memory: bool = False,
                start: int = 0) -> DataLoader | _Continued:
@@ -320,86 +284,44 @@ class TrainViews(ShardStream):
                           drop_last=True, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals,
                           generator=torch.Generator())  # its seed draw must not move the global RNG (resume)
 
-    def shards(self, worker: int, workers: int) -> list[int]:
-        return assign_shards(self._order(self.group(self.epoch).start), self.rank, self.world, worker, workers)
-
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict]:
+        """One loader worker's stream of the current epoch's group: its shards' units made in turn, shuffled, the
+        first views (those of the batches this worker made before the loader's `start`) left out; a unit none of
+        whose views comes after them is not made, nor its shard read if none of the shard's units is."""
         worker, workers = current_worker()
         role = (worker + self._rotate) % workers  # the uninterrupted loader's worker this one stands in for
         skip = self._skip[role] if self._skip else 0
-        if self.per_decode > 1:
-            yield from self._group_stream(role, workers, skip)
-            return
-        shards = self.shards(role, workers)
-        while shards and skip >= self.reader.split.shards[shards[0]].count and self.reader.on_error == "raise":
-            skip -= self.reader.split.shards[shards.pop(0)].count  # a whole shard skipped: not even read
-        self.prefetch(shards)
-        for shard in shards:
-            for item in self.items(shard, self.reader.read_shard(shard)):
-                if skip:
-                    skip -= 1
-                    continue
-                yield item
-
-    def prefetch(self, shards: list[int]) -> None:
-        super().prefetch(shards)
-        if hasattr(self.join, "prefetch"):  # the cache's rows of these shards, ahead too
-            self.join.prefetch(self.view_epoch, shards)
-
-    def _group_stream(self, role: int, workers: int, skip: int) -> Iterator[dict]:
-        """One worker's stream of a group: its shards, each read once, its units (shard, epoch) made in turn
-        and mixed through a shuffle buffer of one shard's views; the first `skip` views left out, and a unit
-        none of whose views comes after them not made (nor its shard read, if none of the shard's units is)."""
-        group, shards = self.group(self.epoch), self.shards(role, workers)
-        units = [(shard, e) for shard in shards for e in group]
-        sizes = [self.reader.split.shards[shard].count for shard, _ in units]
-        buffer = max(s.count for s in self.reader.split.shards)
+        group = self.group(self.epoch)
+        todo = units_of(self.shards(role, workers), group)
+        sizes = [self.reader.split.shards[shard].count for shard, _ in todo]
+        # G = 1: each unit's views in its own order; G > 1: mixed through a buffer of one shard's views
+        buffer = max(s.count for s in self.reader.split.shards) if self.per_decode > 1 else 0
 
         def rng() -> np.random.Generator:
             return np.random.default_rng([self.order_seed, group.start, self.rank, role, 0x6B])
-        needed = [True] * len(units)
-        if skip and self.reader.on_error == "raise":  # sizes are the manifest's: plan the skip on indices alone
-            last = [-1] * len(units)
-            for out, (u, _) in enumerate(window_shuffle(sizes, buffer, rng())):
-                last[u] = out
-            needed = [n >= skip for n in last]
-        made: dict[int, list] = {}
-        left: dict[int, int] = {}
-        self.reader.prefetch(list(dict.fromkeys(shard for u, (shard, _) in enumerate(units) if needed[u])))
+        needed = [True] * len(todo)
+        if skip and self.reader.on_error == "raise":  # sizes are the manifest's: plan the skip on them alone
+            needed = resume_needed(sizes, buffer, rng(), skip)
+        self._prefetch([shard for (shard, _), need in zip(todo, needed, strict=True) if need], group)
+        made = unit_items(todo, lambda shard: list(self.reader.read_shard(shard)), self._unit, needed)
+        made = (views if views is not None else [None] * n for views, n in zip(made, sizes, strict=True))
+        yield from skip_items(shuffle_units(made, buffer, rng()), skip)
 
-        def enter() -> Iterator[int]:  # each unit's views are made as the unit enters the buffer
-            read: tuple[int, list[Sample]] | None = None
-            for u, (shard, epoch) in enumerate(units):
-                if not needed[u]:
-                    yield sizes[u]
-                    continue
-                if read is None or read[0] != shard:
-                    read = (shard, list(self.reader.read_shard(shard)))  # decoded once for the group's epochs
-                made[u] = self._unit(shard, epoch, read[1])
-                left[u] = len(made[u])
-                yield len(made[u])
-
-        for out, (u, p) in enumerate(window_shuffle(enter(), buffer, rng())):
-            if u not in made:
-                continue  # an unmade unit: all its views are among the skipped
-            item, made[u][p] = made[u][p], None
-            left[u] -= 1
-            if not left[u]:
-                del made[u], left[u]
-            if out >= skip:
-                yield item
-
-    def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
-        yield from self._unit(shard, self.epoch, list(samples))
+    def _prefetch(self, shards: list[int], group: range) -> None:
+        """Read these shards ahead, in this order, and the join's rows of them where the group's epochs share one
+        view epoch (the join's read-ahead follows one view epoch)."""
+        shards = list(dict.fromkeys(shards))
+        self.reader.prefetch(shards)
+        view_epochs = {self.view_epoch_of(epoch) for epoch in group}
+        if self.join is not None and len(view_epochs) == 1:
+            self.join.prefetch(view_epochs.pop(), shards)
 
     def _unit(self, shard: int, epoch: int, samples: list[Sample]) -> list[dict]:
         """The views of one shard in training epoch `epoch` (its view epoch's), joined, in the epoch's order."""
-        info, ve = self.reader.split.shards[shard], self._view_epoch(epoch)
-        views = list(shard_views(samples, self.recipe, self.seed, ve, info.first, info.count))
-        if self.join is not None:
-            views = [v | extra for v, extra in zip(views, self.join(ve, shard, info.first, views), strict=True)]
-        perm = np.random.default_rng([self.order_seed, epoch, shard, 0x7E]).permutation(len(views))
-        return [views[i] for i in perm]
+        info, view_epoch = self.reader.split.shards[shard], self.view_epoch_of(epoch)
+        views = list(shard_views(samples, self.recipe, self.view_seed, view_epoch, info.first, info.count))
+        views = join_views(views, self.join, view_epoch, shard, info.first)
+        return permuted(views, np.random.default_rng([self.order_seed, epoch, shard, 0x7E]))
 
 
 class _Continued:
@@ -435,15 +357,38 @@ def _close_open_streams() -> None:
         stream.close()
 
 
-class EvalViews(ShardStream):
+class UnitViews(IterableDataset):
+    """Stage one: for each assigned unit (data shard), every view epoch's views, decoding the shard once."""
+
+    @_former_keywords(seed="view_seed", epochs="view_epochs")
+    def __init__(self, reader: ShardReader, recipe: Recipe, view_seed: int, view_epochs: int, units: list[int]):
+        self.reader, self.recipe, self.view_seed = reader, recipe, view_seed
+        self.view_epochs, self.units = view_epochs, units
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = current_worker()
+        shards = self.units[worker::workers]
+        self.reader.prefetch(shards)
+        todo = units_of(shards, range(self.view_epochs))
+        for views in unit_items(todo, lambda shard: list(self.reader.read_shard(shard)), self._views):
+            yield from views
+
+    def _views(self, shard: int, view_epoch: int, samples: list[Sample]) -> Iterator[dict]:
+        info = self.reader.split.shards[shard]
+        for v in shard_views(samples, self.recipe, self.view_seed, view_epoch, info.first, info.count):
+            yield {**v, "shard": shard, "epoch": view_epoch, "n_valid": len(samples)}
+
+
+class EvalViews(IterableDataset):
     """Deterministic evaluation views of this rank's shards (no augmentation), read one image at a time."""
 
     def __init__(self, reader: ShardReader, recipe: Recipe, rank: int = 0, world: int = 1):
         self.reader, self.recipe, self.rank, self.world = reader, recipe, rank, world
 
-    def shards(self, worker: int, workers: int) -> list[int]:
-        return assign_shards(list(range(self.reader.num_shards)), self.rank, self.world, worker, workers)
-
-    def items(self, shard: int, samples: Iterator[Sample]) -> Iterator[dict]:
-        for s in samples:
-            yield {"view": eval_view(s, self.recipe), "label": s.label, "index": s.index}
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = current_worker()
+        shards = assign_shards(list(range(self.reader.num_shards)), self.rank, self.world, worker, workers)
+        self.reader.prefetch(shards)
+        for shard in shards:
+            for s in self.reader.read_shard(shard):
+                yield {"view": eval_view(s, self.recipe), "label": s.label, "index": s.index}

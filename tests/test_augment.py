@@ -10,25 +10,20 @@ from torch.utils.data import DataLoader
 from pipeline.augment import (
     DRAW_AUTO,
     DRAW_ERASE,
-    MIX_CUTMIX,
-    MIX_MIXUP,
     PRESETS,
     Recipe,
-    base_view,
+    auto_augment_op,
     draw_rng,
     erase,
     erases,
-    eval_view,
     get_recipe,
-    mix,
-    mix_record,
     pillow_compatible,
+    seed_of_view,
     seeded_globals,
-    to_view,
-    view_seed,
 )
 from pipeline.errors import UserError
 from pipeline.reader import ShardReader
+from pipeline.transforms import MIX_CUTMIX, MIX_MIXUP, base_view, eval_view, mix, mix_record, to_view
 from pipeline.views import TrainViews, UnitViews, view_digest
 
 
@@ -88,7 +83,7 @@ def test_views_differ_across_epochs_and_seeds(small_digits):
 def test_mixing_partner_is_in_the_same_shard():
     recipe = get_recipe("imagenet-vit")
     for i in range(200, 300):
-        rec = mix_record(recipe, view_seed(3, 0, i), i, 200, 100)
+        rec = mix_record(recipe, seed_of_view(3, 0, i), i, 200, 100)
         assert rec.partner == -1 or (200 <= rec.partner < 300 and rec.partner != i)
         assert 0.0 <= rec.lam <= 1.0
 
@@ -176,7 +171,7 @@ def test_randaugment_and_erasing_pixels_are_timms():
     plain = dataclasses.replace(recipe, auto_augment="none", erase_prob=0.0, erase_mode=None)  # same crop + flip
     image, augmented, erased = _image(0), 0, 0
     for i in range(24):
-        vs = view_seed(0, 0, i)
+        vs = seed_of_view(0, 0, i)
         before = base_view(image, plain, vs)
         pil = Image.fromarray(before.permute(1, 2, 0).numpy())
         with seeded_globals(draw_rng(vs, DRAW_AUTO)):
@@ -205,7 +200,7 @@ def test_the_erase_shortcut_agrees_with_timms_erasing_on_every_view(prob):
     timm_erasing = RandomErasing(probability=prob, mode="pixel", device="cpu")
     said = []
     for i in range(300):
-        vs = view_seed(0, 1, i)
+        vs = seed_of_view(0, 1, i)
         canvas = torch.full((3, 16, 16), float("nan"))
         with seeded_globals(draw_rng(vs, DRAW_ERASE)):
             timm_erasing(canvas)
@@ -232,7 +227,7 @@ def test_random_interpolation_picks_either_kernel_per_view():
     recipe = dataclasses.replace(PRESETS["imagenet-cnn"], input_size=40, interpolation="random")
     image, kernels = _image(1), []
     for i in range(16):
-        vs = view_seed(0, 0, i)
+        vs = seed_of_view(0, 0, i)
         got = base_view(image, recipe, vs)
         fixed = {k: base_view(image, dataclasses.replace(recipe, interpolation=k), vs) for k in ("bilinear", "bicubic")}
         kernels += [k for k, v in fixed.items() if torch.equal(v, got)]
@@ -247,7 +242,7 @@ class _Views(torch.utils.data.Dataset):
         return 6
 
     def __getitem__(self, i):
-        return _view(_image(i), self.recipe, view_seed(3, 0, i))
+        return _view(_image(i), self.recipe, seed_of_view(3, 0, i))
 
 
 def test_a_view_is_a_function_of_recipe_and_seed_and_leaves_the_global_generators_alone():
@@ -286,9 +281,9 @@ def test_presets_without_timm_ops_keep_their_pixels(preset):
     own, other = _image(1), _image(2)
     crcs = []
     for i in range(4):
-        vs = view_seed(5, 1, i)
+        vs = seed_of_view(5, 1, i)
         rec = mix_record(r, vs, i, 0, 4)
-        partner = to_view(base_view(other, r, view_seed(5, 1, rec.partner))) if rec.partner >= 0 else None
+        partner = to_view(base_view(other, r, seed_of_view(5, 1, rec.partner))) if rec.partner >= 0 else None
         crcs.append(view_digest(erase(mix(to_view(base_view(own, r, vs)), partner, rec), r, vs)))
     crcs.append(view_digest(eval_view(own, r)))
     assert crcs == _UNCHANGED[preset]
@@ -310,8 +305,7 @@ def test_a_recipe_from_before_timms_ops_is_refused():
 def test_posterize_of_0_bits_is_black_not_pillows_error():
     """timm's PosterizeIncreasing keeps 0 bits at magnitude 10 (m9 plus noise reaches it): Pillow 13 raises
     there, older Pillow made the image black; ours makes it black."""
-    from pipeline.augment import _auto_augment
-    ra = _auto_augment(PRESETS["imagenet-vit"])
+    ra = auto_augment_op(PRESETS["imagenet-vit"])
     (op,) = [o for o in ra.ops if o.name == "PosterizeIncreasing"]
     img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
     assert np.array(op.aug_fn(img, 0)).max() == 0

@@ -16,20 +16,11 @@ from cache.format import CacheRequest
 from cache.targets import CachedTeacher
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
-from pipeline.augment import (
-    DRAFT_MARGIN,
-    DRAW_CROP,
-    _decode_for,
-    _rrc_params,
-    base_view,
-    draw_rng,
-    eval_view,
-    get_recipe,
-    view_seed,
-)
+from pipeline.augment import DRAW_CROP, draw_rng, get_recipe, seed_of_view
 from pipeline.errors import UserError
 from pipeline.reader import Sample, ShardReader, decode_image, image_size
 from pipeline.shards import make_shards
+from pipeline.transforms import DRAFT_MARGIN, _decode_for, _rrc_params, base_view, eval_view
 
 
 def photo_jpegs(root: Path, n: int = 12, size=(200, 150), classes=("a", "b", "c")) -> Path:
@@ -67,7 +58,7 @@ def test_draft_decodes_each_crop_as_small_as_it_allows_and_never_below_the_view(
     for s in _samples(photos):
         w, h = s.size
         for epoch in range(40):
-            vs = view_seed(0, epoch, s.index)
+            vs = seed_of_view(0, epoch, s.index)
             box = _rrc_params(draw_rng(vs, DRAW_CROP), h, w, recipe.scale, recipe.ratio)
             img, (top, left, ch, cw) = _decode_for(s, recipe, box, S, S)
             r = round(w / img.shape[-1])
@@ -87,7 +78,7 @@ def test_draft_decoding_is_deterministic_reduced_and_equal_to_full_where_it_does
     assert tuple(full.shape) == (3, 150, 200) and image_size(s.data) == (200, 150)
     big = get_recipe("imagenet-cnn", 96)  # 96 px from a 200x150 photo: never reducible, so draft == full
     for epoch in range(5):
-        vs = view_seed(0, epoch, s.index)
+        vs = seed_of_view(0, epoch, s.index)
         assert torch.equal(base_view(s, dataclasses.replace(big, decode="draft"), vs), base_view(full, big, vs))
     assert torch.equal(eval_view(s, dataclasses.replace(big, decode="draft")), eval_view(full, big))
     small = dataclasses.replace(get_recipe("imagenet-cnn", 16), decode="draft")

@@ -21,7 +21,7 @@ from cache.format import NAMES
 from cache.store import CacheStore
 from cache.teacher import Teacher
 from conftest import ROOT, launch_cmd, launch_env, run_cli
-from pipeline.augment import get_recipe, view_seed
+from pipeline.augment import get_recipe, seed_of_view
 from pipeline.models import Weights, create_model
 from pipeline.reader import ShardReader
 from pipeline.views import TrainViews
@@ -333,10 +333,10 @@ def test_every_shuffled_view_is_paired_with_its_own_teacher_target(small_digits,
             # the views of training epoch e are those of cached epoch e mod 2, so e = 2 replays epoch 0 (with
             # several epochs per decode: those of its group's cached epochs)
             group = range(e - e % per_decode, min(e - e % per_decode + per_decode, 3))
-            want = [{view_seed(0, g % 2, int(i)) for g in group} for i in idx]
+            want = [{seed_of_view(0, g % 2, int(i)) for g in group} for i in idx]
             assert all(int(s) in w for s, w in zip(b["view_seed"], want, strict=True))
             if per_decode > 1 and e < 2:
-                mixed_epochs |= {int(s) == view_seed(0, 1, int(i)) for s, i in zip(b["view_seed"], idx, strict=True)}
+                mixed_epochs |= {int(s) == seed_of_view(0, 1, int(i)) for s, i in zip(b["view_seed"], idx, strict=True)}
             logits = teacher(b["view"])
             top1s.update(logits.argmax(1).tolist())
             log_p = torch.log_softmax(logits, 1)  # a store keeps log-probabilities

@@ -3,7 +3,6 @@ exactly G = 1's views of the group's epochs, each with its own join, mixed so th
 image; steps per epoch are G = 1's; a loader resumed at any position of a group, or continued into the group's
 next epoch, gives the uninterrupted stream's batches."""
 
-import functools
 import json
 import os
 import signal
@@ -14,10 +13,11 @@ import pytest
 import torch
 
 from conftest import run_cli
-from pipeline.augment import get_recipe, view_seed
+from pipeline.augment import get_recipe, seed_of_view
 from pipeline.errors import UserError
 from pipeline.reader import ShardReader
-from pipeline.views import TrainViews, window_shuffle
+from pipeline.stages import window_shuffle
+from pipeline.views import TrainViews
 
 
 def _items(views: TrainViews, epoch: int) -> list[dict]:
@@ -25,9 +25,18 @@ def _items(views: TrainViews, epoch: int) -> list[dict]:
     return list(views)  # in-process: the whole stream, partial batches included
 
 
-def _join(calls, ve, shard, first, views):
-    calls.append((ve, shard, tuple(v["index"] for v in views)))
-    return [{"joined": (ve, v["index"])} for v in views]
+class _Join:
+    """A join (`pipeline.stages.Join`) that records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, view_epoch, shard, first, views):
+        self.calls.append((view_epoch, shard, tuple(v["index"] for v in views)))
+        return [{"joined": (view_epoch, v["index"])} for v in views]
+
+    def prefetch(self, view_epoch, shards):
+        pass
 
 
 def test_a_group_holds_g_1s_views_of_its_epochs_each_joined_once(small_digits):
@@ -36,11 +45,10 @@ def test_a_group_holds_g_1s_views_of_its_epochs_each_joined_once(small_digits):
     is joined once per epoch with the same views, and nothing else comes out."""
     reader, recipe = ShardReader(small_digits), get_recipe("digits-mix")
     for view_epochs, g, epochs in ((2, 2, 4), (3, 3, 3)):
-        joins = {1: [], g: []}
-        one = TrainViews(reader, recipe, 3, join=functools.partial(_join, joins[1]), view_epochs=view_epochs,
-                         order_seed=5)
-        many = TrainViews(reader, recipe, 3, join=functools.partial(_join, joins[g]), view_epochs=view_epochs,
-                          order_seed=5, epochs_per_decode=g, epochs=epochs)
+        joins = {1: _Join(), g: _Join()}
+        one = TrainViews(reader, recipe, 3, join=joins[1], view_epochs=view_epochs, order_seed=5)
+        many = TrainViews(reader, recipe, 3, join=joins[g], view_epochs=view_epochs, order_seed=5,
+                          epochs_per_decode=g, epochs=epochs)
         want = [it for e in range(epochs) for it in _items(one, e)]
         got = [it for e in range(0, epochs, g) for it in _items(many, e)]
         key = lambda it: (int(it["index"]), int(it["view_seed"]))  # noqa: E731
@@ -49,8 +57,9 @@ def test_a_group_holds_g_1s_views_of_its_epochs_each_joined_once(small_digits):
         assert all(torch.equal(it["view"], pixels[key(it)]) for it in got)
         # each view carries its own unit's join: that of its view epoch and sample
         assert all(it["joined"][1] == int(it["index"]) and int(it["view_seed"]) ==
-                   view_seed(3, it["joined"][0], int(it["index"])) for it in got)
-        assert sorted(joins[g]) == sorted(joins[1])  # every unit joined once, with the same views in stored order
+                   seed_of_view(3, it["joined"][0], int(it["index"])) for it in got)
+        # every unit joined once, with the same views in stored order
+        assert sorted(joins[g].calls) == sorted(joins[1].calls)
 
 
 def test_views_of_one_decode_come_out_mixed_not_as_g_copies(small_digits):

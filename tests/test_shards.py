@@ -10,12 +10,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from conftest import ROOT, SHARED_DATA, make_image_folder, need_shared, refused, run_cli
+from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.manifest import load_manifest
 from pipeline.reader import ShardReader, assign_shards, shard_order
 from pipeline.shards import make_shards
+from pipeline.views import TrainViews
+
+
+def _samples(reader: ShardReader) -> list:
+    """Every sample of the reader's split, shard by shard in stored order."""
+    return [s for shard in range(reader.num_shards) for s in reader.read_shard(shard)]
 
 
 def _tar_members(path: Path) -> dict[str, bytes]:
@@ -48,7 +56,7 @@ def test_image_folder_round_trip(image_folder, tmp_path):
         assert label == ["cat", "dog", "eel"].index(src.split("/")[0])
     # the reader gives back decoded images, labels and indices for every sample
     seen = {}
-    for sample in ShardReader(out).iter_epoch(seed=0, epoch=0):
+    for sample in _samples(ShardReader(out)):
         seen[sample.index] = sample
     assert sorted(seen) == list(range(21))
     for src, (index, label, _) in stored.items():
@@ -67,7 +75,7 @@ def test_digits_via_cli(tmp_path):
     d = load_digits()
     for split in ("train", "val"):
         reader = ShardReader(out, split)
-        for s in reader.iter_epoch(0, 0):
+        for s in _samples(reader):
             # decoded 8x8 images are the sklearn digits exactly (lossless PNG of value * 255 / 16)
             gray = s.image[0].numpy()
             assert gray.shape == (8, 8)
@@ -95,12 +103,15 @@ def test_shard_order_is_a_function_of_seed_and_epoch():
 
 
 def test_two_ranks_two_workers_see_every_sample_once(digits):
+    """The training stream's shard order and rank/worker assignment: 2 ranks of 2 loader workers each make every
+    sample's view exactly once per epoch (items unbatched, so none is dropped with a partial batch)."""
     reader = ShardReader(digits)
     for epoch in (0, 1):
         seen = []
         for rank in range(2):
-            for worker in range(2):
-                seen += [s.index for s in reader.iter_epoch(5, epoch, rank, 2, worker, 2)]
+            views = TrainViews(reader, get_recipe("digits"), 0, rank, 2, order_seed=5)
+            views.set_epoch(epoch)
+            seen += [int(v["index"]) for v in DataLoader(views, batch_size=None, num_workers=2)]
         assert sorted(seen) == list(range(1437))
     order = shard_order(8, 5, 0)
     parts = [assign_shards(order, r, 2, w, 2) for r in range(2) for w in range(2)]
@@ -244,7 +255,7 @@ def test_cifar10_slice(tmp_path):
     m = load_manifest(out)
     assert m.classes[:3] == ["airplane", "automobile", "bird"] and m.num_classes == 10
     assert m.split("test").count == 200 and m.split("test").class_counts == [20] * 10
-    imgs = list(ShardReader(out, "test").iter_epoch(0, 0))
+    imgs = _samples(ShardReader(out, "test"))
     assert len(imgs) == 200 and all(tuple(s.image.shape) == (3, 32, 32) for s in imgs)
 
 
