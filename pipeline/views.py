@@ -18,7 +18,6 @@ sample index (`pipeline.augment.seed_of_view`).
 from __future__ import annotations
 
 import atexit
-import functools
 import hashlib
 import weakref
 import zlib
@@ -110,19 +109,6 @@ def shard_views(samples: list[Sample], recipe: Recipe, view_seed: int, view_epoc
         yield from chunk
 
 
-def _former_keywords(**renamed: str):
-    """Accept parameters' former names (old="new") as keywords, until their callers use the new ones."""
-    def wrap(init):
-        @functools.wraps(init)
-        def call(self, *args, **kwargs):
-            for old, new in renamed.items():
-                if old in kwargs:
-                    kwargs[new] = kwargs.pop(old)
-            return init(self, *args, **kwargs)
-        return call
-    return wrap
-
-
 class TrainViews(IterableDataset):
     """Stage two: this rank's views of one training epoch, optionally joined with per-view extras.
 
@@ -163,7 +149,6 @@ class TrainViews(IterableDataset):
     view of a unit before shuffling; the pipeline does not know what it adds.
     """
 
-    @_former_keywords(seed="view_seed")
     def __init__(self, reader: ShardReader, recipe: Recipe, view_seed: int, rank: int = 0, world: int = 1,
                  join: Join | None = None, view_epochs: int | None = None, order_seed: int | None = None,
                  epochs_per_decode: int = 1, epochs: int | None = None):
@@ -360,7 +345,6 @@ def _close_open_streams() -> None:
 class UnitViews(IterableDataset):
     """Stage one: for each assigned unit (data shard), every view epoch's views, decoding the shard once."""
 
-    @_former_keywords(seed="view_seed", epochs="view_epochs")
     def __init__(self, reader: ShardReader, recipe: Recipe, view_seed: int, view_epochs: int, units: list[int]):
         self.reader, self.recipe, self.view_seed = reader, recipe, view_seed
         self.view_epochs, self.units = view_epochs, units
