@@ -132,8 +132,8 @@ class Work:
     def expected(self, argv: list) -> dict:
         """What a finished run of `argv` must have recorded to be reused."""
         cfg = cli.parse(argv[0], argv[1:])
-        teacher = [] if cfg.loss.method == "ce" else [sha256_file(self.checkpoint())]
-        caches = [config_hash(CacheStore(c).attrs) for c in cfg.cache or []]
+        teacher = [] if cfg.run.loss.method == "ce" else [sha256_file(self.checkpoint())]
+        caches = [config_hash(CacheStore(c).attrs) for c in cfg.stream.cache or []]
         return {"config_hash": run_config_hash(cfg), "val_samples": self.manifest.split("val").count,
                 "data": {"train": self.manifest.split_hash("train"), "val": self.manifest.split_hash("val")},
                 "teacher_sha256": teacher, "caches": caches}

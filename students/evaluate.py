@@ -16,6 +16,7 @@ def evaluate(runs: list, eval_loader, ema: bool = False) -> list[dict]:
     models = [run.ema.module if ema else run.task.eval_model for run in runs]
     for model in models:
         model.eval()
+        same_buffers(model, accelerator)
     sums = torch.zeros(len(runs), 3, device=accelerator.device, dtype=torch.float64)  # top-1, top-5 hits, count
     bins = torch.zeros(len(runs), 3, ECE_BINS, device=accelerator.device, dtype=torch.float64)
     for batch in eval_loader:
@@ -32,6 +33,16 @@ def evaluate(runs: list, eval_loader, ema: bool = False) -> list[dict]:
     eces = calibration_error(accelerator.reduce(bins, reduction="sum")).tolist()
     return [{"top1": 100.0 * t1 / max(1.0, n), "top5": 100.0 * t5 / max(1.0, n), "ece": 100.0 * ece,
              "val_samples": int(n)} for (t1, t5, n), ece in zip(sums, eces, strict=True)]
+
+
+def same_buffers(model: torch.nn.Module, accelerator) -> None:
+    """Every rank evaluates the model rank 0 exports: its buffers (BatchNorm statistics) from rank 0. DDP sends
+    them only at the start of each forward, so after a step each rank holds statistics of its own batch, and an
+    EMA of them drifts apart per rank; only rank 0's are saved, so without this a resumed run's evaluation on
+    the other ranks would differ from the uninterrupted run's."""
+    if accelerator.num_processes > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def calibration_bins(logits: torch.Tensor, predicted: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
