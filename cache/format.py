@@ -21,14 +21,9 @@ from pipeline.errors import UserError
 from pipeline.spec import fits, type_name
 
 FORMAT = "ofakd-teacher-cache"
-# 1: the first layout. 2: same arrays, but the recipe record changed meaning (timm's RandAugment, RandomErasing
-# and random interpolation make the views, issue 22): a version-1 store's views would not replay, so it is refused.
-# 3: an optional sampled tail (issue 21: tail_ids, tail_logits, tail_lse, log_z) and the description keys that size
-# it (tail_samples, tail_temperatures, tail_draw_temperature); a version-2 store lacks those keys, so it is refused
-# by version rather than read with a guessed "no samples".
-# 4: values are log-probabilities (logit - lse), in float16 or float32 (value_dtype); the label classes are kept as
-# log-odds, at T = 1 and at every tail temperature (exact 1 - p for confident teachers); optional logit_std and
-# standardized tail temperatures (logit standardization). A version-3 store's values are logits: refused by version.
+# The layout below (ARRAYS, the description, the unit markers) is version FORMAT_VERSION. A change to what any array
+# means, or to the keys a reader needs, takes a new version: a reader refuses every other version by name, rather
+# than reading a store whose values mean something else with a guess.
 FORMAT_VERSION = 4
 UNITS_DIR = "_units"
 INDEX = "index"  # dtype marker: class indices, int16 while C fits it, else int32 (see `index_dtype`)

@@ -1,4 +1,4 @@
-"""The bad-input catalogue and crash behaviour (issue: prove it survives)."""
+"""The bad-input catalogue and crash behaviour: every refusal is one sentence, and a crash leaves nothing trusted."""
 
 import errno
 import io

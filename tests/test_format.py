@@ -117,7 +117,7 @@ def test_a_description_or_marker_of_another_layout_is_refused(store_path, tmp_pa
         CacheDescription.from_attrs({**attrs, "extra": 1})
     with pytest.raises(UserError, match="raw_bytes_per_view"):
         CacheDescription.from_attrs({**attrs, "raw_bytes_per_view": 1})
-    # a marker without fingerprints (as stores once were written) is refused, not read without the check
+    # a marker without fingerprints is refused, not read without the check
     copy = tmp_path / "t.zarr"
     shutil.copytree(store_path, copy)
     marker = copy / "_units" / "shard-000000.json"
