@@ -83,8 +83,8 @@ def table(record: dict) -> str:
     r = record["results"]
     rows = [[x["shard_size"], x["per_decode"], x["views"], x["peak_growth_mb"], x["accounted_mb"]] for x in r["rows"]]
     return (f"Recipe `{r['recipe']}` at {r['view_size']} px, {r['shards']} shards of {r['image_size']} JPEGs; one "
-            "loader process iterating one group of G epochs. No target: the figure the README's advice on shard "
-            "sizes rests on.\n\n"
+            "loader process iterating one group of G epochs. No target: the figure the advice on shard sizes "
+            "(docs/design.md) rests on.\n\n"
             + md_table(["images a shard", "G", "views", "peak RSS growth MB", "TrainViews' stated terms MB"], rows))
 
 

@@ -14,7 +14,7 @@ the step's). The group and the separate runs alternate, round by round, in their
 shared). Besides wall time it records the CPU seconds (user + system) of the processes, which other jobs
 on a shared machine disturb far less than wall time (one thread per process by default, so on an idle
 machine the two agree), and the training loop's own seconds (`train_seconds`: no start-up, no evaluation).
-Target (issue 20): 4 students from one stream take <= 0.75x the wall time of 4 separate runs where the loader
+Target: 4 students from one stream take <= 0.75x the wall time of 4 separate runs where the loader
 is at least a third of a step. Bound: with loader time L and step time S per batch and start-up + eval
 E per process, one stream costs E' + L + N S against N (E + L + S): the saving is the N - 1 loaders (and
 start-ups, and val decodes); it cannot beat (L + N S) / (N (L + S)).

@@ -5,7 +5,7 @@
 Times, interleaved in one process, best of --repeats (wall seconds of `cache_teacher`, set-up included):
 the 2-teacher pass (`--add-teacher`), each teacher's single pass, the views alone (decode + augment,
 `UnitViews`, as the pass builds them) and each teacher's bare inference on those views prebuilt in memory.
-Target (issue 21 item 4): 2-teacher pass <= 1.1 x (views + inference A + inference B); the saving against two
+Target: 2-teacher pass <= 1.1 x (views + inference A + inference B); the saving against two
 single passes is one decode + augment (also reported: 2-teacher pass / (two single passes - views), which keeps
 each teacher's own pass overheads: set-up, summarize, zarr writes). The default teachers are small (timm's test_
 models, random weights) so that decode + augment is a visible share of a pass on CPU. The data is the first

@@ -11,7 +11,7 @@ loop runs; only the task's teacher source changes between variants:
 - ce:      the CE method's task (no heads, no teacher), for reference
 Targets (BRIEF §4): cached / free <= 1.05; the cache's saving over the online teacher within 10% of
 the saving the teacher's forward time predicts; loader with cache / without >= 0.95 (views/s); the
-pixel fingerprint (issue 11) at most 2% of loader time.
+pixel fingerprint at most 2% of loader time.
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ def table(record: dict) -> str:
              f"{r['seconds_per_check_median']:.3g} median"],
             ["training step, s", f"{r['seconds_per_step_best']:.3g} best, {r['seconds_per_step_median']:.3g} median"],
             ["agreement / step (best of each)", r["check_over_step_best"]]]
-    return (f"{r['ranks']} ranks, {r['backend']}; step: {r['step']}. No target: the cost the README states.\n\n"
+    return (f"{r['ranks']} ranks, {r['backend']}; step: {r['step']}. No target: the cost the README's preemption "
+            "section states.\n\n"
             + md_table(["what", "measured"], rows))
 
 

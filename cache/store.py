@@ -1,7 +1,7 @@
 """The zarr v3 teacher cache: creation, durable unit writes and the reading side.
 
-What a store holds (arrays, attributes, unit markers) is defined once in `cache.format` and listed in the
-README's "Cache format reference"; this module only stores and fetches it.
+What a store holds (arrays, attributes, unit markers) is defined once in `cache.format` and listed in
+docs/cache-format.md; this module only stores and fetches it.
 
 A *unit* is one data shard over all cached epochs. Every array is zarr-sharded with shard shape
 [E, samples_per_shard, ...] so that a unit is exactly one zarr shard per array: each writer owns

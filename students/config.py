@@ -89,8 +89,8 @@ class StreamConfig:
     view_epochs: int | None = field(default=None, metadata=in_panel(DATA))
     """Online/ce: cycle the views every N epochs (to match a cache) [default: the cache's epochs]."""
     epochs_per_decode: int = field(default=1, metadata=in_panel(DATA))
-    """Decode each image once for the views of G consecutive (cached) epochs (README, "Several epochs per
-    decode").
+    """Decode each image once for the views of G consecutive (cached) epochs (docs/design.md, "Several epochs
+    per decode").
 
     One stream per group of G epochs, mixed through a shuffle buffer of one shard's views (per loader worker: up
     to 2 shards' views in memory, 1 at G = 1), each view still the teacher's with its own target. Steps per epoch

@@ -260,8 +260,8 @@ def test_a_view_is_a_function_of_recipe_and_seed_and_leaves_the_global_generator
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(here, again, in_worker, strict=True))
 
 
-# CRC-32s of views made by the code before timm's ops came in (issue 22), hard-coded: the presets that use no
-# auto-augment, erasing or random interpolation must keep their pixels. Valid for the pinned library versions
+# CRC-32s of views, hard-coded: the presets that use no auto-augment, erasing or random interpolation must keep
+# their pixels (and so their caches). Valid for the pinned library versions
 # of this environment (torch 2.14.1, torchvision 0.29.1, Pillow 13.0.0, numpy 2.4.6, timm 1.0.31): another
 # torchvision or Pillow may round a resize differently, and then these numbers, not the code, are to update.
 # Per preset: four views of one image mixed (when the preset mixes) with views of another, then the eval view.

@@ -255,6 +255,28 @@ def test_results_readme_is_what_the_committed_records_generate():
         assert md.read_text() == tail_sampling.markdown(json.loads(md.with_suffix(".json").read_text())), md
 
 
+def test_a_scripts_note_opens_its_section_and_a_stray_note_is_refused(tmp_path):
+    """notes/<script>.md is the hand-written narrative of a benchmark: it appears under that script's heading, before
+    its records; a note of a script with no records would be lost silently, so the report refuses it."""
+    record = json.loads((BENCH / "results" / "stop_check.json").read_text())
+    (tmp_path / "stop_check.json").write_text(json.dumps(record))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "stop_check.md").write_text("\nWhat bounds it: the all-reduce's latency.\n\n")
+    text = report.render(tmp_path)
+    section = text.split("## stop_check.py", 1)[1]
+    assert section.index("What bounds it: the all-reduce's latency.") < section.index("### stop_check.json")
+    assert "\n\nWhat bounds it: the all-reduce's latency.\n\n" in section  # a paragraph of its own
+    (tmp_path / "notes" / "fidelity.md").write_text("no fidelity record here")
+    with pytest.raises(SystemExit, match="fidelity"):
+        report.render(tmp_path)
+
+
+def test_every_committed_note_is_in_the_report():
+    text = (BENCH / "results" / "README.md").read_text()
+    for note in sorted((BENCH / "results" / "notes").glob("*.md")):
+        assert note.read_text().strip() in text, note
+
+
 def test_every_script_that_saves_records_draws_them_in_the_report():
     """A script that calls `save` defines `table`, has its place in report.ORDER and has its records checked by a
     smoke run (accuracy.py's: tests/test_bench_accuracy.py)."""

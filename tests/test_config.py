@@ -17,7 +17,7 @@ from students.run import trackers
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
-# every flag of the release before options were grouped (issue 19): users' scripts keep working
+# the stable flags: users' scripts pass them, so each must keep its name
 STABLE_FLAGS = {
     "shards": "--class-names --name --order-seed --overwrite --quiet --shard-size --split",
     "cache-teacher": "--batch-size --checkpoint --config --data --epochs --input-size --model-kwargs --no-overwrite "

@@ -1,4 +1,4 @@
-"""The bad-input catalogue and crash behaviour (issue: prove it survives)."""
+"""The bad-input catalogue and crash behaviour: every refusal is one sentence, and a crash leaves nothing trusted."""
 
 import errno
 import io
@@ -102,7 +102,7 @@ def test_checkpoint_with_another_class_count(tmp_path, small_digits):
     from safetensors.torch import save_file
     ckpt = tmp_path / "hundred.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=100).state_dict(), str(ckpt))
-    # the README promises the mismatching tensor by name
+    # the guarantees (docs/design.md) promise the mismatching tensor by name
     with pytest.raises(UserError, match=r"shape of fc\.weight is \(100, \d+\) in the file, \(10, \d+\) in test_resnet"
                                         r" with 10 classes"):
         cache_teacher(_cfg(small_digits, tmp_path / "c.zarr", checkpoint=ckpt))

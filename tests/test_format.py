@@ -1,4 +1,4 @@
-"""cache/format.py: the records read back exactly what a real store holds, the README is generated from them,
+"""cache/format.py: the records read back exactly what a real store holds, docs/cache-format.md is generated from them,
 and a store of another format version is refused without a byte written."""
 
 import json
@@ -82,12 +82,14 @@ def test_a_request_is_compared_on_the_fields_it_gives_or_on_every_field(store_pa
                                                          f"{d.recipe['mixup_alpha']} != 0.7)"]
 
 
-def test_readme_holds_the_generated_format_reference():
-    readme = (ROOT / "README.md").read_text()
+def test_the_format_page_is_the_generated_reference():
+    page = (ROOT / "docs" / "cache-format.md").read_text()
     ref = format_reference()
-    assert ref in readme, "README's cache format reference is stale: regenerate it with `python -m cache.format`"
+    assert page == ref, "docs/cache-format.md is stale: `python -m cache.format > docs/cache-format.md` regenerates it"
     for a in ARRAYS:
         assert f"| `{a.name}` |" in ref
+    assert "](cache-format.md)" in (ROOT / "docs" / "design.md").read_text()  # the design links the page
+    assert "docs/cache-format.md" in (ROOT / "README.md").read_text()  # and so does the README
 
 
 @pytest.mark.parametrize("version", [FORMAT_VERSION + 1, FORMAT_VERSION - 1])
@@ -117,7 +119,7 @@ def test_a_description_or_marker_of_another_layout_is_refused(store_path, tmp_pa
         CacheDescription.from_attrs({**attrs, "extra": 1})
     with pytest.raises(UserError, match="raw_bytes_per_view"):
         CacheDescription.from_attrs({**attrs, "raw_bytes_per_view": 1})
-    # a marker without fingerprints (as stores once were written) is refused, not read without the check
+    # a marker without fingerprints is refused, not read without the check
     copy = tmp_path / "t.zarr"
     shutil.copytree(store_path, copy)
     marker = copy / "_units" / "shard-000000.json"

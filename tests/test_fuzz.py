@@ -395,7 +395,7 @@ def test_malformed_teacher_class_lists_are_refused_or_map_every_class(tiny, tmp_
 
 def test_a_flag_value_with_a_line_separator_is_quoted_in_the_sentence():
     proc = run_cli("cache-teacher", *REQUIRED["cache-teacher"], "--model-kwargs", "\x1e", "--print-config")
-    assert outcome(proc, "pinned cases", name="'\\x1e'") == "refused"  # was a message split in two lines
+    assert outcome(proc, "pinned cases", name="'\\x1e'") == "refused"  # not a message split in two lines
 
 
 @pytest.mark.parametrize("command,body,needle", [
@@ -407,7 +407,7 @@ def test_a_flag_value_with_a_line_separator_is_quoted_in_the_sentence():
     ("demo", b"epochs: null\n", "cannot be null"),  # None reached a comparison: TypeError
     ("cache-teacher", b"epochs: 3.7\n", "must be an integer"),  # silently 3
     ("train-student", b"gamma: [1, {}]\n", "'loss.gamma'"),  # int({}) TypeError
-    ("cka", b"views:\n  recipe:\n    scale: '0'\n", "scale '0'"),  # found by the explore profile: TypeError
+    ("cka", b"views:\n  recipe:\n    scale: '0'\n", "scale '0'"),  # TypeError
     ("cka", b"views:\n  recipe:\n    mixup_alpha: null\n", "mixup_alpha None"),  # TypeError
 ])
 def test_config_values_the_fuzzer_broke_are_refused_in_one_sentence(tmp_path_factory, command, body, needle):
@@ -419,7 +419,7 @@ def test_damaged_files_the_fuzzer_broke_are_refused_in_one_sentence(tiny, tmp_pa
     data = tmp_path / "data"
     shutil.copytree(tiny / "data", data)
     m = json.loads((data / "dataset.json").read_text())
-    (data / "dataset.json").write_text(json.dumps({**m, "classes": []}))  # was trusted, and extended
+    (data / "dataset.json").write_text(json.dumps({**m, "classes": []}))  # not to be trusted and extended
     assert outcome(run_cli("shards", tiny / "src", data, "--split", "val", "--quiet"), "pinned cases",
                    name="dataset.json") == "refused"
     assert not list(data.glob("val-*"))

@@ -1,4 +1,4 @@
-"""Real teachers (issue 12): timm's pretrained loader (--pretrained, --pretrained-file), the teacher's own
+"""Real teachers: timm's pretrained loader (--pretrained, --pretrained-file), the teacher's own
 label space (--teacher-classes) and fine-tuning (train-student --pretrained).
 
 Nothing is downloaded: a timm model's weights are saved to a file and loaded through --pretrained-file,
