@@ -1,4 +1,5 @@
 import hashlib
+import importlib
 import io
 import os
 import subprocess
@@ -15,14 +16,35 @@ from tests.support.runner import ROOT, run_cli, run_cli_process
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+REQUIRE_ALL = "OFAKD_REQUIRE_ALL"  # set by .ci/run: nothing a test needs may be missing there
+
+
 def need_shared(path: Path) -> Path:
     """A file of ../shared/data (the real datasets): skip when it is absent, unless OFAKD_REQUIRE_SHARED_DATA=1
-    (set by .ci/run, where shared/ lies beside the clone), which turns the skip into a failure."""
+    or OFAKD_REQUIRE_ALL=1 (set by .ci/run, where shared/ lies beside the clone), which turn the skip into a
+    failure."""
     if not path.is_file():
-        if os.environ.get("OFAKD_REQUIRE_SHARED_DATA") == "1":
-            pytest.fail(f"{path} is absent but OFAKD_REQUIRE_SHARED_DATA=1: put shared/data beside the checkout")
+        for switch in ("OFAKD_REQUIRE_SHARED_DATA", REQUIRE_ALL):
+            if os.environ.get(switch) == "1":
+                pytest.fail(f"{path} is absent but {switch}=1: put shared/data beside the checkout")
         pytest.skip(f"{path} is absent")
     return path
+
+
+def need(what: str, why: str, fix: str) -> None:
+    """Skip this test (or module) because `what` is missing here (`why`), unless OFAKD_REQUIRE_ALL=1 (.ci/run),
+    where the run fails instead: a CI that lost a component cannot pass by skipping the tests that use it."""
+    if os.environ.get(REQUIRE_ALL) == "1":
+        pytest.fail(f"{what} is missing ({why}) but {REQUIRE_ALL}=1: {fix}", pytrace=False)
+    pytest.skip(f"{what} is missing ({why})", allow_module_level=True)
+
+
+def need_module(name: str):
+    """The imported module `name` (a dev dependency: moto, s3fs, tensorboard), or `need`'s skip or failure."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        need(f"the module {name}", str(e), "install the dev extra (`make setup`)")
 
 __all__ = ["ROOT", "free_port", "launch_cmd", "launch_env", "run_cli", "run_cli_process"]
 
