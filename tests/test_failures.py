@@ -14,7 +14,7 @@ from cache.format import NAMES
 from cache.store import CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
-from conftest import ROOT, make_image_folder, run_cli
+from conftest import ROOT, launch_cmd, launch_env, make_image_folder, run_cli
 from pipeline.errors import UserError
 from pipeline.manifest import sha256_file
 from pipeline.shards import make_shards
@@ -139,9 +139,37 @@ def test_skip_policy_records_skipped_samples_and_training_excludes_them(tmp_path
     store = CacheStore(out)
     store.check_complete()
     assert store.skipped() == {key}
-    p = run_cli("train-student", "--data", data, "--student", "test_resnet", "--method", "kd", "--cache", out,
-                "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path / "run", "--quiet", check=True)
-    assert "top1" in p.stdout
+    _trains_without(data, out, key, tmp_path)
+
+
+def _trains_without(data, store_path, key: int, tmp_path) -> None:
+    """train-student from a store that skipped sample `key` (tests/support/probe_cli.py records every batch it
+    steps on): every other sample is a view of every epoch (35 of them: 5 whole batches of 7, none dropped),
+    `key` of none (nor a mix partner), and each view's joined targets are its own row of the store."""
+    import torch
+
+    from cache.format import NAMES
+    probe = tmp_path / "probe"
+    p = subprocess.run(launch_cmd(1, ROOT / "tests" / "support" / "probe_cli.py", "train-student", "--data", data,
+                                  "--student", "test_resnet", "--method", "kd", "--cache", store_path, "--epochs", 2,
+                                  "--batch-size", 7, "--workers", 0, "--out", tmp_path / "run", "--quiet"),
+                       capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env=launch_env({"PROBE_DIR": str(probe), "PROBE_BATCHES": "1"}))
+    assert p.returncode == 0 and "top1" in p.stdout, p.stderr[-3000:]
+    store = CacheStore(store_path)
+    rows = {n: store.read_all(n) for n in NAMES}
+    n = store.description.dataset.num_samples
+    batches = torch.load(probe / "batches-0.pt")
+    for epoch in (0, 1):
+        seen = [b for b in batches if b["epoch"] == epoch]
+        index = torch.cat([b["index"] for b in seen]).tolist()
+        assert sorted(index) == sorted(set(range(n)) - {key}), (epoch, sorted(index))  # each once, `key` never
+        if "partner" in seen[0]:
+            assert key not in torch.cat([b["partner"] for b in seen]).tolist()
+        for b in seen:  # the join: row (cached epoch, index) of the store, exactly
+            i = b["index"].numpy()
+            assert np.array_equal(b["t_values"].numpy(), rows["topk_values"][epoch % store.epochs, i].astype(
+                np.float32)) and np.array_equal(b["t_indices"].numpy(), rows["topk_indices"][epoch % store.epochs, i])
 
 
 @pytest.mark.slow
