@@ -88,6 +88,29 @@ def launch_cli(n: int, *args, timeout=600, env=None) -> subprocess.CompletedProc
                           env=launch_env(env), cwd=ROOT)
 
 
+PROBE = ROOT / "tests" / "support" / "probe_cli.py"
+
+
+def probe_batches(probe: Path, *args, env=None, timeout=600) -> list[dict]:
+    """Run the CLI as one process under tests/support/probe_cli.py (PROBE_BATCHES=1) and return every batch it
+    stepped on (views, labels, indices, the first cache's joined targets), in order; the run must succeed."""
+    import torch
+    p = subprocess.run(launch_cmd(1, PROBE, *args), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                       env=launch_env({"PROBE_DIR": str(probe), "PROBE_BATCHES": "1", **(env or {})}))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return torch.load(probe / "batches-0.pt")
+
+
+def stored_targets(store_path, epoch: int, index):
+    """The cached teacher rows of samples `index` [B] in training epoch `epoch` (cached epoch epoch mod E), read
+    straight from the store's arrays, as cache.targets.TeacherTargets of [B, ...]."""
+    from cache.store import CacheStore
+    from cache.targets import TeacherTargets
+    store = CacheStore(store_path)
+    rows = {n: store.read_all(n)[epoch % store.epochs, index] for n in store.held_names}
+    return TeacherTargets.from_arrays(rows, len(store.description.tail_temperatures))
+
+
 def make_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class=7, size=(20, 16), seed=0) -> Path:
     """A small ImageFolder tree with real JPEG and PNG files of random content."""
     rng = np.random.default_rng(seed)

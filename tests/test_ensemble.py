@@ -33,29 +33,18 @@ def test_train_student_distils_from_two_caches(small_digits, small_store, second
     """One step of KD (--w-ce 0) from two caches, mixed as probabilities at T = 4 with weights 1:2: the loss the run
     reports is KD on the batch it stepped on (tests/support/probe_cli.py records it) against the teachers' mixture
     made by hand from each store's rows (their top-k reconstructions), for the student at its initial weights."""
-    import subprocess
-
-    from cache.format import NAMES
-    from cache.store import CacheStore
-    from cache.targets import TeacherTargets
-    from conftest import ROOT, launch_cmd, launch_env
+    from conftest import probe_batches, stored_targets
     from pipeline.augment import get_recipe
     from pipeline.models import create_model, model_input
     from students.losses import kd_loss
-    probe, out = tmp_path / "probe", tmp_path / "ens"
-    p = subprocess.run(launch_cmd(1, ROOT / "tests" / "support" / "probe_cli.py", "train-student", "--data",
-                                  small_digits, "--student", "test_resnet", "--epochs", 1, "--batch-size", 32,
-                                  "--workers", 0, "--max-steps-per-epoch", 1, "--quiet", "--method", "kd", "--w-ce", 0,
-                                  "--cache", small_store, "--cache", second_store, "--teacher-weights", "1,2",
-                                  "--ensemble", "prob", "--out", out),
-                       capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env=launch_env({"PROBE_DIR": str(probe), "PROBE_BATCHES": "1"}))
-    assert p.returncode == 0, p.stderr[-3000:]
-    (b,) = torch.load(probe / "batches-0.pt")
-    zs = []
-    for store in (CacheStore(small_store), CacheStore(second_store)):  # each teacher's logits, as one cache gives them
-        rows = {n: store.read_all(n)[0, b["index"].numpy()] for n in NAMES}
-        zs.append(TeacherTargets.from_arrays(rows).logits(b["label"], b["partner_label"], 10))
+    out = tmp_path / "ens"
+    (b,) = probe_batches(tmp_path / "probe", "train-student", "--data", small_digits, "--student", "test_resnet",
+                         "--epochs", 1, "--batch-size", 32, "--workers", 0, "--max-steps-per-epoch", 1, "--quiet",
+                         "--method", "kd", "--w-ce", 0, "--cache", small_store, "--cache", second_store,
+                         "--teacher-weights", "1,2", "--ensemble", "prob", "--out", out)
+    # each teacher's logits as one cache gives them
+    zs = [stored_targets(s, 0, b["index"].numpy()).logits(b["label"], b["partner_label"], 10)
+          for s in (small_store, second_store)]
     T = 4.0
     mixed = T * torch.log(torch.softmax(zs[0] / T, 1) / 3 + 2 * torch.softmax(zs[1] / T, 1) / 3)
     student = create_model("test_resnet", 10, role="student", init_seed=0).train()

@@ -14,7 +14,7 @@ from cache.format import NAMES
 from cache.store import CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
-from conftest import ROOT, launch_cmd, launch_env, make_image_folder, run_cli
+from conftest import ROOT, make_image_folder, probe_batches, run_cli, stored_targets
 from pipeline.errors import UserError
 from pipeline.manifest import sha256_file
 from pipeline.shards import make_shards
@@ -147,19 +147,10 @@ def _trains_without(data, store_path, key: int, tmp_path) -> None:
     steps on): every other sample is a view of every epoch (35 of them: 5 whole batches of 7, none dropped),
     `key` of none (nor a mix partner), and each view's joined targets are its own row of the store."""
     import torch
-
-    from cache.format import NAMES
-    probe = tmp_path / "probe"
-    p = subprocess.run(launch_cmd(1, ROOT / "tests" / "support" / "probe_cli.py", "train-student", "--data", data,
-                                  "--student", "test_resnet", "--method", "kd", "--cache", store_path, "--epochs", 2,
-                                  "--batch-size", 7, "--workers", 0, "--out", tmp_path / "run", "--quiet"),
-                       capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env=launch_env({"PROBE_DIR": str(probe), "PROBE_BATCHES": "1"}))
-    assert p.returncode == 0 and "top1" in p.stdout, p.stderr[-3000:]
-    store = CacheStore(store_path)
-    rows = {n: store.read_all(n) for n in NAMES}
-    n = store.description.dataset.num_samples
-    batches = torch.load(probe / "batches-0.pt")
+    batches = probe_batches(tmp_path / "probe", "train-student", "--data", data, "--student", "test_resnet",
+                            "--method", "kd", "--cache", store_path, "--epochs", 2, "--batch-size", 7, "--workers", 0,
+                            "--out", tmp_path / "run", "--quiet")
+    n = CacheStore(store_path).description.dataset.num_samples
     for epoch in (0, 1):
         seen = [b for b in batches if b["epoch"] == epoch]
         index = torch.cat([b["index"] for b in seen]).tolist()
@@ -167,9 +158,9 @@ def _trains_without(data, store_path, key: int, tmp_path) -> None:
         if "partner" in seen[0]:
             assert key not in torch.cat([b["partner"] for b in seen]).tolist()
         for b in seen:  # the join: row (cached epoch, index) of the store, exactly
-            i = b["index"].numpy()
-            assert np.array_equal(b["t_values"].numpy(), rows["topk_values"][epoch % store.epochs, i].astype(
-                np.float32)) and np.array_equal(b["t_indices"].numpy(), rows["topk_indices"][epoch % store.epochs, i])
+            t = stored_targets(store_path, epoch, b["index"].numpy())
+            assert torch.equal(b["t_values"], t.values) and torch.equal(b["t_indices"], t.indices)
+            assert torch.equal(b["t_lse"], t.lse) and torch.equal(b["t_label_logits"], t.label_logits)
 
 
 @pytest.mark.slow
