@@ -166,7 +166,7 @@ class FaultProxy:
             _reset(client)
             return
         answered, drop = True, False  # answered: the server has sent something since the client's last request
-        stall = 0.0  # seconds to hold the answer to the request under way
+        stall, went_on = 0.0, False  # seconds to hold the answer to the request under way; its "go on" sent
         with self._lock:
             self._active.add(client)
         try:
@@ -177,6 +177,7 @@ class FaultProxy:
                     if not data:
                         break
                     if answered:  # a new request: count it, fire due faults, pay the latency once
+                        went_on = False  # no "100 Continue" relayed for it yet
                         line = data.split(b"\r\n", 1)[0][:200]
                         self._new_request(line)
                         if self.trace is not None:
@@ -197,8 +198,12 @@ class FaultProxy:
                     data = server.recv(1 << 16)
                     if not data:
                         break
-                    if not answered and data.startswith(b"HTTP/1.1 100 "):  # "go on" to a client that asked
-                        client.sendall(data)  # (Expect: 100-continue): the request's body follows, not a new one
+                    while not answered and data.startswith(b"HTTP/1.1 100 "):  # "go on" to a client that sent
+                        interim, sep, data = data.partition(b"\r\n\r\n")  # Expect: 100-continue: its body follows,
+                        if not went_on:  # not a new request. Only the first: moto's server sends two, which
+                            client.sendall(interim + sep)  # aiohttp takes for the answer when apart (and then
+                        went_on = True  # no read timeout applies to the real one)
+                    if not data:
                         continue
                     if not answered and stall:  # the answer is ready: hold it
                         time.sleep(stall)
