@@ -25,7 +25,7 @@ BATCH ?= 64
 RUN ?= runs/student
 ARGS ?=
 
-.PHONY: setup test lint shards cache-teacher inspect-cache train-student demo cka bench bench-report gpu-smoke chaos clean
+.PHONY: setup test fuzz lint shards cache-teacher inspect-cache train-student demo cka bench bench-report gpu-smoke chaos clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ $(STAMP): pyproject.toml
 # `$(PY) -m pytest -m "not slow"` alone is the fast tier
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the property-based tests (tests/test_fuzz.py) in the random exploring profile: 20x the examples, new ones each
+# run, failures kept in .hypothesis/ and replayed first next time (tests/support/fuzz.py); `make test` runs the
+# derandomized CI profile
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q tests/test_fuzz.py $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

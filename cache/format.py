@@ -240,6 +240,7 @@ class CacheRequest:
 
 def _show(v) -> str:
     s = json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else str(v)
+    s = s if s.isprintable() else repr(s)  # a line separator or control character would break the sentence
     return s if len(s) <= 60 else s[:57] + "..."
 
 

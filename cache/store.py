@@ -126,7 +126,11 @@ class CacheStore:
             if self.loc.is_url and name in self._meta:
                 arr = zarr.Array(AsyncArray.from_dict(StorePath(self._zarr_store(), name), self._meta[name]))
             else:
-                arr = self.loc._call(self._open().__getitem__, name)
+                try:
+                    arr = self.loc._call(self._open().__getitem__, name)
+                except KeyError:  # zarr's "no such node": the array's metadata, or the group's, is damaged
+                    raise UserError(f"cache {self.path} has no readable array {name}: it is damaged; rebuild it "
+                                    f"(`cli.py cache-teacher ... --overwrite`)") from None
                 self._meta[name] = arr.metadata.to_dict()
             d = self.description
             spec = next(a for a in ARRAYS if a.name == name)

@@ -337,7 +337,7 @@ PRESETS: dict[str, Recipe] = {
 
 def get_recipe(name: str, input_size: int | None = None) -> Recipe:
     if name not in PRESETS:
-        raise UserError(f"unknown recipe '{name}'; choose one of: {', '.join(PRESETS)}")
+        raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(PRESETS)}")
     r = PRESETS[name]
     return dataclasses.replace(r, input_size=input_size) if input_size else r
 

@@ -213,6 +213,9 @@ class ShardReader:
                         if img_key is None or "cls" not in raw:
                             raise ValueError("missing image or .cls member")
                         label = int(raw["cls"])
+                        if not 0 <= label < self.manifest.num_classes:  # a dataset.json that lost classes
+                            raise ValueError(f"label {label} outside the {self.manifest.num_classes} classes of "
+                                             f"{self.root / 'dataset.json'}")
                         size = image_size(raw[img_key])  # the header; pixels are decoded for the view
                     except Exception as e:  # decoding errors come in many types; policy decides
                         self._fail(path, key, str(e))

@@ -71,6 +71,16 @@ TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "Service Unavailable",
                   "InternalError", "RequestTimeout", "Throttl")
 
 
+TRANSIENT_STATUS = {429, 500, 502, 503, 504}  # too many requests, and the server errors a store recovers from
+
+
+def _http_status(e: BaseException) -> int | None:
+    """The HTTP status of a failed request's answer, where the client's exception carries it (botocore)."""
+    response = getattr(e, "response", None)
+    meta = response.get("ResponseMetadata", {}) if isinstance(response, dict) else {}
+    return meta.get("HTTPStatusCode") if isinstance(meta, dict) else None
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     retries: int = 6  # after the first try
@@ -102,6 +112,8 @@ def is_transient(e: BaseException) -> bool:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in TRANSIENT_TYPES:
+            return True
+        if _http_status(e) in TRANSIENT_STATUS:  # an answer without a body names no code (HEAD): its status does
             return True
         if any(t in str(e) for t in TRANSIENT_TEXT):
             return True

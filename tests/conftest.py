@@ -1,8 +1,12 @@
 import hashlib
+import importlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +19,35 @@ from tests.support.runner import ROOT, run_cli, run_cli_process
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+REQUIRE_ALL = "OFAKD_REQUIRE_ALL"  # set by .ci/run: nothing a test needs may be missing there
+
+
 def need_shared(path: Path) -> Path:
     """A file of ../shared/data (the real datasets): skip when it is absent, unless OFAKD_REQUIRE_SHARED_DATA=1
-    (set by .ci/run, where shared/ lies beside the clone), which turns the skip into a failure."""
+    or OFAKD_REQUIRE_ALL=1 (set by .ci/run, where shared/ lies beside the clone), which turn the skip into a
+    failure."""
     if not path.is_file():
-        if os.environ.get("OFAKD_REQUIRE_SHARED_DATA") == "1":
-            pytest.fail(f"{path} is absent but OFAKD_REQUIRE_SHARED_DATA=1: put shared/data beside the checkout")
+        for switch in ("OFAKD_REQUIRE_SHARED_DATA", REQUIRE_ALL):
+            if os.environ.get(switch) == "1":
+                pytest.fail(f"{path} is absent but {switch}=1: put shared/data beside the checkout")
         pytest.skip(f"{path} is absent")
     return path
+
+
+def need(what: str, why: str, fix: str) -> None:
+    """Skip this test (or module) because `what` is missing here (`why`), unless OFAKD_REQUIRE_ALL=1 (.ci/run),
+    where the run fails instead: a CI that lost a component cannot pass by skipping the tests that use it."""
+    if os.environ.get(REQUIRE_ALL) == "1":
+        pytest.fail(f"{what} is missing ({why}) but {REQUIRE_ALL}=1: {fix}", pytrace=False)
+    pytest.skip(f"{what} is missing ({why})", allow_module_level=True)
+
+
+def need_module(name: str):
+    """The imported module `name` (a dev dependency: moto, s3fs, tensorboard), or `need`'s skip or failure."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        need(f"the module {name}", str(e), "install the dev extra (`make setup`)")
 
 __all__ = ["ROOT", "free_port", "launch_cmd", "launch_env", "run_cli", "run_cli_process"]
 
@@ -64,6 +89,92 @@ def launch_cli(n: int, *args, timeout=600, env=None) -> subprocess.CompletedProc
     """The real CLI on n real CPU ranks (tests/support/launch.py: torchrun with ACCELERATE_USE_CPU)."""
     return subprocess.run(launch_cmd(n, ROOT / "cli.py", *args), capture_output=True, text=True, timeout=timeout,
                           env=launch_env(env), cwd=ROOT)
+
+
+PROBE = ROOT / "tests" / "support" / "probe_cli.py"
+
+
+def probe_batches(probe: Path, *args, env=None, timeout=600) -> list[dict]:
+    """Run the CLI as one process under tests/support/probe_cli.py (PROBE_BATCHES=1) and return every batch it
+    stepped on (views, labels, indices, the first cache's joined targets), in order; the run must succeed."""
+    import torch
+    p = subprocess.run(launch_cmd(1, PROBE, *args), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                       env=launch_env({"PROBE_DIR": str(probe), "PROBE_BATCHES": "1", **(env or {})}))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return torch.load(probe / "batches-0.pt")
+
+
+def stored_targets(store_path, epoch: int, index):
+    """The cached teacher rows of samples `index` [B] in training epoch `epoch` (cached epoch epoch mod E), read
+    straight from the store's arrays, as cache.targets.TeacherTargets of [B, ...]."""
+    from cache.store import CacheStore
+    from cache.targets import TeacherTargets
+    store = CacheStore(store_path)
+    rows = {n: store.read_all(n)[epoch % store.epochs, index] for n in store.held_names}
+    return TeacherTargets.from_arrays(rows, len(store.description.tail_temperatures))
+
+
+def units_written(store: Path) -> dict[int, int]:
+    """unit -> how many of a local store's arrays hold a chunk for it (zarr 3 keys `<array>/c/0/<unit>...`; a
+    `.partial` file, a write a kill cut short, is not a chunk)."""
+    counts: dict[int, int] = {}
+    for grid in (store.glob("*/c/0") if store.is_dir() else ()):
+        for entry in grid.iterdir():
+            if entry.name.isdigit():
+                counts[int(entry.name)] = counts.get(int(entry.name), 0) + 1
+    return counts
+
+
+def marked_units(store: Path) -> set[int]:
+    """The units a local store marks complete (`_units/shard-<unit>.json`)."""
+    return {int(p.stem.split("-")[1]) for p in store.glob("_units/shard-*.json")}
+
+
+def kill_inside_a_unit(args, stores, after: int = 0, slow: float = 0.1, timeout: float = 240) -> dict[Path, set[int]]:
+    """Run `cli.py ARGS` as a real process (tests/support/chaos_cli.py: each zarr array write then sleeps `slow` s,
+    which widens the window) and SIGKILL it, with no notice, as soon as one of `stores` has a unit with data
+    written and no completion marker, once the first store marks `after` units complete. Returns each store's
+    torn units (data written, no marker) after the kill."""
+    import torch
+
+    def torn() -> dict[Path, set[int]]:
+        return {s: set(units_written(s)) - marked_units(s) for s in stores}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OFAKD_CHAOS_SLOW_WRITES": str(slow),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # a reference made in this process: same kernels
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "support" / "chaos_cli.py"), *map(str, args)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        while len(marked_units(stores[0])) < after or not any(torn().values()):
+            assert proc.poll() is None, f"the run ended before a kill point: {proc.stderr.read().decode()[-3000:]}"
+            assert time.monotonic() - t0 < timeout, "no unit write began in time"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    after = torn()
+    assert any(after.values()), "the kill landed between units"
+    return after
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: int):
+    """A tmpfs of `size` bytes (whole 4 KiB pages) mounted at `path` for the block: a disk that fills up for real
+    (ENOSPC). Yields a function that resizes it (`mount -o remount`: space freed). Mounting needs root: elsewhere
+    the test skips, or fails under OFAKD_REQUIRE_ALL=1 (`need`)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                           text=True) if os.geteuid() == 0 else None
+    if mount is None or mount.returncode != 0:
+        need("a tmpfs to fill", mount.stderr.strip() if mount else "mounting one needs root",
+             "run the suite as root, as CI does")
+    try:
+        yield lambda n: subprocess.run(["mount", "-o", f"remount,size={n}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class=7, size=(20, 16), seed=0) -> Path:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import cli
 from commands.options import field_docs, flags_of
-from conftest import ROOT, run_cli
+from conftest import ROOT, need_module, run_cli
 from students.config import OptimConfig, RunConfig, ScheduleConfig, StreamConfig
 from students.run import trackers
 
@@ -158,13 +158,23 @@ def test_log_with_a_missing_tracker_is_refused(monkeypatch):
 
 
 @pytest.mark.slow
-def test_log_with_tensorboard_writes_event_files(digits, tmp_path):
-    pytest.importorskip("tensorboard")
+def test_log_with_tensorboard_logs_every_epoch_metric(digits, tmp_path):
+    """The event file, read back by TensorBoard's own reader, holds each epoch's metrics at its epoch."""
+    need_module("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "tb"
     run_cli("train-student", "--data", digits, "--student", "test_resnet", "--method", "ce", "--recipe", "digits",
-            "--epochs", 1, "--max-steps-per-epoch", 2, "--batch-size", 32, "--workers", 0, "--quiet",
+            "--epochs", 2, "--max-steps-per-epoch", 2, "--batch-size", 32, "--workers", 0, "--quiet",
             "--log-with", "tensorboard", "--out", out, check=True)
-    assert list(out.rglob("events.out.tfevents.*"))
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # accelerate's folder: the run's name
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    logged = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    want = {k for m in history for k, v in m.items() if isinstance(v, int | float)}
+    assert set(logged) == want and {"train/loss", "top1", "lr", "ece"} <= want, (sorted(logged), sorted(want))
+    for tag, points in logged.items():  # float32 in the file
+        assert points == [(m["epoch"], pytest.approx(m[tag], rel=1e-6, abs=1e-6)) for m in history], tag
     assert (out / "metrics.csv").is_file()
 
 

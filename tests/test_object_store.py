@@ -20,15 +20,15 @@ from cache.inspect import inspect_cache, verify_cache
 from cache.store import CacheStore
 from cache.teacher_pass import CacheConfig, cache_teacher
 from commands.options import build
-from conftest import ROOT, SMALL_STORE, launch_cli, run_cli
+from conftest import ROOT, SMALL_STORE, launch_cli, need_module, refused, run_cli
 from pipeline.errors import UserError
 from pipeline.location import Location
 from pipeline.reader import ShardReader
 from pipeline.shards import digits_source, write_split
 from tests.support.faultproxy import FaultProxy
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto")
+need_module("s3fs")
+need_module("moto.server")
 
 RECIPE = SMALL_STORE["recipe"]  # "digits-mix"
 TEACHER = ["--teacher", "test_resnet", "--recipe", RECIPE, "--epochs", "2", "--topk", "4", "--batch-size", "40",
@@ -403,14 +403,6 @@ def test_training_from_the_bucket_ends_with_the_same_weights_as_from_local_disk(
 
 # ----------------------------------------------------------------------------------------- bad inputs
 
-def _one_sentence(p: subprocess.CompletedProcess, *needles: str) -> None:
-    assert p.returncode != 0
-    err = p.stderr.strip()
-    assert "Traceback" not in err, err[-3000:]
-    for n in needles:
-        assert n in err, err[-3000:]
-
-
 def test_a_protocol_without_its_client_names_the_extra(tmp_path):
     with pytest.raises(UserError, match=r"pip install ofakd-cache\[gcs\]"):
         Location("gs://some-bucket/data")  # gcsfs is not a dev dependency
@@ -419,7 +411,7 @@ def test_a_protocol_without_its_client_names_the_extra(tmp_path):
     p = subprocess.run([sys.executable, "-c", code, "shards", "digits", "s3://any-bucket/data", "--quiet"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    _one_sentence(p, "s3://any-bucket/data", "pip install ofakd-cache[s3]")
+    refused(p, "s3://any-bucket/data", "pip install ofakd-cache[s3]")
 
 
 def test_missing_bucket_and_missing_credentials_are_one_sentence_and_write_nothing(small_digits, bucket, s3_env,
@@ -437,7 +429,7 @@ def test_missing_bucket_and_missing_credentials_are_one_sentence_and_write_nothi
     p = subprocess.run([sys.executable, str(ROOT / "cli.py"), "cache-teacher", "--data", f"{bucket}/data", "--out",
                         f"{bucket}/teacher.zarr", *TEACHER], capture_output=True, text=True, timeout=300,
                        env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-    _one_sentence(p, "no credentials", "AWS_ACCESS_KEY_ID")
+    refused(p, "no credentials", "AWS_ACCESS_KEY_ID")
     assert not Location(f"{bucket}/teacher.zarr").exists()  # nothing created, nothing marked
 
 
@@ -465,7 +457,7 @@ def test_an_outage_past_the_retry_bound_stops_in_one_sentence_and_the_rerun_comp
     short = {"OFAKD_STORE_RETRIES": "2", "OFAKD_STORE_BACKOFF": "0.1"}  # gives up after 0.3 s
     proxy.at_request(2, lambda: proxy.refuse_for(4), match=b"_units/shard-")  # at the second unit's marker
     p = run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy, **short))
-    _one_sentence(p, f"storage {bucket} did not answer", "3 tries", "OFAKD_STORE_RETRIES")
+    refused(p, f"storage {bucket} did not answer", "3 tries", "OFAKD_STORE_RETRIES")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 2, p.stderr  # the warning, the error
     time.sleep(4)
     assert 1 <= len(CacheStore(out).done_units()) < 6  # stopped mid-pass: the unmarked units are redone
@@ -476,8 +468,74 @@ def test_an_outage_past_the_retry_bound_stops_in_one_sentence_and_the_rerun_comp
     proxy.at_request(1, lambda: proxy.refuse_for(4), match=b".tar ")  # the first shard read
     p = run_cli("train-student", "--data", data, "--cache", out, "--out", tmp_path / "run", "--student", "test_resnet",
                 "--method", "kd", "--epochs", "1", "--workers", "1", "--quiet", env=proxy_env(proxy, **short))
-    _one_sentence(p, f"storage {bucket} did not answer")
+    refused(p, f"storage {bucket} did not answer")
     assert p.returncode == 2 and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def _read_timeout(monkeypatch, seconds: float) -> None:
+    """The S3 client's read timeout, set where a user sets it: fsspec's configuration of the s3 protocol (what
+    FSSPEC_S3='{"config_kwargs": {"read_timeout": ...}}' fills), which every client made from now on reads."""
+    import fsspec
+    s3 = fsspec.config.conf.get("s3", {})
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**s3, "config_kwargs": {**s3.get("config_kwargs", {}),
+                                                                         "read_timeout": seconds}})
+
+
+def test_server_errors_and_throttling_are_retried_by_their_status_not_found_and_denied_are_not():
+    """A HEAD's error answer has no body, so botocore names no code (it says "500"): the status decides."""
+    from botocore.exceptions import ClientError
+
+    from pipeline.location import is_transient
+
+    def answer(status: int, code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                           "HeadObject")
+    assert not is_transient(OSError(5, "opaque"))
+    for status in (429, 500, 502, 503, 504):
+        wrapped = OSError(5, "opaque")
+        wrapped.__cause__ = answer(status, str(status))  # as s3fs hands it on
+        assert is_transient(answer(status, str(status))) and is_transient(wrapped), status
+    assert not any(is_transient(answer(status, str(status))) for status in (400, 403, 404))
+
+
+FAST_RETRIES = {"OFAKD_STORE_BACKOFF": "0.05"}  # 0.05, 0.1, 0.2, ... s between tries: faults cost little time
+
+
+@pytest.mark.slow
+def test_teacher_pass_rides_through_http_faults_to_the_clean_store(small_digits, local_ref, bucket, proxy,
+                                                                  monkeypatch):
+    """The store answers some requests itself as S3 does when it throttles or fails (503 SlowDown, bursts of 500
+    InternalError) and holds one write's and one read's answer past the client's read timeout (1 s): the pass
+    retries them and ends with the clean store, bit for bit."""
+    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    out = f"{bucket}/teacher.zarr"
+    _read_timeout(monkeypatch, 1.0)
+    proxy.trace = []
+    proxy.fail_next(2, 503, "SlowDown", match=b"PUT ")  # the store's first writes: its metadata
+    proxy.at_request(1, lambda: proxy.fail_next(3, 500, "InternalError", match=b"PUT "), match=b"/c/0/1")  # unit 1
+    proxy.at_request(3, lambda: proxy.stall_next(1, 3.0), match=b"PUT /" + out.split("/")[2].encode())
+    proxy.at_request(1, lambda: proxy.fail_next(2, 503, "SlowDown"), match=b".tar ")  # the first shard read
+    proxy.at_request(3, lambda: proxy.fail_next(3, 500, "InternalError"), match=b".tar ")
+    proxy.at_request(5, lambda: proxy.stall_next(1, 3.0), match=b".tar ")
+    p = run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy, **FAST_RETRIES))
+    assert p.returncode == 0, p.stderr[-3000:]
+    _all_retried(proxy, fails=2 + 3 + 2 + 3, stalls=2)
+    assert _warnings(p.stderr), p.stderr
+    _assert_same_store(out, local_ref)
+
+
+def _all_retried(proxy, fails: int, stalls: int) -> None:
+    """The proxy injected these HTTP faults, on reads (GET, HEAD) and writes (PUT) both, and each faulted request
+    was sent again after its fault (a retry; `proxy.trace` holds every request line in order)."""
+    kinds = [k for k, _ in proxy.faulted]
+    assert (kinds.count("fail"), kinds.count("stall")) == (fails, stalls), proxy.faulted
+    methods = {line.split(b" ")[0] for _, line in proxy.faulted}
+    assert b"PUT" in methods and methods & {b"GET", b"HEAD"}, proxy.faulted
+    lines = [line for _, line in proxy.trace]
+    for _, line in proxy.faulted:
+        at = lines.index(line)
+        assert line in lines[at + 1:], f"{line} was not retried"
+        lines[at] = None  # the next fault of the same request line is matched with its next occurrence
 
 
 class _FailingStream(torch.utils.data.IterableDataset):
@@ -495,8 +553,11 @@ def test_a_user_error_in_a_data_loader_worker_stays_one_sentence():
 
 
 @pytest.mark.slow
-def test_training_through_dropped_connections_ends_with_the_clean_runs_weights(small_digits, local_ref, bucket,
-                                                                               proxy, tmp_path):
+def test_training_through_dropped_connections_and_http_faults_ends_with_the_clean_runs_weights(
+        small_digits, local_ref, bucket, proxy, tmp_path, monkeypatch):
+    """Answers cut mid-stream, reads answered 503 SlowDown and bursts of 500 InternalError by the store, and reads
+    held past the client's read timeout (1 s), in the main process and in the data-loader worker: the run
+    retries through them all and ends with the weights of the same run from local disk."""
     from safetensors.numpy import load_file
     data = _upload_small_digits(small_digits, f"{bucket}/data")
     out = _upload_store(local_ref, f"{bucket}/teacher.zarr")
@@ -504,11 +565,21 @@ def test_training_through_dropped_connections_ends_with_the_clean_runs_weights(s
             "--batch-size", "16", "--workers", "1", "--mixed-precision", "no", "--quiet"]
     run_cli("train-student", "--data", small_digits, "--cache", local_ref, "--out", tmp_path / "clean", *args,
             check=True)
+    _read_timeout(monkeypatch, 1.0)
+    proxy.trace = []
     for n in (10, 25, 40, 60):  # answers cut mid-stream: shard reads, cache reads, metadata
         proxy.at_request(n, lambda: proxy.drop_next(2))
-    p = run_cli("train-student", "--data", data, "--cache", out, "--out", tmp_path / "s3", *args, env=proxy_env(proxy))
+    proxy.at_request(1, lambda: proxy.fail_next(2, 503, "SlowDown"), match=b".tar ")  # the first shard read
+    proxy.at_request(2, lambda: proxy.fail_next(3, 500, "InternalError"), match=b"/teacher.zarr/topk_values/c/")
+    proxy.at_request(3, lambda: proxy.stall_next(1, 3.0), match=b"/teacher.zarr/")
+    proxy.at_request(2, lambda: proxy.stall_next(1, 3.0), match=b".tar ")
+    proxy.at_request(1, lambda: proxy.fail_next(1, 503, "SlowDown"), match=b"HEAD ")
+    p = run_cli("train-student", "--data", data, "--cache", out, "--out", tmp_path / "s3", *args,
+                env=proxy_env(proxy, **FAST_RETRIES))
     assert p.returncode == 0, p.stderr[-3000:]
     assert proxy.dropped >= 4, proxy.dropped
-    assert _warnings(p.stderr), p.stderr  # the drops reached our retries (aiohttp retries some by itself)
+    assert _warnings(p.stderr), p.stderr  # the faults reached our retries (aiohttp retries some drops by itself)
+    kinds = [k for k, _ in proxy.faulted]
+    assert (kinds.count("fail"), kinds.count("stall")) == (2 + 3 + 1, 2), proxy.faulted
     a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("clean", "s3"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -267,9 +267,7 @@ def test_train_student_distils_from_the_sampled_tail_and_refuses_a_temperature_i
                                                                                          tmp_path):
     common = ["--data", small_digits, "--student", "test_resnet", "--cache", tail_store, "--epochs", 1,
               "--batch-size", 16, "--max-steps-per-epoch", 2, "--workers", 0, "--quiet"]
-    run_cli("train-student", *common, "--method", "dkd", "--out", tmp_path / "dkd", check=True)
-    last = json.loads((tmp_path / "dkd" / "metrics.json").read_text())["history"][-1]
-    assert np.isfinite(last["train/dkd/final"]) and last["train/dkd/final"] > 0, last
+    _dkd_is_the_loss_on_the_stored_draws(small_digits, tail_store, tmp_path)
     p = run_cli("train-student", *common, "--method", "kd", "--temperature", 2, "--out", tmp_path / "kd")
     assert p.returncode == 2 and "not at --temperature 2" in p.stderr, p.stderr
     assert not (tmp_path / "kd" / "metrics.json").exists()
@@ -297,3 +295,25 @@ def test_train_student_standardizes_from_a_store_that_keeps_the_std_and_refuses_
     assert not (tmp_path / "t3").exists() and not (tmp_path / "nostd").exists()
     r = run_cli("cache-teacher", "--data", "d", "--out", "o", "--teacher", "test_resnet", "--standard-temperatures", 2)
     assert r.returncode == 2 and "--tail-samples M (M > 0) and --standardize" in r.stderr + r.stdout
+
+
+def _dkd_is_the_loss_on_the_stored_draws(data, store, tmp_path):
+    """One DKD step (tests/support/probe_cli.py records its batch): the loss the run reports is dkd_loss on the
+    student's initial logits against the store's sampled-tail distribution at T = 4 (its rows, read directly)."""
+    from conftest import probe_batches, stored_targets
+    from pipeline.models import create_model, model_input
+    from students.losses import dkd_loss, target_class
+    out = tmp_path / "dkd"
+    (b,) = probe_batches(tmp_path / "probe", "train-student", "--data", data, "--student", "test_resnet", "--cache",
+                         store, "--epochs", 1, "--batch-size", 16, "--max-steps-per-epoch", 1, "--workers", 0,
+                         "--quiet", "--method", "dkd", "--out", out)
+    cached = CachedTeacher(store)
+    d = cached.description
+    dist = stored_targets(store, 0, b["index"].numpy()).distribution(
+        b["label"], b["partner_label"], 10, 4.0, [float(t) for t in d.tail_temperatures], d.tail_draw_temperature)
+    student = create_model("test_resnet", 10, role="student", init_seed=0).train()
+    with torch.no_grad():
+        s = student(model_input(student, cached.recipe.input_size)(b["view"]))
+    want = dkd_loss(s, dist, target_class(b["label"], b["partner_label"], b["lam"]), 1.0, 8.0, 4.0).item()
+    last = json.loads((out / "metrics.json").read_text())["history"][-1]
+    assert last["train/dkd/final"] == pytest.approx(want, rel=1e-5), (last, want)

@@ -248,17 +248,22 @@ def test_gradient_accumulation_equals_the_larger_batch_and_the_schedule_ends_at_
 
 @pytest.mark.slow
 def test_ema_is_updated_exported_and_evaluated(small_digits, tmp_path):
+    """The EMA is the update rule applied by hand after every optimizer step: e_0 = w_0, e_t = d e_(t-1) +
+    (1 - d) w_t. A constant rate (step schedule, no decay within the run) makes a 1-step run's weights the
+    2-step run's after its first step, so the two runs give w_1, w_2 and the EMA after each."""
     from pipeline.models import create_model
-    w, m = _ce_run(small_digits, tmp_path / "ema", "--batch-size", 16, "--ema-decay", 0.5)
-    ema = load_file(tmp_path / "ema" / "model_ema.safetensors")
-    torch.manual_seed(0)
+    d, const = 0.75, ["--sched", "step", "--decay-epochs", 30, "--ema-decay", 0.75, "--batch-size", 16]
+    w1, _ = _ce_run(small_digits, tmp_path / "one", *const, "--max-steps-per-epoch", 1)
+    w2, m = _ce_run(small_digits, tmp_path / "ema", *const, "--max-steps-per-epoch", 2)
+    e1, ema = (load_file(tmp_path / run / "model_ema.safetensors") for run in ("one", "ema"))
     w0 = create_model("test_vit", 10, model_kwargs={"img_size": 32, "patch_size": 4}, role="student",
                       init_seed=0).state_dict()
-
-    def dist(a, b):
-        return sum((a[k].float() - b[k].float()).norm() ** 2 for k in a) ** 0.5
-    # between the initial and the final weights, nearer the final ones (decay 0.5 over 3 steps)
-    assert 0 < dist(ema, w) < dist(ema, w0) + dist(w, w0) and 0 < dist(ema, w0) < dist(w, w0)
+    assert w0.keys() == w1.keys() == e1.keys() == ema.keys()
+    for k in w0:
+        torch.testing.assert_close(e1[k], d * w0[k] + (1 - d) * w1[k], rtol=1e-6, atol=1e-7, msg=k)
+        torch.testing.assert_close(ema[k], d * e1[k] + (1 - d) * w2[k], rtol=1e-6, atol=1e-7, msg=k)
+    moved = [k for k in w0 if not torch.equal(w0[k], w1[k]) and not torch.equal(w1[k], w2[k])]
+    assert len(moved) > len(w0) // 2, moved  # most tensors moved at both steps: the rule is tested on them
     model = timm.create_model("test_vit", num_classes=10, img_size=32, patch_size=4).eval()
     model.load_state_dict(ema)
     recipe = get_recipe("digits")

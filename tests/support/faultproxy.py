@@ -6,6 +6,9 @@
     proxy.refuse_for(1.5)         # connections refused (nothing listens on the port) for 1.5 s
     proxy.at_request(40, lambda: proxy.refuse_for(1.5))    # ... starting when the 40th request arrives
     proxy.at_request(1, lambda: proxy.drop_next(1), match=b"GET /bucket/data/")   # cut the first read there
+    proxy.fail_next(2, 503, "SlowDown", match=b"PUT ")   # the next 2 writes answered 503 SlowDown by the proxy
+    proxy.fail_next(3, 500, "InternalError")               # a burst: the next 3 requests answered 500
+    proxy.stall_next(1, 3.0, match=b"GET ")   # the next read's answer held 3 s (past a client's read timeout)
     proxy.stop()
 
 Hand-written because the faults must happen inside one test process on loopback, switched on and off
@@ -14,7 +17,13 @@ Python library we could find injects refused connections or mid-stream drops int
 One thread per connection: the traffic is a test's or a benchmark's, a few connections at a time.
 
 `latency` is charged once per request, not per packet: a chunk the client sends after the server has
-answered (or the first one) starts a request; an HTTP request's body arriving in several chunks pays once.
+answered (or the first one) starts a request; an HTTP request's body arriving in several chunks pays once,
+as does one sent after the server's interim "100 Continue".
+
+HTTP-level faults: `fail_next` answers a request itself with an S3 error document (the status and code an
+object store sends when it throttles or fails: 503 SlowDown, 500 InternalError), after reading the request's
+body, and never forwards it; the connection is then closed. `stall_next` forwards the request and holds the
+server's answer for the given seconds, so that a client with a shorter read timeout gives up on it.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ class FaultProxy:
         self.requests = 0  # requests forwarded
         self.trace: list | None = None  # a list: (time.monotonic(), request line) of each request is appended
         self._triggers: list[list] = []
+        self._http: list[list] = []  # [requests still to fault, match, ("fail", status, code) | ("stall", s)]
+        self.faulted: list[tuple[str, bytes]] = []  # ("fail" | "stall", request line) of each HTTP-level fault
         self._active: set[socket.socket] = set()  # client sides of open connections
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -54,6 +65,26 @@ class FaultProxy:
         b"PUT /bucket/key HTTP/1.1", contains `match`): a fault at a chosen point of a run."""
         with self._lock:
             self._triggers.append([n, match, fault])
+
+    def fail_next(self, n: int, status: int = 503, code: str = "SlowDown", match: bytes | None = None) -> None:
+        """The next n requests (whose request line contains `match`) get an S3 error answer from the proxy."""
+        with self._lock:
+            self._http.append([n, match, ("fail", status, code)])
+
+    def stall_next(self, n: int, seconds: float, match: bytes | None = None) -> None:
+        """The answers to the next n requests (whose request line contains `match`) are held `seconds`."""
+        with self._lock:
+            self._http.append([n, match, ("stall", seconds)])
+
+    def _http_fault(self, line: bytes):
+        with self._lock:
+            for f in self._http:
+                if f[1] is None or f[1] in line:
+                    f[0] -= 1
+                    if f[0] <= 0:
+                        self._http.remove(f)
+                    return f[2]
+        return None
 
     def refuse_for(self, seconds: float) -> None:
         """The store goes away for `seconds`: open connections are cut, and the listening socket is closed (a
@@ -135,6 +166,7 @@ class FaultProxy:
             _reset(client)
             return
         answered, drop = True, False  # answered: the server has sent something since the client's last request
+        stall, went_on = 0.0, False  # seconds to hold the answer to the request under way; its "go on" sent
         with self._lock:
             self._active.add(client)
         try:
@@ -145,18 +177,37 @@ class FaultProxy:
                     if not data:
                         break
                     if answered:  # a new request: count it, fire due faults, pay the latency once
+                        went_on = False  # no "100 Continue" relayed for it yet
                         line = data.split(b"\r\n", 1)[0][:200]
                         self._new_request(line)
                         if self.trace is not None:
                             self.trace.append((time.monotonic(), line))
                         if self.latency:
                             time.sleep(self.latency)
+                        fault = self._http_fault(line)
+                        if fault is not None:
+                            with self._lock:
+                                self.faulted.append((fault[0], line))
+                        if fault is not None and fault[0] == "fail":
+                            _answer_error(client, data, *fault[1:])
+                            return
+                        stall = fault[1] if fault is not None else 0.0
                     answered = False
                     server.sendall(data)
                 if server in readable:
                     data = server.recv(1 << 16)
                     if not data:
                         break
+                    while not answered and data.startswith(b"HTTP/1.1 100 "):  # "go on" to a client that sent
+                        interim, sep, data = data.partition(b"\r\n\r\n")  # Expect: 100-continue: its body follows,
+                        if not went_on:  # not a new request. Only the first: moto's server sends two, which
+                            client.sendall(interim + sep)  # aiohttp takes for the answer when apart (and then
+                        went_on = True  # no read timeout applies to the real one)
+                    if not data:
+                        continue
+                    if not answered and stall:  # the answer is ready: hold it
+                        time.sleep(stall)
+                        stall = 0.0
                     if not answered:  # the first bytes of an answer: is it one to cut?
                         with self._lock:
                             drop, self._drop = self._drop > 0, max(0, self._drop - 1)
@@ -188,6 +239,46 @@ class FaultProxy:
             self._triggers = [t for t in self._triggers if t not in due]
         for _, _, fault in due:  # outside the lock: a fault takes it
             fault()
+
+
+REASONS = {500: "Internal Server Error", 503: "Slow Down"}
+
+
+def _answer_error(client: socket.socket, first: bytes, status: int, code: str) -> None:
+    """Read the rest of the request that began with `first` (its body: Content-Length or chunked), answer it
+    with an S3 error document, and close the connection."""
+    client.settimeout(5)
+    data = first
+    try:
+        while b"\r\n\r\n" not in data:
+            data += client.recv(1 << 16) or b"\r\n\r\n"
+        head, body = data.split(b"\r\n\r\n", 1)
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])}
+        if headers.get(b"expect", b"").lower() != b"100-continue":  # else the client waits for us to say go on
+            if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+                while not body.endswith(b"0\r\n\r\n") and b"\r\n0\r\n" not in body[-64:]:
+                    chunk = client.recv(1 << 16)
+                    if not chunk:
+                        break
+                    body += chunk
+            else:
+                left = int(headers.get(b"content-length", b"0")) - len(body)
+                while left > 0:
+                    chunk = client.recv(min(left, 1 << 16))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+        doc = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>injected by the fault '
+               f'proxy</Message><RequestId>faultproxy</RequestId></Error>').encode()
+        is_head = head.startswith(b"HEAD ")
+        client.sendall(f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/xml\r\n"
+                       f"Content-Length: {len(doc)}\r\nConnection: close\r\n\r\n".encode() + (b"" if is_head else doc))
+        client.shutdown(socket.SHUT_WR)
+        client.recv(1 << 16)  # until the client closes (or the timeout): no RST over the answer
+    except OSError:
+        pass
+    finally:
+        _close(client)
 
 
 def _reset(sock: socket.socket) -> None:

@@ -19,6 +19,7 @@ run_cli behaves like the process as far as a test can see:
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import random
@@ -50,9 +51,18 @@ def run_cli_process(*args, check=False, timeout=600, env=None, cwd=ROOT) -> subp
     return proc
 
 
+@functools.cache
+def _command():
+    """The click command typer builds from cli.app (what `cli.app(argv)` builds anew on every call, once per
+    process when it runs as `python cli.py`): built once here, which saves each call the build."""
+    import typer
+
+    import cli
+    return typer.main.get_command(cli.app)
+
+
 def run_cli(*args, check=False, timeout=600, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
     """The CLI in this process (see the module docstring): the typer app as `python cli.py ARGS` runs it."""
-    import cli
     from pipeline.errors import UserError
     argv = [str(a) for a in args]
     late = sorted(k for k in (env or {}) if k.startswith(IMPORT_TIME_ENV))
@@ -64,7 +74,7 @@ def run_cli(*args, check=False, timeout=600, env=None, cwd=ROOT) -> subprocess.C
         os.chdir(cwd)
         sys.argv = [str(ROOT / "cli.py"), *argv]
         try:
-            cli.app(argv, prog_name="cli.py")  # standalone: click ends every run with sys.exit, as in a process
+            _command()(argv, prog_name="cli.py")  # standalone: click ends every run with sys.exit, as in a process
         except SystemExit as e:
             returncode = _exit_status(e.code)
         except UserError as e:  # what cli.main() does with it (test_cli checks the two agree)
