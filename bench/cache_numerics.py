@@ -147,6 +147,33 @@ def measure_fp16(draws: int, value_dtype: str | None) -> dict:
     return out
 
 
+def table(record: dict) -> str:
+    """The record's two tables (bench/results/README.md): DKD for confident teachers, then each teacher's storage
+    error with a k = C store and the loss bias of a top-5 + 8-sample store over its draws."""
+    res = record["results"]
+    lines = [f"DKD (alpha 1, beta 8) from a top-{K} + M={M} store, relative error of the batch mean against float64 "
+             "from the teacher's logits, by 1 - p of the label class (values' dtype: "
+             f"{res.get('value_dtype', 'default')}).", "",
+             "| 1 - p_c | T = 1 | T = 4 | worst view / batch mean (T = 1, T = 4) |", "| --- | ---: | ---: | ---: |"]
+    eps = dict.fromkeys(k.split()[0].split("=")[1] for k in res["dkd_confident"])
+    for e in eps:
+        t1, t4 = res["dkd_confident"][f"eps={e} T=1"], res["dkd_confident"][f"eps={e} T=4"]
+        lines.append(f"| {e} | {t1['batch_rel_error']:+.2e} | {t4['batch_rel_error']:+.2e} | "
+                     f"{t1['max_view_error_over_batch_mean']:.2e}, {t4['max_view_error_over_batch_mean']:.2e} |")
+    names = list(LOSSES)
+    lines += ["", "Storage error: L1 distance of the teacher's probabilities from a k = C store at T = 1 / T = 4, and "
+              f"each loss's bias from a top-{K} + M={M} store over its draws, relative (in standard errors).", "",
+              "| teacher | logit range | L1 T=1 / T=4 | " + " | ".join(names) + " |",
+              "| --- | --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+    for teacher, row in res["fp16"].items():
+        bias = next(v for k, v in row.items() if k.endswith("draws"))
+        lo, hi = row["logit_range"]
+        cells = [f"{bias[n]['rel_bias']:+.1e} ({bias[n]['bias_in_se']:+.1f})" for n in names]
+        lines.append(f"| {teacher} | {lo:.1f} to {hi:.1f} | {row['k=C L1(p_store - p) T=1']:.1e} / "
+                     f"{row['k=C L1(p_store - p) T=4']:.1e} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draws", type=int, default=2000)

@@ -27,6 +27,7 @@ from common import results_dir  # noqa: E402
 
 ORDER = ["stage_one", "stage_two", "scaling", "loader_vs_timm", "loader_memory", "multi_teacher", "multi_student",
          "object_store", "stop_check", "gpu_smoke", "chaos", "fidelity", "tail_model", "tail_sampling",
+         "cache_numerics",
          "cka_evidence", "accuracy", "run_all"]
 SCRIPT = re.compile(r"bench/(\w+)\.py")
 HEADER = """# Benchmark results

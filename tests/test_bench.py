@@ -45,6 +45,7 @@ JOBS = {
     "tail_model": ["bench/tail_model.py", *PAIR, "--topk", 2, 5, "--T", 1, 4],
     "tail_sampling": ["bench/tail_sampling.py", *PAIR, "--topk", 2, 5, "--sampled", "2:2:1", "--draws", 3,
                       "--batch", 16],
+    "cache_numerics": ["bench/cache_numerics.py", "--draws", 4],
 }
 SLOWEST_FIRST = ["multi_student", "gpu_smoke", "chaos", "object_store", "stop_check", "run_all", "cka_evidence"]
 
@@ -228,6 +229,13 @@ def check_fidelity(d: Path):
 def check_tail_model(d: Path):
     rows = rows_of(record(d, "tail_model", "tail_model"), 4, "uniform_rel_error", "oracle_shape_student_order")
     assert [(x["topk"], x["T"], x["views"]) for x in rows] == [(2, 1.0, 96), (2, 4.0, 96), (5, 1.0, 96), (5, 4.0, 96)]
+
+
+def check_cache_numerics(d: Path):
+    r = record(d, "cache_numerics", "cache_numerics")
+    assert len(r["dkd_confident"]) == 12 and set(r["fp16"]) == {"real", "real_x4", "scaled_to_100"}
+    worst = max(abs(v["batch_rel_error"]) for v in r["dkd_confident"].values())
+    assert worst < 1e-4, worst  # DKD is exact for confident teachers (before format 4: up to 79% off)
 
 
 def check_tail_sampling(d: Path):
