@@ -57,7 +57,7 @@ class ArraySpec:
 
 
 # the teacher's outputs per view (what `summarize` makes and a training view needs). Values are log-probabilities at
-# T = 1 (logit - lse): their rounding error in float16, |log p| x 2^-12 relative, is small where the probability is
+# T = 1 (logit - lse): their rounding error in float16, |log p| x 2^-11 relative, is small where the probability is
 TOPK_VALUES = ArraySpec("topk_values", VALUE, ("k",), 0,
                         "the teacher's log-probabilities (logit - lse) of the k largest classes, descending")
 TOPK_INDICES = ArraySpec("topk_indices", INDEX, ("k",), 0, "their class indices (dataset classes; never float)")

@@ -2,8 +2,8 @@
 cache.format, computed from the float32 logits with formulas that stay exact for confident teachers.
 
 - values: log-probabilities at T = 1, v = z - lse, of the top-k classes (and of the sampled tail), in the store's
-  value dtype: in float16 a value's rounding error is |log p| x 2^-12 relative on its probability, small where the
-  probability is (a logit's would be |z| x 2^-12, whatever its probability);
+  value dtype: in float16 a value's rounding error is |log p| x 2^-11 relative on its probability, small where the
+  probability is (a logit's would be |z| x 2^-11, whatever its probability);
 - the label classes as log-odds a_c = logsumexp_{j != c}(z_j - z_c), from which both log p_c and log(1 - p_c) are
   exact (`cache.distribution.label_log_odds`), at T = 1 and at every tail temperature slot;
 - with --standardize, the logits' standard deviation (logit standardization's temperature scale);

@@ -35,7 +35,7 @@ so is its gradient w.r.t. the student logits. Var[scale_j] = (1 - r_j) / (M r_j)
 tail holds little of the loss's weight, and stays bounded when r is at least as flat as the loss's tail
 terms (T_d >= the training temperature; a sharper r leaves rare classes with huge weights). The known
 terms (top-k, labels, p_target, DKD's 1 - p_target) stay exact. What is not exact: the rounding of the
-stored values in float16 (|log p_j| x 2^-12 relative on p_j; none with --value-dtype float32).
+stored values in float16 (|log p_j| x 2^-11 relative on p_j; none with --value-dtype float32).
 
 Logit standardization (`train-student --standardize`, a store made with `--standardize`): the losses
 z-score the teacher's logits per view before the temperature, which is softmax(z / T_eff) with

@@ -69,7 +69,7 @@ class CacheConfig:
     topk: int = 10
     """Classes whose teacher log-probabilities are kept per view (the largest)."""
     value_dtype: Literal["float16", "float32"] = "float16"
-    """dtype of the kept log-probabilities: float16 (2 bytes each; rounding error |log p| x 2^-12 relative on each
+    """dtype of the kept log-probabilities: float16 (2 bytes each; rounding error |log p| x 2^-11 relative on each
     probability) or float32 (4 bytes; exact to float32)."""
     standardize: bool = False
     """Also keep each view's logit standard deviation (4 bytes per view), which `train-student --standardize`
