@@ -131,9 +131,10 @@ class CacheConfig:
         if self.workers < 0:
             problems.append(f"--workers must be >= 0, got {self.workers}")
         t = self.teacher
-        if self.add_teacher and (t.classes or t.model_kwargs or t.input_size or t.weights.pretrained
-                                 or t.weights.pretrained_file):
-            problems.append("--teacher-classes, --model-kwargs, --input-size, --pretrained and --pretrained-file "
+        if self.add_teacher and (t.classes or t.model_kwargs or t.input_size or t.mean or t.std
+                                 or t.weights.pretrained or t.weights.pretrained_file):
+            problems.append("--teacher-classes, --model-kwargs, --input-size, --mean, --std, --pretrained and "
+                            "--pretrained-file "
                             "would be ambiguous with --add-teacher (they describe one teacher); give every teacher "
                             "as NAME or NAME=CHECKPOINT, or cache such a teacher in its own pass")
         for spec in self.add_teacher or ():

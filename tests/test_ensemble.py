@@ -265,8 +265,11 @@ def test_a_killed_two_teacher_pass_redoes_only_what_each_store_misses(small_digi
         _same_store(theirs, mine)
 
 
-def test_ambiguous_teacher_options_are_refused(small_digits, tmp_path):
-    p = run_cli("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--model-kwargs", "drop_rate=0.1",
+@pytest.mark.parametrize("option", [["--model-kwargs", "drop_rate=0.1"], ["--mean", "0.5,0.5,0.5"],
+                                    ["--std", "0.2,0.2,0.2"]])
+def test_ambiguous_teacher_options_are_refused(small_digits, tmp_path, option):
+    """Options that describe one teacher would apply to --teacher only, silently: they are refused."""
+    p = run_cli("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", *option,
                 "--add-teacher", "test_vit", "--out", tmp_path / "x")
     assert p.returncode == 2 and "ambiguous with --add-teacher" in p.stderr, p.stderr
     assert not (tmp_path / "x").exists()
