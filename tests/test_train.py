@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -108,6 +109,13 @@ def test_run_killed_mid_epoch_resumes_from_its_step_checkpoint_to_the_same_weigh
     progress = json.loads((cut / "progress.json").read_text())
     assert (progress["step"]["epoch"], progress["step"]["micro"]) == (1, 2)
     assert not (cut / "model.safetensors").exists()
+    old = tmp_path / "old"  # the same run directory as another version of the tool would have left it
+    shutil.copytree(cut, old)
+    (old / "progress.json").write_text(json.dumps({**progress, "version": 1}))
+    refused = run(old, tmp_path / "po", "--resume")
+    assert refused.returncode == 2 and "was saved by another version of this tool (run state version 1" in \
+        refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-2000:]
+    assert json.loads((old / "progress.json").read_text())["version"] == 1 and not (old / "metrics.json").exists()
     resumed = run(cut, tmp_path / "pr", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "in epoch 2 of 2, after optimizer step 2" in resumed.stdout
