@@ -183,7 +183,7 @@ def _trains_without(data, store_path, key: int, tmp_path) -> None:
         for b in seen:  # the join: row (cached epoch, index) of the store, exactly
             t = stored_targets(store_path, epoch, b["index"].numpy())
             assert torch.equal(b["t_values"], t.values) and torch.equal(b["t_indices"], t.indices)
-            assert torch.equal(b["t_lse"], t.lse) and torch.equal(b["t_label_logits"], t.label_logits)
+            assert torch.equal(b["t_lse"], t.lse) and torch.equal(b["t_label_log_odds"], t.label_log_odds)
 
 
 @pytest.mark.slow

@@ -485,7 +485,7 @@ def test_server_errors_and_throttling_are_retried_by_their_status_not_found_and_
     """A HEAD's error answer has no body, so botocore names no code (it says "500"): the status decides."""
     from botocore.exceptions import ClientError
 
-    from pipeline.location import is_transient
+    from pipeline.retry import is_transient
 
     def answer(status: int, code: str) -> ClientError:
         return ClientError({"Error": {"Code": code, "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": status}},

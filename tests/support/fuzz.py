@@ -176,7 +176,7 @@ def check_resolved(flags, given: dict, resolved: dict, context: str) -> None:
         want = expected(f, value, from_flag)
         assert want is not REFUSE, f"{f.option} = {value!r} was taken, where it must be refused: {context}"
         have = resolved
-        for p in f.path:
+        for p in f.key:  # the resolved configuration is printed in the file layout
             have = have[p]
         if want == [] and have is None and strip_optional(f.tp) is not f.tp:
             continue  # an empty list of an optional option is no list: unset
