@@ -42,7 +42,7 @@ from pipeline.progress import Bar
 from pipeline.provenance import code_label
 from pipeline.reader import ShardReader
 from pipeline.spec import choice_problems, group, mounted
-from pipeline.views import UnitViews, library_versions, views_digest
+from pipeline.views import UnitViews, library_versions, views_digest, worker_tempdir_problem
 
 
 @dataclass
@@ -130,6 +130,7 @@ class CacheConfig:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             problems.append(f"--workers must be >= 0, got {self.workers}")
+        problems += [p for p in [worker_tempdir_problem(self.workers)] if p]
         t = self.teacher
         if self.add_teacher and (t.classes or t.model_kwargs or t.input_size or t.mean or t.std
                                  or t.weights.pretrained or t.weights.pretrained_file):

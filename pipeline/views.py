@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import os
+import tempfile
 import weakref
 import zlib
 from collections.abc import Iterator
@@ -107,6 +109,24 @@ def shard_views(samples: list[Sample], recipe: Recipe, view_seed: int, view_epoc
         with preserved_globals():  # erasing reseeds them too: saved once per chunk, restored before yielding
             chunk = [view(s) for s in samples[i:i + VIEW_CHUNK]]
         yield from chunk
+
+
+SOCKET_PATH_MAX = 107  # bytes of a Unix socket's path (Linux: 108 with the terminating NUL)
+SOCKET_SUFFIX = len("/pymp-XXXXXXXX/listener-XXXXXXXX")  # what multiprocessing adds to the temporary folder
+
+
+def worker_tempdir_problem(workers: int) -> str | None:
+    """Loader workers hand each batch over through a Unix socket in the temporary folder (torch's file-descriptor
+    sharing: multiprocessing's resource sharer listens at TMPDIR/pymp-*/listener-*). Where that path is too long
+    for a socket, the worker's queue thread prints a traceback and drops the batch, and the loop waits for it
+    forever: the sentence that says so up front, or None."""
+    if workers < 1 or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return None
+    tmp = tempfile.gettempdir()
+    if len(os.fsencode(tmp)) + SOCKET_SUFFIX <= SOCKET_PATH_MAX:
+        return None
+    return (f"the temporary folder {tmp} ({len(os.fsencode(tmp))} bytes) is too long a path for the loader workers' "
+            f"sockets (at most {SOCKET_PATH_MAX - SOCKET_SUFFIX}); set TMPDIR to a shorter folder, or pass --workers 0")
 
 
 class TrainViews(IterableDataset):

@@ -25,6 +25,7 @@ from pipeline.augment import ViewSpec
 from pipeline.errors import UserError
 from pipeline.models import ModelSpec, Weights
 from pipeline.spec import choice_problems, flag_name, group, in_panel
+from pipeline.views import worker_tempdir_problem
 from students.heads import HeadsConfig
 from students.task import LossConfig
 
@@ -164,6 +165,7 @@ class StreamConfig:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.eval_crop_pct is not None and not 0 < self.eval_crop_pct <= 1:
             problems.append(f"--eval-crop-pct must be in (0, 1], got {self.eval_crop_pct}")
+        problems += [p for p in [worker_tempdir_problem(self.workers)] if p]
         problems += choice_problems(self)
         if problems:
             raise UserError("; ".join(problems))

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import numpy as np
@@ -223,6 +224,40 @@ def uninterrupted(small_digits, ref_store, tmp_path_factory):
     return get
 
 
+def same_value(a, b, where: str) -> None:
+    """Nested containers of tensors, arrays and plain values equal exactly (tensors: torch.equal)."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            same_value(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            same_value(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def assert_same_state(a, b) -> None:
+    """The last saved training state of two run directories is the same, file by file: weights, EMA,
+    optimizer buffers, scheduler, and every random generator of every rank."""
+    (sa,), (sb,) = (list((d / "state").iterdir()) for d in (a, b))
+    files = sorted(p.name for p in sa.iterdir())
+    assert files == sorted(p.name for p in sb.iterdir()) and any("optimizer" in f for f in files) and \
+        any("scheduler" in f for f in files) and any("random_states" in f for f in files), files
+    for name in files:
+        if name.endswith(".safetensors"):
+            va, vb = load_file(sa / name), load_file(sb / name)
+        else:
+            va, vb = (torch.load(d / name, weights_only=False) for d in (sa, sb))
+        same_value(va, vb, name)
+
+
 def assert_same_run(a, b) -> None:
     """Same exported weights and EMA weights (torch.equal) and the same metrics, bar the timings."""
     for name in ("model.safetensors", "model_ema.safetensors"):
@@ -260,6 +295,32 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_to_the_uninterrupted_run(s
     assert "in epoch 2 of 2, after optimizer step 3" in resumed.stdout
     assert [(r["world"], r["exit"]) for r in ranks_seen(tmp_path / "pr")] == [(ranks, 0)] * ranks
     assert_same_run(uninterrupted(ranks), cut)
+    assert_same_state(uninterrupted(ranks), cut)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_at_the_next_check_and_resumes_to_the_uninterrupted_run(
+        small_digits, ref_store, uninterrupted, tmp_path):
+    """SIGTERM to rank 1 only, while it runs step 3 of epoch 2, with --check-signal-every 3: rank 0 never got a
+    signal, yet the ranks agree at the next check (after step 3), both save that step and exit 75, and --resume
+    ends with the uninterrupted run's weights, metrics and full state."""
+    cut, probe = tmp_path / "cut", tmp_path / "pc"
+    extra = ("--check-signal-every", 3)
+    run = start_ranks(2, probe, *preempt_args(small_digits, ref_store, cut, 2, *extra),
+                      env={"PROBE_STALL": "1,2", "PROBE_STALL_RANKS": "1"})
+    wait_for(lambda: (probe / "stalled-1").exists() and (probe / "stalled-1").read_text(), run)
+    os.kill(int((probe / "stalled-1").read_text()), signal.SIGTERM)  # that rank's process, nothing else
+    assert run.wait(timeout=120) != 0  # torchrun reports its ranks' exit 75 as a failure of its own
+    seen = ranks_seen(probe)
+    assert [(r["rank"], r["world"], r["exit"]) for r in seen] == [(0, 2, 75), (1, 2, 75)], seen
+    assert not (probe / "stalled-0").exists()
+    progress = json.loads((cut / "progress.json").read_text())
+    assert (progress["step"]["epoch"], progress["step"]["micro"]) == (1, 3)
+    resumed = run_ranks(2, tmp_path / "pr", *preempt_args(small_digits, ref_store, cut, 2, "--resume", *extra))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "in epoch 2 of 2, after optimizer step 3" in resumed.stdout
+    assert_same_run(uninterrupted(2), cut)
+    assert_same_state(uninterrupted(2), cut)
 
 
 @pytest.mark.slow
@@ -394,8 +455,10 @@ def run_nodes(workdirs: list, *args, timeout=600) -> list[subprocess.CompletedPr
     port = free_port()
     procs = []
     for r, wd in enumerate(workdirs):
-        (wd / "tmp").mkdir(parents=True, exist_ok=True)
-        env = launch_env({"PROBE_DIR": str(wd / "probe"), "TMPDIR": str(wd / "tmp")})
+        wd.mkdir(parents=True, exist_ok=True)
+        if not (wd / "tmp").exists():  # a short path: loader workers make Unix sockets there (at most 107 bytes)
+            (wd / "tmp").symlink_to(tempfile.mkdtemp(prefix="ofakd-node-"))
+        env = launch_env({"PROBE_DIR": str(wd / "probe"), "TMPDIR": str((wd / "tmp").resolve())})
         procs.append(subprocess.Popen(node_cmd(len(workdirs), r, port, PROBE, *args), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, cwd=wd, env=env))
     out = []

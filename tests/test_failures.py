@@ -20,6 +20,7 @@ from conftest import (
     probe_batches,
     refused,
     run_cli,
+    run_cli_process,
     small_tmpfs,
     stored_targets,
     units_written,
@@ -201,3 +202,20 @@ def test_chaos_short(tmp_path):
     # per-epoch metrics are the uninterrupted run's
     assert sum(p["killed"] for p in two["kill_points"]) >= 1, two
     assert two["ok"] and two["weights_identical"] and two["metrics_identical"], two
+
+
+def test_a_temporary_folder_too_long_for_the_workers_sockets_is_refused_before_anything_runs(small_digits, tmp_path):
+    """Loader workers pass batches through Unix sockets under TMPDIR; past 107 bytes a worker drops its batch
+    and the loop waits forever (met in this suite under a longer pytest path): refused in one sentence instead,
+    and --workers 0 (no sockets) still runs."""
+    long_tmp = tmp_path / ("t" * max(1, 90 - len(str(tmp_path))))
+    long_tmp.mkdir()
+    env = {"TMPDIR": str(long_tmp)}
+    for command, args in [("train-student", ["--data", small_digits, "--student", "test_resnet", "--method", "ce"]),
+                          ("cache-teacher", ["--data", small_digits, "--teacher", "test_resnet"])]:
+        out = tmp_path / command
+        p = run_cli_process(command, *args, "--out", out, "--workers", 1, env=env)
+        assert p.returncode == 2 and "too long a path for the loader workers' sockets" in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and not out.exists(), p.stderr
+        p = run_cli_process(command, *args, "--out", out, "--workers", 0, "--print-config", env=env)
+        assert p.returncode == 0, p.stderr

@@ -6,7 +6,8 @@
 rank, world size, distributed type and local rank accelerate saw, the node rank torchrun gave (GROUP_RANK),
 the cache units this rank wrote, the run files it wrote (students.checkpoint.write_atomic) and the stores it
 created. PROBE_BATCHES=1 also saves every training batch this rank stepped on (views, joined cache targets, indices) to
-DIR/batches-<rank>.pt. PROBE_STALL=E,S makes training step S of epoch E touch DIR/stalled-<rank> and sleep,
+DIR/batches-<rank>.pt. PROBE_STALL=E,S makes training step S of epoch E write DIR/stalled-<rank> (the rank's pid)
+and sleep (only on the ranks in PROBE_STALL_RANKS=R,..., where it is set),
 so that a test can kill it mid-epoch; the stall ends when a stop signal reaches the command (SIGTERM/SIGINT,
 pipeline.preempt), so that the signal lands during a known step. Each rank's record also holds its exit status.
 """
@@ -48,8 +49,10 @@ def set_epoch(self, epoch):
 
 def distill_losses(out, teacher_logits, batch, cfg, num_classes, **kw):
     stall = os.environ.get("PROBE_STALL")
-    if stall and [int(v) for v in stall.split(",")] == [state["epoch"], state["step"]]:
-        (OUT / f"stalled-{RANK}").touch()
+    stalling = os.environ.get("PROBE_STALL_RANKS")  # only these ranks stall [default: every rank]
+    if stall and [int(v) for v in stall.split(",")] == [state["epoch"], state["step"]] and \
+            (not stalling or str(RANK) in stalling.split(",")):
+        (OUT / f"stalled-{RANK}").write_text(str(os.getpid()))  # the pid, for a signal to this rank only
         t0 = time.monotonic()
         while time.monotonic() - t0 < 600 and not (preempt.current and preempt.current.requested):
             time.sleep(0.02)
