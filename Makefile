@@ -25,7 +25,7 @@ BATCH ?= 64
 RUN ?= runs/student
 ARGS ?=
 
-.PHONY: setup test fuzz lint shards cache-teacher inspect-cache train-student demo cka bench bench-report gpu-smoke chaos clean
+.PHONY: setup test test-quick fuzz lint shards cache-teacher inspect-cache train-student demo cka bench bench-report gpu-smoke chaos clean
 
 setup: $(STAMP)
 
@@ -37,10 +37,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m compileall -q $(VENV) > /dev/null || true
 	touch $(STAMP)
 
-# one run: the fast tier first, then the slow (end-to-end) tests, so the shared fixtures are built once;
-# `$(PY) -m pytest -m "not slow"` alone is the fast tier
+# every test, the files spread over two processes (pytest-xdist; a file's tests stay in one process, so its
+# session fixtures are built once): about 12 minutes on a 2-core machine
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# the fast tier (no end-to-end runs): under 2 minutes on a 2-core machine
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # the property-based tests (tests/test_fuzz.py) in the random exploring profile: 20x the examples, new ones each
 # run, failures kept in .hypothesis/ and replayed first next time (tests/support/fuzz.py); `make test` runs the
