@@ -233,6 +233,21 @@ def small_digits(tmp_path_factory) -> Path:
 SMALL_STORE = dict(teacher="test_resnet", recipe="digits-mix", epochs=2, topk=4, batch_size=40, workers=0)  # flag names
 
 
+def cache_cfg(data, out, **kw):
+    """The teacher-pass request of the shared small store (SMALL_STORE), with `kw` changed."""
+    from cache.teacher_pass import CacheConfig
+    from commands.options import build
+    return build(CacheConfig, **{**dict(data=data, out=out, progress=False, **SMALL_STORE), **kw})
+
+
+def store_arrays(path) -> dict[str, np.ndarray]:
+    """Every array of a store, read whole: name -> array."""
+    from cache.format import NAMES
+    from cache.store import CacheStore
+    store = CacheStore(path)
+    return {name: store.read_all(name) for name in NAMES}
+
+
 @pytest.fixture(scope="session")
 def small_store(small_digits, tmp_path_factory) -> Path:
     """The teacher cache of small_digits (SMALL_STORE: a randomly initialised test_resnet, 2 epochs of digits-mix

@@ -11,9 +11,8 @@ from cache.format import NAMES, raw_bytes_per_view
 from cache.inspect import inspect_cache, verify_cache
 from cache.store import CacheStore
 from cache.teacher import Teacher
-from cache.teacher_pass import CacheConfig, cache_teacher
-from commands.options import build
-from conftest import SMALL_STORE, kill_inside_a_unit, refused, run_cli, tree_digest
+from cache.teacher_pass import cache_teacher
+from conftest import SMALL_STORE, cache_cfg, kill_inside_a_unit, refused, run_cli, store_arrays, tree_digest
 from pipeline.augment import get_recipe
 from pipeline.errors import UserError
 from pipeline.models import create_model
@@ -23,20 +22,11 @@ from pipeline.views import UnitViews
 RECIPE = SMALL_STORE["recipe"]  # "digits-mix"
 
 
-def _cfg(data, out, **kw) -> CacheConfig:
-    """The request of the shared small_store (conftest.SMALL_STORE), with `kw` changed."""
-    base = dict(data=data, out=out, progress=False, **SMALL_STORE)
-    return build(CacheConfig, **{**base, **kw})
-
-
-def _arrays(path) -> dict[str, np.ndarray]:
-    store = CacheStore(path)
-    return {name: store.read_all(name) for name in NAMES}
 
 
 @pytest.fixture
 def reference(small_store):
-    """cache_teacher(_cfg(small_digits, ...)): the session's shared store (conftest), read-only here."""
+    """cache_teacher(cache_cfg(small_digits, ...)): the session's shared store (conftest), read-only here."""
     return small_store
 
 
@@ -96,8 +86,8 @@ def test_a_killed_pass_resumes_to_identical_arrays(small_digits, reference, tmp_
     assert torn and not torn & done and 2 <= len(done) < 6
     with pytest.raises(UserError, match="incomplete"):
         CacheStore(out).check_complete()
-    cache_teacher(_cfg(small_digits, out))
-    a, b = _arrays(reference), _arrays(out)
+    cache_teacher(cache_cfg(small_digits, out))
+    a, b = store_arrays(reference), store_arrays(out)
     for name in NAMES:
         assert np.array_equal(a[name], b[name]), name
     assert all(CacheStore(out).unit_info(u) == CacheStore(reference).unit_info(u) for u in range(6))
@@ -106,7 +96,7 @@ def test_a_killed_pass_resumes_to_identical_arrays(small_digits, reference, tmp_
 def test_rerun_skips_done_units_and_refuses_another_request(small_digits, reference, tmp_path):
     out = tmp_path / "copy.zarr"
     shutil.copytree(reference, out)
-    summary = cache_teacher(_cfg(small_digits, out))
+    summary = cache_teacher(cache_cfg(small_digits, out))
     assert summary["views_written"] == 0 and summary["units_skipped_as_done"] == 6
     before = tree_digest(out)
     msg = refused(_cache_cli(small_digits, out, topk=5, teacher="test_convnext"))
@@ -173,8 +163,8 @@ def test_another_view_seed_is_refused_by_both_stages(small_digits, reference, tm
     out = tmp_path / "copy.zarr"
     shutil.copytree(reference, out)
     with pytest.raises(UserError, match="seed is 0, requested 1"):
-        cache_teacher(_cfg(small_digits, out, seed=1))
-    assert _arrays(out)["view_seed"].tobytes() == _arrays(reference)["view_seed"].tobytes()  # untouched
+        cache_teacher(cache_cfg(small_digits, out, seed=1))
+    assert store_arrays(out)["view_seed"].tobytes() == store_arrays(reference)["view_seed"].tobytes()  # untouched
     p = run_cli("train-student", "--data", small_digits, "--student", "test_resnet", "--method", "kd", "--cache",
                 reference, "--view-seed", 1, "--out", tmp_path / "run")
     assert p.returncode == 2 and "view seed is 0, requested 1" in p.stderr, p.stderr[-2000:]
@@ -184,8 +174,8 @@ def test_another_view_seed_is_refused_by_both_stages(small_digits, reference, tm
 @pytest.mark.slow
 def test_loader_workers_do_not_change_the_store(small_digits, reference, tmp_path):
     out = tmp_path / "w2.zarr"
-    summary = cache_teacher(_cfg(small_digits, out, workers=2))
+    summary = cache_teacher(cache_cfg(small_digits, out, workers=2))
     assert summary["views_written"] == 2 * 270  # every view once, across both workers
-    a, b = _arrays(reference), _arrays(out)
+    a, b = store_arrays(reference), store_arrays(out)
     for name in NAMES:
         assert np.array_equal(a[name], b[name]), name

@@ -21,7 +21,7 @@ from cache.distribution import label_log_odds
 from cache.format import NAMES
 from cache.store import CacheStore
 from cache.teacher import Teacher
-from conftest import ROOT, launch_cmd, launch_env, run_cli
+from conftest import ROOT, launch_cmd, launch_env, run_cli, store_arrays
 from pipeline.augment import get_recipe, seed_of_view
 from pipeline.models import Weights, create_model
 from pipeline.reader import ShardReader
@@ -92,10 +92,6 @@ def wait_for(cond, proc: subprocess.Popen, timeout=300) -> None:
         time.sleep(0.05)
 
 
-def _arrays(path) -> dict[str, np.ndarray]:
-    store = CacheStore(path)
-    return {name: store.read_all(name) for name in NAMES}
-
 
 @pytest.fixture(scope="session")
 def teacher_ckpt(small_digits, tmp_path_factory):
@@ -132,7 +128,7 @@ def test_two_ranks_give_the_same_store_and_split_the_units(small_digits, teacher
     seen = assert_two_ranks(probe)
     # units are dealt rank::world: each rank wrote its own half, and nobody wrote a unit twice
     assert [sorted(r["units_written"]) for r in seen] == [[0, 2, 4], [1, 3, 5]]
-    a, b = _arrays(ref_store), _arrays(out)
+    a, b = store_arrays(ref_store), store_arrays(out)
     for name in NAMES:
         assert np.array_equal(a[name], b[name]), name
     assert CacheStore(out).done_units() == set(range(6))
@@ -157,7 +153,7 @@ def test_sigkill_of_one_rank_mid_pass_then_rerun_gives_identical_arrays(small_di
     seen = assert_two_ranks(tmp_path / "p2")
     redone = sorted(u for r in seen for u in r["units_written"])
     assert redone == sorted(set(range(6)) - done)  # the rerun redid exactly the unmarked units
-    a, b = _arrays(ref_store), _arrays(out)
+    a, b = store_arrays(ref_store), store_arrays(out)
     for name in NAMES:
         assert np.array_equal(a[name], b[name]), name
 
@@ -352,7 +348,7 @@ def test_sigterm_mid_pass_finishes_units_in_flight_exits_75_and_a_rerun_complete
     records = ranks_seen(tmp_path / "p2")
     assert [(r["world"], r["exit"]) for r in records] == [(ranks, 0)] * ranks
     assert sorted(u for r in records for u in r["units_written"]) == sorted(set(range(6)) - done)
-    a, b = _arrays(ref_store), _arrays(out)
+    a, b = store_arrays(ref_store), store_arrays(out)
     for name in NAMES:
         assert np.array_equal(a[name], b[name]), name
 
@@ -495,7 +491,7 @@ def test_two_machines_share_one_store_and_one_run(small_digits, teacher_ckpt, re
     seen = assert_two_nodes(nodes)
     assert [sorted(r["units_written"]) for r in seen] == [[0, 2, 4], [1, 3, 5]]
     assert [r["stores_built"] for r in seen] == [1, 0]  # the store's metadata and attributes: written once
-    a, b = _arrays(ref_store), _arrays(bucket / "teacher.zarr")
+    a, b = store_arrays(ref_store), store_arrays(bucket / "teacher.zarr")
     for name in NAMES:
         assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
     attrs = [CacheStore(s).attrs for s in (bucket / "teacher.zarr", ref_store)]

@@ -18,9 +18,8 @@ import torch
 from cache.format import NAMES
 from cache.inspect import inspect_cache, verify_cache
 from cache.store import CacheStore
-from cache.teacher_pass import CacheConfig, cache_teacher
-from commands.options import build
-from conftest import ROOT, SMALL_STORE, launch_cli, need_module, refused, run_cli
+from cache.teacher_pass import cache_teacher
+from conftest import ROOT, SMALL_STORE, cache_cfg, launch_cli, need_module, refused, run_cli
 from pipeline.errors import UserError
 from pipeline.location import Location
 from pipeline.reader import ShardReader
@@ -94,7 +93,7 @@ def bucket(s3_env, request):
 
 @pytest.fixture
 def local_ref(small_store):
-    """The clean local store every remote one must equal: cache_teacher(_cfg(small_digits, ...)), the session's
+    """The clean local store every remote one must equal: cache_teacher(cache_cfg(small_digits, ...)), the session's
     shared store (conftest), read-only here."""
     return small_store
 
@@ -123,11 +122,6 @@ def proxy_env(proxy, **kw) -> dict:
 def _warnings(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("warning: storage ")]
 
-
-def _cfg(data, out, **kw) -> CacheConfig:
-    """The request of the shared small_store (conftest.SMALL_STORE), with `kw` changed."""
-    base = dict(data=data, out=out, progress=False, **SMALL_STORE)
-    return build(CacheConfig, **{**base, **kw})
 
 
 def _upload_small_digits(small_digits, url: str) -> str:
@@ -210,11 +204,11 @@ def test_any_fsspec_protocol_holds_shards_and_a_store(tmp_path):
 def test_store_in_a_bucket_equals_the_local_one_bit_for_bit(small_digits, local_ref, bucket):
     data = _upload_small_digits(small_digits, f"{bucket}/data")
     out = f"{bucket}/teacher.zarr"
-    s = cache_teacher(_cfg(data, out))
+    s = cache_teacher(cache_cfg(data, out))
     assert s["views_written"] == 2 * 270
     _assert_same_store(out, local_ref)
     assert CacheStore(out).attrs["dataset"]["path"] == data  # a URL is recorded as given
-    again = cache_teacher(_cfg(data, out))  # a rerun finds every unit done
+    again = cache_teacher(cache_cfg(data, out))  # a rerun finds every unit done
     assert again["views_written"] == 0 and again["units_skipped_as_done"] == 6
     info = inspect_cache(out)
     assert info["complete"] and info["units_done"] == "6/6" and info["disk_bytes"] > 0
