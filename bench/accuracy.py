@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -196,9 +197,13 @@ def settle(path: Path, check, replace: bool) -> str:
         return check()
 
 
+PRINTING = threading.Lock()  # the --jobs threads print through one TextIOWrapper, which is not thread-safe
+
+
 def cli_run(argv: list, resume: bool = False) -> None:
     cmd = [sys.executable, str(ROOT / "cli.py"), *map(str, argv), *(["--resume"] if resume else [])]
-    print("$ python cli.py", " ".join(map(str, cmd[2:])), flush=True)
+    with PRINTING:  # unguarded, two threads printing at once lost a line now and then
+        print("$ python cli.py", " ".join(map(str, cmd[2:])), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
     if proc.returncode == EXIT_PREEMPTED:
