@@ -30,6 +30,7 @@ def reference(small_store):
     return small_store
 
 
+@pytest.mark.slow
 def test_cache_holds_the_teacher_outputs_of_the_replayed_views(small_digits, reference):
     store = CacheStore(reference)
     store.check_complete()
@@ -76,6 +77,7 @@ def test_store_describes_itself_and_fits_the_byte_budget(reference):
     assert 0 < info["topk_mass_p5"] <= info["topk_mass_mean"] <= 1
 
 
+@pytest.mark.slow
 def test_a_killed_pass_resumes_to_identical_arrays(small_digits, reference, tmp_path):
     """SIGKILL of a real `cache-teacher` process inside a unit's writes (some arrays of the unit written, no
     marker) after two units are complete: the store refuses to be read as complete, and the same command completes

@@ -71,6 +71,7 @@ def test_unbiased_hsic_is_unbiased_for_independent_features():
     assert abs(np.mean(vals)) < 3 * np.std(vals) / np.sqrt(len(vals))
 
 
+@pytest.mark.slow
 def test_cka_command_for_two_families(small_digits, tmp_path):
     """Both modes of the command on the same 64 views (2 batches of 32) against the estimators applied by hand to
     the two models' stage features: full is linear CKA over all 64, minibatch the ratio of the batches' summed

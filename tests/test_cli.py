@@ -12,6 +12,7 @@ from pipeline.errors import UserError
 COMMANDS = ("shards", "cache-teacher", "inspect-cache", "verify-cache", "train-student", "demo", "cka")
 
 
+@pytest.mark.slow
 def test_the_program_and_the_in_process_runner_agree(tmp_path):
     help_args = ("--help",)
     refused = ("shards", tmp_path / "nope", tmp_path / "out")  # a UserError

@@ -238,6 +238,7 @@ def test_a_two_teacher_pass_writes_each_single_teacher_store(small_store, side_b
     _same_store(root / "convnext.zarr", root / "both" / "1-test_convnext.zarr")
 
 
+@pytest.mark.slow
 def test_a_killed_two_teacher_pass_redoes_only_what_each_store_misses(small_digits, side_by_side, tmp_path,
                                                                        monkeypatch):
     """SIGKILL of a real two-teacher `cache-teacher` process inside a unit's writes, once the first store has two

@@ -134,6 +134,7 @@ def test_checkpoint_with_another_class_count(tmp_path, small_digits):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hundred.safetensors"]  # nor a temporary store beside it
 
 
+@pytest.mark.slow
 def test_skip_policy_records_skipped_samples_and_training_excludes_them(tmp_path):
     src = make_image_folder(tmp_path / "src", per_class=12, size=(32, 32))
     data = tmp_path / "data"
@@ -204,6 +205,7 @@ def test_chaos_short(tmp_path):
     assert two["ok"] and two["weights_identical"] and two["metrics_identical"], two
 
 
+@pytest.mark.slow
 def test_a_temporary_folder_too_long_for_the_workers_sockets_is_refused_before_anything_runs(small_digits, tmp_path):
     """Loader workers pass batches through Unix sockets under TMPDIR; past 107 bytes a worker drops its batch
     and the loop waits forever (met in this suite under a longer pytest path): refused in one sentence instead,

@@ -192,6 +192,7 @@ def _untrusted_store(path: Path, units=()) -> None:
     assert not set(units) & store.done_units(), f"a refused run marked units {units} of {path} complete"
 
 
+@pytest.mark.slow
 @accepting("damaged dataset.json", 0.05)
 @examples(100)
 @given(data_=st.data())
@@ -240,6 +241,7 @@ def _same_store(path: Path, reference: Path, skipped_may_differ=False, manifest_
 @given(shard=st.integers(0, 1), how=st.sampled_from(["truncate", "garble", "zero", "repack"]), at=st.floats(0, 1),
        length=st.integers(1, 600), seed=st.integers(0, 2**32 - 1), rehash=st.booleans(),
        on_error=st.sampled_from(["raise", "skip"]))
+@pytest.mark.slow
 def test_damaged_tar_shards_are_refused_naming_the_shard(tiny, scratch, shard, how, at, length, seed, rehash,
                                                          on_error):
     """`rehash`: the manifest's checksum is updated to the damaged file (damage before the checksum was taken),
@@ -284,6 +286,7 @@ def test_damaged_tar_shards_are_refused_naming_the_shard(tiny, scratch, shard, h
         assert store.unit_info(1 - shard) == ref.unit_info(1 - shard)
 
 
+@pytest.mark.slow
 @accepting("damaged store", 0.12)
 @examples(100)
 @given(target=st.sampled_from(["attrs", "marker"]), shard=st.integers(0, 1), data=st.data())

@@ -201,6 +201,7 @@ def test_any_fsspec_protocol_holds_shards_and_a_store(tmp_path):
 
 # ----------------------------------------------------------------------------------------- store
 
+@pytest.mark.slow
 def test_store_in_a_bucket_equals_the_local_one_bit_for_bit(small_digits, local_ref, bucket):
     data = _upload_small_digits(small_digits, f"{bucket}/data")
     out = f"{bucket}/teacher.zarr"
@@ -397,6 +398,7 @@ def test_training_from_the_bucket_ends_with_the_same_weights_as_from_local_disk(
 
 # ----------------------------------------------------------------------------------------- bad inputs
 
+@pytest.mark.slow
 def test_a_protocol_without_its_client_names_the_extra(tmp_path):
     with pytest.raises(UserError, match=r"pip install ofakd-cache\[gcs\]"):
         Location("gs://some-bucket/data")  # gcsfs is not a dev dependency
@@ -408,6 +410,7 @@ def test_a_protocol_without_its_client_names_the_extra(tmp_path):
     refused(p, "s3://any-bucket/data", "pip install ofakd-cache[s3]")
 
 
+@pytest.mark.slow
 def test_missing_bucket_and_missing_credentials_are_one_sentence_and_write_nothing(small_digits, bucket, s3_env,
                                                                                    tmp_path):
     classes, splits = digits_source()

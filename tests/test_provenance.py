@@ -92,6 +92,7 @@ def test_calibration_error_by_bin():
     assert float(calibration_error(bins)) == pytest.approx(0.5 * 0.4 + 0.5 * 0.5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_run_records_its_provenance_and_calibration(small_digits, small_store, tmp_path):
     """A cached KD run: commit, configuration hash, data, validation samples, the store's identity and teacher;
     its ECE equals the one computed by hand from the exported model."""

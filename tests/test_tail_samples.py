@@ -263,6 +263,7 @@ def test_tail_options_without_samples_are_refused():
     assert r.returncode == 2 and "--tail-samples M" in r.stderr + r.stdout
 
 
+@pytest.mark.slow
 def test_train_student_distils_from_the_sampled_tail_and_refuses_a_temperature_it_lacks(small_digits, tail_store,
                                                                                          tmp_path):
     common = ["--data", small_digits, "--student", "test_resnet", "--cache", tail_store, "--epochs", 1,

@@ -105,6 +105,7 @@ def test_teacher_label_space_refusals(small_digits, teacher_files, tmp_path):
         assert not (tmp_path / f"{out}.zarr").exists(), out
 
 
+@pytest.mark.slow
 def test_pretrained_without_the_hub_names_pretrained_file(small_digits, teacher_files, tmp_path):
     offline = {"HF_HUB_OFFLINE": "1"}  # read when huggingface_hub is imported: a real process
     p = run_cli_process("cache-teacher", "--data", small_digits, "--teacher", "test_resnet", "--out",
@@ -121,6 +122,7 @@ def test_pretrained_without_the_hub_names_pretrained_file(small_digits, teacher_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_hub_weights_are_recorded_and_equal_the_same_file(small_digits, teacher_files, mapped_store, tmp_path):
     """--pretrained through the Hugging Face cache (offline, so nothing is downloaded): the file timm read is
     recorded with its sha256, and the cache is the one --pretrained-file makes from the same bytes."""
