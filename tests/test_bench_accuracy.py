@@ -63,3 +63,18 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
     assert redo.returncode == 0 and "1 runs to make" in redo.stdout
     assert redo.stdout.count("$ python cli.py train-student") == 1
     assert json.loads(metrics.read_text())["provenance"]["config_hash"] != "0" * 64
+
+
+def test_the_readme_accuracy_tables_are_the_record_they_name():
+    """The README's accuracy tables are generated from bench/results/accuracy_tiny50.json (accuracy.table), never
+    written by hand: a table edited, or a record replaced without regenerating the README, fails here."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import accuracy
+    record = json.loads((ROOT / "bench" / "results" / "accuracy_tiny50.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- accuracy tables: generated from bench/results/accuracy_tiny50.json -->", \
+        "<!-- end accuracy tables -->"
+    assert readme.count(start) == 1 and readme.count(end) == 1
+    block = readme.split(start)[1].split(end)[0]
+    assert block.strip() == accuracy.table(record).strip(), \
+        "README.md's accuracy tables are stale: paste accuracy.table(record) between the markers"
