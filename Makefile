@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # every test, the files spread over two processes (pytest-xdist; a file's tests stay in one process, so its
-# session fixtures are built once): about 12 minutes on a 2-core machine
+# session fixtures are built once): about 14 minutes on a 2-core machine
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
