@@ -39,12 +39,13 @@ $(STAMP): pyproject.toml
 
 # every test, the files spread over two processes (pytest-xdist; a file's tests stay in one process, so its
 # session fixtures are built once): about 14 minutes on a 2-core machine
+TEST_PROCESSES ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 # the fast tier (no end-to-end runs): under 2 minutes on a 2-core machine
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile -m "not slow"
 
 # the property-based tests (tests/test_fuzz.py) in the random exploring profile: 20x the examples, new ones each
 # run, failures kept in .hypothesis/ and replayed first next time (tests/support/fuzz.py); `make test` runs the

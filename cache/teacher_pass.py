@@ -130,7 +130,8 @@ class CacheConfig:
             problems.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             problems.append(f"--workers must be >= 0, got {self.workers}")
-        problems += [p for p in [worker_tempdir_problem(self.workers)] if p]
+        if sockets := worker_tempdir_problem(self.workers):
+            problems.append(sockets)
         t = self.teacher
         if self.add_teacher and (t.classes or t.model_kwargs or t.input_size or t.mean or t.std
                                  or t.weights.pretrained or t.weights.pretrained_file):

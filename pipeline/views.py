@@ -123,9 +123,10 @@ def worker_tempdir_problem(workers: int) -> str | None:
     if workers < 1 or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
         return None
     tmp = tempfile.gettempdir()
-    if len(os.fsencode(tmp)) + SOCKET_SUFFIX <= SOCKET_PATH_MAX:
+    size = len(os.fsencode(tmp))
+    if size + SOCKET_SUFFIX <= SOCKET_PATH_MAX:
         return None
-    return (f"the temporary folder {tmp} ({len(os.fsencode(tmp))} bytes) is too long a path for the loader workers' "
+    return (f"the temporary folder {tmp} ({size} bytes) is too long a path for the loader workers' "
             f"sockets (at most {SOCKET_PATH_MAX - SOCKET_SUFFIX}); set TMPDIR to a shorter folder, or pass --workers 0")
 
 

@@ -165,7 +165,8 @@ class StreamConfig:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.eval_crop_pct is not None and not 0 < self.eval_crop_pct <= 1:
             problems.append(f"--eval-crop-pct must be in (0, 1], got {self.eval_crop_pct}")
-        problems += [p for p in [worker_tempdir_problem(self.workers)] if p]
+        if sockets := worker_tempdir_problem(self.workers):
+            problems.append(sockets)
         problems += choice_problems(self)
         if problems:
             raise UserError("; ".join(problems))
