@@ -33,6 +33,7 @@ from cache.format import REPLAY, VIEW_SEED, CacheDescription, DatasetRecord, Tea
 from cache.store import CacheStore, Unit
 from cache.summary import TailSpec, summarize
 from cache.teacher import Teacher, TeacherSpec
+from pipeline import collectives
 from pipeline.augment import Recipe, ViewSpec
 from pipeline.errors import UserError
 from pipeline.location import Location
@@ -373,7 +374,7 @@ class TeacherPass:
         """What the pass did, over every process: views written, their rate, bytes per view."""
         accelerator, stores, descs = self.accelerator, self.stores, self.descs
         accelerator.wait_for_everyone()
-        counts = accelerator.reduce(torch.tensor([written], device=self.device), reduction="sum")
+        counts = collectives.reduce(torch.tensor([written], device=self.device), "sum")
         total = int(counts.item())
         n_views = max(1, stores[0].epochs * descs[0].dataset.num_samples)
         return {"store": str(self.cfg.out), "stores": [str(p) for p in self.paths], "views_written": total,

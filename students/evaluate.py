@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import collectives
+
 ECE_BINS = 15  # expected calibration error over 15 equal-width confidence bins (Guo et al. 2017)
 
 
@@ -29,8 +31,8 @@ def evaluate(runs: list, eval_loader, ema: bool = False) -> list[dict]:
             sums[r, 1] += (top5 == y[:, None]).any(1).sum()
             sums[r, 2] += len(y)
             bins[r] += calibration_bins(logits, top5[:, 0], hit)
-    sums = accelerator.reduce(sums, reduction="sum").tolist()
-    eces = calibration_error(accelerator.reduce(bins, reduction="sum")).tolist()
+    sums = collectives.reduce(sums, "sum").tolist()
+    eces = calibration_error(collectives.reduce(bins, "sum")).tolist()
     return [{"top1": 100.0 * t1 / max(1.0, n), "top5": 100.0 * t5 / max(1.0, n), "ece": 100.0 * ece,
              "val_samples": int(n)} for (t1, t5, n), ece in zip(sums, eces, strict=True)]
 
@@ -42,7 +44,7 @@ def same_buffers(model: torch.nn.Module, accelerator) -> None:
     the other ranks would differ from the uninterrupted run's."""
     if accelerator.num_processes > 1:
         for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, src=0)
+            collectives.broadcast(buffer, src=0)
 
 
 def calibration_bins(logits: torch.Tensor, predicted: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:

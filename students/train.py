@@ -23,7 +23,7 @@ from itertools import islice
 
 import torch
 
-from pipeline import preempt
+from pipeline import collectives, preempt
 from pipeline.errors import UserError
 from pipeline.preempt import EXIT_PREEMPTED, Preempted
 from pipeline.progress import Bar
@@ -224,7 +224,7 @@ def epoch_metrics(runs: list[Run], ats: list[Position], epoch: int, micro: int, 
     world = accelerator.num_processes
     for run, pos in zip(runs, ats, strict=True):
         sums = pos.sums
-        terms = accelerator.reduce(torch.stack([sums[k] for k in sorted(sums)]) / max(1, micro), reduction="mean")
+        terms = collectives.reduce(torch.stack([sums[k] for k in sorted(sums)]) / max(1, micro), "mean")
         out.append({"epoch": epoch + 1,
                     **{f"train/{k}": float(v) for k, v in zip(sorted(sums), terms.tolist(), strict=True)},
                     "lr": run.optimizer.param_groups[0]["lr"], "train_seconds": elapsed,
@@ -240,5 +240,5 @@ def stop_agreed(run: Run, stop) -> bool:
     asked = stop is not None and stop.requested
     if run.accelerator.num_processes == 1:
         return asked
-    flag = run.accelerator.reduce(torch.tensor([float(asked)], device=run.accelerator.device), reduction="max")
+    flag = collectives.reduce(torch.tensor([float(asked)], device=run.accelerator.device), "max")
     return bool(flag.item())

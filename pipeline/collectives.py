@@ -1,0 +1,57 @@
+"""The collectives this code issues itself (sums, maxima, a broadcast), made safe to fork loader workers after.
+
+Written by hand because no library does it: a gloo (or NCCL) collective's work object keeps the tensors it ran
+on, and the library's own thread usually drops the last reference to it once the operation is done. Freeing a
+tensor that Python has seen takes the GIL, so that thread creates a Python thread state, holding the runtime's
+head lock for a moment without the GIL. A process forked in that moment makes a child that never starts: CPython
+up to 3.11.9 takes that lock in the child before resetting it (gh-112275), and the data loader forks its
+workers right after evaluation's collectives. Seen in CI and here as a 2-rank run stuck at an epoch's end: a
+rank's evaluation worker hung in PyOS_AfterFork_Child, the other rank in the next all-reduce.
+
+Here each work is waited on and then kept (the last `HELD`), so that the last reference is this thread's and
+the tensors are freed here, long after the library's thread let go of them. The collectives of torch's own
+C++ (DDP's gradient all-reduce and buffer broadcast) run on tensors Python never saw and need nothing.
+tests/test_distributed.py checks where the tensors are freed."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+HELD = 64  # works kept: each is dropped 64 collectives after it completed
+_held: deque = deque(maxlen=HELD)
+
+_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def reduce(tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """A copy of `tensor` summed ("sum"), averaged ("mean") or maximized ("max") over the ranks (the copy
+    itself where there is one process): accelerate's `Accelerator.reduce`, with the work kept."""
+    out = tensor.clone()
+    if distributed():
+        _wait(dist.all_reduce(out, op=_OPS[reduction], async_op=True))
+        if reduction == "mean":
+            out /= dist.get_world_size()
+    return out
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> None:
+    """`tensor` on every rank set to rank `src`'s, in place."""
+    if distributed():
+        _wait(dist.broadcast(tensor, src=src, async_op=True))
+
+
+def _wait(work) -> None:
+    work.wait()
+    _held.append(work)  # dropped here, later (see the module docstring)
+
+
+def release() -> None:
+    """Drop the kept works now (their tensors are freed in this thread)."""
+    _held.clear()
