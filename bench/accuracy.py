@@ -200,7 +200,15 @@ def settle(path: Path, check, replace: bool) -> str:
 PRINTING = threading.Lock()  # the --jobs threads print through one TextIOWrapper, which is not thread-safe
 
 
-def cli_run(argv: list, resume: bool = False) -> None:
+def cli_run(argv: list, resume: bool = False, code: dict | None = None) -> None:
+    """`python cli.py argv`; with `code` (the plan's `code_version()` at its start), refused if the checkout is no
+    longer that commit in that state: a run started after an edit would record another code, and the plan's
+    tables could not hold it (checked before every run, not only once: plans run for hours)."""
+    now = code_version.__wrapped__() if code is not None else None  # read now, not this process's cached answer
+    if now is not None and (now["commit"], now["dirty"]) != (code["commit"], code["dirty"]):
+        state = lambda c: f"{c['commit']}{' with uncommitted changes' if c['dirty'] else ''}"  # noqa: E731
+        raise SystemExit(f"the checkout changed while the plan ran (it started at {state(code)}, it is now at "
+                         f"{state(now)}): restore it, or run the plan again from the new commit")
     cmd = [sys.executable, str(ROOT / "cli.py"), *map(str, argv), *(["--resume"] if resume else [])]
     with PRINTING:  # unguarded, two threads printing at once lost a line now and then
         print("$ python cli.py", " ".join(map(str, cmd[2:])), flush=True)
@@ -221,12 +229,12 @@ def make_all(w: Work, jobs: int, replace: bool, allow_dirty: bool = False) -> No
     plan = w.plan
     state = settle(w.teacher_dir, lambda: run_state(w.teacher_dir, None, code), replace)
     if state != "done":
-        cli_run(w.teacher_argv(), resume=state == "resume")
+        cli_run(w.teacher_argv(), resume=state == "resume", code=code)
     run_state(w.teacher_dir, w.expected(w.teacher_argv()), code)  # the teacher is what this plan asks for
     for store in dict.fromkeys(v["teacher"] for v in plan["variants"].values()):
         if store in plan.get("stores", {}):
             settle(w.store(store), lambda s=store: store_state(w.store(s)), replace)
-            cli_run(w.store_argv(store))
+            cli_run(w.store_argv(store), code=code)
     todo, queued = [], set()
     for t in plan["tables"]:  # tables in order; within one, seeds outermost: a finished seed is a whole comparison
         for seed in plan["seeds"]:
@@ -240,7 +248,7 @@ def make_all(w: Work, jobs: int, replace: bool, allow_dirty: bool = False) -> No
                     todo.append((argv, state == "resume"))
     print(f"{len(todo)} runs to make, {jobs} at a time", flush=True)
     with ThreadPoolExecutor(jobs) as pool:
-        for f in [pool.submit(cli_run, argv, resume) for argv, resume in todo]:
+        for f in [pool.submit(cli_run, argv, resume, code) for argv, resume in todo]:
             f.result()
 
 

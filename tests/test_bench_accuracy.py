@@ -65,6 +65,17 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
     assert json.loads(metrics.read_text())["provenance"]["config_hash"] != "0" * 64
 
 
+def test_a_run_is_refused_once_the_checkout_has_changed_since_the_plan_started():
+    """The plan's code is checked before every run, not once: a checkout edited (or moved to another commit) while
+    a plan runs for hours would otherwise start runs recording another code than the table's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import accuracy
+    started = {"commit": "0" * 40, "dirty": False}  # the plan started at another commit than the checkout's now
+    with pytest.raises(SystemExit, match="the checkout changed while the plan ran"):
+        accuracy.cli_run(["--help"], code=started)  # `cli.py --help` would succeed: only the check stops it
+    accuracy.cli_run(["--help"], code=accuracy.code_version.__wrapped__())  # unchanged: it runs
+
+
 def test_the_readme_accuracy_tables_are_the_record_they_name():
     """The README's accuracy tables are generated from bench/results/accuracy_tiny50.json (accuracy.table), never
     written by hand: a table edited, or a record replaced without regenerating the README, fails here."""
