@@ -255,6 +255,13 @@ def assert_same_state(a, b) -> None:
         same_value(va, vb, name)
 
 
+def files_of(d) -> dict:
+    """Every file under d -> its bytes' sha256."""
+    import hashlib
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
 def assert_same_run(a, b) -> None:
     """Same exported weights and EMA weights (torch.equal) and the same metrics, bar the timings."""
     for name in ("model.safetensors", "model_ema.safetensors"):
@@ -284,9 +291,20 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_to_the_uninterrupted_run(s
     assert progress["epoch"] == 0 and (progress["step"]["epoch"], progress["step"]["micro"]) == (1, 3)
     assert [p.name for p in (cut / "state").iterdir()] == ["step-0001-0000003"]  # the epoch's state is replaced
     assert not (cut / "model.safetensors").exists()
-    if ranks == 1:  # a position inside an epoch means nothing under another batch size: refused, nothing written
-        p = run_cli(*preempt_args(small_digits, ref_store, cut, 1, "--batch-size", 4, "--resume"))
-        assert p.returncode == 2 and "batch_size 8 (now 4)" in p.stderr, p.stderr[-2000:]
+    # a position inside an epoch means nothing under another layout (students.checkpoint.layout): each change is
+    # refused, naming it, and nothing in the run directory changes (epochs per decode: tests/test_epochs_per_decode.py)
+    before = files_of(cut)
+    changes = [(("--batch-size", 4), "batch_size 8 (now 4)"), (("--workers", 2), "workers 1 (now 2)"),
+               (("--grad-accum", 2), "grad_accum 1 (now 2)"),
+               (("--max-steps-per-epoch", 4), "max_steps_per_epoch 5 (now 4)"),
+               (("--seed", 7, "--order-seed", 0), "seed 0 (now 7)"),  # the order seed defaults to the seed: kept
+               (("--order-seed", 3), "order_seed 0 (now 3)")] if ranks == 1 else \
+        [((), "processes 2 (now 1)")]  # the 2-rank position resumed by one process (this one)
+    for flags, says in changes:
+        p = run_cli(*preempt_args(small_digits, ref_store, cut, ranks, *flags, "--resume"))
+        assert p.returncode == 2 and f" with {says}; resume with the same settings" in p.stderr, \
+            (flags, p.stderr[-2000:])  # that one change, alone
+    assert files_of(cut) == before
     resumed = run_ranks(ranks, tmp_path / "pr", *preempt_args(small_digits, ref_store, cut, ranks, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "in epoch 2 of 2, after optimizer step 3" in resumed.stdout
