@@ -314,6 +314,28 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_to_the_uninterrupted_run(s
 
 
 @pytest.mark.slow
+def test_sigterm_during_evaluation_saves_the_epoch_exits_75_and_resumes_to_the_uninterrupted_run(
+        small_digits, ref_store, uninterrupted, tmp_path):
+    """SIGTERM while epoch 1 is evaluated: the evaluation finishes, the epoch is saved whole (no position inside
+    it), the run exits 75 naming the epoch's end, and --resume starts epoch 2 and ends torch.equal to the
+    uninterrupted run, full state included."""
+    cut, probe = tmp_path / "cut", tmp_path / "pc"
+    run = start_ranks(1, probe, *preempt_args(small_digits, ref_store, cut, 1), env={"PROBE_STALL_EVAL": "0"})
+    wait_for(lambda: (probe / "stalled-eval-0").exists(), run)
+    os.killpg(run.pid, signal.SIGTERM)
+    assert run.wait(timeout=120) == 75
+    assert [(r["rank"], r["world"], r["exit"]) for r in ranks_seen(probe)] == [(0, 1, 75)]
+    progress = json.loads((cut / "progress.json").read_text())
+    assert progress["epoch"] == 0 and not progress.get("step") and len(progress["history"]) == 1
+    assert "top1" in progress["history"][0] and "ema_top1" in progress["history"][0]  # both evaluations ran
+    resumed = run_ranks(1, tmp_path / "pr", *preempt_args(small_digits, ref_store, cut, 1, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 1 of 2" in resumed.stdout
+    assert_same_run(uninterrupted(1), cut)
+    assert_same_state(uninterrupted(1), cut)
+
+
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_at_the_next_check_and_resumes_to_the_uninterrupted_run(
         small_digits, ref_store, uninterrupted, tmp_path):
     """SIGTERM to rank 1 only, while it runs step 3 of epoch 2, with --check-signal-every 3: rank 0 never got a

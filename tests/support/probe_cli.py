@@ -9,7 +9,8 @@ created. PROBE_BATCHES=1 also saves every training batch this rank stepped on (v
 DIR/batches-<rank>.pt. PROBE_STALL=E,S makes training step S of epoch E write DIR/stalled-<rank> (the rank's pid)
 and sleep (only on the ranks in PROBE_STALL_RANKS=R,..., where it is set),
 so that a test can kill it mid-epoch; the stall ends when a stop signal reaches the command (SIGTERM/SIGINT,
-pipeline.preempt), so that the signal lands during a known step. Each rank's record also holds its exit status.
+pipeline.preempt), so that the signal lands during a known step. PROBE_STALL_EVAL=E does the same at the start of
+epoch E's evaluation (DIR/stalled-eval-<rank>). Each rank's record also holds its exit status.
 """
 
 import json
@@ -24,6 +25,7 @@ import cli
 import pipeline.preempt as preempt
 import students.checkpoint as checkpoint_mod
 import students.task as task_mod
+import students.train as train_mod
 import tests.support.chaos_cli  # noqa: F401  (OFAKD_CHAOS_SLOW_WRITES: slowed zarr writes, for kills mid-unit)
 from cache.store import CacheStore
 from cache.targets import TEACHER_KEY
@@ -52,10 +54,7 @@ def distill_losses(out, teacher_logits, batch, cfg, num_classes, **kw):
     stalling = os.environ.get("PROBE_STALL_RANKS")  # only these ranks stall [default: every rank]
     if stall and [int(v) for v in stall.split(",")] == [state["epoch"], state["step"]] and \
             (not stalling or str(RANK) in stalling.split(",")):
-        (OUT / f"stalled-{RANK}").write_text(str(os.getpid()))  # the pid, for a signal to this rank only
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 600 and not (preempt.current and preempt.current.requested):
-            time.sleep(0.02)
+        stall_until_stopped(f"stalled-{RANK}")
     if os.environ.get("PROBE_BATCHES"):
         keep = ("view", "label", "partner_label", "lam", "index", "view_seed", "partner")
         rec = {"epoch": state["epoch"], **{k: batch[k].cpu().clone() for k in keep if k in batch}}
@@ -68,7 +67,25 @@ def distill_losses(out, teacher_logits, batch, cfg, num_classes, **kw):
     return real_losses(out, teacher_logits, batch, cfg, num_classes, **kw)
 
 
+def stall_until_stopped(name: str) -> None:
+    (OUT / name).write_text(str(os.getpid()))  # the pid, for a signal to this rank only
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 600 and not (preempt.current and preempt.current.requested):
+        time.sleep(0.02)
+
+
+real_evaluate = train_mod.evaluate
+
+
+def evaluate(runs, eval_loader, ema=False):
+    stall = os.environ.get("PROBE_STALL_EVAL")
+    if stall and int(stall) == state["epoch"] and not ema:
+        stall_until_stopped(f"stalled-eval-{RANK}")
+    return real_evaluate(runs, eval_loader, ema=ema)
+
+
 CacheStore.write_unit, TrainViews.set_epoch, task_mod.distill_losses = write_unit, set_epoch, distill_losses
+train_mod.evaluate = evaluate
 
 # files only the main process may write: the run's own files (students.checkpoint.write_atomic) and a new store's
 # metadata (CacheStore._build, which writes the group's attributes)
