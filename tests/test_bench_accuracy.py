@@ -65,6 +65,7 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
     assert json.loads(metrics.read_text())["provenance"]["config_hash"] != "0" * 64
 
 
+@pytest.mark.slow
 def test_a_run_is_refused_once_the_checkout_has_changed_since_the_plan_started():
     """The plan's code is checked before every run, not once: a checkout edited (or moved to another commit) while
     a plan runs for hours would otherwise start runs recording another code than the table's."""

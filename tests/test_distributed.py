@@ -563,6 +563,7 @@ def test_two_machines_share_one_store_and_one_run(small_digits, teacher_ckpt, re
     assert [h["train/loss"] for h in m2["history"]] == [h["train/loss"] for h in m1["history"]]
 
 
+@pytest.mark.slow
 def test_the_tensors_of_our_collectives_are_freed_in_the_main_thread_so_forking_workers_is_safe(tmp_path):
     """pipeline.collectives keeps each work, so its tensors are freed by this thread: not by gloo's, which would
     create a Python thread state under the runtime's lock, where a loader worker forked at that moment hangs
