@@ -4,9 +4,10 @@ Written by hand because no library does it: a gloo (or NCCL) collective's work o
 on, and the library's own thread usually drops the last reference to it once the operation is done. Freeing a
 tensor that Python has seen takes the GIL, so that thread creates a Python thread state, holding the runtime's
 head lock for a moment without the GIL. A process forked in that moment makes a child that never starts: CPython
-up to 3.11.9 takes that lock in the child before resetting it (gh-112275), and the data loader forks its
-workers right after evaluation's collectives. Seen in CI and here as a 2-rank run stuck at an epoch's end: a
-rank's evaluation worker hung in PyOS_AfterFork_Child, the other rank in the next all-reduce.
+3.11 (3.11.7 here and in CI) takes that lock in the child before resetting it (gh-112275, fixed in 3.12), and
+the data loader forks its workers right after evaluation's collectives. Seen in CI and here as a 2-rank run
+stuck at an epoch's end: a rank's evaluation worker hung in PyOS_AfterFork_Child, the other rank in the next
+all-reduce.
 
 Here each work is waited on and then kept (the last `HELD`), so that the last reference is this thread's and
 the tensors are freed here, long after the library's thread let go of them. The collectives of torch's own
@@ -27,6 +28,7 @@ _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceO
 
 
 def distributed() -> bool:
+    """Whether a process group of more than one rank is running (else every collective is the identity)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

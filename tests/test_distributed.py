@@ -317,8 +317,8 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_to_the_uninterrupted_run(s
 def test_sigterm_during_evaluation_saves_the_epoch_exits_75_and_resumes_to_the_uninterrupted_run(
         small_digits, ref_store, uninterrupted, tmp_path):
     """SIGTERM while epoch 1 is evaluated: the evaluation finishes, the epoch is saved whole (no position inside
-    it), the run exits 75 naming the epoch's end, and --resume starts epoch 2 and ends torch.equal to the
-    uninterrupted run, full state included."""
+    it), the run exits 75, and --resume starts after epoch 1 and ends torch.equal to the uninterrupted run, full
+    state included."""
     cut, probe = tmp_path / "cut", tmp_path / "pc"
     run = start_ranks(1, probe, *preempt_args(small_digits, ref_store, cut, 1), env={"PROBE_STALL_EVAL": "0"})
     wait_for(lambda: (probe / "stalled-eval-0").exists(), run)
