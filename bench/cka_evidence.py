@@ -1,10 +1,15 @@
 """CKA evidence for the OFA motivation: stage features agree within a family and differ across families.
 
-    python bench/cka_evidence.py [--work runs/accuracy] [--samples 2000] [--pairs cnn_vs_vit ...]
+    python bench/cka_evidence.py --plan bench/plans/tiny50.yaml --work runs/accuracy-tiny50 [--samples 2000]
 
-Uses the CE-trained models of bench/accuracy.py (same CIFAR-10 slice, `--work`/data): ResNet-18 and test_resnet
-(CNNs), two test_vit ViTs trained from different seeds; writes cka/<pair>/cka.{png,csv,json} (`cli.py cka`) and
-cka_evidence.json (each pair's diagonal: stage i against stage i) to bench/results (or $OFAKD_BENCH_RESULTS).
+Reads the models an accuracy plan trained (bench/accuracy.py, same `--work`): its CE teacher and its student's CE
+runs of seeds 0 and 1 (two models of one family from different seeds), and the default OFA run of seed 0. Pairs:
+teacher-vs-ce0 and teacher-vs-ce1 (across families for tiny50: ResNet-18 against test_vit), ce0-vs-ce1 (within
+the student's family), teacher-vs-ofa0 (does OFA's head loss make the student's stages more like the teacher's?).
+Every model must come from the same clean commit as the plan's teacher; a missing or stale checkpoint stops the
+script in one sentence. Writes cka/<pair>/cka.{png,csv,json} (`cli.py cka`, on the plan's validation slice and
+recipe) and cka_evidence.json (each pair's diagonal: stage i against stage i) to bench/results (or
+$OFAKD_BENCH_RESULTS).
 """
 
 from __future__ import annotations
@@ -15,54 +20,78 @@ import subprocess
 import sys
 from pathlib import Path
 
+from accuracy import Work, load_plan
 from common import ROOT, md_table, results_dir, save
 
-VIT = ["img_size=32", "patch_size=4"]
-PAIRS = {"cnn_vs_vit": ("resnet18", "test_vit (a)"), "cnn_vs_cnn": ("resnet18", "test_resnet"),
-         "vit_vs_vit": ("test_vit (a)", "test_vit (b)"), "cnn_vs_vit_2": ("test_resnet", "test_vit (b)")}
+# pair -> (model a, model b), each "teacher" or "<variant>-seed<n>" of the plan
+PAIRS = {"teacher-vs-ce0": ("teacher", "ce-seed0"), "teacher-vs-ce1": ("teacher", "ce-seed1"),
+         "ce0-vs-ce1": ("ce-seed0", "ce-seed1"), "teacher-vs-ofa0": ("teacher", "ofa-seed0")}
 
 
-def models(work: Path) -> dict:
-    """name -> (timm model, its keyword arguments, checkpoint) of bench/accuracy.py's CE runs in `work`."""
-    return {"resnet18": ("resnet18", [], work / "teacher-resnet18" / "model.safetensors"),
-            "test_resnet": ("test_resnet", [], work / "vit-cnn" / "ce-seed0" / "model.safetensors"),
-            "test_vit (a)": ("test_vit", VIT, work / "teacher-test_vit" / "model.safetensors"),
-            "test_vit (b)": ("test_vit", VIT, work / "cnn-vit" / "ce-seed0" / "model.safetensors")}
+def model_kwargs(flags: list) -> list[str]:
+    return [str(flags[i + 1]) for i, f in enumerate(flags) if f == "--model-kwargs"]
+
+
+def models(w: Work, names: set[str]) -> dict:
+    """name -> {model, kwargs, checkpoint, commit} for the plan's runs named; refuses a missing or mixed one."""
+    found, commits = {}, {}
+    for name in sorted(names):
+        run = w.teacher_dir if name == "teacher" else w.work / name
+        spec = w.plan["teacher"] if name == "teacher" else w.plan["student"]
+        flags = spec.get("model_flags", []) if name == "teacher" else spec.get("flags", [])
+        ckpt, metrics = run / "model.safetensors", run / "metrics.json"
+        if not (ckpt.exists() and metrics.exists()):
+            raise SystemExit(f"{ckpt} is missing: run `python bench/accuracy.py --plan ... --work {w.work}` until "
+                             f"{run.name} is finished")
+        code = json.loads(metrics.read_text())["provenance"]["code"]
+        commits[name] = code["commit"] + (" (dirty)" if code["dirty"] else "")
+        found[name] = {"model": spec["name"], "kwargs": model_kwargs(flags), "checkpoint": ckpt,
+                       "commit": commits[name]}
+    if len(set(commits.values())) > 1:
+        raise SystemExit(f"the models come from different code ({commits}): a record holds one commit's models; "
+                         "finish the plan on one commit")
+    return found
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "accuracy")
+    ap.add_argument("--plan", type=Path, required=True, help="the accuracy plan whose models to compare")
+    ap.add_argument("--work", type=Path, help="the plan's work folder [default: the plan's, under the repo]")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
     args = ap.parse_args(argv)
-    found = models(args.work)
+    plan = load_plan(args.plan)
+    work = args.work or ROOT / plan["work"]
+    if not (work / "data" / "dataset.json").exists():
+        raise SystemExit(f"{work / 'data'} holds no dataset: run bench/accuracy.py with this --work first")
+    w = Work(plan, work / "data", work)
+    found = models(w, {m for p in args.pairs for m in PAIRS[p]})
     summary = {}
     for name in args.pairs:
-        a, b = PAIRS[name]
-        (na, ka, ca), (nb, kb, cb) = found[a], found[b]
-        if not (ca.exists() and cb.exists()):
-            print(f"skip {name}: {ca if not ca.exists() else cb} missing (run bench/accuracy.py first)")
-            continue
+        a, b = (found[m] for m in PAIRS[name])
         out = results_dir() / "cka" / name
-        cmd = [sys.executable, str(ROOT / "cli.py"), "cka", "--model-a", na, "--checkpoint-a", ca, "--model-b", nb,
-               "--checkpoint-b", cb, "--data", args.work / "data", "--recipe", "cifar", "--samples", args.samples,
-               "--batch-size", 100, "--out", out]
-        cmd += [x for kv in ka for x in ("--model-kwargs-a", kv)] + [x for kv in kb for x in ("--model-kwargs-b", kv)]
+        cmd = [sys.executable, ROOT / "cli.py", "cka", "--model-a", a["model"], "--checkpoint-a", a["checkpoint"],
+               "--model-b", b["model"], "--checkpoint-b", b["checkpoint"], "--data", w.data, "--split", "val",
+               "--recipe", plan["recipe"], "--samples", args.samples, "--batch-size", 100, "--out", out]
+        cmd += [x for kv in a["kwargs"] for x in ("--model-kwargs-a", kv)]
+        cmd += [x for kv in b["kwargs"] for x in ("--model-kwargs-b", kv)]
         subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
         mat = json.loads((out / "cka.json").read_text())["matrix"]
         diag = [mat[i][i] for i in range(min(len(mat), len(mat[0])))]
-        summary[name] = {"a": a, "b": b, "diagonal": diag, "mean_diagonal": sum(diag) / len(diag)}
-    save("cka_evidence", {"samples": args.samples, "pairs": summary})
+        summary[name] = {"a": PAIRS[name][0], "b": PAIRS[name][1], "model_a": a["model"], "model_b": b["model"],
+                         "diagonal": diag, "mean_diagonal": sum(diag) / len(diag)}
+    models_commit = next(iter(found.values()))["commit"]
+    save("cka_evidence", {"plan": plan["name"], "samples": args.samples, "models_commit": models_commit,
+                          "pairs": summary})
     return summary
 
 
 def table(record: dict) -> str:
     r = record["results"]
-    rows = [[name, p["a"], p["b"], ", ".join(f"{d:.2f}" for d in p["diagonal"]), p["mean_diagonal"]]
-            for name, p in r["pairs"].items()]
-    samples = f"{r['samples']:,} samples" if r.get("samples") else "samples not recorded"
-    return (f"Linear CKA of the stage features, {samples}; the full matrices and plots are in `cka/<pair>/`. No "
+    rows = [[name, f"{p['a']} ({p['model_a']})", f"{p['b']} ({p['model_b']})",
+             ", ".join(f"{d:.2f}" for d in p["diagonal"]), p["mean_diagonal"]] for name, p in r["pairs"].items()]
+    return (f"Linear CKA of the stage features on {r['samples']:,} validation images of plan {r['plan']} (models "
+            f"trained by commit {r['models_commit'][:12]}); the full matrices and plots are in `cka/<pair>/`. No "
             "target: within a family the stages agree more than across families.\n\n"
             + md_table(["pair", "model a", "model b", "CKA, stage i vs stage i", "mean"], rows))
 

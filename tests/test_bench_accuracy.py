@@ -1,6 +1,7 @@
 """bench/accuracy.py end to end on the digits: a declared plan, keyed reuse, refusal of stale work, intervals."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -63,6 +64,24 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
     assert redo.returncode == 0 and "1 runs to make" in redo.stdout
     assert redo.stdout.count("$ python cli.py train-student") == 1
     assert json.loads(metrics.read_text())["provenance"]["config_hash"] != "0" * 64
+
+    # bench/cka_evidence.py reads the plan's models: a pair whose run the plan lacks is refused in one sentence
+    cka = [sys.executable, str(ROOT / "bench" / "cka_evidence.py"), "--plan", plan, "--work", work, "--samples", "48"]
+    env = {**os.environ, "OFAKD_BENCH_RESULTS": str(results)}
+    missing = subprocess.run(cka, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "ofa-seed0/model.safetensors is missing" in missing.stderr and not (results / "cka_evidence.json").exists()
+    made = subprocess.run([*cka, "--pairs", "teacher-vs-ce0", "ce0-vs-ce1"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env=env)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    sys.path.insert(0, str(ROOT / "bench"))
+    from tests.test_bench import record
+    cka_r = record(results, "cka_evidence", "cka_evidence")
+    assert list(cka_r["pairs"]) == ["teacher-vs-ce0", "ce0-vs-ce1"] and cka_r["samples"] == 48
+    assert cka_r["models_commit"] == r["commit"] + " (dirty)" and cka_r["plan"] == "accuracy_smoke"
+    pair = cka_r["pairs"]["teacher-vs-ce0"]
+    assert (pair["model_a"], pair["model_b"]) == ("test_resnet", "test_vit") and len(pair["diagonal"]) >= 2
+    assert (results / "cka" / "ce0-vs-ce1" / "cka.json").exists()
 
 
 @pytest.mark.slow
