@@ -1,7 +1,7 @@
 """Accuracy evidence from a declared plan: every cell of a table made by one commit, with intervals.
 
     python bench/accuracy.py --plan bench/plans/tiny50.yaml --data runs/data/tiny50 [--jobs 2]
-    python bench/accuracy.py --plan bench/plans/tiny50.yaml --data runs/data/tiny50 --report-only
+    python bench/accuracy.py --plan bench/plans/tiny50.yaml --data runs/data/tiny50 --report-only [--readme README.md]
 
 A plan (YAML, committed before its runs start) names the data slice, the teacher, the student, the stores, the
 variants (a method with its flags and teacher source: a store, the online teacher, or none), the seeds, the
@@ -351,6 +351,20 @@ def table(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_START = "<!-- accuracy tables: generated from bench/results/{name}.json -->"
+README_END = "<!-- end accuracy tables -->"
+
+
+def readme_block(text: str, record: dict) -> str:
+    """`text` (a markdown file) with the block between the record's markers replaced by `table(record)`."""
+    start = README_START.format(name=record["name"])
+    if text.count(start) != 1 or text.count(README_END) != 1:
+        raise SystemExit(f"the file holds no single pair of markers {start!r} ... {README_END!r}: add them where "
+                         "the tables go")
+    head, rest = text.split(start)
+    return f"{head}{start}\n{table(record)}{README_END}{rest.split(README_END, 1)[1]}"
+
+
 def plot(r: dict, path: Path) -> None:
     """One panel per table, one colour per variant: mean validation top-1 per epoch over seeds."""
     import matplotlib
@@ -383,6 +397,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
     ap.add_argument("--replace-stale", action="store_true", help="delete and redo work another commit made")
     ap.add_argument("--report-only", action="store_true", help="render the tables from finished runs")
+    ap.add_argument("--readme", type=Path, help="also rewrite this markdown file's generated block of the tables "
+                    "(README.md: between its accuracy markers)")
     ap.add_argument("--allow-dirty", action="store_true",
                     help="run or report from a checkout with uncommitted changes (to try a plan: its runs and tables "
                          "are marked dirty, and reuse cannot tell one uncommitted change from another)")
@@ -399,6 +415,8 @@ def main(argv=None) -> dict:
     record = json.loads(save(plan["name"], results, args.results).read_text())
     (args.results / f"{plan['name']}.md").write_text(table(record))
     plot(results, args.results / f"{plan['name']}.png")
+    if args.readme:
+        args.readme.write_text(readme_block(args.readme.read_text(), record))
     print(table(record))
     return record
 

@@ -103,9 +103,18 @@ def test_the_readme_accuracy_tables_are_the_record_they_name():
     import accuracy
     record = json.loads((ROOT / "bench" / "results" / "accuracy_tiny50.json").read_text())
     readme = (ROOT / "README.md").read_text()
-    start, end = "<!-- accuracy tables: generated from bench/results/accuracy_tiny50.json -->", \
-        "<!-- end accuracy tables -->"
-    assert readme.count(start) == 1 and readme.count(end) == 1
-    block = readme.split(start)[1].split(end)[0]
-    assert block.strip() == accuracy.table(record).strip(), \
-        "README.md's accuracy tables are stale: paste accuracy.table(record) between the markers"
+    assert accuracy.readme_block(readme, record) == readme, \
+        "README.md's accuracy tables are stale: python bench/accuracy.py ... --report-only --readme README.md"
+
+
+def test_the_readme_block_is_replaced_by_the_records_tables_and_needs_its_markers():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import accuracy
+    record = json.loads((ROOT / "bench" / "results" / "accuracy_tiny50.json").read_text())
+    start = accuracy.README_START.format(name="accuracy_tiny50")
+    text = f"# intro\n\n{start}\nan old table\n{accuracy.README_END}\n\nafter\n"
+    out = accuracy.readme_block(text, record)
+    assert out == f"# intro\n\n{start}\n{accuracy.table(record)}{accuracy.README_END}\n\nafter\n"
+    assert "an old table" not in out and accuracy.readme_block(out, record) == out
+    with pytest.raises(SystemExit, match="no single pair of markers"):
+        accuracy.readme_block("# intro\n", record)
