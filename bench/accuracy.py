@@ -32,16 +32,17 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from common import RESULTS, ROOT, save
+from common import CODE_AT_START, ROOT, results_dir, save
 
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
 from cache.store import CacheStore  # noqa: E402
+from commands.options import OUTPUT_ONLY  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.manifest import Manifest, load_manifest, sha256_file, write_atomic  # noqa: E402
 from pipeline.provenance import code_label, code_version, config_hash  # noqa: E402
-from students.checkpoint import run_config_hash  # noqa: E402
+from students.checkpoint import RUN_LOCAL, run_config_hash  # noqa: E402
 
 EXIT_PREEMPTED = 75
 
@@ -76,9 +77,12 @@ def slice_dataset(src: Path, dest: Path, train_shards: int, val_shards: int, val
         if n > len(info.shards):
             raise SystemExit(f"{src}: split '{split}' has {len(info.shards)} shards, fewer than the {n} asked for")
         keep = info.shards[:n]
-        for s in keep:
-            if not (dest / s.name).exists():
-                (dest / s.name).hardlink_to(src / s.name)
+        for s in keep:  # a link to other bytes (the source made again, another --data) is replaced
+            link = dest / s.name
+            if link.exists() and not link.samefile(src / s.name):
+                link.unlink()
+            if not link.exists():
+                link.hardlink_to(src / s.name)
         sub.splits[new] = type(info)(count=sum(s.count for s in keep), samples_per_shard=info.samples_per_shard,
                                      class_counts=info.class_counts, shards=keep, order_seed=info.order_seed)
     write_atomic(dest / "dataset.json", sub.to_json().encode())
@@ -162,9 +166,13 @@ def run_state(run: Path, expected: dict | None, code: dict) -> str:
             raise Stale(f"{run} was made with {'; '.join(problems)}")
         return "done"
     if (run / "config.json").exists():
-        made = json.loads((run / "config.json").read_text()).get("made_by", {}).get("code")
+        config = json.loads((run / "config.json").read_text())
+        made = config.get("made_by", {}).get("code")
         if made != code:
             raise Stale(f"{run} was started by commit {made and made['commit']}, not {code['commit']}")
+        started = config_hash({k: v for k, v in config.items() if k not in RUN_LOCAL and k not in OUTPUT_ONLY})
+        if expected and started != expected["config_hash"]:
+            raise Stale(f"{run} was started with config_hash {started}, not {expected['config_hash']}")
         return "resume" if (run / "progress.json").exists() else "fresh"
     if run.exists() and any(run.iterdir()):
         raise Stale(f"{run} holds files but no run")
@@ -227,7 +235,7 @@ def make_all(w: Work, jobs: int, replace: bool, allow_dirty: bool = False) -> No
         raise SystemExit("the checkout is not a clean git checkout: commit first, so that every run records the "
                          "commit that made it (or pass --allow-dirty to try a plan, or use --report-only)")
     plan = w.plan
-    state = settle(w.teacher_dir, lambda: run_state(w.teacher_dir, None, code), replace)
+    state = settle(w.teacher_dir, lambda: run_state(w.teacher_dir, w.expected(w.teacher_argv()), code), replace)
     if state != "done":
         cli_run(w.teacher_argv(), resume=state == "resume", code=code)
     run_state(w.teacher_dir, w.expected(w.teacher_argv()), code)  # the teacher is what this plan asks for
@@ -280,6 +288,11 @@ def collect(w: Work, allow_dirty: bool = False) -> dict:
     if code["commit"] is None or (code["dirty"] and not allow_dirty):
         raise SystemExit(f"{w.teacher_dir} was made from a dirty checkout or outside git: not reportable (pass "
                          f"--allow-dirty to render it marked so)")
+    if (CODE_AT_START["commit"], CODE_AT_START["dirty"]) != (code["commit"], code["dirty"]):
+        raise SystemExit(f"the runs were made by commit {code['commit']} and this checkout is "
+                         f"{CODE_AT_START['commit']}{' with changes' if CODE_AT_START['dirty'] else ''}: render them "
+                         f"from a clean checkout of {code['commit']} (git worktree add DIR {code['commit']}), so that "
+                         "the record names the one code that made and drew them")
     variants = {}
     for variant in dict.fromkeys(v for t in w.plan["tables"] for v in t["variants"]):
         cells = {}
@@ -287,8 +300,8 @@ def collect(w: Work, allow_dirty: bool = False) -> dict:
             run = w.run_dir(variant, seed)
             if not (run / "metrics.json").exists():
                 continue
-            try:
-                run_state(run, None, code)
+            try:  # made by the teacher's commit, as this plan asks (options, data, teacher, store)
+                run_state(run, w.expected(w.run_argv(variant, seed)), code)
             except Stale as e:
                 raise SystemExit(f"{e}: a table holds the runs of one commit ({code['commit']}, the teacher's)") \
                     from None
@@ -393,7 +406,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--plan", type=Path, required=True, help="YAML plan (bench/plans/)")
     ap.add_argument("--data", type=Path, help="dataset made by `cli.py shards` to slice [default: the plan's]")
     ap.add_argument("--work", type=Path, help="where runs and stores go [default: the plan's, under the repo]")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="directory of the results files")
+    ap.add_argument("--results", type=Path, help="directory of the results files [default: bench/results, or "
+                    "$OFAKD_BENCH_RESULTS]")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
     ap.add_argument("--replace-stale", action="store_true", help="delete and redo work another commit made")
     ap.add_argument("--report-only", action="store_true", help="render the tables from finished runs")
@@ -403,6 +417,7 @@ def main(argv=None) -> dict:
                     help="run or report from a checkout with uncommitted changes (to try a plan: its runs and tables "
                          "are marked dirty, and reuse cannot tell one uncommitted change from another)")
     args = ap.parse_args(argv)
+    args.results = args.results or results_dir()
     plan = load_plan(args.plan)
     work = args.work or ROOT / plan["work"]
     d = plan["data"]

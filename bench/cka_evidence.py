@@ -6,10 +6,10 @@ Reads the models an accuracy plan trained (bench/accuracy.py, same `--work`): it
 runs of seeds 0 and 1 (two models of one family from different seeds), and the default OFA run of seed 0. Pairs:
 teacher-vs-ce0 and teacher-vs-ce1 (across families for tiny50: ResNet-18 against test_vit), ce0-vs-ce1 (within
 the student's family), teacher-vs-ofa0 (does OFA's head loss make the student's stages more like the teacher's?).
-Every model must come from the same clean commit as the plan's teacher; a missing or stale checkpoint stops the
-script in one sentence. Writes cka/<pair>/cka.{png,csv,json} (`cli.py cka`, on the plan's validation slice and
-recipe) and cka_evidence.json (each pair's diagonal: stage i against stage i) to bench/results (or
-$OFAKD_BENCH_RESULTS).
+Every model must be finished and made as the plan asks (options, data, teacher, store) by the commit that made the
+plan's teacher (bench/accuracy.py's check); a missing or stale one stops the script in one sentence. Writes
+cka/<pair>/cka.{png,csv,json} (`cli.py cka`, on the plan's validation slice and recipe) and cka_evidence.json
+(each pair's diagonal: stage i against stage i) to bench/results (or $OFAKD_BENCH_RESULTS).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from accuracy import Work, load_plan
+from accuracy import Stale, Work, load_plan, run_state
 from common import ROOT, md_table, results_dir, save
 
 # pair -> (model a, model b), each "teacher" or "<variant>-seed<n>" of the plan
@@ -33,24 +33,32 @@ def model_kwargs(flags: list) -> list[str]:
 
 
 def models(w: Work, names: set[str]) -> dict:
-    """name -> {model, kwargs, checkpoint, commit} for the plan's runs named; refuses a missing or mixed one."""
-    found, commits = {}, {}
+    """name -> {model, kwargs, checkpoint} for the plan's runs named, each finished and made as the plan asks (its
+    options, data, teacher and store) by the commit that made the plan's teacher; refuses any other."""
+    if not (w.teacher_dir / "metrics.json").exists():
+        raise SystemExit(f"{w.teacher_dir} holds no finished teacher: run `python bench/accuracy.py --plan ... "
+                         f"--work {w.work}` first")
+    code = json.loads((w.teacher_dir / "metrics.json").read_text())["provenance"]["code"]
+    found = {}
     for name in sorted(names):
-        run = w.teacher_dir if name == "teacher" else w.work / name
-        spec = w.plan["teacher"] if name == "teacher" else w.plan["student"]
-        flags = spec.get("model_flags", []) if name == "teacher" else spec.get("flags", [])
-        ckpt, metrics = run / "model.safetensors", run / "metrics.json"
-        if not (ckpt.exists() and metrics.exists()):
-            raise SystemExit(f"{ckpt} is missing: run `python bench/accuracy.py --plan ... --work {w.work}` until "
-                             f"{run.name} is finished")
-        code = json.loads(metrics.read_text())["provenance"]["code"]
-        commits[name] = code["commit"] + (" (dirty)" if code["dirty"] else "")
-        found[name] = {"model": spec["name"], "kwargs": model_kwargs(flags), "checkpoint": ckpt,
-                       "commit": commits[name]}
-    if len(set(commits.values())) > 1:
-        raise SystemExit(f"the models come from different code ({commits}): a record holds one commit's models; "
-                         "finish the plan on one commit")
-    return found
+        if name == "teacher":
+            run, argv, spec, flags = w.teacher_dir, w.teacher_argv(), w.plan["teacher"], "model_flags"
+        else:
+            variant, seed = name.rsplit("-seed", 1)
+            if variant not in w.plan["variants"] or int(seed) not in w.plan["seeds"]:
+                raise SystemExit(f"plan {w.plan['name']} makes no run {name}: choose --pairs whose models it "
+                                 f"trains ({', '.join(p for p, ms in PAIRS.items() if name not in ms)})")
+            run, argv, spec, flags = w.work / name, w.run_argv(variant, int(seed)), w.plan["student"], "flags"
+        if not (run / "model.safetensors").exists() or not (run / "metrics.json").exists():
+            raise SystemExit(f"{run / 'model.safetensors'} is missing: run `python bench/accuracy.py --plan ... "
+                             f"--work {w.work}` until {run.name} is finished")
+        try:
+            run_state(run, w.expected(argv), code)
+        except Stale as e:
+            raise SystemExit(f"{e}: not the plan's model (run bench/accuracy.py with --replace-stale)") from None
+        found[name] = {"model": spec["name"], "kwargs": model_kwargs(spec.get(flags, [])),
+                       "checkpoint": run / "model.safetensors"}
+    return found, code
 
 
 def main(argv=None) -> dict:
@@ -65,7 +73,7 @@ def main(argv=None) -> dict:
     if not (work / "data" / "dataset.json").exists():
         raise SystemExit(f"{work / 'data'} holds no dataset: run bench/accuracy.py with this --work first")
     w = Work(plan, work / "data", work)
-    found = models(w, {m for p in args.pairs for m in PAIRS[p]})
+    found, code = models(w, {m for p in args.pairs for m in PAIRS[p]})
     summary = {}
     for name in args.pairs:
         a, b = (found[m] for m in PAIRS[name])
@@ -80,7 +88,7 @@ def main(argv=None) -> dict:
         diag = [mat[i][i] for i in range(min(len(mat), len(mat[0])))]
         summary[name] = {"a": PAIRS[name][0], "b": PAIRS[name][1], "model_a": a["model"], "model_b": b["model"],
                          "diagonal": diag, "mean_diagonal": sum(diag) / len(diag)}
-    models_commit = next(iter(found.values()))["commit"]
+    models_commit = code["commit"] + (" (dirty)" if code["dirty"] else "")
     save("cka_evidence", {"plan": plan["name"], "samples": args.samples, "models_commit": models_commit,
                           "pairs": summary})
     return summary

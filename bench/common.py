@@ -46,12 +46,33 @@ def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in argv)
 
 
+def _code_now() -> dict:
+    """The checkout's commit and state, read now; a script that is not committed makes the record dirty."""
+    from pipeline.provenance import code_version
+    code = dict(code_version.__wrapped__())
+    script = Path(sys.argv[0]).resolve()
+    if code["commit"] and script.is_relative_to(ROOT / "bench") and script.suffix == ".py":
+        import subprocess
+        tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--error-unmatch", str(script)],
+                                 capture_output=True).returncode == 0
+        code["dirty"] = code["dirty"] or not tracked
+    return code
+
+
+CODE_AT_START = _code_now()  # a benchmark records the code it started with, and refuses to save under another
+
+
 def save(name: str, numbers: dict, out_dir: Path | None = None) -> Path:
-    """Write `<out_dir or results_dir()>/<name>.json`: the numbers with the command, code, machine and date."""
+    """Write `<out_dir or results_dir()>/<name>.json`: the numbers with the command, code, machine and date.
+    Refused when the checkout changed while the benchmark ran: its figures would be recorded under a commit that
+    did not make them (or made only part of them, through the subprocesses started after the change)."""
+    now = _code_now()
+    if now != CODE_AT_START:
+        raise SystemExit(f"the checkout changed while this benchmark ran (from {CODE_AT_START} to {now}): its "
+                         f"figures are not saved as {name}.json; run it again on one commit")
     out_dir = out_dir or results_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    from pipeline.provenance import code_version
-    rec = {"name": name, "command": command(), "code": code_version(), "machine": machine(),
+    rec = {"name": name, "command": command(), "code": CODE_AT_START, "machine": machine(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": numbers}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(rec, indent=1) + "\n")

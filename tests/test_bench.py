@@ -287,3 +287,20 @@ def test_every_script_that_saves_records_draws_them_in_the_report():
     plan_test = (Path(__file__).parent / "test_bench_accuracy.py").read_text()
     checked |= set(re.findall(r'record\(results, "\w+", "(\w+)"\)', plan_test))
     assert set(saving) - {"accuracy"} <= checked, set(saving) - checked
+
+
+def test_a_record_is_refused_once_the_checkout_changed_while_its_benchmark_ran(tmp_path):
+    """save() records the code the benchmark started with, and refuses to write when the checkout is no longer
+    that: figures timed on one commit (or on two, through subprocesses started after an edit) never carry
+    another's name."""
+    import common
+    started = common.CODE_AT_START
+    try:
+        common.CODE_AT_START = {"commit": "0" * 40, "dirty": False}  # as if the script had started on another commit
+        with pytest.raises(SystemExit, match="the checkout changed while this benchmark ran"):
+            common.save("probe", {"x": 1.0}, tmp_path)
+        assert not (tmp_path / "probe.json").exists()
+    finally:
+        common.CODE_AT_START = started
+    rec = json.loads(common.save("probe", {"x": 1.0}, tmp_path).read_text())  # unchanged: saved, with that code
+    assert rec["code"] == started and rec["results"] == {"x": 1.0}

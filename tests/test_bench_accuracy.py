@@ -65,16 +65,41 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
     assert redo.stdout.count("$ python cli.py train-student") == 1
     assert json.loads(metrics.read_text())["provenance"]["config_hash"] != "0" * 64
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    import accuracy
+    w, code = accuracy.Work(PLAN, work / "data", work), accuracy.code_version.__wrapped__()
+    started = accuracy.CODE_AT_START  # the runs are rendered only by the checkout that made them
+    try:
+        accuracy.CODE_AT_START = {"commit": "0" * 40, "dirty": False}
+        with pytest.raises(SystemExit, match="render them from a clean checkout of"):
+            accuracy.collect(w, allow_dirty=True)
+    finally:
+        accuracy.CODE_AT_START = started
+    run = work / "kd-seed1"  # an unfinished run is resumed only under the options it started with
+    (run / "metrics.json").rename(tmp_path / "metrics.json")
+    assert accuracy.run_state(run, w.expected(w.run_argv("kd", 1)), code) in ("resume", "fresh")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"epochs": config["epochs"] + 1}))
+    with pytest.raises(accuracy.Stale, match="kd-seed1 was started with config_hash"):
+        accuracy.run_state(run, w.expected(w.run_argv("kd", 1)), code)
+    (run / "config.json").write_text(json.dumps(config))
+    (tmp_path / "metrics.json").rename(run / "metrics.json")
+
     # bench/cka_evidence.py reads the plan's models: a pair whose run the plan lacks is refused in one sentence
     cka = [sys.executable, str(ROOT / "bench" / "cka_evidence.py"), "--plan", plan, "--work", work, "--samples", "48"]
     env = {**os.environ, "OFAKD_BENCH_RESULTS": str(results)}
     missing = subprocess.run(cka, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
-    assert "ofa-seed0/model.safetensors is missing" in missing.stderr and not (results / "cka_evidence.json").exists()
+    assert "plan accuracy_smoke makes no run ofa-seed0: choose --pairs" in missing.stderr
+    assert not (results / "cka_evidence.json").exists()
+    (work / "ce-seed1" / "model.safetensors").rename(work / "ce-seed1" / "away.safetensors")
+    unfinished = subprocess.run([*cka, "--pairs", "ce0-vs-ce1"], capture_output=True, text=True, cwd=ROOT,
+                                timeout=600, env=env)
+    assert unfinished.returncode != 0 and "ce-seed1/model.safetensors is missing" in unfinished.stderr
+    (work / "ce-seed1" / "away.safetensors").rename(work / "ce-seed1" / "model.safetensors")
     made = subprocess.run([*cka, "--pairs", "teacher-vs-ce0", "ce0-vs-ce1"], capture_output=True, text=True,
                           cwd=ROOT, timeout=600, env=env)
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
-    sys.path.insert(0, str(ROOT / "bench"))
     from tests.test_bench import record
     cka_r = record(results, "cka_evidence", "cka_evidence")
     assert list(cka_r["pairs"]) == ["teacher-vs-ce0", "ce0-vs-ce1"] and cka_r["samples"] == 48
@@ -118,3 +143,22 @@ def test_the_readme_block_is_replaced_by_the_records_tables_and_needs_its_marker
     assert "an old table" not in out and accuracy.readme_block(out, record) == out
     with pytest.raises(SystemExit, match="no single pair of markers"):
         accuracy.readme_block("# intro\n", record)
+
+
+def test_the_slice_links_the_sources_bytes_even_where_an_older_slice_left_links_of_the_same_names(
+        digits, small_digits, tmp_path):
+    """Shard names repeat across datasets (train-000000.tar, ...): a slice made again from another source must
+    link that source's shards, not keep the old bytes under the new manifest (train-student checks only that the
+    shards exist, so runs would train on the old data while recording the new split hashes)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import accuracy
+
+    from pipeline.manifest import load_manifest
+    dest = tmp_path / "slice"
+    accuracy.slice_dataset(digits, dest, 2, 1, "val")
+    accuracy.slice_dataset(small_digits, dest, 2, 1, "val")
+    m = load_manifest(dest)
+    for split in ("train", "val"):
+        for shard in m.split(split).shards:
+            assert (dest / shard.name).samefile(small_digits / shard.name), shard.name
+    assert m.split("train").count == 96
