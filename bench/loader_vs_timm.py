@@ -10,18 +10,21 @@ offsets, scales and flips; downscaled, never upsampled), saved as JPEG quality 9
 Variants, all on one core (torch.set_num_threads(1)), timed with time.process_time (CPU seconds of this
 process), in interleaved rounds whose order rotates, so that the load of the shared machine falls on every
 variant alike and the ratios are fair even where the absolute rates are not:
-- ours:        `shard_views` over each shard as read by `ShardReader` (tar parsing, decode, crop, flip,
-               auto-augment, mixing, erasing, the pixel fingerprint), full decode: the recipe as it is
-- ours+draft:  the same with the recipe's `decode="draft"` (reduced-size JPEG decoding where the crop allows)
+- ours:        stage two's loader as train-student takes it, `TrainViews(...).loader(epoch, --shard-size, 0)`
+               (0 workers: this process does a loader worker's work) over the shards: tar parsing, decode, crop,
+               flip, auto-augment, mixing, erasing, the pixel fingerprint, each shard's permutation, collation into
+               batches; full decode: the recipe as it is
+- ours_draft:  the same with the recipe's `decode="draft"` (reduced-size JPEG decoding where the crop allows)
 - timm:        timm's `ImageDataset` over the same JPEG files (each opened, decoded by PIL, converted to RGB) with
                `timm.data.create_transform(is_training=True, ...)` at the recipe's settings, and for the vit
                recipe timm's `Mixup` (mixup 0.8, cutmix 1.0) on batches of `--shard-size`
-- ours_g4, ours_draft_g4: the same views (full, draft decode) made G = `--per-decode` (4) epochs per decode, as
-               stage two's `TrainViews(epochs_per_decode=G)` stream makes them in a loader worker (each shard read
-               and decoded once, G epochs' views of it, the shuffle buffer); a round is then one group of G epochs
+- ours_g4, ours_draft_g4: the same loader (full, draft decode) with G = `--per-decode` (4) epochs per decode,
+               `TrainViews(epochs_per_decode=G)` (each shard read and decoded once, G epochs' views of it, the
+               shuffle buffer); a round is then one group of G epochs
 Each round is one epoch (epoch = round number, so crops differ between rounds) over every image for every
 variant (G epochs for the _g variants); the rates are views per CPU-second, so a G-epoch round counts G views
-per image.
+per image. How the draft views were decoded is counted after the timing, in a pass of its own over the draft
+G-epoch rounds, from the product's own calls (`draft_reduction`'s answers, `decode_image`'s calls).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from PIL import Image
 from pipeline.augment import get_recipe, pillow_compatible
 from pipeline.reader import ShardReader
 from pipeline.shards import make_shards
-from pipeline.views import TrainViews, shard_views
+from pipeline.views import TrainViews
 
 PHOTOS = [("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"), ("sklearn", "datasets/images/china.jpg"),
           ("sklearn", "datasets/images/flower.jpg")]
@@ -90,20 +93,10 @@ def timm_transform(recipe):
     return tf
 
 
-def ours_views(reader: ShardReader, recipe, epoch: int) -> int:
-    """One epoch of this project's views (every shard read, decoded and augmented); returns the count."""
-    n = 0
-    for shard in range(reader.num_shards):
-        info = reader.split.shards[shard]
-        for _ in shard_views(list(reader.read_shard(shard)), recipe, 0, epoch, info.first, info.count):
-            n += 1
-    return n
-
-
-def group_views(views: TrainViews, group: int) -> int:
-    """One group of G epochs of stage two's stream (in-process: this process does all the work)."""
-    views.set_epoch(group * views.per_decode)
-    return sum(1 for _ in views)
+def group_views(views: TrainViews, batch_size: int, group: int) -> int:
+    """One group of G epochs (G = 1: one epoch) of stage two's loader as train-student takes it
+    (`TrainViews.loader`), in-process; returns the views it handed out."""
+    return sum(len(b["label"]) for b in views.loader(group * views.per_decode, batch_size, 0))
 
 
 def timm_views(dataset, batch_size: int, mixer, epoch: int) -> int:
@@ -119,40 +112,36 @@ def timm_views(dataset, batch_size: int, mixer, epoch: int) -> int:
     return n
 
 
-def draft_reductions(reader: ShardReader, recipe, epochs) -> dict:
-    """How the draft views of these epochs were decoded: the share of views at each JPEG reduction (1 = full)."""
-    from pipeline.augment import DRAW_CROP, draw_rng, seed_of_view
-    from pipeline.transforms import _rrc_params, draft_reduction
-    S, seen = recipe.input_size, {}
-    for shard in range(reader.num_shards):
-        for s in reader.read_shard(shard):
-            w, h = s.size
-            for e in epochs:
-                _, _, ch, cw = _rrc_params(draw_rng(seed_of_view(0, e, s.index), DRAW_CROP), h, w, recipe.scale,
-                                           recipe.ratio)
-                r = draft_reduction(ch, cw, S, S)
-                seen[r] = seen.get(r, 0) + 1
-    total = sum(seen.values())
-    return {f"1/{r}": seen[r] / total for r in sorted(seen)}
+def draft_counts(views: TrainViews, groups) -> dict:
+    """How stage two decoded the views of these groups of its stream, counted in the product's own calls while it
+    makes them (untimed): the share of views at each JPEG reduction (1 = full; `draft_reduction`'s answers, and
+    1 for a view whose source it is not asked about: not a JPEG, or a recipe that decodes whole) and the JPEG
+    decodes per image per group (`decode_image`'s calls: an image is decoded once per reduction its G crops ask
+    for, `Sample.decoded` keeps it for the others)."""
+    import pipeline.reader
+    import pipeline.transforms
+    real_reduction, real_decode = pipeline.transforms.draft_reduction, pipeline.reader.decode_image
+    answers, decodes, views_made = [], [0], 0
 
+    def reduction(*args, **kwargs):
+        answers.append(real_reduction(*args, **kwargs))
+        return answers[-1]
 
-def draft_decodes_per_image(reader: ShardReader, recipe, groups, per_decode: int) -> float:
-    """With draft decoding and G epochs per decode: JPEG decodes per image per group (the distinct reductions
-    its G crops ask for; each is decoded once, `Sample.decoded` keeps it for the others)."""
-    from pipeline.augment import DRAW_CROP, draw_rng, seed_of_view
-    from pipeline.transforms import _rrc_params, draft_reduction
-    S, decodes, n = recipe.input_size, 0, 0
-    for shard in range(reader.num_shards):
-        for s in reader.read_shard(shard):
-            w, h = s.size
-            for g in groups:
-                r = set()
-                for e in range(g * per_decode, (g + 1) * per_decode):
-                    _, _, ch, cw = _rrc_params(draw_rng(seed_of_view(0, e, s.index), DRAW_CROP), h, w, recipe.scale,
-                                               recipe.ratio)
-                    r.add(draft_reduction(ch, cw, S, S) if s.reducible else 1)
-                decodes, n = decodes + len(r), n + 1
-    return decodes / n
+    def decode(*args, **kwargs):
+        decodes[0] += 1
+        return real_decode(*args, **kwargs)
+
+    pipeline.transforms.draft_reduction, pipeline.reader.decode_image = reduction, decode
+    try:
+        for g in groups:  # the stream itself: every view it makes, those of a last partial batch too
+            views.set_epoch(g * views.per_decode)
+            views_made += sum(1 for _ in views)
+    finally:
+        pipeline.transforms.draft_reduction, pipeline.reader.decode_image = real_reduction, real_decode
+    seen = {r: answers.count(r) for r in set(answers)}
+    seen[1] = seen.get(1, 0) + views_made - len(answers)
+    return {"reductions": {f"1/{r}": seen[r] / views_made for r in sorted(seen) if seen[r]},
+            "decodes_per_image": decodes[0] * views.per_decode / views_made}
 
 
 def main(argv=None) -> dict:
@@ -193,16 +182,16 @@ def measure(tmp: Path, args) -> dict:
         mixer = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, prob=recipe.mix_prob,
                       switch_prob=recipe.switch_prob, num_classes=1000) if recipe.mixes else None
 
-        variants = {"ours": functools.partial(ours_views, reader, recipe),
+        B, G = args.shard_size, args.per_decode
+        variants = {"ours": functools.partial(group_views, TrainViews(reader, recipe, 0), B),
                     "timm": functools.partial(timm_views, ImageDataset(str(tmp / "src"), transform=tf),
                                               args.shard_size, mixer)}
         if draft is not None:
-            variants["ours_draft"] = functools.partial(ours_views, reader, draft)
-        G = args.per_decode
-        variants[f"ours_g{G}"] = functools.partial(group_views, TrainViews(reader, recipe, 0, epochs_per_decode=G))
+            variants["ours_draft"] = functools.partial(group_views, TrainViews(reader, draft, 0), B)
+        variants[f"ours_g{G}"] = functools.partial(group_views, TrainViews(reader, recipe, 0, epochs_per_decode=G), B)
         if draft is not None:
             variants[f"ours_draft_g{G}"] = functools.partial(group_views, TrainViews(reader, draft, 0,
-                                                                                     epochs_per_decode=G))
+                                                                                     epochs_per_decode=G), B)
         cpu = {k: 0.0 for k in variants}
         count = {k: 0 for k in variants}
         names = list(variants)
@@ -220,8 +209,9 @@ def measure(tmp: Path, args) -> dict:
             if k.startswith("ours"):
                 rec[f"{k}_over_timm"] = rate[k] / rate["timm"]
         if draft is not None:
-            rec["draft_reductions"] = draft_reductions(reader, draft, range(1, args.rounds + 1))
-            rec[f"draft_decodes_per_image_g{G}"] = draft_decodes_per_image(reader, draft, range(1, args.rounds + 1), G)
+            counted = draft_counts(TrainViews(reader, draft, 0, epochs_per_decode=G), range(1, args.rounds + 1))
+            rec["draft_reductions"] = counted["reductions"]
+            rec[f"draft_decodes_per_image_g{G}"] = counted["decodes_per_image"]
         results["recipes"][name] = rec
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}, flush=True)
     return results

@@ -11,8 +11,9 @@ read-ahead on (OFAKD_STORE_PREFETCH, default 2 units) and off (0), and through t
 (what the proxy itself costs). The local shards and store are uploaded as they are. The CPU time the
 S3 server and the proxies spend per epoch is recorded (on this machine they share the loader's cores),
 and the loader's own (this process and its workers).
-The loader is the one `cli.py train-student` builds: `CachedTeacher.views` (views rebuilt, cache joined
-and checked per shard) in a torch DataLoader; best views/s of `--rounds`.
+The loader is the one `cli.py train-student` builds: `CachedTeacher.views(...).loader(epoch, batch, workers)`
+(views rebuilt, cache joined and checked per shard, shards assigned to the workers, full batches only); best
+views/s (views the loader hands out) of `--rounds`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from pathlib import Path
 import s3fs
 from common import ROOT, md_table, save
 from stage_one import ensure_digits
-from torch.utils.data import DataLoader
 
 from cache.targets import CachedTeacher
 from cache.teacher_pass import CacheConfig, cache_teacher
@@ -85,10 +85,11 @@ def upload(local: Path, url: str) -> None:
 
 
 def loader_rate(cache: str, data: str, batch_size: int, workers: int) -> float:
-    cached = CachedTeacher(cache)
-    views = cached.views(data, 0)
+    """Views/s of one epoch of train-student's loader (`TrainViews.loader`, as students/train.py asks for it),
+    the cache and data already opened: with one process every batch it makes is a step."""
+    views = CachedTeacher(cache).views(data, 0)
     t0, n = time.perf_counter(), 0
-    for b in DataLoader(views, batch_size=batch_size, num_workers=workers):
+    for b in views.loader(0, batch_size, workers):
         n += len(b["label"])
     return n / (time.perf_counter() - t0)
 

@@ -27,7 +27,6 @@ import torch
 from accelerate import Accelerator
 from common import ROOT, md_table, save
 from stage_one import ensure_digits
-from torch.utils.data import DataLoader
 
 import pipeline.views
 from cache.targets import CachedTeacher
@@ -44,8 +43,9 @@ from students.train import to_device, train_step
 
 
 def loader_rates(reader, recipe, cached: CachedTeacher, rounds: int, batch_size: int) -> dict:
-    """Views/s of the stage-two loader without and with the cache join (in-process, so its own cost is
-    what is measured), and the share of loader time spent in the pixel fingerprint."""
+    """Views/s of the stage-two loader (`TrainViews.loader`, as train-student builds it) without and with the
+    cache join (0 workers: in-process, so its own cost is what is measured; the views of the full batches it
+    hands out), and the share of loader time spent in the pixel fingerprint."""
     real_digest, spent = pipeline.views.view_digest, [0.0]
 
     def timed_digest(*args, **kwargs):
@@ -54,10 +54,10 @@ def loader_rates(reader, recipe, cached: CachedTeacher, rounds: int, batch_size:
         spent[0] += time.perf_counter() - t0
         return d
 
-    def rate(stream) -> tuple[float, float]:
+    def rate(stream: TrainViews) -> tuple[float, float]:
         spent[0] = 0.0
         t0, n = time.perf_counter(), 0
-        for b in DataLoader(stream, batch_size=batch_size, num_workers=0):
+        for b in stream.loader(0, batch_size, 0):
             n += len(b["label"])
         total = time.perf_counter() - t0
         return n / total, spent[0] / total
@@ -116,7 +116,7 @@ def steps(args, cached: CachedTeacher, reader, recipe, C: int) -> dict:
     accelerator = Accelerator()
     dev = accelerator.device
     batches = []  # the same batches for every variant, already on the device: loader cost is measured apart
-    for b in DataLoader(cached.views(reader, 0), batch_size=args.batch_size, drop_last=True):
+    for b in cached.views(reader, 0).loader(0, args.batch_size, 0):
         batches.append(to_device(b, dev))
         if len(batches) == args.steps:
             break
