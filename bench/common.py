@@ -80,6 +80,26 @@ def save(name: str, numbers: dict, out_dir: Path | None = None) -> Path:
     return path
 
 
+def inputs(**paths) -> dict:
+    """What a record's figures were computed from, beyond the code: per named file (a checkpoint, a dataset's
+    folder) its sha256 (a dataset: of its dataset.json, which holds every shard's checksum) and, for a checkpoint
+    a run made, that run's provenance (commit, configuration hash); a file replaced later no longer matches."""
+    from pipeline.manifest import sha256_file
+    out = {}
+    for key, path in paths.items():
+        if path is None:
+            continue
+        path = Path(path)
+        file = path / "dataset.json" if path.is_dir() else path
+        entry = {"path": str(path), "sha256": sha256_file(file)}
+        metrics = path.parent / "metrics.json"
+        if path.is_file() and metrics.exists():
+            p = json.loads(metrics.read_text()).get("provenance") or {}
+            entry |= {"made_by": p.get("code"), "config_hash": p.get("config_hash")}
+        out[key] = entry
+    return out
+
+
 def timed(fn, repeats: int = 1) -> float:
     """Best wall time of `repeats` calls (best-of filters out noise from the shared machine)."""
     best = float("inf")

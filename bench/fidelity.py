@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import md_table, save
+from common import inputs, md_table, save
 from scaling import subset
 from torch.utils.data import DataLoader
 
@@ -144,7 +144,8 @@ def main(argv=None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"teacher": args.teacher, "checkpoint": str(args.checkpoint), "student": args.student,
            "student_kwargs": args.student_kwargs,
-           "recipe": args.recipe, "view_size": recipe.input_size, "num_classes": C, "rows": rows}
+           "recipe": args.recipe, "view_size": recipe.input_size, "num_classes": C, "rows": rows,
+           "inputs": inputs(teacher=args.checkpoint, student=args.student_checkpoint, data=args.data)}
     save(args.name, res)
     return res
 

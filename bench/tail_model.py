@@ -22,7 +22,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import md_table, save
+from common import inputs, md_table, save
 from fidelity import add_pair_args, pair_line, pair_logits
 
 from cache.distribution import label_log_odds
@@ -73,7 +73,8 @@ def main(argv=None) -> dict:
                   f"{row['oracle_shape_unknown_classes_rel_error']:.2%}, oracle shape in the student's order "
                   f"{row['oracle_shape_student_order_rel_error']:.2%}")
     res = {"teacher": args.teacher, "checkpoint": str(args.checkpoint), "student": args.student,
-           "student_kwargs": args.student_kwargs, "recipe": args.recipe, "num_classes": C, "rows": rows}
+           "student_kwargs": args.student_kwargs, "recipe": args.recipe, "num_classes": C, "rows": rows,
+           "inputs": inputs(teacher=args.checkpoint, student=args.student_checkpoint, data=args.data)}
     save(args.name, res)
     return res
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import save
+from common import inputs, save
 from fidelity import add_pair_args, pair_logits
 
 from cache.format import raw_bytes_per_view
@@ -118,7 +118,8 @@ def main(argv=None) -> dict:
     res = {"teacher": args.teacher, "checkpoint": str(args.checkpoint), "student": args.student,
            "student_kwargs": args.student_kwargs, "recipe": args.recipe, "num_classes": C, "views": len(z),
            "batch": args.batch, "topk_mass": {k: float(mass[:, k - 1].mean()) for k in args.topk},
-           "rows": rows}
+           "rows": rows,
+           "inputs": inputs(teacher=args.checkpoint, student=args.student_checkpoint, data=args.data)}
     path = save(args.name, res)
     path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
     return res

@@ -209,13 +209,26 @@ def check_chaos(d: Path):
     assert r["ok"] and len(r["rounds"]) == 1 and set(r["rounds"][0]) == {"stage_one_1p", "stage_two"}
 
 
+def inputs_hashed(r: dict) -> None:
+    """The record names the checkpoints and data it was computed from, each with the sha256 of what was read."""
+    from pipeline.manifest import sha256_file
+    assert set(r["inputs"]) == {"teacher", "student", "data"}
+    for key, entry in r["inputs"].items():
+        path = Path(entry["path"])
+        assert entry["sha256"] == sha256_file(path / "dataset.json" if key == "data" else path), key
+
+
 def check_fidelity(d: Path):
-    rows = rows_of(record(d, "fidelity", "fidelity"), 2, "ofa_g1_rel_error", "kd_T4_rel_error", "tv_T1")
+    r = record(d, "fidelity", "fidelity")
+    inputs_hashed(r)
+    rows = rows_of(r, 2, "ofa_g1_rel_error", "kd_T4_rel_error", "tv_T1")
     assert [(x["topk"], x["views"]) for x in rows] == [(2, 96), (5, 96)]
 
 
 def check_tail_model(d: Path):
-    rows = rows_of(record(d, "tail_model", "tail_model"), 4, "uniform_rel_error", "oracle_shape_student_order")
+    r = record(d, "tail_model", "tail_model")
+    inputs_hashed(r)
+    rows = rows_of(r, 4, "uniform_rel_error", "oracle_shape_student_order")
     assert [(x["topk"], x["T"], x["views"]) for x in rows] == [(2, 1.0, 96), (2, 4.0, 96), (5, 1.0, 96), (5, 4.0, 96)]
 
 
@@ -228,6 +241,7 @@ def check_cache_numerics(d: Path):
 
 def check_tail_sampling(d: Path):
     r = record(d, "tail_sampling", "tail_sampling")
+    inputs_hashed(r)
     rows = rows_of(r, 3, "kd_T4", "ofa_paper_g1.5", "dkd_T4")
     assert [(x["topk"], x["tail_samples"], x["draws"]) for x in rows] == [(2, 0, 1), (5, 0, 1), (2, 2, 3)]
     import tail_sampling
