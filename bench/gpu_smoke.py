@@ -32,25 +32,32 @@ sys.path.insert(0, str(ROOT))
 
 
 def cifar_shards(dest: Path, shards: int) -> Path:
+    """CIFAR-10 as shards, the first `shards` training shards kept (the run stays short). Made in a temporary
+    folder and renamed when complete, one folder per `shards`: an interrupted run, or another --shards, never
+    leaves a folder that a later run would take for this one."""
     from pipeline.shards import make_shards
-    data = dest / "cifar10"
+    data = dest / f"cifar10-{shards}shards"
     if (data / "dataset.json").exists():
         return data
-    raw = dest / "raw"
     tar = ROOT.parent / "shared" / "data" / "cifar10.tar.gz"
     if not tar.exists():
         sys.exit(f"{tar} is missing: the smoke test needs the shared CIFAR-10 tarball")
-    raw.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(tar) as t:
-        t.extractall(raw, filter="data")
-    make_shards(str(raw / "cifar10" / "train"), data, split="train", progress=False)
-    make_shards(str(raw / "cifar10" / "test"), data, split="val", progress=False)
-    # keep the first `shards` training shards so the run stays short
-    m = json.loads((data / "dataset.json").read_text())
+    raw, partial = dest / "raw", dest / f"cifar10-{shards}shards.partial"
+    if not (raw / "cifar10" / "test").exists():
+        shutil.rmtree(raw, ignore_errors=True)
+        shutil.rmtree(dest / "raw.partial", ignore_errors=True)
+        with tarfile.open(tar) as t:
+            t.extractall(dest / "raw.partial", filter="data")
+        (dest / "raw.partial").rename(raw)
+    shutil.rmtree(partial, ignore_errors=True)
+    make_shards(str(raw / "cifar10" / "train"), partial, split="train", progress=False)
+    make_shards(str(raw / "cifar10" / "test"), partial, split="val", progress=False)
+    m = json.loads((partial / "dataset.json").read_text())
     keep = m["splits"]["train"]["shards"][:shards]
     m["splits"]["train"]["shards"] = keep
     m["splits"]["train"]["count"] = sum(s["count"] for s in keep)
-    (data / "dataset.json").write_text(json.dumps(m))
+    (partial / "dataset.json").write_text(json.dumps(m))
+    partial.rename(data)
     return data
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -76,10 +77,15 @@ def ensure_data(work: Path, small: bool) -> dict[str, Path]:
         make_shards("digits", out["digits"], progress=False)
     tar = ROOT.parent / "shared" / "data" / "tiny-imagenet-200.tar.gz"
     raw = work / "raw" / "tiny-imagenet-200"
-    if tar.exists() and not (raw / "val").exists():
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["tar", "xzf", str(tar), "-C", str(raw.parent), "tiny-imagenet-200/val",
+    if tar.exists() and not (raw / "val").exists():  # extracted aside, renamed when whole: never half a folder
+        partial = work / "raw.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        subprocess.run(["tar", "xzf", str(tar), "-C", str(partial), "tiny-imagenet-200/val",
                         "tiny-imagenet-200/words.txt"], check=True)
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(raw, ignore_errors=True)
+        (partial / "tiny-imagenet-200").rename(raw)
     if (raw / "val").exists():
         ids, samples = scan_image_folder(raw / "val")
         names = read_class_names(raw / "words.txt", ids)
