@@ -64,3 +64,19 @@ def test_demo_runs_end_to_end_and_writes_its_table_verdict_and_plot(tmp_path):
     assert f"redoing {stale.parent}" in third.stdout
     assert json.loads((out / "results.json").read_text())["runs_reused"] == len(results["runs"])  # teacher + all - 1
     assert json.loads(stale.read_text())["provenance"]["config_hash"] != "0" * 64
+
+
+def test_the_readme_demo_block_is_the_committed_demo_record():
+    """The README shows what `make demo` gave: its results.md verbatim, committed with the results.json it was
+    drawn from (bench/results/demo/), made by a clean checkout of the commit the block names."""
+    from commands.demo import _table
+    from conftest import ROOT
+    folder = ROOT / "bench" / "results" / "demo"
+    results = json.loads((folder / "results.json").read_text())
+    md = (folder / "results.md").read_text()
+    assert md == _table(results), "bench/results/demo/results.md is not what its results.json draws"
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- demo results: filled by the lead from make demo -->")[1].split(
+        "<!-- end demo results -->")[0]
+    assert md.strip() in block, "README.md's demo block is not bench/results/demo/results.md verbatim"
+    assert results["code"]["dirty"] is False and f"commit {results['code']['commit'][:7]}" in block
