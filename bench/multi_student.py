@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, md_table, save
+from common import ROOT, inputs, md_table, save
 from stage_one import ensure_digits
 
 STUDENTS = [("test_resnet", {}), ("test_convnext", {}), ("test_efficientnet", {}),
@@ -151,6 +151,7 @@ def main(argv=None) -> dict:
         "target": "wall_ratio <= 0.75 where the loader is >= 1/3 of a step",
         "target_met": bool(wall <= 0.75 and share >= 1 / 3),
     }
+    numbers["inputs"] = inputs(data=data)
     save(a.name, numbers)
     return numbers
 

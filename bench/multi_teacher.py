@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, md_table, save, timed
+from common import ROOT, inputs, md_table, save, timed
 from torch.utils.data import DataLoader
 
 from cache.teacher import Teacher
@@ -53,7 +53,8 @@ def slice_of(data: Path, shards: int, out: Path) -> Path:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "main" / "runs" / "data" / "tiny50")
+    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "bench" / "tiny2k", help="shards (make bench makes "
+                    "runs/bench/tiny2k)")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--teachers", default="test_resnet,test_convnext")
     ap.add_argument("--recipe", default="imagenet-cnn")
@@ -111,6 +112,7 @@ def main(argv=None) -> dict:
            "both_over_two_singles_less_one_views": best["both"] / (singles - best["views"]),
            "views_share_of_single_passes": 2 * best["views"] / singles,
            "torch_threads": torch.get_num_threads()}
+    res["inputs"] = inputs(data=args.data)
     save(args.name, res)
     return res
 

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import s3fs
-from common import ROOT, md_table, save
+from common import ROOT, inputs, md_table, save
 from stage_one import ensure_digits
 
 from cache.targets import CachedTeacher
@@ -165,6 +165,7 @@ def main(argv=None) -> dict:
                 os.environ[k] = v
         shutil.rmtree(tmp, ignore_errors=True)
     res["load_average_after"] = os.getloadavg()  # the machine is shared: how loaded it was
+    res["inputs"] = inputs(data=data)
     save(args.name, res)
     return res
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, md_table, save
+from common import ROOT, inputs, md_table, save
 
 from cache.store import CacheStore
 from cache.targets import CachedTeacher
@@ -101,6 +101,7 @@ def main(argv=None) -> dict:
                "disk_GB_at_measured_compression": imagenet_views * big["disk_bytes_per_view"] / 1e9,
                "note": "stage one time = views / (teacher views/s on the target machine); both stages are linear "
                        "in views (see rows), and k changes bytes, not time"}}
+    res["inputs"] = inputs(data=args.data)
     save(args.name, res)
     return res
 

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, md_table, save, timed
+from common import ROOT, inputs, md_table, save, timed
 from torch.utils.data import DataLoader
 
 from cache.store import CacheStore
@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
            "pass_over_bare": bare_s / pass_s, "target_pass_over_bare": 0.90,
            "raw_bytes_per_view": raw, "raw_budget_4k_plus_24": 4 * args.topk + 24,
            "disk_bytes_per_view": disk / n_views, "torch_threads": torch.get_num_threads()}
+    res["inputs"] = inputs(data=data)
     save(args.name, res)
     return res
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from common import ROOT, md_table, save
+from common import ROOT, inputs, md_table, save
 from stage_one import ensure_digits
 
 import pipeline.views
@@ -101,6 +101,7 @@ def main(argv=None) -> dict:
                             epochs=1, topk=args.topk, batch_size=128, workers=1, progress=False))
         cached = CachedTeacher(store_path)
         res = {"recipe": args.recipe, "view_size": recipe.input_size, "samples": reader.split.count,
+               "inputs": inputs(data=data),
                **loader_rates(reader, recipe, cached, args.rounds, args.batch_size)}
         if args.loader_only:
             save(args.name, res)

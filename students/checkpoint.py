@@ -33,6 +33,10 @@ from students.stream import Stream
 
 STATE_VERSION = 2  # progress.json's layout; a run directory of another version is not resumed
 RUN_LOCAL = ("out", "resume", "progress", "log_with", "runs")  # where a run writes and how it is watched
+# Free to change when a run is resumed: where its data and caches are mounted, how many loader workers feed it
+# (inside an epoch the layout check refuses that), how often it checks for a signal and saves. Every other option
+# is what the run computes, and a resume that changes it is refused.
+RESUME_MAY_CHANGE = (*RUN_LOCAL, "data", "cache", "workers", "check_signal_every", "save_every_steps")
 
 
 @dataclass
@@ -97,6 +101,7 @@ def resume(run: Run, stream: Stream, prog: dict) -> tuple[int, Position | None]:
         diff = ", ".join(f"{k} {was.get(k)} (now {now[k]})" for k in now if now[k] != was.get(k))
         raise UserError(f"{cfg.out} stopped inside epoch {step['epoch'] + 1} with {diff}; resume with the same "
                         f"settings (a position inside an epoch depends on them)")
+    check_same_options(cfg.out, TrainConfig(stream.cfg, cfg))
     state = cfg.out / "state" / prog["state"]
     accelerator.load_state(str(state))  # weights, optimizer, EMA, and every RNG of this process
     run.history = prog["history"]
@@ -110,6 +115,26 @@ def resume(run: Run, stream: Stream, prog: dict) -> tuple[int, Position | None]:
     accelerator.print(f"resuming {cfg.out} in epoch {at.epoch + 1} of {stream.cfg.epochs}, after optimizer step "
                       f"{at.micro // stream.cfg.grad_accum}")
     return at.epoch, at
+
+
+def check_same_options(out: Path, now: TrainConfig) -> None:
+    """A resumed run computes what it started computing: its options (RESUME_MAY_CHANGE aside) are those its
+    config.json records, or the resume is refused naming each one that differs."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if prefix == "" and k in RESUME_MAY_CHANGE:
+                continue
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+    was = json.loads((out / "config.json").read_text())
+    was = flat({k: v for k, v in was.items() if k not in ("resolved", "made_by")})
+    now = flat(json.loads(json.dumps(now.to_dict(), default=str)))
+    diff = [f"{k} {was.get(k, '(unset)')} (now {now.get(k, '(unset)')})" for k in dict.fromkeys([*was, *now])
+            if was.get(k) != now.get(k)]
+    if diff:
+        raise UserError(f"{out} was started with {', '.join(diff)}; resume with the same settings (its config.json "
+                        f"holds them), or start a new run in another --out")
 
 
 def trust_state(out: Path, name: str, record: dict, accelerator) -> None:

@@ -281,3 +281,26 @@ def test_ema_is_updated_exported_and_evaluated(small_digits, tmp_path):
             correct += (model(model_input(model, recipe.input_size)(b["view"])).argmax(1) == b["label"]).sum().item()
             n += len(b["label"])
     assert n == 96 and 100.0 * correct / n == pytest.approx(m["ema_top1"], abs=1e-6)
+
+
+def test_a_resume_that_changes_what_the_run_computes_is_refused_and_one_that_changes_how_it_is_fed_runs(
+        small_digits, tmp_path):
+    """--resume continues the run config.json describes: an option that changes what it computes (the learning
+    rate, the loss, ...) is refused naming it, before anything is written; where the data sits, the loader's
+    workers and how often it checks and saves may change."""
+    import hashlib
+    out = tmp_path / "run"
+    args = ["train-student", "--data", small_digits, "--student", "test_resnet", "--method", "ce", "--recipe",
+            "digits", "--epochs", 1, "--batch-size", 16, "--max-steps-per-epoch", 2, "--workers", 0, "--lr", 0.1,
+            "--quiet", "--out", out]
+    assert run_cli(*args).returncode == 0
+    files = lambda: {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))  # noqa: E731
+                     if p.is_file()}
+    before = files()
+    changed = run_cli(*args, "--resume", "--lr", 0.2, "--label-smoothing", 0.1)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert f"{out} was started with loss.label_smoothing 0.0 (now 0.1), optim.lr 0.1 (now 0.2); resume with the " \
+           "same settings" in changed.stderr, changed.stderr
+    assert files() == before
+    fed = run_cli(*args, "--resume", "--workers", 1, "--check-signal-every", 3)
+    assert fed.returncode == 0, fed.stderr[-2000:]
