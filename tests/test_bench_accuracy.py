@@ -103,7 +103,8 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
     from tests.test_bench import record
     cka_r = record(results, "cka_evidence", "cka_evidence")
     assert list(cka_r["pairs"]) == ["teacher-vs-ce0", "ce0-vs-ce1"] and cka_r["samples"] == 48
-    assert cka_r["models_commit"] == r["commit"] + " (dirty)" and cka_r["plan"] == "accuracy_smoke"
+    assert cka_r["models_commit"] == r["commit"] + (" (dirty)" if r["dirty"] else "")
+    assert cka_r["plan"] == "accuracy_smoke"
     pair = cka_r["pairs"]["teacher-vs-ce0"]
     assert (pair["model_a"], pair["model_b"]) == ("test_resnet", "test_vit") and len(pair["diagonal"]) >= 2
     assert (results / "cka" / "ce0-vs-ce1" / "cka.json").exists()
