@@ -283,6 +283,7 @@ def test_ema_is_updated_exported_and_evaluated(small_digits, tmp_path):
     assert n == 96 and 100.0 * correct / n == pytest.approx(m["ema_top1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_resume_that_changes_what_the_run_computes_is_refused_and_one_that_changes_how_it_is_fed_runs(
         small_digits, tmp_path):
     """--resume continues the run config.json describes: an option that changes what it computes (the learning
