@@ -73,7 +73,7 @@ def open_run(run: Run, stream: Stream, resolved: dict) -> tuple[int, Position | 
     cfg, accelerator = run.cfg, run.accelerator
     progress = cfg.out / "progress.json"
     if stream.cfg.resume and progress.is_file():
-        return resume(run, stream, json.loads(progress.read_text()))
+        return resume(run, stream, json.loads(progress.read_text()), resolved)
     check_new(cfg)
     if accelerator.is_main_process:
         try:
@@ -88,7 +88,7 @@ def open_run(run: Run, stream: Stream, resolved: dict) -> tuple[int, Position | 
     return 0, None
 
 
-def resume(run: Run, stream: Stream, prog: dict) -> tuple[int, Position | None]:
+def resume(run: Run, stream: Stream, prog: dict, resolved: dict) -> tuple[int, Position | None]:
     cfg, accelerator = run.cfg, run.accelerator
     if prog.get("version") != STATE_VERSION:
         raise UserError(f"{cfg.out} was saved by another version of this tool (run state version "
@@ -101,7 +101,7 @@ def resume(run: Run, stream: Stream, prog: dict) -> tuple[int, Position | None]:
         diff = ", ".join(f"{k} {was.get(k)} (now {now[k]})" for k in now if now[k] != was.get(k))
         raise UserError(f"{cfg.out} stopped inside epoch {step['epoch'] + 1} with {diff}; resume with the same "
                         f"settings (a position inside an epoch depends on them)")
-    check_same_options(cfg.out, TrainConfig(stream.cfg, cfg))
+    check_same_options(cfg.out, TrainConfig(stream.cfg, cfg), resolved)
     state = cfg.out / "state" / prog["state"]
     accelerator.load_state(str(state))  # weights, optimizer, EMA, and every RNG of this process
     run.history = prog["history"]
@@ -117,21 +117,27 @@ def resume(run: Run, stream: Stream, prog: dict) -> tuple[int, Position | None]:
     return at.epoch, at
 
 
-def check_same_options(out: Path, now: TrainConfig) -> None:
+def check_same_options(out: Path, now: TrainConfig, resolved: dict) -> None:
     """A resumed run computes what it started computing: its options (RESUME_MAY_CHANGE aside) are those its
-    config.json records, or the resume is refused naming each one that differs."""
-    def flat(d: dict, prefix: str = "") -> dict:
+    config.json records, and so is what they resolved to (the teacher's weights by their sha256, the recipe, the
+    view seed, the number of classes, ...; the process count aside, and files by content, not path), or the
+    resume is refused naming each one that differs."""
+    def flat(d: dict, prefix: str = "", skip=RESUME_MAY_CHANGE) -> dict:
         out = {}
         for k, v in d.items():
-            if prefix == "" and k in RESUME_MAY_CHANGE:
+            if (prefix == "" and k in skip) or k in ("checkpoint", "file"):  # a file's path: its sha256 is kept
                 continue
-            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+            out |= flat(v, f"{prefix}{k}.", ()) if isinstance(v, dict) else {f"{prefix}{k}": v}
         return out
-    was = json.loads((out / "config.json").read_text())
-    was = flat({k: v for k, v in was.items() if k not in ("resolved", "made_by")})
-    now = flat(json.loads(json.dumps(now.to_dict(), default=str)))
-    diff = [f"{k} {was.get(k, '(unset)')} (now {now.get(k, '(unset)')})" for k in dict.fromkeys([*was, *now])
-            if was.get(k) != now.get(k)]
+    def differences(was: dict, now: dict) -> list[str]:
+        return [f"{k} {was.get(k, '(unset)')} (now {now.get(k, '(unset)')})" for k in dict.fromkeys([*was, *now])
+                if was.get(k) != now.get(k) and k != "resolved.processes"]
+    config = json.loads((out / "config.json").read_text())
+    diff = differences(flat({k: v for k, v in config.items() if k not in ("resolved", "made_by")}),
+                       flat(json.loads(json.dumps(now.to_dict(), default=str))))
+    if not diff:  # the same options, resolved to other things (a teacher file replaced, another dataset's classes)
+        diff = differences(flat(config.get("resolved", {}), "resolved.", ()),
+                           flat(json.loads(json.dumps(resolved, default=str)), "resolved.", ()))
     if diff:
         raise UserError(f"{out} was started with {', '.join(diff)}; resume with the same settings (its config.json "
                         f"holds them), or start a new run in another --out")

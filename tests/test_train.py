@@ -293,7 +293,7 @@ def test_a_resume_that_changes_what_the_run_computes_is_refused_and_one_that_cha
     out = tmp_path / "run"
     args = ["train-student", "--data", small_digits, "--student", "test_resnet", "--method", "ce", "--recipe",
             "digits", "--epochs", 1, "--batch-size", 16, "--max-steps-per-epoch", 2, "--workers", 0, "--lr", 0.1,
-            "--quiet", "--out", out]
+            "--order-seed", 0, "--quiet", "--out", out]
     assert run_cli(*args).returncode == 0
     files = lambda: {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))  # noqa: E731
                      if p.is_file()}
@@ -305,3 +305,12 @@ def test_a_resume_that_changes_what_the_run_computes_is_refused_and_one_that_cha
     assert files() == before
     fed = run_cli(*args, "--resume", "--workers", 1, "--check-signal-every", 3)
     assert fed.returncode == 0, fed.stderr[-2000:]
+    # the same options resolving to something else (here: another number of classes) is refused as well
+    import cli
+    from pipeline.errors import UserError
+    from students.checkpoint import check_same_options
+    config = cli.parse("train-student", [str(a) for a in args[1:]])
+    resolved = json.loads((out / "config.json").read_text())["resolved"]
+    check_same_options(out, config, resolved | {"processes": 8})  # the process count may change between epochs
+    with pytest.raises(UserError, match=r"was started with resolved.num_classes 10 \(now 11\); resume with"):
+        check_same_options(out, config, resolved | {"num_classes": 11})
