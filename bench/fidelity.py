@@ -78,12 +78,30 @@ def pair_logits(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndar
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main(argv=None) -> dict:
+def row_of(k: int, acc: dict, store, mass: torch.Tensor, n: int, C: int) -> dict:
+    """One k's row: each loss from the cache against the same loss from full logits, over the n views."""
+    row = {"topk": k, "views": n}
+    for name in ("ofa_g1", "ofa_g1.5", "kd_T4"):
+        full_v, cache_v = acc[f"{name}_full"] / n, acc[f"{name}_cache"] / n
+        row[f"{name}_full"], row[f"{name}_cache"] = full_v, cache_v
+        row[f"{name}_rel_error"] = abs(cache_v - full_v) / abs(full_v)
+    row["tv_T1"], row["tv_T4"] = acc["tv_T1"] / n, acc["tv_T4"] / n
+    row["topk_mass_mean"] = float(mass[:, min(k, C) - 1].mean())
+    row["raw_bytes_per_view"] = store.description.raw_bytes_per_view
+    row["disk_bytes_per_view"] = store.disk_bytes() / n
+    return row
+
+
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     add_pair_args(ap, recipe="tiny-vit", shards=4)
     ap.add_argument("--topk", type=int, nargs="+", default=[1, 5, 10, 20, 200])
     ap.add_argument("--name", default="fidelity")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
     recipe = get_recipe(args.recipe, args.view_size)
     tmp = Path(tempfile.mkdtemp(prefix="bench-fid-"))
     try:
@@ -125,21 +143,7 @@ def main(argv=None) -> dict:
             p = F.softmax(full, 1).sort(1, descending=True).values.cumsum(1)
             mass.append(p)
             n += len(s)
-        mass = torch.cat(mass)
-        rows = []
-        for k in args.topk:
-            acc = sums[k]
-            cs = cached[k].store
-            row = {"topk": k, "views": n}
-            for name in ("ofa_g1", "ofa_g1.5", "kd_T4"):
-                full_v, cache_v = acc[f"{name}_full"] / n, acc[f"{name}_cache"] / n
-                row[f"{name}_full"], row[f"{name}_cache"] = full_v, cache_v
-                row[f"{name}_rel_error"] = abs(cache_v - full_v) / abs(full_v)
-            row["tv_T1"], row["tv_T4"] = acc["tv_T1"] / n, acc["tv_T4"] / n
-            row["topk_mass_mean"] = float(mass[:, min(k, C) - 1].mean())
-            row["raw_bytes_per_view"] = cs.description.raw_bytes_per_view
-            row["disk_bytes_per_view"] = cs.disk_bytes() / n
-            rows.append(row)
+        rows = [row_of(k, sums[k], cached[k].store, torch.cat(mass), n, C) for k in args.topk]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"teacher": args.teacher, "checkpoint": str(args.checkpoint), "student": args.student,

@@ -51,7 +51,7 @@ def slice_of(data: Path, shards: int, out: Path) -> Path:
     return out
 
 
-def main(argv=None) -> dict:
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=ROOT / "runs" / "bench" / "tiny2k", help="shards (make bench makes "
                     "runs/bench/tiny2k)")
@@ -64,7 +64,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--name", default="multi_teacher")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
     a, b = args.teachers.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="bench-mt-"))
     try:

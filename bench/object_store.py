@@ -94,7 +94,28 @@ def loader_rate(cache: str, data: str, batch_size: int, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main(argv=None) -> dict:
+def time_modes(modes: dict, helpers: list[int], args, workers: int, lat: str) -> dict:
+    """Each mode's loader rate (best of the interleaved rounds) and CPU seconds, with `workers` loader workers."""
+    rates = {m: [] for m in modes}
+    helper_cpu, own_cpu = {m: [] for m in modes}, {m: [] for m in modes}
+    for _ in range(args.rounds):  # interleaved, best of: the machine is shared
+        for m, (cache, d, endpoint, depth) in modes.items():
+            os.environ.update({"AWS_ENDPOINT_URL": endpoint, PREFETCH_ENV: depth})
+            s3fs.S3FileSystem.clear_instance_cache()  # clients read the endpoint when built
+            c0, l0 = sum(cpu_seconds(p) for p in helpers), loader_cpu()
+            rates[m].append(loader_rate(cache, d, args.batch_size, workers))
+            helper_cpu[m].append(sum(cpu_seconds(p) for p in helpers) - c0)
+            own_cpu[m].append(loader_cpu() - l0)
+    best = {m: max(r) for m, r in rates.items()}
+    return {**{f"{m}_views_per_s": v for m, v in best.items()},
+            **{f"{m}_over_local": v / best["local"] for m, v in best.items() if m != "local"},
+            f"{lat}_over_proxy_0ms": best[lat] / best["s3_proxy_0ms"],
+            "server_and_proxy_cpu_s_per_epoch": {m: min(c) for m, c in helper_cpu.items()},
+            "loader_cpu_s_per_epoch": {m: min(c) for m, c in own_cpu.items()},
+            "all": rates}
+
+
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT / "runs" / "bench" / "digits")
     ap.add_argument("--teacher", default="test_resnet", help="any teacher: only the loader is timed")
@@ -105,7 +126,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--latency-ms", type=float, default=20.0, help="added to each request through the proxy")
     ap.add_argument("--name", default="object_store")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
     data = ensure_digits(args.data) if args.data.name == "digits" else args.data
     tmp = Path(tempfile.mkdtemp(prefix="bench-obj-"))
     server, env = start_server()
@@ -135,23 +160,7 @@ def main(argv=None) -> dict:
             f"{lat}_no_prefetch": ("s3://bench/t.zarr", "s3://bench/data", proxies[args.latency_ms][1], "0")}
         helpers = [server.pid] + [p.pid for p, _ in proxies.values()]
         for w in (int(x) for x in args.workers.split(",")):
-            rates = {m: [] for m in modes}
-            helper_cpu, own_cpu = {m: [] for m in modes}, {m: [] for m in modes}
-            for _ in range(args.rounds):  # interleaved, best of: the machine is shared
-                for m, (cache, d, endpoint, depth) in modes.items():
-                    os.environ.update({"AWS_ENDPOINT_URL": endpoint, PREFETCH_ENV: depth})
-                    s3fs.S3FileSystem.clear_instance_cache()  # clients read the endpoint when built
-                    c0, l0 = sum(cpu_seconds(p) for p in helpers), loader_cpu()
-                    rates[m].append(loader_rate(cache, d, args.batch_size, w))
-                    helper_cpu[m].append(sum(cpu_seconds(p) for p in helpers) - c0)
-                    own_cpu[m].append(loader_cpu() - l0)
-            best = {m: max(r) for m, r in rates.items()}
-            res[f"workers_{w}"] = {**{f"{m}_views_per_s": v for m, v in best.items()},
-                                   **{f"{m}_over_local": v / best["local"] for m, v in best.items() if m != "local"},
-                                   f"{lat}_over_proxy_0ms": best[lat] / best["s3_proxy_0ms"],
-                                   "server_and_proxy_cpu_s_per_epoch": {m: min(c) for m, c in helper_cpu.items()},
-                                   "loader_cpu_s_per_epoch": {m: min(c) for m, c in own_cpu.items()},
-                                   "all": rates}
+            res[f"workers_{w}"] = time_modes(modes, helpers, args, w, lat)
         for p, _ in proxies.values():
             p.stdin.close()
             p.wait(timeout=30)

@@ -113,6 +113,18 @@ def main(argv=None) -> dict:
     return res
 
 
+def rotated_rounds(names: list[str], run, clock, rounds: int) -> dict[str, list[float]]:
+    """Each variant once to warm up, then timed in interleaved, rotated rounds: drift on a shared machine hits all
+    alike."""
+    for n in names:
+        run(n)
+    times = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            times[k].append(clock(k))
+    return times
+
+
 def steps(args, cached: CachedTeacher, reader, recipe, C: int) -> dict:
     accelerator = Accelerator()
     dev = accelerator.device
@@ -155,13 +167,7 @@ def steps(args, cached: CachedTeacher, reader, recipe, C: int) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    names = ["free", "cached", "online", "teacher", "ce"]
-    for n in names:
-        run(n)  # warm-up
-    times = {k: [] for k in names}
-    for r in range(args.rounds):  # interleaved, rotated rounds: drift on a shared machine hits all alike
-        for k in names[r % len(names):] + names[: r % len(names)]:
-            times[k].append(clock(k))
+    times = rotated_rounds(["free", "cached", "online", "teacher", "ce"], run, clock, args.rounds)
     # ratios are taken within each round (same machine state), then the median over rounds
     per_round = {"cached_over_free": [c / f for c, f in zip(times["cached"], times["free"], strict=True)],
                  "measured": [(o - c) / o for o, c in zip(times["online"], times["cached"], strict=True)],

@@ -85,7 +85,12 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     (tmp_path / "metrics.json").rename(run / "metrics.json")
 
-    # bench/cka_evidence.py reads the plan's models: a pair whose run the plan lacks is refused in one sentence
+    cka_evidence_reads_the_plans_models(plan, work, results, r)
+
+
+def cka_evidence_reads_the_plans_models(plan, work, results, r: dict) -> None:
+    """bench/cka_evidence.py on the models the plan made: a pair whose run the plan lacks, or whose checkpoint is
+    missing, is refused in one sentence; the others give their record."""
     cka = [sys.executable, str(ROOT / "bench" / "cka_evidence.py"), "--plan", plan, "--work", work, "--samples", "48"]
     env = {**os.environ, "OFAKD_BENCH_RESULTS": str(results)}
     missing = subprocess.run(cka, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
