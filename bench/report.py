@@ -9,7 +9,8 @@ and then its hand-written note, `notes/<script>.md` in the results folder when t
 what bounds each ratio, how each was measured), before the records. A script without `table` gets a line in place
 of its tables; records of no bench script (the test suite's timings) are listed at the end. tests/test_bench.py
 checks that the committed README.md equals what the committed records and notes generate: after adding or rerunning
-a record, or editing a note, run this.
+a record, or editing a note, run this. It also rewrites the project README's accuracy tables (between their markers)
+from their records in bench/results.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import results_dir  # noqa: E402
+from common import RESULTS, ROOT, results_dir  # noqa: E402
+
+ORDER_ACCURACY = ["accuracy_tiny50"]  # accuracy records whose tables the project README shows
 
 ORDER = ["stage_one", "stage_two", "scaling", "loader_vs_timm", "loader_memory", "multi_teacher", "multi_student",
          "object_store", "stop_check", "gpu_smoke", "chaos", "fidelity", "tail_model", "tail_sampling",
@@ -127,7 +130,21 @@ def main(argv=None) -> Path:
     out = args.out or folder / "README.md"
     out.write_text(render(folder))
     print(f"wrote {out}")
+    if args.out is None and folder.resolve() == RESULTS.resolve():
+        readme_tables(folder, ROOT / "README.md")
     return out
+
+
+def readme_tables(folder: Path, readme: Path) -> None:
+    """The project README's generated accuracy tables (between their markers), from the records in `folder`."""
+    import accuracy
+    text = readme.read_text()
+    for name in ORDER_ACCURACY:
+        record = folder / f"{name}.json"
+        if record.exists() and accuracy.README_START.format(name=name) in text:
+            text = accuracy.readme_block(text, json.loads(record.read_text()))
+    readme.write_text(text)
+    print(f"wrote the accuracy tables of {readme}")
 
 
 if __name__ == "__main__":
