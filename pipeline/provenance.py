@@ -19,10 +19,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+OUTPUTS = ("bench/results",)  # what the benchmarks write into the checkout: records of the code, not code
+
+
 @functools.cache
 def code_version() -> dict:
     """{"commit": git commit of this checkout or None (not a git checkout, git missing), "dirty": whether a
-    tracked file differs from that commit (untracked files do not count)}. Read once per process."""
+    tracked file differs from that commit (untracked files and OUTPUTS do not count: `make bench` writes its
+    records into bench/results while it runs, and they must not make the next benchmark's code look changed)}.
+    Read once per process."""
     def git(*args: str) -> str | None:
         try:
             r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=20)
@@ -32,7 +37,7 @@ def code_version() -> dict:
     top = git("rev-parse", "--show-toplevel")
     if top is None or Path(top).resolve() != ROOT:  # an installed copy inside some other repository: not ours
         return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){o}" for o in OUTPUTS))
     return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
 
 

@@ -32,10 +32,34 @@ def git(*args) -> str:
     return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def test_a_checkout_is_dirty_for_a_changed_source_file_but_not_for_a_rewritten_benchmark_record(tmp_path):
+    """make bench writes each record into bench/results (tracked) while later benchmarks start: those writes must
+    not mark the code as changed, or every record after the first would say dirty and the run's own record would
+    be refused; a changed source file does mark it."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--shared", str(ROOT), str(clone)], check=True)
+    shutil.copy(ROOT / "pipeline" / "provenance.py", clone / "pipeline" / "provenance.py")  # this code, committed
+    subprocess.run(["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "sync",
+                    "--allow-empty"], check=True)
+
+    def dirty() -> bool:
+        out = subprocess.run([sys.executable, "-c", "from pipeline.provenance import code_version as v; "
+                              "print(v()['dirty'])"], capture_output=True, text=True, cwd=clone, check=True,
+                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(clone)})
+        return out.stdout.strip() == "True"
+    assert not dirty()
+    (clone / "bench" / "results" / "stop_check.json").write_text("{}\n")
+    assert not dirty()
+    with open(clone / "pipeline" / "provenance.py", "a") as f:
+        f.write("# changed\n")
+    assert dirty()
+
+
 def test_code_version_is_this_checkouts_commit():
     v = code_version()
     assert v["commit"] == git("rev-parse", "HEAD")
-    assert v["dirty"] == bool(git("status", "--porcelain", "--untracked-files=no"))
+    assert v["dirty"] == bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)bench/results"))
     assert code_label() == v["commit"] + ("-dirty" if v["dirty"] else "")
 
 
