@@ -77,12 +77,13 @@ def slice_dataset(src: Path, dest: Path, train_shards: int, val_shards: int, val
         if n > len(info.shards):
             raise SystemExit(f"{src}: split '{split}' has {len(info.shards)} shards, fewer than the {n} asked for")
         keep = info.shards[:n]
-        for s in keep:  # a link to other bytes (the source made again, another --data) is replaced
+        for s in keep:  # a link to other bytes (the source made again, another --data) is replaced, atomically
             link = dest / s.name
-            if link.exists() and not link.samefile(src / s.name):
-                link.unlink()
-            if not link.exists():
-                link.hardlink_to(src / s.name)
+            if not (link.exists() and link.samefile(src / s.name)):
+                tmp = dest / f".{s.name}.new"
+                tmp.unlink(missing_ok=True)
+                tmp.hardlink_to(src / s.name)
+                os.replace(tmp, link)
         sub.splits[new] = type(info)(count=sum(s.count for s in keep), samples_per_shard=info.samples_per_shard,
                                      class_counts=info.class_counts, shards=keep, order_seed=info.order_seed)
     write_atomic(dest / "dataset.json", sub.to_json().encode())
@@ -302,6 +303,8 @@ def collect(w: Work, allow_dirty: bool = False) -> dict:
                 continue
             try:  # made by the teacher's commit, as this plan asks (options, data, teacher, store)
                 run_state(run, w.expected(w.run_argv(variant, seed)), code)
+            except UserError as e:  # a store or the teacher's checkpoint gone
+                raise SystemExit(f"{run} cannot be checked against the plan: {e}") from None
             except Stale as e:
                 raise SystemExit(f"{e}: a table holds the runs of one commit ({code['commit']}, the teacher's)") \
                     from None
@@ -419,7 +422,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     args.results = args.results or results_dir()
     plan = load_plan(args.plan)
-    work = args.work or ROOT / plan["work"]
+    work = (args.work or ROOT / plan["work"]).resolve()  # runs record their paths: one spelling of the folder
     d = plan["data"]
     data = slice_dataset(args.data or ROOT / d["source"], work / "data", d["train_shards"], d["val_shards"],
                          d["val_split"])

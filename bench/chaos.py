@@ -177,15 +177,20 @@ def chaos_stage_two(data: Path, work: Path, store: Path, kills: int) -> dict:
     epoch_s = max(0.5, np.mean([h["train_seconds"] for h in json.loads((ref / "metrics.json").read_text())["history"]]))
     out = work / "train-chaos"
     shutil.rmtree(out, ignore_errors=True)
-    points = []
+    points, startup = [], 5.0
     for _ in range(kills):
         resume = ["--resume"] if (out / "progress.json").exists() else []
         proc = subprocess.Popen(cli_cmd(1, *args(out), *resume), env=env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        t0 = time.time()  # training starts once config.json is (re)written; then kill within ~2 epochs
-        while not ((out / "config.json").exists() and (out / "config.json").stat().st_mtime > t0) \
-                and proc.poll() is None and time.time() - t0 < 120:
-            time.sleep(0.05)
+        t0 = time.time()  # a fresh run trains once it has written config.json; a resumed one rewrites nothing, so
+        if resume:  # it is given the start-up a fresh run took; then kill within ~2 epochs
+            while proc.poll() is None and time.time() - t0 < startup:
+                time.sleep(0.05)
+        else:
+            while not ((out / "config.json").exists() and (out / "config.json").stat().st_mtime > t0) \
+                    and proc.poll() is None and time.time() - t0 < 120:
+                time.sleep(0.05)
+            startup = time.time() - t0
         if random.random() < 0.5:  # kill inside this run's first epoch ...
             time.sleep(random.uniform(0.2, epoch_s))
         else:  # ... or inside the epoch after this run has saved one (so resume starts mid-run)

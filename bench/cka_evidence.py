@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from accuracy import Stale, Work, load_plan, run_state
+from accuracy import Stale, UserError, Work, load_plan, run_state
 from common import ROOT, md_table, results_dir, save
 
 # pair -> (model a, model b), each "teacher" or "<variant>-seed<n>" of the plan
@@ -54,6 +54,8 @@ def models(w: Work, names: set[str]) -> dict:
                              f"--work {w.work}` until {run.name} is finished")
         try:
             run_state(run, w.expected(argv), code)
+        except UserError as e:
+            raise SystemExit(f"{run} cannot be checked against the plan: {e}") from None
         except Stale as e:
             raise SystemExit(f"{e}: not the plan's model (run bench/accuracy.py with --replace-stale)") from None
         found[name] = {"model": spec["name"], "kwargs": model_kwargs(spec.get(flags, [])),
@@ -69,7 +71,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
     args = ap.parse_args(argv)
     plan = load_plan(args.plan)
-    work = args.work or ROOT / plan["work"]
+    work = (args.work or ROOT / plan["work"]).resolve()  # as bench/accuracy.py spells it: runs record their paths
     if not (work / "data" / "dataset.json").exists():
         raise SystemExit(f"{work / 'data'} holds no dataset: run bench/accuracy.py with this --work first")
     w = Work(plan, work / "data", work)

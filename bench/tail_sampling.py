@@ -106,9 +106,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(True)
     z, q, labels, seeds, C = pair_logits(args)
-    if args.save_fixture:
-        np.savez_compressed(args.save_fixture, teacher_logits=z[:32].half().numpy(), student_logits=q[:32].numpy(),
-                            labels=labels[:32].numpy(), teacher=args.teacher, data=str(args.data))
     rows = [evaluate(z, q, labels, seeds, k, 0, 1.0, 1, args.batch) for k in args.topk]
     for spec in args.sampled:
         k, m, td = spec.split(":")
@@ -122,6 +119,9 @@ def main(argv=None) -> dict:
            "inputs": inputs(teacher=args.checkpoint, student=args.student_checkpoint, data=args.data)}
     path = save(args.name, res)
     path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
+    if args.save_fixture:  # after the record: the fixture is tracked, and writing it first would refuse the record
+        np.savez_compressed(args.save_fixture, teacher_logits=z[:32].half().numpy(), student_logits=q[:32].numpy(),
+                            labels=labels[:32].numpy(), teacher=args.teacher, data=str(args.data))
     return res
 
 

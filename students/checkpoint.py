@@ -117,25 +117,33 @@ def resume(run: Run, stream: Stream, prog: dict, resolved: dict) -> tuple[int, P
     return at.epoch, at
 
 
+PATHS = ("checkpoint", "file", "pretrained_file")  # files, compared by their sha256 in `resolved`, not by path
+WHERE = ("resolved.processes", "resolved.stream_runs")  # how many processes, where a group's runs write
+
+
 def check_same_options(out: Path, now: TrainConfig, resolved: dict) -> None:
     """A resumed run computes what it started computing: its options (RESUME_MAY_CHANGE aside) are those its
-    config.json records, and so is what they resolved to (the teacher's weights by their sha256, the recipe, the
-    view seed, the number of classes, ...; the process count aside, and files by content, not path), or the
-    resume is refused naming each one that differs."""
+    config.json records, and so is what they resolved to (the data and caches by their hashes, the teacher's
+    weights by sha256, the recipe, the view seed, the number of classes, ...), or the resume is refused naming
+    each one that differs. A key the run did not record (an option added to the tool since) is not compared."""
     def flat(d: dict, prefix: str = "", skip=RESUME_MAY_CHANGE) -> dict:
         out = {}
         for k, v in d.items():
-            if (prefix == "" and k in skip) or k in ("checkpoint", "file"):  # a file's path: its sha256 is kept
+            if (prefix == "" and k in skip) or k in PATHS:
                 continue
             out |= flat(v, f"{prefix}{k}.", ()) if isinstance(v, dict) else {f"{prefix}{k}": v}
         return out
+
     def differences(was: dict, now: dict) -> list[str]:
-        return [f"{k} {was.get(k, '(unset)')} (now {now.get(k, '(unset)')})" for k in dict.fromkeys([*was, *now])
-                if was.get(k) != now.get(k) and k != "resolved.processes"]
-    config = json.loads((out / "config.json").read_text())
+        return [f"{k} {was[k]} (now {now.get(k, '(unset)')})" for k in was if was[k] != now.get(k) and k not in WHERE]
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{out} holds progress.json but no readable config.json ({e}); it cannot be resumed: start "
+                        f"the run again in another --out") from None
     diff = differences(flat({k: v for k, v in config.items() if k not in ("resolved", "made_by")}),
                        flat(json.loads(json.dumps(now.to_dict(), default=str))))
-    if not diff:  # the same options, resolved to other things (a teacher file replaced, another dataset's classes)
+    if not diff:  # the same options, resolved to other things (a teacher file replaced, other data at that path)
         diff = differences(flat(config.get("resolved", {}), "resolved.", ()),
                            flat(json.loads(json.dumps(resolved, default=str)), "resolved.", ()))
     if diff:

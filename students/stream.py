@@ -44,6 +44,9 @@ class Stream:
         return {"recipe": self.recipe.to_dict(), "view_seed": self.view_seed, "view_epochs": self.view_epochs,
                 "order_seed": self.cfg.order_seed, "eval_crop_pct": self.eval_recipe.eval_crop_pct,
                 "num_classes": self.num_classes,
+                "data": {"train": self.train.manifest.split_hash(self.cfg.train_split),
+                         "val": self.val.manifest.split_hash(self.cfg.val_split)},
+                "caches": [i["id"] for i in self.cached.identity()] if self.cached else [],
                 "cache_teacher": self.cached.teacher_attrs() if self.cached else None}
 
 

@@ -285,7 +285,7 @@ def test_ema_is_updated_exported_and_evaluated(small_digits, tmp_path):
 
 @pytest.mark.slow
 def test_a_resume_that_changes_what_the_run_computes_is_refused_and_one_that_changes_how_it_is_fed_runs(
-        small_digits, tmp_path):
+        small_digits, digits, tmp_path):
     """--resume continues the run config.json describes: an option that changes what it computes (the learning
     rate, the loss, ...) is refused naming it, before anything is written; where the data sits, the loader's
     workers and how often it checks and saves may change."""
@@ -314,3 +314,12 @@ def test_a_resume_that_changes_what_the_run_computes_is_refused_and_one_that_cha
     check_same_options(out, config, resolved | {"processes": 8})  # the process count may change between epochs
     with pytest.raises(UserError, match=r"was started with resolved.num_classes 10 \(now 11\); resume with"):
         check_same_options(out, config, resolved | {"num_classes": 11})
+    other = run_cli(*args, "--resume", "--data", digits)  # the data may move, but not change
+    assert other.returncode == 2 and "was started with resolved.data.train " in other.stderr, other.stderr
+    group = tmp_path / "group"  # where a --runs group's runs write may change; a key not recorded is not compared
+    group.mkdir()
+    saved = json.loads((out / "config.json").read_text())
+    saved["resolved"] |= {"stream_runs": ["/a/run-0", "/a/run-1"]}
+    saved.pop("seed")
+    (group / "config.json").write_text(json.dumps(saved))
+    check_same_options(group, config, resolved | {"stream_runs": ["/b/run-0", "/b/run-1"]})
