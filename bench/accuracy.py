@@ -1,7 +1,7 @@
 """Accuracy evidence from a declared plan: every cell of a table made by one commit, with intervals.
 
     python bench/accuracy.py --plan bench/plans/tiny50.yaml --data runs/data/tiny50 [--jobs 2]
-    python bench/accuracy.py --plan bench/plans/tiny50.yaml --data runs/data/tiny50 --report-only [--readme README.md]
+    python bench/accuracy.py --plan bench/plans/tiny50.yaml --data runs/data/tiny50 --report-only
 
 A plan (YAML, committed before its runs start) names the data slice, the teacher, the student, the stores, the
 variants (a method with its flags and teacher source: a store, the online teacher, or none), the seeds, the
@@ -38,11 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
 from cache.store import CacheStore  # noqa: E402
-from commands.options import OUTPUT_ONLY  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.manifest import Manifest, load_manifest, sha256_file, write_atomic  # noqa: E402
 from pipeline.provenance import code_label, code_version, config_hash  # noqa: E402
-from students.checkpoint import RUN_LOCAL, run_config_hash  # noqa: E402
+from students.checkpoint import run_config_hash, started_config_hash  # noqa: E402
 
 EXIT_PREEMPTED = 75
 
@@ -171,7 +170,7 @@ def run_state(run: Path, expected: dict | None, code: dict) -> str:
         made = config.get("made_by", {}).get("code")
         if made != code:
             raise Stale(f"{run} was started by commit {made and made['commit']}, not {code['commit']}")
-        started = config_hash({k: v for k, v in config.items() if k not in RUN_LOCAL and k not in OUTPUT_ONLY})
+        started = started_config_hash(run)
         if expected and started != expected["config_hash"]:
             raise Stale(f"{run} was started with config_hash {started}, not {expected['config_hash']}")
         return "resume" if (run / "progress.json").exists() else "fresh"
@@ -414,8 +413,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
     ap.add_argument("--replace-stale", action="store_true", help="delete and redo work another commit made")
     ap.add_argument("--report-only", action="store_true", help="render the tables from finished runs")
-    ap.add_argument("--readme", type=Path, help="also rewrite this markdown file's generated block of the tables "
-                    "(README.md: between its accuracy markers)")
     ap.add_argument("--allow-dirty", action="store_true",
                     help="run or report from a checkout with uncommitted changes (to try a plan: its runs and tables "
                          "are marked dirty, and reuse cannot tell one uncommitted change from another)")
@@ -433,8 +430,6 @@ def main(argv=None) -> dict:
     record = json.loads(save(plan["name"], results, args.results).read_text())
     (args.results / f"{plan['name']}.md").write_text(table(record))
     plot(results, args.results / f"{plan['name']}.png")
-    if args.readme:
-        args.readme.write_text(readme_block(args.readme.read_text(), record))
     print(table(record))
     return record
 

@@ -44,8 +44,7 @@ import typer
 
 from pipeline.errors import UserError
 from pipeline.spec import group, strip_optional
-
-OUTPUT_ONLY = ("resolved", "made_by")  # keys a run writes into its config.json for reading, ignored on input
+from students.checkpoint import OUTPUT_ONLY
 
 
 @functools.cache

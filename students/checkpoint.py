@@ -33,6 +33,7 @@ from students.stream import Stream
 
 STATE_VERSION = 2  # progress.json's layout; a run directory of another version is not resumed
 RUN_LOCAL = ("out", "resume", "progress", "log_with", "runs")  # where a run writes and how it is watched
+OUTPUT_ONLY = ("resolved", "made_by")  # keys open_run writes into config.json for reading, ignored on input
 # Free to change when a run is resumed: where its data and caches are mounted, how many loader workers feed it
 # (inside an epoch the layout check refuses that), how often it checks for a signal and saves. Every other option
 # is what the run computes, and a resume that changes it is refused.
@@ -141,7 +142,7 @@ def check_same_options(out: Path, now: TrainConfig, resolved: dict) -> None:
     except (OSError, ValueError) as e:
         raise UserError(f"{out} holds progress.json but no readable config.json ({e}); it cannot be resumed: start "
                         f"the run again in another --out") from None
-    diff = differences(flat({k: v for k, v in config.items() if k not in ("resolved", "made_by")}),
+    diff = differences(flat({k: v for k, v in config.items() if k not in OUTPUT_ONLY}),
                        flat(json.loads(json.dumps(now.to_dict(), default=str))))
     if not diff:  # the same options, resolved to other things (a teacher file replaced, other data at that path)
         diff = differences(flat(config.get("resolved", {}), "resolved.", ()),
@@ -198,6 +199,12 @@ def run_config_hash(cfg: TrainConfig) -> str:
     """The hash of what a run computes: every option (the order seed resolved) but where it writes and how it is
     watched (RUN_LOCAL)."""
     return config_hash({k: v for k, v in TrainConfig(*cfg.split()).to_dict().items() if k not in RUN_LOCAL})
+
+
+def started_config_hash(out: Path) -> str:
+    """run_config_hash of the run `out` holds, read from the config.json it was started with."""
+    config = json.loads((out / "config.json").read_text())
+    return config_hash({k: v for k, v in config.items() if k not in RUN_LOCAL and k not in OUTPUT_ONLY})
 
 
 def provenance(run: Run, stream: Stream, final: dict) -> dict:
