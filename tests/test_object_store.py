@@ -4,12 +4,9 @@ on 127.0.0.1, started and stopped here, with fake credentials; no traffic beyond
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +22,19 @@ from pipeline.location import Location
 from pipeline.reader import ShardReader
 from pipeline.shards import digits_source, write_split
 from tests.support.faultproxy import FaultProxy
+from tests.support.launch import free_port
+from tests.support.s3 import (
+    arrays_written,
+    assert_all_retried,
+    assert_same_store,
+    marked,
+    moto_server,
+    proxy_env,
+    set_read_timeout,
+    storage_warnings,
+    upload_small_digits,
+    upload_store,
+)
 
 need_module("s3fs")
 need_module("moto.server")
@@ -34,49 +44,11 @@ TEACHER = ["--teacher", "test_resnet", "--recipe", RECIPE, "--epochs", "2", "--t
            "--workers", "0", "--quiet"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_env(tmp_path_factory):
-    """moto's S3 server on a free loopback port; yields the environment a client needs to reach it. One server
-    and environment for the session: fsspec caches its S3 clients, and this module's slow tests run last."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           # nothing from this machine's own AWS set-up may leak in
-           "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull,
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    unset = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE")
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise RuntimeError("moto server exited; see its log") from None
-                time.sleep(0.1)
-        saved = {k: os.environ.get(k) for k in (*env, *unset)}
-        os.environ.update(env)
-        for k in unset:
-            os.environ.pop(k, None)
+    """moto's S3 server for the session (fsspec caches its S3 clients, and this module's slow tests run last)."""
+    with moto_server(tmp_path_factory.mktemp("moto")) as env:
         yield env
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture
@@ -111,54 +83,10 @@ def proxy(s3_env):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def proxy_env(proxy, **kw) -> dict:
-    """The environment of a run through the proxy; the clients cached so far (made for the server directly,
-    e.g. by an upload) are dropped, so that the run's are made for the proxy."""
-    import s3fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    return {"AWS_ENDPOINT_URL": proxy.url, **kw}
-
-
-def _warnings(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("warning: storage ")]
-
-
-
-def _upload_small_digits(small_digits, url: str) -> str:
-    """The small_digits dataset written to `url` by the shard writer itself."""
-    classes, splits = digits_source()
-    write_split(url, "train", classes, splits["train"][:270], name="digits-small", shard_size=48, progress=False)
-    write_split(url, "val", classes, splits["val"][:96], name="digits-small", shard_size=48, progress=False)
-    return url
-
-
-def _upload_store(local: Path, url: str) -> str:
-    """A local store's files copied byte for byte to `url`."""
-    for f in local.rglob("*"):
-        if f.is_file():
-            Location(url).child(f.relative_to(local).as_posix()).write_atomic(f.read_bytes())
-    return url
-
-
-def _assert_same_store(a, b) -> None:
-    sa, sb = CacheStore(a), CacheStore(b)
-    assert sa.done_units() == sb.done_units() == set(range(sa.num_units))
-    for name in NAMES:
-        x, y = sa.read_all(name), sb.read_all(name)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes(), name  # bit for bit
-    for u in range(sa.num_units):
-        assert sa.unit_info(u) == sb.unit_info(u)
-
-
-def _env(s3_env, **kw) -> dict:
-    return {**s3_env, **kw}
-
-
 # ----------------------------------------------------------------------------------------- shards
 
 def test_shards_in_a_bucket_read_back_equal_to_local(small_digits, bucket):
-    url = _upload_small_digits(small_digits, f"{bucket}/data")
+    url = upload_small_digits(small_digits, f"{bucket}/data")
     local = Location(small_digits)
     remote = Location(url)
     assert remote.child("dataset.json").read_bytes() == local.child("dataset.json").read_bytes()
@@ -203,11 +131,11 @@ def test_any_fsspec_protocol_holds_shards_and_a_store(tmp_path):
 
 @pytest.mark.slow
 def test_store_in_a_bucket_equals_the_local_one_bit_for_bit(small_digits, local_ref, bucket):
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    data = upload_small_digits(small_digits, f"{bucket}/data")
     out = f"{bucket}/teacher.zarr"
     s = cache_teacher(cache_cfg(data, out))
     assert s["views_written"] == 2 * 270
-    _assert_same_store(out, local_ref)
+    assert_same_store(out, local_ref)
     assert CacheStore(out).attrs["dataset"]["path"] == data  # a URL is recorded as given
     again = cache_teacher(cache_cfg(data, out))  # a rerun finds every unit done
     assert again["views_written"] == 0 and again["units_skipped_as_done"] == 6
@@ -222,7 +150,7 @@ def test_killed_teacher_pass_resumes_to_the_clean_store_and_is_refused_meanwhile
                                                                                 s3_env, tmp_path):
     import s3fs
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    data = upload_small_digits(small_digits, f"{bucket}/data")
     out = f"{bucket}/teacher.zarr"
     units = f"{out}/_units"
     # slowed zarr writes (tests/support/chaos_cli.py) so that the kill lands inside a unit's writes
@@ -233,14 +161,14 @@ def test_killed_teacher_pass_resumes_to_the_clean_store_and_is_refused_meanwhile
     deadline, torn = time.time() + 240, None
     while time.time() < deadline and proc.poll() is None and torn is None:
         # a unit some of whose arrays are written, and not all: its writes are under way (one per 0.25 s)
-        torn = next((u for u, n in _arrays_written(fs, out).items() if 0 < n < len(NAMES) and u not in
-                     _marked(fs, units)), None)
+        torn = next((u for u, n in arrays_written(fs, out).items() if 0 < n < len(NAMES) and u not in
+                     marked(fs, units)), None)
         time.sleep(0.05)
     assert torn is not None and proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = CacheStore(out).done_units()
-    assert torn not in done and _arrays_written(fs, out)[torn] > 0  # the kill landed inside unit `torn`
+    assert torn not in done and arrays_written(fs, out)[torn] > 0  # the kill landed inside unit `torn`
     assert len(done) < 6
 
     p = run_cli("train-student", "--data", data, "--student", "test_resnet", "--method", "kd", "--cache", out,
@@ -249,34 +177,15 @@ def test_killed_teacher_pass_resumes_to_the_clean_store_and_is_refused_meanwhile
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
     run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, check=True)
-    _assert_same_store(out, local_ref)
-
-
-def _arrays_written(fs, store: str) -> dict[int, int]:
-    """unit -> how many arrays hold a zarr shard object for it (`name/c/0/<unit>[/0...]`, zarr 3 default keys)."""
-    fs.invalidate_cache()
-    counts: dict[int, int] = {}
-    for name in NAMES:
-        key = f"/{name}/c/0/"
-        # `fs.find(prefix)` can answer the prefix itself: s3fs asks for its info when the listing came back empty,
-        # and a write landing between the two calls makes it a directory (seen under load): only objects count
-        units = {int(p.split(key, 1)[1].split("/")[0]) for p in fs.find(f"{store}{key}") if key in p}
-        for u in units:
-            counts[u] = counts.get(u, 0) + 1
-    return counts
-
-
-def _marked(fs, units: str) -> set[int]:
-    fs.invalidate_cache()
-    return {int(p.rsplit("shard-", 1)[1][:-len(".json")]) for p in fs.find(units)}
+    assert_same_store(out, local_ref)
 
 
 @pytest.mark.slow
 def test_two_processes_write_one_store_in_the_bucket_and_lose_nothing(small_digits, local_ref, bucket, tmp_path):
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    data = upload_small_digits(small_digits, f"{bucket}/data")
     out = f"{bucket}/teacher.zarr"
     logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "--log-dir", str(logs), "--redirects", "3", str(ROOT / "cli.py"), "cache-teacher", "--data", data,
            "--out", out, *TEACHER]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
@@ -291,7 +200,7 @@ def test_two_processes_write_one_store_in_the_bucket_and_lose_nothing(small_digi
     # as a world of one would each write every unit and each report 540)
     reports = {f.parent.name: f.read_text() for f in logs.rglob("stdout.log") if "views written" in f.read_text()}
     assert list(reports) == ["0"] and "540 views written" in reports["0"], reports
-    _assert_same_store(out, local_ref)
+    assert_same_store(out, local_ref)
 
 
 # ----------------------------------------------------------------------------------------- read-ahead
@@ -318,7 +227,7 @@ def test_read_ahead_keeps_order_and_bounds_what_is_in_flight():
 def test_a_streamed_shard_survives_cut_answers_bit_for_bit(small_digits, bucket, proxy, monkeypatch):
     """Without the read-ahead a shard is streamed in blocks: a block cut mid-answer is read again from where
     the file stood, so the samples and the sha256 over the streamed bytes are those of a clean read."""
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    data = upload_small_digits(small_digits, f"{bucket}/data")
     for k, v in proxy_env(proxy, OFAKD_STORE_PREFETCH="0").items():
         monkeypatch.setenv(k, v)
     remote, local = ShardReader(data, verify=True), ShardReader(small_digits)
@@ -332,8 +241,8 @@ def test_a_streamed_shard_survives_cut_answers_bit_for_bit(small_digits, bucket,
 
 def test_views_from_a_bucket_read_ahead_equal_the_local_ones(small_digits, local_ref, bucket):
     from cache.targets import TEACHER_KEY, CachedTeacher
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
-    out = _upload_store(local_ref, f"{bucket}/teacher.zarr")
+    data = upload_small_digits(small_digits, f"{bucket}/data")
+    out = upload_store(local_ref, f"{bucket}/teacher.zarr")
     streams = []
     for cache, d in ((local_ref, small_digits), (out, data)):
         views = CachedTeacher(cache).views(d, epoch=1)
@@ -353,8 +262,8 @@ def test_views_from_a_bucket_read_ahead_equal_the_local_ones(small_digits, local
 def test_an_ensemble_of_caches_in_a_bucket_reads_every_member_ahead_and_equals_local(small_digits, local_ref,
                                                                                    second_store, bucket):
     from cache.targets import TeacherEnsemble
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
-    remote = [_upload_store(p, f"{bucket}/{i}.zarr") for i, p in enumerate((local_ref, second_store))]
+    data = upload_small_digits(small_digits, f"{bucket}/data")
+    remote = [upload_store(p, f"{bucket}/{i}.zarr") for i, p in enumerate((local_ref, second_store))]
     streams = []
     for caches, d in (((local_ref, second_store), small_digits), (remote, data)):
         ens = TeacherEnsemble(list(caches), [1, 3], "prob")
@@ -381,8 +290,8 @@ def test_an_ensemble_of_caches_in_a_bucket_reads_every_member_ahead_and_equals_l
 def test_training_from_the_bucket_ends_with_the_same_weights_as_from_local_disk(small_digits, local_ref, bucket,
                                                                                 tmp_path, processes):
     from safetensors.numpy import load_file
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
-    out = _upload_store(local_ref, f"{bucket}/teacher.zarr")  # training must read the same cache from both places
+    data = upload_small_digits(small_digits, f"{bucket}/data")
+    out = upload_store(local_ref, f"{bucket}/teacher.zarr")  # training must read the same cache from both places
     args = ["--student", "test_resnet", "--method", "ofa", "--epochs", "1", "--max-steps-per-epoch", "3",
             "--batch-size", "16", "--workers", "1", "--mixed-precision", "no", "--quiet"]
     weights = []
@@ -434,22 +343,22 @@ def test_missing_bucket_and_missing_credentials_are_one_sentence_and_write_nothi
 
 @pytest.mark.slow
 def test_teacher_pass_rides_through_a_refused_window_to_the_clean_store(small_digits, local_ref, bucket, proxy):
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    data = upload_small_digits(small_digits, f"{bucket}/data")
     out = f"{bucket}/teacher.zarr"
     # nothing listens for 1.5 s from the first unit's marker on: inside the next units' writes
     proxy.at_request(1, lambda: proxy.refuse_for(1.5), match=b"_units/shard-")
     p = run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy))
     assert p.returncode == 0, p.stderr[-3000:]
     assert proxy.requests > 50
-    warned = _warnings(p.stderr)
+    warned = storage_warnings(p.stderr)
     assert len(warned) == 1 and f"storage {bucket} is not answering" in warned[0], p.stderr  # logged once
-    _assert_same_store(out, local_ref)  # bit for bit, markers included
+    assert_same_store(out, local_ref)  # bit for bit, markers included
 
 
 @pytest.mark.slow
 def test_an_outage_past_the_retry_bound_stops_in_one_sentence_and_the_rerun_completes(small_digits, local_ref,
                                                                                       bucket, proxy, tmp_path):
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    data = upload_small_digits(small_digits, f"{bucket}/data")
     out = f"{bucket}/teacher.zarr"
     short = {"OFAKD_STORE_RETRIES": "2", "OFAKD_STORE_BACKOFF": "0.1"}  # gives up after 0.3 s
     proxy.at_request(2, lambda: proxy.refuse_for(4), match=b"_units/shard-")  # at the second unit's marker
@@ -459,7 +368,7 @@ def test_an_outage_past_the_retry_bound_stops_in_one_sentence_and_the_rerun_comp
     time.sleep(4)
     assert 1 <= len(CacheStore(out).done_units()) < 6  # stopped mid-pass: the unmarked units are redone
     run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy), check=True)
-    _assert_same_store(out, local_ref)
+    assert_same_store(out, local_ref)
 
     # training past the bound: one sentence too
     proxy.at_request(1, lambda: proxy.refuse_for(4), match=b".tar ")  # the first shard read
@@ -467,15 +376,6 @@ def test_an_outage_past_the_retry_bound_stops_in_one_sentence_and_the_rerun_comp
                 "--method", "kd", "--epochs", "1", "--workers", "1", "--quiet", env=proxy_env(proxy, **short))
     refused(p, f"storage {bucket} did not answer")
     assert p.returncode == 2 and not (tmp_path / "run" / "model.safetensors").exists()
-
-
-def _read_timeout(monkeypatch, seconds: float) -> None:
-    """The S3 client's read timeout, set where a user sets it: fsspec's configuration of the s3 protocol (what
-    FSSPEC_S3='{"config_kwargs": {"read_timeout": ...}}' fills), which every client made from now on reads."""
-    import fsspec
-    s3 = fsspec.config.conf.get("s3", {})
-    monkeypatch.setitem(fsspec.config.conf, "s3", {**s3, "config_kwargs": {**s3.get("config_kwargs", {}),
-                                                                         "read_timeout": seconds}})
 
 
 def test_server_errors_and_throttling_are_retried_by_their_status_not_found_and_denied_are_not():
@@ -504,9 +404,9 @@ def test_teacher_pass_rides_through_http_faults_to_the_clean_store(small_digits,
     """The store answers some requests itself as S3 does when it throttles or fails (503 SlowDown, bursts of 500
     InternalError) and holds one write's and one read's answer past the client's read timeout (1 s): the pass
     retries them and ends with the clean store, bit for bit."""
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
+    data = upload_small_digits(small_digits, f"{bucket}/data")
     out = f"{bucket}/teacher.zarr"
-    _read_timeout(monkeypatch, 1.0)
+    set_read_timeout(monkeypatch, 1.0)
     proxy.trace = []
     proxy.fail_next(2, 503, "SlowDown", match=b"PUT ")  # the store's first writes: its metadata
     proxy.at_request(1, lambda: proxy.fail_next(3, 500, "InternalError", match=b"PUT "), match=b"/c/0/1")  # unit 1
@@ -516,23 +416,9 @@ def test_teacher_pass_rides_through_http_faults_to_the_clean_store(small_digits,
     proxy.at_request(5, lambda: proxy.stall_next(1, 3.0), match=b".tar ")
     p = run_cli("cache-teacher", "--data", data, "--out", out, *TEACHER, env=proxy_env(proxy, **FAST_RETRIES))
     assert p.returncode == 0, p.stderr[-3000:]
-    _all_retried(proxy, fails=2 + 3 + 2 + 3, stalls=2)
-    assert _warnings(p.stderr), p.stderr
-    _assert_same_store(out, local_ref)
-
-
-def _all_retried(proxy, fails: int, stalls: int) -> None:
-    """The proxy injected these HTTP faults, on reads (GET, HEAD) and writes (PUT) both, and each faulted request
-    was sent again after its fault (a retry; `proxy.trace` holds every request line in order)."""
-    kinds = [k for k, _ in proxy.faulted]
-    assert (kinds.count("fail"), kinds.count("stall")) == (fails, stalls), proxy.faulted
-    methods = {line.split(b" ")[0] for _, line in proxy.faulted}
-    assert b"PUT" in methods and methods & {b"GET", b"HEAD"}, proxy.faulted
-    lines = [line for _, line in proxy.trace]
-    for _, line in proxy.faulted:
-        at = lines.index(line)
-        assert line in lines[at + 1:], f"{line} was not retried"
-        lines[at] = None  # the next fault of the same request line is matched with its next occurrence
+    assert_all_retried(proxy, fails=2 + 3 + 2 + 3, stalls=2)
+    assert storage_warnings(p.stderr), p.stderr
+    assert_same_store(out, local_ref)
 
 
 class _FailingStream(torch.utils.data.IterableDataset):
@@ -556,13 +442,13 @@ def test_training_through_dropped_connections_and_http_faults_ends_with_the_clea
     held past the client's read timeout (1 s), in the main process and in the data-loader worker: the run
     retries through them all and ends with the weights of the same run from local disk."""
     from safetensors.numpy import load_file
-    data = _upload_small_digits(small_digits, f"{bucket}/data")
-    out = _upload_store(local_ref, f"{bucket}/teacher.zarr")
+    data = upload_small_digits(small_digits, f"{bucket}/data")
+    out = upload_store(local_ref, f"{bucket}/teacher.zarr")
     args = ["--student", "test_resnet", "--method", "ofa", "--epochs", "1", "--max-steps-per-epoch", "4",
             "--batch-size", "16", "--workers", "1", "--mixed-precision", "no", "--quiet"]
     run_cli("train-student", "--data", small_digits, "--cache", local_ref, "--out", tmp_path / "clean", *args,
             check=True)
-    _read_timeout(monkeypatch, 1.0)
+    set_read_timeout(monkeypatch, 1.0)
     proxy.trace = []
     for n in (10, 25, 40, 60):  # answers cut mid-stream: shard reads, cache reads, metadata
         proxy.at_request(n, lambda: proxy.drop_next(2))
@@ -575,7 +461,7 @@ def test_training_through_dropped_connections_and_http_faults_ends_with_the_clea
                 env=proxy_env(proxy, **FAST_RETRIES))
     assert p.returncode == 0, p.stderr[-3000:]
     assert proxy.dropped >= 4, proxy.dropped
-    assert _warnings(p.stderr), p.stderr  # the faults reached our retries (aiohttp retries some drops by itself)
+    assert storage_warnings(p.stderr), p.stderr  # the faults reached our retries (aiohttp retries some drops by itself)
     kinds = [k for k, _ in proxy.faulted]
     assert (kinds.count("fail"), kinds.count("stall")) == (2 + 3 + 1, 2), proxy.faulted
     a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("clean", "s3"))
