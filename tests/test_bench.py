@@ -186,6 +186,7 @@ def check_multi_student(d: Path):
     assert r["setting"]["students"] == ["test_resnet", "test_convnext"] and len(r["rounds"]) == 1
     assert len(r["rounds"][0]["separate_walls"]) == 2 and 0 <= r["loader_share_of_step"] <= 1
     assert r["wall_ratio_median"] > 0 and r["bound_loop_ratio"] > 0
+    assert 0.5 <= r["bound_loop_ratio_median"] <= 1 and r["step_ratio_median"] > 0 and r["loader_ratio_median"] > 0
 
 
 def check_object_store(d: Path):
