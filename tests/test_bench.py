@@ -200,8 +200,10 @@ def check_object_store(d: Path):
 
 def check_stop_check(d: Path):
     r = record(d, "stop_check", "stop_check")
+    inputs_hashed(r, ("data",))
     assert r["ranks"] == 2 and r["reps"] == 20 and 0 < r["seconds_per_check_best"] <= r["seconds_per_check_median"]
-    assert 0 < r["seconds_per_step_best"] and r["check_over_step_best"] > 0
+    assert 0 < r["seconds_per_step_best"] <= r["seconds_per_step_median"] and r["check_over_step_best"] > 0
+    assert r["steps"] == 2 and r["images_per_run"] == [2 * 16 * 2]  # real runs: 2 steps of 16 images on each rank
 
 
 def check_gpu_smoke(d: Path):
