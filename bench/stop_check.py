@@ -1,7 +1,7 @@
 """Cost of the per-step stop-signal agreement (students.train.stop_agreed: one max all-reduce of one number and
 its read-back) on CPU ranks (gloo), against the 2-rank training step it is added to.
 
-    python bench/stop_check.py [--data DIR] [--reps 1000] [--steps 40] [--rounds 5] [--name stop_check]
+    python bench/stop_check.py [--data DIR] [--reps 1000] [--steps 30] [--rounds 5] [--name stop_check]
 
 Starts 2 CPU ranks with torchrun (tests/support/launch.py). The agreement: each of `--rounds` rounds times `--reps`
 calls of stop_agreed itself; best and median over the rounds. The step: `--rounds` real `train-student` runs on
@@ -27,7 +27,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="the digits shards (made under runs/bench if absent)")
     ap.add_argument("--reps", type=int, default=1000, help="agreements timed per round")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each training run")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps of each training run (at most)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--name", default="stop_check")
     return ap.parse_args(argv)
@@ -71,7 +71,9 @@ def step_seconds(data: Path, steps: int, out: Path) -> tuple[float, int]:
           "digits", "--epochs", 1, "--max-steps-per-epoch", steps, "--batch-size", 16, "--workers", 0, "--out", out,
           "--quiet")
     h = json.loads((out / "metrics.json").read_text())["history"][0]
-    return (h["train_seconds"] - h["loader_wait_seconds"]) / steps, round(h["images_per_second"] * h["train_seconds"])
+    images = round(h["images_per_second"] * h["train_seconds"])
+    # the steps it made: fewer than --steps where a rank's share of the epoch is shorter
+    return (h["train_seconds"] - h["loader_wait_seconds"]) / (images / (16 * 2)), images
 
 
 def main(argv=None) -> dict:
