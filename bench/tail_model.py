@@ -6,8 +6,9 @@
 The cache keeps the top-k logits, their classes and the log-sum-exp; which class holds which of the
 remaining logits is lost. On real teacher and student logits this script compares the KD loss (at each
 T) from full logits with three reconstructions of the tail:
-- uniform: the tail's probability mass spread evenly: the cache's own reconstruction
-  (`reconstruct_logits`, with the exact label-class log-odds the cache also keeps);
+- uniform: the tail's probability mass spread evenly: the cache's own reconstruction, from what a store holds
+  (`summarize`, float16 values, read back by `TeacherTargets.logits`, with the exact label-class log-odds the
+  cache also keeps);
 - oracle shape, unknown classes: the exact tail logit values (an upper bound on any shape model fitted
   to what the cache stores), with the classes that hold them unknown, i.e. each tail class weighted by
   the mean;
@@ -25,18 +26,18 @@ import torch.nn.functional as F
 from common import inputs, md_table, save
 from fidelity import add_pair_args, pair_line, pair_logits
 
-from cache.distribution import label_log_odds
-from cache.targets import reconstruct_logits
+from cache.summary import summarize
+from cache.targets import TeacherTargets
 from students.losses import kd_loss
 
 
 def estimates(z: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, k: int, T: float) -> dict:
     """Mean KD loss at temperature T (student logits q) from full teacher logits z and from each tail
-    reconstruction; labels [B, m] are the label classes of each view, whose logits the cache keeps exactly."""
+    reconstruction; labels [B, 2] are the label classes of each view, whose logits the cache keeps exactly."""
     C = z.shape[1]
-    v, idx = z.topk(k, 1)
-    lse = z.logsumexp(1)
-    uniform = reconstruct_logits(v - lse[:, None], idx, lse, labels, label_log_odds(z, labels), C)
+    idx = z.topk(k, 1).indices
+    stored = TeacherTargets.from_arrays(summarize(z, labels[:, 0], labels[:, 1], k))  # a float16 store's arrays
+    uniform = stored.logits(labels[:, 0], labels[:, 1], C)
     tail = torch.ones_like(z, dtype=torch.bool).scatter_(1, idx, False).scatter_(1, labels, False)
     # oracle shape, classes unknown: exact teacher terms; the cross term weights every tail class by the mean
     log_p, log_q = F.log_softmax(z / T, 1), F.log_softmax(q / T, 1)
