@@ -56,7 +56,7 @@ BENCHES = [
           ["--steps", 1, "--rounds", 1, "--students", 2, "--view-size", 32]),
     Bench("object_store", "object_store.py", ["--rounds", 3, "--workers", "0,2"], "digits",
           ["--rounds", 1, "--workers", "0", "--latency-ms", 1]),
-    Bench("stop_check", "stop_check.py", [], "digits", ["--reps", 20, "--steps", 2, "--rounds", 2]),
+    Bench("stop_check", "stop_check.py", [], "digits", ["--reps", 20, "--steps", 2, "--rounds", 1]),
 ]
 
 
