@@ -187,6 +187,10 @@ def check_multi_student(d: Path):
     assert len(r["rounds"][0]["separate_walls"]) == 2 and 0 <= r["loader_share_of_step"] <= 1
     assert r["wall_ratio_median"] > 0 and r["bound_loop_ratio"] > 0
     assert 0.5 <= r["bound_loop_ratio_median"] <= 1 and r["step_ratio_median"] > 0 and r["loader_ratio_median"] > 0
+    for x in r["rounds"]:  # the loop's ratio is its loader's part and its steps' part, as recorded
+        n, sep_l, sep_t = 2, x["separate_loader_wait"], x["separate_train_seconds"]
+        parts = (x["loader_ratio"] * sep_l / n + x["step_ratio"] * (sep_t - sep_l)) / sep_t
+        assert math.isclose(x["train_ratio"], parts, rel_tol=1e-9), x
 
 
 def check_object_store(d: Path):
@@ -327,3 +331,25 @@ def test_a_record_is_refused_once_the_checkout_changed_while_its_benchmark_ran(t
         common.CODE_AT_START = started
     rec = json.loads(common.save("probe", {"x": 1.0}, tmp_path).read_text())  # unchanged: saved, with that code
     assert rec["code"] == started and rec["results"] == {"x": 1.0}
+
+
+def test_tail_models_uniform_row_is_rebuilt_from_the_values_a_float16_store_holds():
+    """bench/tail_model.py's "uniform" row stands for the cache: its top-k log-probabilities as a float16 store
+    rounds them (summarize, read back by TeacherTargets), not float32 values no store holds. Logits of spread 6 put
+    the tail's log-probabilities where a float16 step is 2^-6: the two readings' KD losses differ by 0.09 at T 4."""
+    import tail_model
+    import torch
+
+    from cache.distribution import label_log_odds, reconstruct_logits
+    from students.losses import kd_loss
+    g = torch.Generator().manual_seed(0)
+    z, q = torch.randn(256, 50, generator=g) * 6, torch.randn(256, 50, generator=g) * 2
+    labels = torch.randint(0, 50, (256, 2), generator=g)
+    v, idx = z.topk(10, 1)
+    lse = z.logsumexp(1)
+
+    def kd_of(values):
+        return float(kd_loss(q, reconstruct_logits(values, idx, lse, labels, label_log_odds(z, labels), 50), 4.0))
+    as_float16, as_float32 = kd_of((v - lse[:, None]).half().float()), kd_of(v - lse[:, None])
+    got = tail_model.estimates(z, q, labels, 10, 4.0)["uniform"]
+    assert abs(got - as_float16) < abs(got - as_float32) / 4, (got, as_float16, as_float32)
