@@ -9,20 +9,25 @@ the data loader forks its workers right after evaluation's collectives. Seen in 
 stuck at an epoch's end: a rank's evaluation worker hung in PyOS_AfterFork_Child, the other rank in the next
 all-reduce.
 
-Here each work is waited on and then kept (the last `HELD`), so that the last reference is this thread's and
-the tensors are freed here, long after the library's thread let go of them. The collectives of torch's own
-C++ (DDP's gradient all-reduce and buffer broadcast) run on tensors Python never saw and need nothing.
+Here each work is waited on and then kept, at least `HOLD_SECONDS` and until `HELD` newer ones were, so that the
+last reference is this thread's and the tensors are freed here, long after the library's thread let go of them:
+that thread drops its reference just after it signals completion, and a thread the OS stalls there (a loaded
+machine) can hold it while the other threads of the library run many more collectives, hence the time too. The
+collectives of torch's own C++ (DDP's gradient all-reduce and buffer broadcast) run on tensors Python never saw and
+need nothing.
 tests/test_distributed.py checks where the tensors are freed."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import torch
 import torch.distributed as dist
 
-HELD = 64  # works kept: each is dropped 64 collectives after it completed
-_held: deque = deque(maxlen=HELD)
+HELD = 64  # a work is dropped once this many newer ones are kept ...
+HOLD_SECONDS = 2.0  # ... and it completed this long ago
+_held: deque = deque()  # (when it completed, work), oldest first
 
 _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
@@ -51,9 +56,7 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> None:
 
 def _wait(work) -> None:
     work.wait()
-    _held.append(work)  # dropped here, later (see the module docstring)
-
-
-def release() -> None:
-    """Drop the kept works now (their tensors are freed in this thread)."""
-    _held.clear()
+    now = time.monotonic()
+    _held.append((now, work))
+    while len(_held) > HELD and now - _held[0][0] > HOLD_SECONDS:
+        _held.popleft()  # the last reference, dropped by this thread (see the module docstring)

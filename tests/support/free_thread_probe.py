@@ -4,7 +4,9 @@
 
 Each rank broadcasts and all-reduces 100 fresh tensors twice: with pipeline.collectives, then with
 torch.distributed's blocking calls for comparison. It lets go of each tensor at once and records the thread
-that freed it (a weakref.finalize runs there). Rank 0 writes the record as JSON: {"world", "ours", "plain"}."""
+that freed it (a weakref.finalize runs there). pipeline.collectives drops its works as a run does: once
+`HOLD_SECONDS` have passed and `HELD` newer collectives were made. Rank 0 writes the record as JSON:
+{"world", "ours", "plain"}."""
 
 import json
 import os
@@ -41,8 +43,11 @@ def probe(plain: bool) -> list[str]:
         assert out.tolist() == [float(dist.get_world_size())] * 4
         weakref.finalize(out, where)
         del s, out
+    if not plain:  # the works ours kept are dropped by the next collectives, as in a run
+        time.sleep(collectives.HOLD_SECONDS + 0.5)
+        for _ in range(collectives.HELD + 1):
+            collectives.reduce(torch.zeros(1))
     dist.barrier()
-    collectives.release()  # the works ours kept: freed now, here
     deadline = time.monotonic() + 10
     while len(freed) < 200 and time.monotonic() < deadline:  # plain: gloo's thread frees the last ones when it
         time.sleep(0.01)  # gets to them, after the barrier at times
