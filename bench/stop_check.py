@@ -55,10 +55,13 @@ def rank_main(reps: int, rounds: int) -> None:
     acc.end_training()  # closes the process group: a rank exiting with gloo's threads alive can abort
 
 
+RANKS, BATCH = 2, 16  # the ranks of every launch here; a training run's batch per rank
+
+
 def ranks(*args) -> str:
     """Run `args` on 2 CPU ranks; their stdout."""
     from tests.support.launch import launch_cmd, launch_env
-    proc = subprocess.run(launch_cmd(2, *args), capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    proc = subprocess.run(launch_cmd(RANKS, *args), capture_output=True, text=True, env=launch_env(), cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f"the 2 ranks failed (status {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout
@@ -68,12 +71,12 @@ def step_seconds(data: Path, steps: int, out: Path) -> tuple[float, int]:
     """Seconds per optimizer step of one real 2-rank `train-student` run's loop, its waits for views left out; and
     the images the run says it trained on."""
     ranks(ROOT / "cli.py", "train-student", "--data", data, "--student", "test_resnet", "--method", "ce", "--recipe",
-          "digits", "--epochs", 1, "--max-steps-per-epoch", steps, "--batch-size", 16, "--workers", 0, "--out", out,
+          "digits", "--epochs", 1, "--max-steps-per-epoch", steps, "--batch-size", BATCH, "--workers", 0, "--out", out,
           "--quiet")
     h = json.loads((out / "metrics.json").read_text())["history"][0]
     images = round(h["images_per_second"] * h["train_seconds"])
     # the steps it made: fewer than --steps where a rank's share of the epoch is shorter
-    return (h["train_seconds"] - h["loader_wait_seconds"]) / (images / (16 * 2)), images
+    return (h["train_seconds"] - h["loader_wait_seconds"]) / (images / (BATCH * RANKS)), images
 
 
 def main(argv=None) -> dict:
@@ -84,7 +87,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         runs = [step_seconds(data, args.steps, Path(tmp) / f"run{r}") for r in range(args.rounds)]
     step = sorted(s for s, _ in runs)
-    res = {"ranks": 2, "backend": "gloo (CPU)", "reps": args.reps, "steps": args.steps, "rounds": args.rounds,
+    res = {"ranks": RANKS, "backend": "gloo (CPU)", "reps": args.reps, "steps": args.steps, "rounds": args.rounds,
            **result, "seconds_per_step_best": step[0], "seconds_per_step_median": step[len(step) // 2],
            "check_over_step_best": result["seconds_per_check_best"] / step[0],
            "images_per_run": sorted({n for _, n in runs}),

@@ -11,8 +11,8 @@ all-reduce.
 
 Here each work is waited on and then kept, at least `HOLD_SECONDS` and until `HELD` newer ones were, so that the
 last reference is this thread's and the tensors are freed here, long after the library's thread let go of them:
-that thread drops its reference just after it signals completion, and a thread the OS stalls there (a loaded
-machine) can hold it while the other threads of the library run many more collectives, hence the time too. The
+that thread can still hold its reference after it signals completion, and one the OS stalls there (a loaded
+machine) can hold it while the library's other threads run many more collectives, hence the time too. The
 collectives of torch's own C++ (DDP's gradient all-reduce and buffer broadcast) run on tensors Python never saw and
 need nothing.
 tests/test_distributed.py checks where the tensors are freed."""
