@@ -1,16 +1,16 @@
 """Kill-and-resume chaos: SIGKILL `cache-teacher` and `train-student` at random moments, resume, and
 check the result is bit-identical to an uninterrupted run.
 
-    python bench/chaos.py [--kills 5] [--rounds 3] [--processes 1 2] [--stages one two] [--seed 0]
-                          [--samples 600] [--save]
+    python bench/chaos.py [--kills 5] [--stage-two-kills N] [--rounds 3] [--processes 1 2] [--stages one two]
+                          [--seed 0] [--samples 600] [--save]
 
 Stage one: each round starts the teacher pass, kills it `--kills` times at random moments (with
 writes slowed by OFAKD_CHAOS_SLOW_WRITES so that kills land inside unit writes), then lets it finish
 and compares every array and every completion marker with an uninterrupted reference. With
 `--processes 2` the pass runs on two real CPU ranks (torchrun, tests/support/launch.py), one rank is killed
 (torchrun stops the other), and the number of rank processes running at each kill is recorded and checked.
-Stage two: kills `train-student` mid-epoch, reruns with `--resume`, compares the exported weights
-and metrics with an uninterrupted run.
+Stage two: kills `train-student` mid-epoch (`--stage-two-kills` times, default `--kills`), reruns with
+`--resume`, compares the exported weights and metrics with an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -221,7 +221,9 @@ def chaos_stage_two(data: Path, work: Path, store: Path, kills: int) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--kills", type=int, default=5, help="SIGKILLs of the teacher pass per round and process count")
+    ap.add_argument("--stage-two-kills", type=int, default=None,
+                    help="SIGKILLs of train-student per round (default: --kills)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--stages", nargs="+", default=["one", "two"])
@@ -243,7 +245,8 @@ def main(argv=None) -> dict:
                     rnd[f"stage_one_{p}p"] = chaos_stage_one(data, work, args.kills, p, ref)
                     print(f"round {r + 1} stage one, {p} process(es): {json.dumps(rnd[f'stage_one_{p}p'])}")
             if "two" in args.stages:
-                rnd["stage_two"] = chaos_stage_two(data, work, ref, args.kills)
+                kills = args.kills if args.stage_two_kills is None else args.stage_two_kills
+                rnd["stage_two"] = chaos_stage_two(data, work, ref, kills)
                 print(f"round {r + 1} stage two: {json.dumps(rnd['stage_two'])}")
             report["rounds"].append(rnd)
     finally:

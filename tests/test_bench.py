@@ -4,7 +4,8 @@ the command, commit, machine and date; bench/results/README.md is what the commi
 
 The smoke runs start together, two at a time (one per core), when the first of them is needed, and only those
 of the selected tests: each alone costs seconds of interpreter and library start-up, most of its time. chaos.py's
-is a real round (5 SIGKILLs in each stage, every resumed result bit-identical), not only a smoke run."""
+is a real round (5 SIGKILLs of the teacher pass, 2 of training, every resumed result bit-identical), not only
+a smoke run."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ JOBS = {
                                "multi_student", "object_store", "stop_check")},
     "gpu_smoke": ["bench/gpu_smoke.py", "--small", "--data", "{data}", "--steps", 2, "--students", 2, "--work",
                   "{work}"],
-    "chaos": ["bench/chaos.py", "--kills", 5, "--rounds", 1, "--processes", 1, "--save"],
+    "chaos": ["bench/chaos.py", "--kills", 5, "--stage-two-kills", 2, "--rounds", 1, "--processes", 1, "--save"],
     "fidelity": ["bench/fidelity.py", *PAIR, "--topk", 2, 5],
     "tail_model": ["bench/tail_model.py", *PAIR, "--topk", 2, 5, "--T", 1, 4],
     "tail_sampling": ["bench/tail_sampling.py", *PAIR, "--topk", 2, 5, "--sampled", "2:2:1", "--draws", 3,
@@ -226,7 +227,7 @@ def check_chaos(d: Path):
     assert len(one["kill_points"]) >= 5 and one["kills_mid_write"] >= 1
     # stage two: train-student was killed (SIGKILL) at least once mid-run, and the resumed run's weights and
     # per-epoch metrics are the uninterrupted run's
-    assert sum(p["killed"] for p in two["kill_points"]) >= 1, two
+    assert sum(p["killed"] for p in two["kill_points"]) >= 1 and len(two["kill_points"]) <= 2, two
     assert two["ok"] and two["weights_identical"] and two["metrics_identical"], two
 
 

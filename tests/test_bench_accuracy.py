@@ -25,14 +25,29 @@ PLAN = {
 }
 
 
+def argv(plan, data, work, results, *extra) -> list[str]:
+    return [str(a) for a in ("--plan", plan, "--data", data, "--work", work, "--results", results, "--allow-dirty",
+                             *extra)]
+
+
 def bench(plan, data, work, results, *extra):
-    cmd = [sys.executable, str(ROOT / "bench" / "accuracy.py"), "--plan", plan, "--data", data, "--work", work,
-           "--results", results, "--allow-dirty", *extra]
+    """bench/accuracy.py as a user runs it, in its own process."""
+    cmd = [sys.executable, str(ROOT / "bench" / "accuracy.py"), *argv(plan, data, work, results, *extra)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
 
 
+def bench_here(capsys, plan, data, work, results, *extra) -> str:
+    """bench/accuracy.py's main() in this process (no second start of torch and timm, 4-5 s): for the calls
+    after the first, which ran as a process. Returns what it printed; a refusal raises its SystemExit."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import accuracy
+    capsys.readouterr()
+    accuracy.main(argv(plan, data, work, results, *extra))
+    return capsys.readouterr().out
+
+
 @pytest.mark.slow
-def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
+def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path, capsys, monkeypatch):
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump(PLAN))
     work, results = tmp_path / "work", tmp_path / "results"
@@ -50,16 +65,17 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
     assert len(kd_ce["ci95"]) == 2 and kd_ce["ci95"][0] <= kd_ce["mean"] <= kd_ce["ci95"][1]
     assert (results / "accuracy_smoke.md").read_text().count("| kd - ce |") == 1
 
-    again = bench(plan, digits, work, results)  # everything reused: no command runs
-    assert again.returncode == 0 and "0 runs to make" in again.stdout and "cli.py train-student" not in again.stdout
+    again = bench_here(capsys, plan, digits, work, results)  # everything reused: no command runs
+    assert "0 runs to make" in again and "cli.py train-student" not in again
 
     metrics = work / "kd-seed1" / "metrics.json"  # a run made under another configuration is never reused
     m = json.loads(metrics.read_text())
     m["provenance"]["config_hash"] = "0" * 64
     metrics.write_text(json.dumps(m))
-    stale = bench(plan, digits, work, results)
-    assert stale.returncode != 0 and "Traceback" not in stale.stderr
-    assert "kd-seed1 was made with config_hash" in stale.stderr and "--replace-stale" in stale.stderr
+    with pytest.raises(SystemExit) as stale:  # a sentence, as the process prints it (no traceback)
+        bench_here(capsys, plan, digits, work, results)
+    assert isinstance(stale.value.code, str), stale.value.code
+    assert "kd-seed1 was made with config_hash" in stale.value.code and "--replace-stale" in stale.value.code
     redo = bench(plan, digits, work, results, "--replace-stale")
     assert redo.returncode == 0 and "1 runs to make" in redo.stdout
     assert redo.stdout.count("$ python cli.py train-student") == 1
@@ -85,23 +101,25 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     (tmp_path / "metrics.json").rename(run / "metrics.json")
 
-    cka_evidence_reads_the_plans_models(plan, work, results, r)
+    cka_evidence_reads_the_plans_models(plan, work, results, r, monkeypatch)
 
 
-def cka_evidence_reads_the_plans_models(plan, work, results, r: dict) -> None:
+def cka_evidence_reads_the_plans_models(plan, work, results, r: dict, monkeypatch) -> None:
     """bench/cka_evidence.py on the models the plan made: a pair whose run the plan lacks, or whose checkpoint is
-    missing, is refused in one sentence; the others give their record."""
-    cka = [sys.executable, str(ROOT / "bench" / "cka_evidence.py"), "--plan", plan, "--work", work, "--samples", "48"]
-    env = {**os.environ, "OFAKD_BENCH_RESULTS": str(results)}
-    missing = subprocess.run(cka, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
-    assert missing.returncode != 0 and "Traceback" not in missing.stderr
-    assert "plan accuracy_smoke makes no run ofa-seed0: choose --pairs" in missing.stderr
+    missing, is refused in one sentence (its main() here: the refusals come before any work); the others give
+    their record, in its own process."""
+    import cka_evidence
+    args = ["--plan", str(plan), "--work", str(work), "--samples", "48"]
+    monkeypatch.setenv("OFAKD_BENCH_RESULTS", str(results))
+    with pytest.raises(SystemExit, match="plan accuracy_smoke makes no run ofa-seed0: choose --pairs"):
+        cka_evidence.main(args)
     assert not (results / "cka_evidence.json").exists()
     (work / "ce-seed1" / "model.safetensors").rename(work / "ce-seed1" / "away.safetensors")
-    unfinished = subprocess.run([*cka, "--pairs", "ce0-vs-ce1"], capture_output=True, text=True, cwd=ROOT,
-                                timeout=600, env=env)
-    assert unfinished.returncode != 0 and "ce-seed1/model.safetensors is missing" in unfinished.stderr
+    with pytest.raises(SystemExit, match="ce-seed1/model.safetensors is missing"):
+        cka_evidence.main([*args, "--pairs", "ce0-vs-ce1"])
     (work / "ce-seed1" / "away.safetensors").rename(work / "ce-seed1" / "model.safetensors")
+    cka = [sys.executable, str(ROOT / "bench" / "cka_evidence.py"), *args]
+    env = {**os.environ, "OFAKD_BENCH_RESULTS": str(results)}
     made = subprocess.run([*cka, "--pairs", "teacher-vs-ce0", "ce0-vs-ce1"], capture_output=True, text=True,
                           cwd=ROOT, timeout=600, env=env)
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]

@@ -112,12 +112,21 @@ def train_args(data, store, out, *extra) -> list:
             "--out", out, "--quiet", *extra]
 
 
-@pytest.mark.slow
-def test_two_rank_training_killed_mid_epoch_resumes_to_the_same_weights(small_digits, ref_store, tmp_path):
-    full = tmp_path / "full"
-    proc = run_ranks(2, tmp_path / "pf", *train_args(small_digits, ref_store, full))
+@pytest.fixture(scope="session")
+def two_rank_run(small_digits, ref_store, tmp_path_factory):
+    """An uninterrupted `train_args` run on two ranks: the reference of the killed run here and of the run two
+    machines share (the same command; made once)."""
+    root = tmp_path_factory.mktemp("two-rank-run")
+    proc = run_ranks(2, root / "probe", *train_args(small_digits, ref_store, root / "run"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_two_ranks(tmp_path / "pf")
+    assert_two_ranks(root / "probe")
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_two_rank_training_killed_mid_epoch_resumes_to_the_same_weights(small_digits, ref_store, two_rank_run,
+                                                                        tmp_path):
+    full = two_rank_run
     assert json.loads((full / "config.json").read_text())["resolved"]["processes"] == 2
     m = json.loads((full / "metrics.json").read_text())
     assert [h["val_samples"] for h in m["history"]] == [96, 96]  # both ranks' val shards, each counted once
@@ -383,7 +392,7 @@ def test_a_tampered_replay_record_is_refused(small_digits, ref_store, tmp_path):
 # ------------------------------------------------------------------------------ two machines, simulated
 
 @pytest.mark.slow
-def test_two_machines_share_one_store_and_one_run(small_digits, teacher_ckpt, ref_store, tmp_path):
+def test_two_machines_share_one_store_and_one_run(small_digits, teacher_ckpt, ref_store, two_rank_run, tmp_path):
     """Two torchrun machines (--nnodes 2) on 127.0.0.1 sharing a folder as the bucket (data, store, run),
     each with its own working directory, probe and temporary folder. The shared bucket is a local folder
     here: tests/test_object_store.py's moto server is session-wide state of that module (os.environ and
@@ -421,12 +430,9 @@ def test_two_machines_share_one_store_and_one_run(small_digits, teacher_ckpt, re
     # the weights equal a one-machine run of the same world size: training is only promised equal across
     # runs of one world size (each rank steps on its own shards, so the batches differ with the world size),
     # which is how test_two_rank_training_killed_mid_epoch_resumes_to_the_same_weights compares too
-    one = run_ranks(2, tmp_path / "p1", *train_args(small_digits, ref_store, tmp_path / "one"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert_two_ranks(tmp_path / "p1")
-    w2, w1 = load_file(bucket / "run" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    w2, w1 = load_file(bucket / "run" / "model.safetensors"), load_file(two_rank_run / "model.safetensors")
     assert w2.keys() == w1.keys() and all(torch.equal(w2[k], w1[k]) for k in w1)
-    m2, m1 = (json.loads((d / "metrics.json").read_text()) for d in (bucket / "run", tmp_path / "one"))
+    m2, m1 = (json.loads((d / "metrics.json").read_text()) for d in (bucket / "run", two_rank_run))
     assert [h["train/loss"] for h in m2["history"]] == [h["train/loss"] for h in m1["history"]]
 
 
