@@ -38,12 +38,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # every test, the files spread over two processes (pytest-xdist; a file's tests stay in one process, so its
-# session fixtures are built once; the heaviest files first): 14 to 16 minutes on a 2-core machine
+# session fixtures are built once; the heaviest files first): about 12 minutes on a 2-core machine
 TEST_PROCESSES ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
-# the fast tier (no end-to-end runs): under 2 minutes on a 2-core machine
+# the fast tier (no end-to-end runs): about 85 s on a 2-core machine
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile -m "not slow"
 
