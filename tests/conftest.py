@@ -66,12 +66,13 @@ def pytest_configure(config):
     """Under pytest-xdist (`make test`: one test process per core), each process's torch would start one OpenMP
     thread per core, and a thread waiting for a core spins: each process gets its share of the cores instead (one
     thread on 2 cores), set before any test module imports torch and inherited by the CLI processes tests start,
-    as torchrun does for its ranks. Measured on 2 cores: the fast tier in 116 s with torch's default, 82 s with
-    this (bench/results/test_suite.json)."""
+    as torchrun does for its ranks. Measured on 2 cores: the fast tier in 115 to 118 s with torch's default, 81 to
+    85 s with this (bench/results/test_suite.json)."""
     workers = getattr(config, "workerinput", {}).get("workercount")
     if workers:
         assert "torch" not in sys.modules, "torch was imported before the thread count was set"
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -40,7 +40,6 @@ def test_end_to_end_ofa_student_exports_a_timm_loadable_model(digits, teacher_ru
     out = teacher_run / "ofa"
     proc = run_cli("train-student", "--data", digits, "--student", "test_vit", *VIT, "--method", "ofa",
                    "--cache", teacher_run / "teacher.zarr", "--teacher", "test_resnet", "--epochs", 1,
-                   "--max-steps-per-epoch", 4,  # what is checked is the run's record and its export, not learning
                    "--batch-size", 64, "--optimizer", "adamw", "--lr", 1e-3, "--out", out, "--quiet", check=True)
     assert "top1" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
@@ -57,11 +56,15 @@ def test_end_to_end_ofa_student_exports_a_timm_loadable_model(digits, teacher_ru
     recipe = get_recipe("digits")
     minput = model_input(model, recipe.input_size)
     correct = n = 0
+    predicted = set()
     with torch.no_grad():
         for b in DataLoader(EvalViews(ShardReader(digits, "val"), recipe), batch_size=128):
-            correct += (model(minput(b["view"])).argmax(1) == b["label"]).sum().item()
+            pred = model(minput(b["view"])).argmax(1)
+            correct += (pred == b["label"]).sum().item()
             n += len(b["label"])
+            predicted.update(pred.tolist())
     assert n == 360 and 100.0 * correct / n == pytest.approx(metrics["top1"], abs=1e-6)
+    assert len(predicted) >= 2, predicted  # a model answering one class matches any export answering it (3 seen)
 
 
 @pytest.mark.slow
