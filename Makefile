@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # every test, the files spread over two processes (pytest-xdist; a file's tests stay in one process, so its
-# session fixtures are built once; the heaviest files first): about 12 minutes on a 2-core machine
+# session fixtures are built once; the heaviest files first): 11 to 12 minutes on a 2-core machine
 TEST_PROCESSES ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
