@@ -231,6 +231,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples", type=int, default=600, help="training images (digits, 30 a shard)")
     ap.add_argument("--save", action="store_true", help="write chaos.json to bench/results (or $OFAKD_BENCH_RESULTS)")
     args = ap.parse_args(argv)
+    two_kills = args.kills if args.stage_two_kills is None else args.stage_two_kills
     random.seed(args.seed)
     work = Path(tempfile.mkdtemp(prefix="chaos-"))
     report = {"rounds": []}
@@ -245,8 +246,7 @@ def main(argv=None) -> dict:
                     rnd[f"stage_one_{p}p"] = chaos_stage_one(data, work, args.kills, p, ref)
                     print(f"round {r + 1} stage one, {p} process(es): {json.dumps(rnd[f'stage_one_{p}p'])}")
             if "two" in args.stages:
-                kills = args.kills if args.stage_two_kills is None else args.stage_two_kills
-                rnd["stage_two"] = chaos_stage_two(data, work, ref, kills)
+                rnd["stage_two"] = chaos_stage_two(data, work, ref, two_kills)
                 print(f"round {r + 1} stage two: {json.dumps(rnd['stage_two'])}")
             report["rounds"].append(rnd)
     finally:

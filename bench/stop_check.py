@@ -59,11 +59,11 @@ RANKS, BATCH = 2, 16  # the ranks of every launch here; a training run's batch p
 
 
 def ranks(*args) -> str:
-    """Run `args` on 2 CPU ranks; their stdout."""
+    """Run `args` on RANKS CPU ranks; their stdout."""
     from tests.support.launch import launch_cmd, launch_env
     proc = subprocess.run(launch_cmd(RANKS, *args), capture_output=True, text=True, env=launch_env(), cwd=ROOT)
     if proc.returncode != 0:
-        sys.exit(f"the 2 ranks failed (status {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        sys.exit(f"the {RANKS} ranks failed (status {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout
 
 
