@@ -251,3 +251,21 @@ def test_token_lite_heads_keep_their_pinned_sizes(name, kw):
     assert not model.prefix and type(model.heads["stage1"]).__name__ == "LiteTokenHead"
     out = model(torch.randn(2, 3, 16, 16))
     assert sorted(out["heads"]) == ["stage1", "stage2", "stage3", "stage4"]
+
+
+def test_the_accuracy_plans_student_has_heads_of_one_size_in_both_kinds():
+    """docs/design.md: on bench/plans/tiny50.yaml's student (test_vit at 32 px, patch 4: 64 wide, an 8x8 grid) the
+    authors' token heads and the lite ones have nearly the same parameters, so the plan's ofa-lite against ofa
+    compares their design, not their size. The figures the page gives are pinned here."""
+    from pipeline.models import create_model
+    kw = {"img_size": 32, "patch_size": 4}
+    sizes = {}
+    for kind in ("auto", "token-lite"):
+        torch.manual_seed(0)
+        student = create_model("test_vit", 50, model_kwargs=kw)
+        model = StudentWithHeads(student, 50, 32, head_kind=kind)
+        sizes[kind] = sum(n_params(h) for h in model.heads.values())
+        assert n_params(model.model) == 261_106
+    assert sizes == {"auto": 361_544, "token-lite": 363_400}
+    text = (ROOT / "docs" / "design.md").read_text()
+    assert "361,544" in text and "363,400" in text and "261,106" in text
