@@ -31,7 +31,7 @@ ORDER_ACCURACY = ["accuracy_tiny50"]  # accuracy records whose tables the projec
 ORDER = ["stage_one", "stage_two", "scaling", "loader_vs_timm", "loader_memory", "multi_teacher", "multi_student",
          "object_store", "stop_check", "gpu_smoke", "chaos", "fidelity", "tail_model", "tail_sampling",
          "cache_numerics",
-         "cka_evidence", "accuracy", "run_all"]
+         "cka_evidence", "accuracy", "head_gradients", "run_all"]
 SCRIPT = re.compile(r"bench/(\w+)\.py")
 HEADER = """# Benchmark results
 

@@ -19,8 +19,9 @@ PLAN = {
                                              "--lr", 1e-3, "--optimizer", "adamw", "--max-steps-per-epoch", 3]},
     "stores": {"top4": ["--topk", 4]},
     "variants": {"ce": {"teacher": "none", "flags": ["--method", "ce"]},
-                 "kd": {"teacher": "top4", "flags": ["--method", "kd"]}},
-    "tables": [{"name": "main", "title": "smoke", "variants": ["ce", "kd"], "compare": [["kd", "ce"]]}],
+                 "kd": {"teacher": "top4", "flags": ["--method", "kd"]},
+                 "ofa-top4": {"teacher": "top4", "flags": ["--method", "ofa"]}},
+    "tables": [{"name": "main", "title": "smoke", "variants": ["ce", "kd", "ofa-top4"], "compare": [["kd", "ce"]]}],
     "declared": "a smoke plan",
 }
 
@@ -53,7 +54,7 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path, 
     work, results = tmp_path / "work", tmp_path / "results"
     first = bench(plan, digits, work, results, "--jobs", "2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert first.stdout.count("$ python cli.py train-student") == 5  # the teacher, 2 variants x 2 seeds
+    assert first.stdout.count("$ python cli.py train-student") == 7  # the teacher, 3 variants x 2 seeds
     record = json.loads((results / "accuracy_smoke.json").read_text())
     r = record["results"]
     assert record["code"]["commit"] == r["commit"] and len(r["commit"]) == 40
@@ -102,12 +103,13 @@ def test_plan_runs_reuses_refuses_stale_and_reports_intervals(digits, tmp_path, 
     (tmp_path / "metrics.json").rename(run / "metrics.json")
 
     cka_evidence_reads_the_plans_models(plan, work, results, r, monkeypatch)
+    head_gradients_reads_a_plans_ofa_run(work, results, monkeypatch)
 
 
 def cka_evidence_reads_the_plans_models(plan, work, results, r: dict, monkeypatch) -> None:
-    """bench/cka_evidence.py on the models the plan made: a pair whose run the plan lacks, or whose checkpoint is
-    missing, is refused in one sentence (its main() here: the refusals come before any work); the others give
-    their record, in its own process."""
+    """bench/cka_evidence.py on the models the plan made: a pair whose run the plan lacks (its OFA variant is not
+    named `ofa`), or whose checkpoint is missing, is refused in one sentence (its main() here: the refusals come
+    before any work); the others give their record, in its own process."""
     import cka_evidence
     args = ["--plan", str(plan), "--work", str(work), "--samples", "48"]
     monkeypatch.setenv("OFAKD_BENCH_RESULTS", str(results))
@@ -131,6 +133,33 @@ def cka_evidence_reads_the_plans_models(plan, work, results, r: dict, monkeypatc
     pair = cka_r["pairs"]["teacher-vs-ce0"]
     assert (pair["model_a"], pair["model_b"]) == ("test_resnet", "test_vit") and len(pair["diagonal"]) >= 2
     assert (results / "cka" / "ce0-vs-ce1" / "cka.json").exists()
+
+
+def head_gradients_reads_a_plans_ofa_run(work, results, monkeypatch) -> None:
+    """bench/head_gradients.py on an OFA run the plan made: per part of the student, the gradients of the final
+    term and of the heads, at the run's initialisation and trained; a run of another method is refused in one
+    sentence (its main() here), the OFA run gives its record in its own process."""
+    import head_gradients
+    monkeypatch.setenv("OFAKD_BENCH_RESULTS", str(results))
+    with pytest.raises(SystemExit, match="kd-seed0 is not an OFA run from a cache"):
+        head_gradients.main(["--run", str(work / "kd-seed0")])
+    assert not (results / "head_gradients.json").exists()
+    cmd = [sys.executable, str(ROOT / "bench" / "head_gradients.py"), "--run", str(work / "ofa-top4-seed0"),
+           "--batches", "2"]
+    made = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OFAKD_BENCH_RESULTS": str(results)})
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    from tests.test_bench import record
+    (run,) = record(results, "head_gradients", "head_gradients")["runs"]
+    assert run["heads"] == ["stage1", "stage2", "stage3", "stage4"] and run["batches"] == 2
+    assert run["epochs_trained"] == 1 and run["config_hash"] and run["inputs"]["state"]["sha256"]
+    parts = [f"blocks.{i}" for i in range(len(run["init"]) - 2)]
+    assert list(run["init"]) == list(run["trained"]) == ["embed", *parts, "final"]
+    for when in ("init", "trained"):
+        g = run[when]
+        assert g["final"]["heads"] == 0 and g["final"]["final"] > 0  # no head reads the classifier
+        assert all(g[p]["final"] > 0 and g[p]["heads"] > 0 and -1 <= g[p]["cosine"] <= 1 for p in parts)
+    assert run["init"]["blocks.0"] != run["trained"]["blocks.0"]  # the trained weights were loaded
 
 
 @pytest.mark.slow
