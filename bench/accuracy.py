@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -393,7 +394,7 @@ def plot(r: dict, path: Path) -> None:
             if hist:
                 mean = np.mean(np.array(hist), 0)
                 ax.plot(range(1, len(mean) + 1), mean, marker="o", color=colours(i % 10), label=name)
-        ax.set_title(f"{t['title']} (mean over seeds)", fontsize=9)
+        ax.set_title(textwrap.fill(f"{t['title']} (mean over seeds)", 70), fontsize=9)  # panels 6 inches wide
         ax.set_xlabel("epoch")
         ax.set_ylabel("val top-1 (%)")
         ax.grid(alpha=0.3)
