@@ -1,4 +1,4 @@
-"""Where OFA's loss terms pull the student: per block, the gradient of the final logits' term and of the heads'.
+"""Where OFA's loss terms pull the student: per block, the gradient of the final logits' terms and of the heads'.
 
     python bench/head_gradients.py --run RUN_DIR [--run RUN_DIR ...] [--batches 4] [--name head_gradients]
 
@@ -6,14 +6,16 @@ For each OFA run directory: its own options (its config.json, read as `--config`
 task (`students.stream.open_stream`, `students.run.build_task`: the code training runs), once as initialised and
 once with the weights of its last saved state (state/epoch-N: after N + 1 epochs), on the first `--batches`
 training batches of epoch 0 with their cached teacher targets. For each part of the bare student (embedding, each
-block, the final norm and classifier) it records the norm of the gradient that the final logits' OFA term sends
-there, that of the heads' weighted sum (--w-ofa and --stage-weights applied, as the loss adds them), their ratio
-and their cosine. A post-hoc diagnostic of bench/plans/tiny50.yaml's ablation, not part of the declared plan.
+block, the final norm and classifier) it records the norm of the gradient that the terms on the final logits send
+there (the loss at --w-ofa 0: OFA, and CE in the released form), that of the heads' terms (the rest of the loss),
+their ratio and their cosine. A post-hoc diagnostic of bench/plans/tiny50.yaml's ablation, not part of the
+declared plan.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -25,19 +27,16 @@ from commands.options import flags_of, instantiate, resolve
 from students.config import TrainConfig
 from students.run import build_task
 from students.stream import open_stream
-from students.train import to_device
+from students.task import distill_losses
 
 
 def part_of(name: str) -> str:
     """A bare student's parameter -> the part it belongs to: `blocks.3.attn.qkv.weight` -> `blocks.3`; an
-    embedding (patch, position, class token) -> `embed`; the rest after the blocks (norms, classifier) -> `final`."""
+    embedding (patch, position, class token, a CNN's stem) -> `embed`; the rest (norms, classifier) -> `final`."""
     m = re.match(r"(blocks|stages|layers|layer\d)\.(\d+)\.", name)
     if m:
         return f"{m.group(1)}.{m.group(2)}"
-    if re.match(r"(blocks|stages|layers)\.", name) is None and re.match(r"(patch_embed|pos_embed|cls_token|stem|"
-                                                                         r"conv1|bn1|reg_token)", name):
-        return "embed"
-    return "final"
+    return "embed" if re.match(r"patch_embed|pos_embed|cls_token|reg_token|stem|conv1|bn1", name) else "final"
 
 
 def last_state(run: Path) -> Path | None:
@@ -47,17 +46,18 @@ def last_state(run: Path) -> Path | None:
 
 def gradients(task, batches: list[dict]) -> dict[str, dict]:
     """part -> {"final": |g|, "heads": |g|, "ratio": heads/final, "cosine": cos(g_final, g_heads)} over the
-    batches' summed terms (the mean loss of each batch, summed over batches)."""
-    model = task.student.model
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    cfg = task.loss
-    weights = cfg.stage_weights or [1.0] * len(task.student.names)
+    batches (each batch's mean loss, summed). The loss's own code splits it: "final" is the loss with the heads'
+    weight at 0 (every term on the final logits: OFA, and CE in the released form), "heads" the rest."""
+    params = [(n, p) for n, p in task.student.model.named_parameters() if p.requires_grad]
+    without_heads = dataclasses.replace(task.loss, w_ofa=0.0)
     g_final = [torch.zeros_like(p) for _, p in params]
     g_heads = [torch.zeros_like(p) for _, p in params]
     for batch in batches:
-        terms = task(batch)
-        heads = sum(cfg.w_ofa * w * terms[f"ofa/{n}"] for n, w in zip(task.student.names, weights, strict=True))
-        for acc, term in ((g_final, cfg.w_kd * terms["ofa/final"]), (g_heads, heads)):
+        out = task.student(task.student_input(batch["view"]))
+        teacher = task.teacher_logits(batch)
+        total = distill_losses(out, teacher, batch, task.loss, task.num_classes)["loss"]
+        final = distill_losses(out, teacher, batch, without_heads, task.num_classes)["loss"]
+        for acc, term in ((g_final, final), (g_heads, total - final)):
             grads = torch.autograd.grad(term, [p for _, p in params], retain_graph=True, allow_unused=True)
             for a, g in zip(acc, grads, strict=True):
                 if g is not None:
@@ -88,7 +88,7 @@ def measure(run: Path, batches_n: int) -> dict:
     stream = open_stream(stream_cfg, 0, 1, say=lambda *a: None)
     batches = []
     for b in stream.views.loader(0, stream_cfg.batch_size, 0):
-        batches.append(to_device(b, "cpu"))
+        batches.append(b)
         if len(batches) == batches_n:
             break
     task = build_task(run_cfg, stream, "cpu").train()
